@@ -1,0 +1,93 @@
+"""Reading GLUE TSV files as the official ``download_glue_data.py`` lays them out."""
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+from kdlab.errors import DataFormatError
+
+
+def read_labelled_tsv(
+    path: Path,
+    *,
+    header: bool,
+    text_columns: Sequence[str | int],
+    label_column: str | int,
+    label_values: Sequence[str] | None,
+) -> dict[str, list]:
+    """Read a TSV of texts and labels into ``text_a`` / ``text_b`` / ``label`` columns.
+
+    GLUE files quote nothing (``csv.QUOTE_NONE``), MRPC starts with a byte-order mark and
+    CoLA has no header row; columns are addressed by header name or by 0-based index.
+
+    Args:
+        path: the TSV file.
+        header: whether the first line names the columns.
+        text_columns: one or two columns holding the input texts.
+        label_column: the column holding the label.
+        label_values: the label strings in class-index order; ``None`` for a regression
+            target parsed as float.
+
+    Returns:
+        Columns ``text_a`` (and ``text_b`` for pairs) and ``label``.
+
+    Raises:
+        DataFormatError: naming the file and line of a short row or an unknown label.
+    """
+    label_index = {v: i for i, v in enumerate(label_values)} if label_values is not None else None
+    names = ["text_a", "text_b"][: len(text_columns)]
+    columns: dict[str, list] = {name: [] for name in [*names, "label"]}
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        positions = None
+        for line_no, row in enumerate(rows, start=1):
+            if positions is None:
+                positions = _column_positions(path, row, header, [*text_columns, label_column])
+                if header:
+                    continue
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) <= max(positions):
+                raise DataFormatError(
+                    f"{path}:{line_no}: expected at least {max(positions) + 1} tab-separated "
+                    f"fields, found {len(row)}. Fix or remove this line."
+                )
+            *texts, raw_label = (row[p] for p in positions)
+            for name, text in zip(names, texts, strict=True):
+                columns[name].append(text)
+            columns["label"].append(_parse_label(path, line_no, raw_label.strip(), label_index))
+    if positions is None:
+        raise DataFormatError(f"{path}: the file is empty.")
+    return columns
+
+
+def _column_positions(
+    path: Path, first_row: list[str], header: bool, wanted: Sequence[str | int]
+) -> list[int]:
+    positions = []
+    for col in wanted:
+        if isinstance(col, int):
+            positions.append(col)
+        elif not header:
+            raise DataFormatError(f"{path}: column '{col}' is named but the task has no header.")
+        elif col not in first_row:
+            raise DataFormatError(
+                f"{path}:1: header has no column '{col}' (found {first_row}). "
+                "Is task.data_dir pointing at the right GLUE task?"
+            )
+        else:
+            positions.append(first_row.index(col))
+    return positions
+
+
+def _parse_label(path: Path, line_no: int, raw: str, label_index: dict[str, int] | None):
+    if label_index is None:
+        try:
+            return float(raw)
+        except ValueError:
+            raise DataFormatError(
+                f"{path}:{line_no}: regression label '{raw}' is not a number."
+            ) from None
+    if raw not in label_index:
+        raise DataFormatError(f"{path}:{line_no}: label '{raw}' is not one of {list(label_index)}.")
+    return label_index[raw]

@@ -1,0 +1,87 @@
+"""Final evaluation of a trained run: best-checkpoint metrics, teacher metrics, speed."""
+
+import itertools
+import time
+from collections.abc import Mapping
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from kdlab.data.classification import TextClassificationDataModule
+from kdlab.methods.base import BaseMethod, model_inputs
+
+
+def evaluation_trainer(trainer_cfg: DictConfig) -> L.Trainer:
+    """A one-device trainer without logger or checkpoints, for evaluating on full splits.
+
+    A fast_dev_run keeps evaluation to one batch per split, as its training did.
+    """
+    limit = 1 if trainer_cfg.get("fast_dev_run") else trainer_cfg.get("limit_val_batches")
+    return L.Trainer(
+        accelerator=trainer_cfg.accelerator,
+        devices=1,
+        precision=trainer_cfg.precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=limit,
+        limit_test_batches=limit,
+    )
+
+
+def evaluate(
+    trainer: L.Trainer,
+    module: BaseMethod,
+    datamodule: TextClassificationDataModule,
+    ckpt_path: str | None = None,
+) -> dict[str, float]:
+    """Validation metrics (and test metrics where the task has labelled test data).
+
+    With ``ckpt_path`` the module is first restored from that checkpoint (and keeps those
+    weights afterwards, ready for export).
+    """
+    results: dict[str, float] = {}
+    for per_loader in trainer.validate(
+        module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False
+    ):
+        results.update(per_loader)
+    if datamodule.has_test:
+        for per_loader in trainer.test(module, datamodule=datamodule, verbose=False):
+            results.update(per_loader)
+    return {k: float(v) for k, v in sorted(results.items())}
+
+
+@torch.no_grad()
+def time_inference(
+    models: Mapping[str, nn.Module], loader: torch.utils.data.DataLoader, n_batches: int
+) -> dict[str, float]:
+    """Mean forward time per batch of each model on the same batches, in milliseconds.
+
+    Models take turns on every batch, so drift in machine load affects them alike; the
+    first batch is a warm-up and is not timed.
+    """
+    # Short evaluation sets are cycled so that every model is timed on n_batches batches.
+    batches = list(itertools.islice(itertools.cycle(loader), n_batches + 1))
+    totals = dict.fromkeys(models, 0.0)
+    for i, batch in enumerate(batches):
+        for name, model in models.items():
+            device = next(model.parameters()).device
+            inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
+            was_training = model.training
+            model.eval()
+            _synchronize(device)
+            start = time.perf_counter()
+            model(**inputs)
+            _synchronize(device)
+            if i > 0:
+                totals[name] += time.perf_counter() - start
+            model.train(was_training)
+    return {f"{name}_ms_per_batch": 1000 * total / n_batches for name, total in totals.items()}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

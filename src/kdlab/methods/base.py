@@ -1,0 +1,187 @@
+"""The LightningModule every method builds on.
+
+It owns the student and the frozen teacher, the optimizer and schedule, evaluation and
+metric logging; a method only says how its training losses are computed
+(``compute_losses``).
+"""
+
+import abc
+import logging
+from collections.abc import Sequence
+from typing import ClassVar
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+from transformers import PreTrainedModel, get_scheduler
+
+from kdlab.errors import NonFiniteLossError
+from kdlab.losses import supervised_loss
+from kdlab.metrics import build_metrics, predictions
+from kdlab.rng import collect_rng_states, restore_rng_states
+
+log = logging.getLogger(__name__)
+
+TEACHER_PREFIX = "teacher."
+
+
+def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The batch without its labels, ready for ``model(**inputs)``."""
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+class BaseMethod(L.LightningModule, abc.ABC):
+    """Shared base of all methods.
+
+    Args:
+        student: the model being trained.
+        teacher: a frozen teacher, or ``None`` for methods without one.
+        num_labels: classes of the task (1 for regression).
+        metrics: metric names of the task (``task.metrics``).
+        eval_prefixes: metric-key prefixes of the validation dataloaders
+            (``["val"]``, or ``["val", "val_mm"]`` for MNLI).
+        optim: the ``optim`` config (lr, weight decay, betas, eps, warmup, scheduler).
+    """
+
+    requires_teacher: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        student: PreTrainedModel,
+        teacher: PreTrainedModel | None = None,
+        *,
+        num_labels: int,
+        metrics: Sequence[str],
+        eval_prefixes: Sequence[str] = ("val",),
+        optim: DictConfig,
+    ) -> None:
+        super().__init__()
+        if self.requires_teacher and teacher is None:
+            raise ValueError(f"{type(self).__name__} needs a teacher.")
+        self.student = student
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+        self.optim = optim
+        self.eval_prefixes = list(eval_prefixes)
+        self.eval_metrics = nn.ModuleDict(
+            {p: build_metrics(metrics, num_labels) for p in [*self.eval_prefixes, "test"]}
+        )
+
+    # ----------------------------------------------------------------- the method's part
+    @abc.abstractmethod
+    def compute_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Training losses of one batch: ``{"loss": total, <term>: value, ...}``."""
+
+    # ------------------------------------------------------------------------- teacher
+    def train(self, mode: bool = True) -> "BaseMethod":
+        # Lightning switches the whole module to train mode each epoch; the teacher must stay
+        # in eval mode (no dropout) throughout.
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    @torch.no_grad()
+    def teacher_outputs(self, inputs: dict[str, Tensor], **kwargs):
+        """The teacher's outputs on the same inputs as the student, without gradients."""
+        return self.teacher(**inputs, **kwargs)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The teacher is fixed and reloaded from teacher.path; keeping it out of checkpoints
+        # saves space. RNG states make a resumed run draw the same dropout masks.
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(TEACHER_PREFIX)]:
+            del state[key]
+        checkpoint["kdlab_rng_states"] = collect_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.teacher is not None:
+            teacher_state = self.teacher.state_dict()
+            checkpoint["state_dict"].update(
+                {TEACHER_PREFIX + k: v for k, v in teacher_state.items()}
+            )
+        resuming = self._trainer is not None and self.trainer.state.fn == "fit"
+        if resuming and "kdlab_rng_states" in checkpoint:
+            restore_rng_states(checkpoint["kdlab_rng_states"])
+
+    # ------------------------------------------------------------------------ training
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        losses = self.compute_losses(batch)
+        loss = losses["loss"]
+        finite = bool(torch.isfinite(loss.detach()))
+        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+            raise NonFiniteLossError(
+                f"train/loss is {loss.item()} at step {self.global_step}; the run stops before "
+                "the optimizer step so the weights and checkpoints stay finite."
+            )
+        batch_size = batch["input_ids"].size(0)
+        for name, value in losses.items():
+            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch_size)
+        return loss
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Parameters the optimizer updates: everything trainable outside the teacher."""
+        return [
+            (n, p)
+            for n, p in self.named_parameters()
+            if p.requires_grad and not n.startswith(TEACHER_PREFIX)
+        ]
+
+    def configure_optimizers(self):
+        cfg = self.optim
+        # Standard BERT practice: no weight decay on biases and LayerNorm weights.
+        no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
+        decay, plain = [], []
+        for name, param in self.trainable_parameters():
+            (plain if name.endswith(no_decay) else decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": cfg.weight_decay},
+                {"params": plain, "weight_decay": 0.0},
+            ],
+            lr=cfg.lr,
+            betas=tuple(cfg.betas),
+            eps=cfg.eps,
+        )
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = (
+            cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * total)
+        )
+        scheduler = get_scheduler(
+            cfg.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    # ---------------------------------------------------------------------- evaluation
+    def _evaluate(self, batch: dict[str, Tensor], prefix: str) -> None:
+        logits = self.student(**model_inputs(batch)).logits
+        labels = batch["labels"]
+        loss = supervised_loss(logits, labels)
+        self.log(f"{prefix}/loss", loss, batch_size=labels.size(0), add_dataloader_idx=False)
+        self.eval_metrics[prefix].update(predictions(logits), labels)
+
+    def validation_step(
+        self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._evaluate(batch, self.eval_prefixes[dataloader_idx])
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def _log_eval_metrics(self, prefixes: Sequence[str]) -> None:
+        for prefix in prefixes:
+            collection = self.eval_metrics[prefix]
+            for name, value in collection.compute().items():
+                self.log(f"{prefix}/{name}", value, prog_bar=prefix == "val")
+            collection.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_metrics(self.eval_prefixes)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_metrics(["test"])

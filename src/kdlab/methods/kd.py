@@ -1,0 +1,41 @@
+"""Standard knowledge distillation (Hinton, Vinyals & Dean 2015, "Distilling the Knowledge
+in a Neural Network", arXiv:1503.02531).
+
+``L = (1 − α) · CE(z_s, y) + α · T² · KL(softmax(z_t / T) ‖ softmax(z_s / T))``
+
+For regression (STS-B) both terms are MSE: ``(1 − α) · MSE(z_s, y) + α · MSE(z_s, z_t)``.
+"""
+
+from torch import Tensor
+
+from kdlab.losses import kd_loss
+from kdlab.methods.base import BaseMethod, model_inputs
+
+
+class KnowledgeDistillation(BaseMethod):
+    """Student matches the teacher's softened outputs and the gold labels.
+
+    Args:
+        alpha: weight ``α`` of the teacher term (``1 − α`` goes to the label term).
+        temperature: softening temperature ``T``.
+        **base: see :class:`~kdlab.methods.base.BaseMethod`.
+    """
+
+    def __init__(
+        self, student, teacher, *, alpha: float = 0.5, temperature: float = 2.0, **base
+    ) -> None:
+        super().__init__(student, teacher, **base)
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"method.alpha={alpha} must be in [0, 1].")
+        if temperature <= 0:
+            raise ValueError(f"method.temperature={temperature} must be positive.")
+        self.alpha = alpha
+        self.temperature = temperature
+
+    def compute_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        inputs = model_inputs(batch)
+        teacher_logits = self.teacher_outputs(inputs).logits
+        student_logits = self.student(**inputs).logits
+        return kd_loss(
+            student_logits, teacher_logits, batch["labels"], self.alpha, self.temperature
+        )

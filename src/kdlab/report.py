@@ -1,0 +1,36 @@
+"""The summary table printed at the end of a run (and of each pipeline stage)."""
+
+from rich.table import Table
+
+
+def summary_table(title: str, metrics: dict) -> Table:
+    """Teacher and student side by side: main metric on validation and test, parameters,
+    inference time per batch and speed-up, and where the student was exported.
+
+    Args:
+        title: table title (the stage or run name).
+        metrics: the content of a run's ``metrics.json``.
+    """
+    main = metrics["main_metric"]
+    table = Table(title=title, caption=f"exported student: {metrics['student']['path']}")
+    for column in ("model", f"val {main}", f"test {main}", "parameters", "ms / batch", "speed-up"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    speed = metrics.get("inference") or {}
+    for role in ("teacher", "student"):
+        row = metrics.get(role)
+        if row is None:
+            continue
+        ms = speed.get(f"{role}_ms_per_batch")
+        table.add_row(
+            f"{role} ({row['name']})",
+            _fmt(row.get(f"val/{main}")),
+            _fmt(row.get(f"test/{main}")),
+            f"{row['params'] / 1e6:.1f}M",
+            "-" if ms is None else f"{ms:.1f}",
+            f"{speed['speedup']:.2f}x" if role == "student" and "speedup" in speed else "-",
+        )
+    return table
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
