@@ -24,7 +24,6 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from kdlab import resolvers
-from kdlab.data import TextClassificationDataModule
 from kdlab.errors import ConfigError, NonFiniteLossError
 from kdlab.evaluation import evaluate, evaluation_trainer, time_inference
 from kdlab.methods import FineTune
@@ -60,7 +59,7 @@ def run(cfg: DictConfig) -> dict:
     if method_cls.requires_teacher:
         teacher, teacher_tokenizer = build_teacher(cfg, cfg.task)
     student, tokenizer = build_student(cfg, cfg.task, teacher_tokenizer)
-    datamodule = TextClassificationDataModule(
+    datamodule = get_class(cfg.task.datamodule)(
         cfg.task,
         tokenizer,
         batch_size=cfg.task.batch_size,
