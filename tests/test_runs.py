@@ -124,3 +124,21 @@ def test_cli_run_writes_run_dir(tmp_path, glue_root, teacher_dir):
     assert (run_dir / "config.yaml").is_file()
     assert (run_dir / "csv" / "metrics.csv").is_file()
     assert "val/accuracy" in (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
+
+
+@pytest.mark.parametrize("task", ["mnli", "cola", "mrpc"])
+def test_one_epoch_other_task_families(task, make_cfg, tmp_path):
+    """MNLI validates on matched and mismatched sets; CoLA and MRPC pick the best checkpoint
+    by Matthews and F1."""
+    metrics = kdlab.train.run(make_cfg(task=task, method="kd", extra=["trainer.max_epochs=1"]))
+    student, teacher = metrics["student"], metrics["teacher"]
+    expected = {
+        "mnli": {"val/accuracy", "val_mm/accuracy"},
+        "cola": {"val/matthews", "val/accuracy"},
+        "mrpc": {"val/f1", "val/accuracy"},
+    }[task]
+    assert expected <= set(student) and expected <= set(teacher)
+    assert metrics["best_checkpoint"].endswith("best.ckpt")
+    best = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)
+    callback = next(v for k, v in best["callbacks"].items() if "ModelCheckpoint" in k)
+    assert callback["monitor"] == f"val/{metrics['main_metric']}"
