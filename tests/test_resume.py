@@ -52,13 +52,6 @@ def test_resume_from_last_matches_uninterrupted(make_cfg, tmp_path):
         torch.testing.assert_close(a[key], b[key], msg=key)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="Lightning 2.6's ModelCheckpoint rewrites last.ckpt only in epochs whose top-k "
-    "checkpoint is saved too; conf/callbacks/default.yaml needs a separate last-checkpoint "
-    "callback (monitor: null, filename: last) for last.ckpt to follow every epoch",
-)
 def test_last_checkpoint_follows_every_epoch(make_cfg, tmp_path):
     # lr = 0: the weights never change, so epoch 2 cannot improve on epoch 1's metric.
     kdlab.train.run(make_cfg(method="finetune", extra=["trainer.max_epochs=2", "optim.lr=0"]))
