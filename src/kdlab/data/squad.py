@@ -183,7 +183,7 @@ class SquadDataModule(L.LightningDataModule):
         cache_dir: where windows are cached (keyed by content, tokenizer and window sizes).
     """
 
-    eval_prefixes = ["val"]
+    # SQuAD's test sets are hidden: evaluation is on the validation split only.
     has_test = False
 
     def __init__(
