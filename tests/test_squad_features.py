@@ -4,11 +4,11 @@ import json
 from pathlib import Path
 
 import pytest
-from fixtures import write_squad, write_tokenizer
 from omegaconf import OmegaConf
 
 from kdlab.data.squad import NO_OFFSET, SquadDataModule, answer_tokens, encode_windows, load_squad
 from kdlab.errors import ConfigError, DataFormatError
+from tests.fixtures import write_squad, write_tokenizer
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "task"
 DEV_V11 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squad" / "dev-v1.1.json"

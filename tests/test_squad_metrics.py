@@ -6,10 +6,10 @@ import random
 from pathlib import Path
 
 import pytest
-from fixtures import write_squad
-from squad_reference import reference_v1, reference_v2
 
 from kdlab.qa.squad_metrics import exact_match, normalize_answer, squad_v1, squad_v2, token_f1
+from tests.fixtures import write_squad
+from tests.squad_reference import reference_v1, reference_v2
 
 DEV_V11 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squad" / "dev-v1.1.json"
 

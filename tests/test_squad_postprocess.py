@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from fixtures import write_squad, write_tokenizer
-from test_squad_features import squad_task
 from transformers.modeling_outputs import QuestionAnsweringModelOutput
 
 from kdlab.data.squad import SquadDataModule
 from kdlab.qa.postprocess import Window, predict_answer
+from tests.fixtures import write_squad, write_tokenizer
+from tests.test_squad_features import squad_task
 
 CONTEXT = "alpha beta gamma delta"
 # [CLS] q [SEP] alpha beta gamma delta [SEP]

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 import kdlab.train
+from tests.conftest import compose
 
 DEV_V11 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squad" / "dev-v1.1.json"
 TRAIN_ARTICLES = 40
@@ -42,9 +42,7 @@ def split_by_article(directory: Path) -> dict[str, Path]:
 
 
 def run(overrides: list[str]) -> dict:
-    with initialize_config_dir(config_dir=kdlab.train.CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    return kdlab.train.run(cfg)
+    return kdlab.train.run(compose(overrides))
 
 
 BUDGET = [

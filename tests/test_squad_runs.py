@@ -1,25 +1,23 @@
-"""End-to-end runs on SQuAD fixtures (and GLUE, whose path the evaluator seam also serves)."""
+"""End-to-end runs on SQuAD fixtures, span losses, and methods refusing span tasks."""
 
 import json
 
 import pytest
 import torch
-from fixtures import write_glue, write_squad, write_tiny_bert, write_tiny_qa_bert
-from hydra import compose, initialize_config_dir
 from transformers import BertForQuestionAnswering
 
 import kdlab.train
 from kdlab.errors import ConfigError
 from kdlab.losses import matching_loss, soft_kl, task_loss
 from kdlab.methods import KnowledgeDistillation
+from tests.conftest import compose
+from tests.fixtures import write_squad, write_tiny_qa_bert
 
 COMMON = ["logger=csv", "callbacks=quiet", "trainer=debug", "eval.speed_batches=2"]
 
 
 def run(tmp_path, overrides):
-    with initialize_config_dir(config_dir=kdlab.train.CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[*COMMON, *overrides, f"run_dir={tmp_path / 'run'}"])
-    return kdlab.train.run(cfg)
+    return kdlab.train.run(compose([*COMMON, *overrides, f"run_dir={tmp_path / 'run'}"]))
 
 
 def squad_overrides(tmp_path, v2: bool) -> list[str]:
@@ -87,37 +85,8 @@ class SequenceOnly(KnowledgeDistillation):
 
 def test_a_method_can_refuse_span_tasks(tmp_path):
     overrides = squad_overrides(tmp_path, v2=False)
-    with initialize_config_dir(config_dir=kdlab.train.CONF_DIR, version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[*COMMON, *overrides, f"run_dir={tmp_path / 'run'}", "method=kd"],
-        )
+    cfg = compose([*COMMON, *overrides, f"run_dir={tmp_path / 'run'}", "method=kd"])
     cfg.method._target_ = f"{__name__}.SequenceOnly"
     with pytest.raises(ConfigError, match="task.head=question_answering"):
         kdlab.train.run(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
-
-
-@pytest.mark.parametrize(("task", "labels"), [("sst2", 2), ("stsb", 1)])
-@pytest.mark.parametrize("method", ["finetune", "kd"])
-def test_glue_still_runs(tmp_path, task, labels, method):
-    glue = write_glue(tmp_path / "glue")
-    model = write_tiny_bert(tmp_path / "model", num_labels=labels)
-    folder = {"sst2": "SST-2", "stsb": "STS-B"}[task]
-    metrics = run(
-        tmp_path,
-        [
-            f"task={task}",
-            f"task.data_dir={glue / folder}",
-            "task.max_seq_length=32",
-            f"task.cache_dir={tmp_path / 'cache'}",
-            f"method={method}",
-            "model=pretrained",
-            f"model.path={model}",
-            "teacher=local",
-            f"teacher.path={model}",
-        ],
-    )
-    main = metrics["main_metric"]
-    assert f"val/{main}" in metrics["student"]
-    assert not (tmp_path / "run" / "predictions.json").exists()

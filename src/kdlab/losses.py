@@ -113,9 +113,9 @@ def matching_loss(
 
 
 def kd_loss(
-    student_logits: Mapping[str, Tensor],
-    teacher_logits: Mapping[str, Tensor],
-    targets: Mapping[str, Tensor],
+    student_logits: Tensor | Mapping[str, Tensor],
+    teacher_logits: Tensor | Mapping[str, Tensor],
+    targets: Tensor | Mapping[str, Tensor],
     alpha: float,
     temperature: float,
 ) -> dict[str, Tensor]:
@@ -127,16 +127,20 @@ def kd_loss(
     (sum of start and end).
 
     Args:
-        student_logits: output logits keyed by target name (``labels``, or
+        student_logits: ``[B, C]`` logits, or logits keyed by target name (``labels``, or
             ``start_positions`` and ``end_positions``).
-        teacher_logits: the teacher's, with the same keys.
-        targets: gold targets with the same keys.
+        teacher_logits: the teacher's, in the same form.
+        targets: gold targets, in the same form.
         alpha: weight of the teacher term.
         temperature: softening temperature ``T``.
 
     Returns:
         ``{"loss", "ce", "kd"}`` scalars.
     """
+    if isinstance(student_logits, Tensor):
+        student_logits, teacher_logits, targets = (
+            {"labels": x} for x in (student_logits, teacher_logits, targets)
+        )
     ce = task_loss(student_logits, targets)
     kd = matching_loss(student_logits, teacher_logits, temperature)
     return {"loss": (1.0 - alpha) * ce + alpha * kd, "ce": ce, "kd": kd}
