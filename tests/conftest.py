@@ -8,6 +8,8 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_MODE", "offline")
+# Tiny models on 2 shared cores: one thread per process avoids oversubscription.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 from hydra import compose as hydra_compose  # noqa: E402

@@ -248,9 +248,12 @@ def test_callbacks_instantiate(option, tmp_path):
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     assert all(isinstance(c, L.Callback) for c in callbacks)
     checkpoints = [c for c in callbacks if isinstance(c, L.pytorch.callbacks.ModelCheckpoint)]
-    assert len(checkpoints) == 1
-    assert checkpoints[0].monitor == "val/accuracy" and checkpoints[0].save_last
-    assert checkpoints[0].dirpath == str(tmp_path / "checkpoints")
+    # the best by the main metric first (it is the one evaluated and exported), then last.ckpt
+    best = checkpoints[0]
+    assert best.monitor == "val/accuracy" and best.mode == "max" and best.filename == "best"
+    assert best.dirpath == str(tmp_path / "checkpoints")
+    lasts = [c for c in checkpoints if c.monitor is None and c.filename == "last"]
+    assert len(lasts) == 1 and lasts[0].dirpath == str(tmp_path / "checkpoints")
     bars = [c for c in callbacks if isinstance(c, L.pytorch.callbacks.RichProgressBar)]
     assert len(bars) == (0 if option == "quiet" else 1)
 

@@ -57,3 +57,5 @@ def test_last_checkpoint_follows_every_epoch(make_cfg, tmp_path):
     kdlab.train.run(make_cfg(method="finetune", extra=["trainer.max_epochs=2", "optim.lr=0"]))
     last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 12
+    best = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", weights_only=True)
+    assert best["global_step"] == 6

@@ -130,7 +130,11 @@ def test_cli_run_writes_run_dir(tmp_path, glue_root, teacher_dir):
 def test_one_epoch_other_task_families(task, make_cfg, tmp_path):
     """MNLI validates on matched and mismatched sets; CoLA and MRPC pick the best checkpoint
     by Matthews and F1."""
-    metrics = kdlab.train.run(make_cfg(task=task, method="kd", extra=["trainer.max_epochs=1"]))
+    metrics = kdlab.train.run(
+        make_cfg(
+            task=task, method="kd", extra=["trainer.max_epochs=1", "trainer.limit_train_batches=2"]
+        )
+    )
     student, teacher = metrics["student"], metrics["teacher"]
     expected = {
         "mnli": {"val/accuracy", "val_mm/accuracy"},
