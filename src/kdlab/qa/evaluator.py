@@ -43,7 +43,11 @@ class SquadEvaluator(Evaluator):
         null_score_diff_threshold: float = 0.0,
     ) -> None:
         super().__init__()
-        self.features = features.select_columns(["example_index", "offset_mapping", "cls_index"])
+        # Arrow rows: offsets go straight to tensors, never through millions of Python ints
+        # (whose freed memory fragments the heap and raised the peak with the split's size).
+        self.features = features.select_columns(
+            ["example_index", "offset_mapping", "cls_index"]
+        ).with_format("arrow")
         self.examples = examples.select_columns(["id", "context", "answers"])
         self.with_negative = with_negative
         self.options = {
@@ -52,7 +56,7 @@ class SquadEvaluator(Evaluator):
             "with_negative": with_negative,
             "null_score_diff_threshold": null_score_diff_threshold,
         }
-        self.windows_per_example = Counter(self.features["example_index"])
+        self.windows_per_example = Counter(self.features["example_index"].to_pylist())
         self._files: dict[str, dict] = {}
         self.reset()
 
@@ -70,22 +74,27 @@ class SquadEvaluator(Evaluator):
     def update(self, outputs: ModelOutput, batch: dict[str, Tensor]) -> None:
         feature_index = batch["feature_index"].tolist()
         rows = self.features[feature_index]
+        offsets = rows.column("offset_mapping").combine_chunks()
+        lengths = offsets.value_lengths().to_numpy().tolist()
+        flat = torch.from_numpy(offsets.flatten().flatten().to_numpy().astype("int64"))
+        per_window = flat.view(-1, 2).split(lengths)
         start = outputs.start_logits.detach().float().cpu()
         end = outputs.end_logits.detach().float().cpu()
-        for i, (feature, example, offsets, cls_index) in enumerate(
+        for i, (feature, example, window_offsets, cls_index) in enumerate(
             zip(
                 feature_index,
-                rows["example_index"],
-                rows["offset_mapping"],
-                rows["cls_index"],
+                rows.column("example_index").to_pylist(),
+                per_window,
+                rows.column("cls_index").to_pylist(),
                 strict=True,
             )
         ):
-            length = len(offsets)
+            length = lengths[i]
+            # Copies, so that a window held for its example does not pin the whole batch.
             window = Window(
-                start_logits=start[i, :length],
-                end_logits=end[i, :length],
-                offsets=torch.tensor(offsets, dtype=torch.long).reshape(length, 2),
+                start_logits=start[i, :length].clone(),
+                end_logits=end[i, :length].clone(),
+                offsets=window_offsets.clone(),
                 cls_index=cls_index,
             )
             windows = self._pending.setdefault(example, [])
