@@ -54,6 +54,7 @@ from torch.utils.data import DataLoader
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast, get_scheduler
 
 from kdlab import resolvers
+from kdlab.metrics import ClassificationEvaluator
 from kdlab.models import build_student, build_teacher
 from kdlab.train import CONF_DIR
 
@@ -332,9 +333,10 @@ def make_module(cfg: DictConfig, teacher: nn.Module, student: nn.Module) -> L.Li
     return get_class(cfg.method._target_)(
         student,
         teacher,
-        num_labels=student.config.num_labels,
-        metrics=list(cfg.task.metrics),
-        eval_prefixes=["val"],
+        head=cfg.task.head,
+        evaluators={
+            "val": ClassificationEvaluator(list(cfg.task.metrics), student.config.num_labels)
+        },
         optim=cfg.optim,
         **kwargs,
     )

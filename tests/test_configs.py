@@ -12,6 +12,7 @@ import kdlab.train
 from kdlab.data.classification import TextClassificationDataModule
 from kdlab.errors import ConfigError
 from kdlab.methods import BaseMethod
+from kdlab.metrics import ClassificationEvaluator
 from kdlab.models import build_student, build_teacher
 from tests.conftest import CONF_DIR, compose
 from tests.fixtures import GLUE_DIRS, write_tokenizer
@@ -42,7 +43,11 @@ def test_method_builds_with_tiny_models(method, make_cfg):
         cfg.method,
         student,
         teacher,
-        {"num_labels": 2, "metrics": ["accuracy"], "eval_prefixes": ["val"], "optim": cfg.optim},
+        {
+            "head": cfg.task.head,
+            "evaluators": {"val": ClassificationEvaluator(["accuracy"], 2)},
+            "optim": cfg.optim,
+        },
     )
     assert isinstance(module, BaseMethod) and module.student is student
     assert module.teacher is teacher
@@ -316,7 +321,8 @@ def _expected_rows(path: Path, task: str):
 
 
 def test_every_glue_task_has_a_fixture():
-    assert set(options("task")) == {*GLUE_DIRS, "rotten_tomatoes"}
+    # SQuAD fixtures: tests/fixtures.py write_squad (tests/test_squad_*.py).
+    assert set(options("task")) == {*GLUE_DIRS, "rotten_tomatoes", "squad", "squad_v2"}
 
 
 @pytest.mark.parametrize("task", sorted(GLUE_DIRS))

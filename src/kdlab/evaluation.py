@@ -9,7 +9,6 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from kdlab.data.classification import TextClassificationDataModule
 from kdlab.methods.base import BaseMethod, model_inputs
 
 
@@ -35,10 +34,10 @@ def evaluation_trainer(trainer_cfg: DictConfig) -> L.Trainer:
 def evaluate(
     trainer: L.Trainer,
     module: BaseMethod,
-    datamodule: TextClassificationDataModule,
+    datamodule: L.LightningDataModule,
     ckpt_path: str | None = None,
 ) -> dict[str, float]:
-    """Validation metrics (and test metrics where the task has labelled test data).
+    """Validation metrics (and test metrics where the datamodule's ``has_test`` says so).
 
     With ``ckpt_path`` the module is first restored from that checkpoint (and keeps those
     weights afterwards, ready for export).

@@ -1,8 +1,12 @@
 """Distillation losses as pure tensor functions.
 
-Shapes: ``B`` batch, ``C`` classes. All reductions are means over the batch so that loss
-scales do not depend on the batch size.
+Shapes: ``B`` batch, ``C`` classes (token positions for span starts and ends). All
+reductions are means over the batch so that loss scales do not depend on the batch size.
+Functions taking mappings work on every output of a task head (see
+``kdlab.models.build.HEAD_TARGETS``): one for classification, start and end for spans.
 """
+
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -75,23 +79,70 @@ def distillation_loss(
     return soft_kl(student_logits, teacher_logits, temperature)
 
 
+def task_loss(logits: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> Tensor:
+    """``supervised_loss`` of each output against its gold target, averaged over outputs.
+
+    One output (``labels``) for classification; start and end positions for spans, whose
+    mean is BERT's SQuAD loss.
+
+    Args:
+        logits: output logits keyed by the target they predict.
+        targets: gold targets with the same keys.
+    """
+    losses = [supervised_loss(logits[name], targets[name]) for name in logits]
+    return torch.stack(losses).mean()
+
+
+def matching_loss(
+    student_logits: Mapping[str, Tensor],
+    teacher_logits: Mapping[str, Tensor],
+    temperature: float = 1.0,
+) -> Tensor:
+    """``distillation_loss`` of each output, summed over outputs (start + end for spans).
+
+    Args:
+        student_logits: output logits keyed by target name.
+        teacher_logits: the teacher's, with the same keys.
+        temperature: softening temperature of the classification terms.
+    """
+    losses = [
+        distillation_loss(student_logits[name], teacher_logits[name], temperature)
+        for name in student_logits
+    ]
+    return torch.stack(losses).sum()
+
+
 def kd_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    labels: Tensor,
+    student_logits: Tensor | Mapping[str, Tensor],
+    teacher_logits: Tensor | Mapping[str, Tensor],
+    targets: Tensor | Mapping[str, Tensor],
     alpha: float,
     temperature: float,
 ) -> dict[str, Tensor]:
     """Standard knowledge distillation (Hinton et al. 2015).
 
     ``L = (1 − α) · CE(z_s, y) + α · T² · KL(softmax(z_t/T) ‖ softmax(z_s/T))``; for
-    regression both terms are MSE (gold target and teacher output).
+    regression both terms are MSE (gold target and teacher output). For spans, ``CE`` is
+    :func:`task_loss` (mean of start and end) and the KL term is :func:`matching_loss`
+    (sum of start and end).
+
+    Args:
+        student_logits: ``[B, C]`` logits, or logits keyed by target name (``labels``, or
+            ``start_positions`` and ``end_positions``).
+        teacher_logits: the teacher's, in the same form.
+        targets: gold targets, in the same form.
+        alpha: weight of the teacher term.
+        temperature: softening temperature ``T``.
 
     Returns:
         ``{"loss", "ce", "kd"}`` scalars.
     """
-    ce = supervised_loss(student_logits, labels)
-    kd = distillation_loss(student_logits, teacher_logits, temperature)
+    if isinstance(student_logits, Tensor):
+        student_logits, teacher_logits, targets = (
+            {"labels": x} for x in (student_logits, teacher_logits, targets)
+        )
+    ce = task_loss(student_logits, targets)
+    kd = matching_loss(student_logits, teacher_logits, temperature)
     return {"loss": (1.0 - alpha) * ce + alpha * kd, "ce": ce, "kd": kd}
 
 

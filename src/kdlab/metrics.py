@@ -1,11 +1,18 @@
-"""torchmetrics collections for each task, chosen by name in the task config."""
+"""Evaluation of one split: an :class:`Evaluator` per split, provided by the datamodule.
 
+Classification tasks use torchmetrics collections chosen by name in the task config
+(:class:`ClassificationEvaluator`); other task families bring their own evaluator
+(SQuAD: :class:`kdlab.qa.evaluator.SquadEvaluator`).
+"""
+
+import abc
 from collections.abc import Callable, Sequence
 
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import BinaryF1Score, MatthewsCorrCoef, MulticlassAccuracy
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
+from transformers.utils import ModelOutput
 
 from kdlab.errors import ConfigError
 
@@ -16,6 +23,52 @@ _FACTORIES: dict[str, Callable[[int], Metric]] = {
     "pearson": lambda n: PearsonCorrCoef(),
     "spearman": lambda n: SpearmanCorrCoef(),
 }
+
+
+class Evaluator(nn.Module, abc.ABC):
+    """Accumulates a model's outputs on one evaluation split and computes its metrics.
+
+    An ``nn.Module`` so that metric states move to the model's device with it.
+    """
+
+    @abc.abstractmethod
+    def update(self, outputs: ModelOutput, batch: dict[str, Tensor]) -> None:
+        """Add one batch: the model's outputs and the batch it was run on."""
+
+    @abc.abstractmethod
+    def compute(self) -> dict[str, Tensor | float]:
+        """Metrics of everything added since the last ``reset``, keyed by metric name."""
+
+    @abc.abstractmethod
+    def reset(self) -> None:
+        """Start a new evaluation pass."""
+
+    def files(self) -> dict[str, dict]:
+        """JSON outputs of the last ``compute`` by file name (e.g. SQuAD's
+        ``predictions.json``); evaluations without per-example outputs have none."""
+        return {}
+
+
+class ClassificationEvaluator(Evaluator):
+    """The task's torchmetrics on classification (or regression) logits and ``labels``.
+
+    Args:
+        names: metric names from ``task.metrics``.
+        num_labels: number of classes; 1 for regression.
+    """
+
+    def __init__(self, names: Sequence[str], num_labels: int) -> None:
+        super().__init__()
+        self.metrics = build_metrics(names, num_labels)
+
+    def update(self, outputs: ModelOutput, batch: dict[str, Tensor]) -> None:
+        self.metrics.update(predictions(outputs.logits), batch["labels"])
+
+    def compute(self) -> dict[str, Tensor]:
+        return self.metrics.compute()
+
+    def reset(self) -> None:
+        self.metrics.reset()
 
 
 def build_metrics(names: Sequence[str], num_labels: int) -> MetricCollection:

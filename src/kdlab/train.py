@@ -7,8 +7,10 @@ Examples::
     python -m kdlab.train experiment=demo
 
 Each run directory holds the composed ``config.yaml``, ``checkpoints/`` (``last.ckpt`` and
-the best by the task's main metric, teacher weights excluded), ``metrics.json`` and
-``student/`` (``save_pretrained`` output that stock ``transformers`` loads).
+the best by the task's main metric, teacher weights excluded), ``metrics.json``,
+``student/`` (``save_pretrained`` output that stock ``transformers`` loads) and the
+student's per-example outputs where the task has them (SQuAD: ``predictions.json``, and
+``null_odds.json`` for v2.0).
 """
 
 import json
@@ -55,6 +57,8 @@ def run(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
 
     method_cls = get_class(cfg.method._target_)
+    # Fail before models and data are loaded when the method cannot handle the task.
+    method_cls.check_head(cfg.task.head)
     teacher, teacher_tokenizer = (None, None)
     if method_cls.requires_teacher:
         teacher, teacher_tokenizer = build_teacher(cfg, cfg.task)
@@ -68,13 +72,14 @@ def run(cfg: DictConfig) -> dict:
         seed=cfg.seed,
         cache_dir=cfg.task.cache_dir,
     )
-    task_args = {
-        "num_labels": student.config.num_labels,
-        "metrics": list(cfg.task.metrics),
-        "eval_prefixes": datamodule.eval_prefixes,
-        "optim": cfg.optim,
-    }
-    module = _build_method(method_cls, cfg.method, student, teacher, task_args)
+    task_args = {"head": cfg.task.head, "optim": cfg.optim}
+    module = _build_method(
+        method_cls,
+        cfg.method,
+        student,
+        teacher,
+        {**task_args, "evaluators": datamodule.evaluators()},
+    )
     params = {"student": count_parameters(student)}
     if teacher is not None:
         params["teacher"] = count_parameters(teacher)
@@ -97,6 +102,8 @@ def run(cfg: DictConfig) -> dict:
     best = _best_checkpoint(trainer)
     evaluator = evaluation_trainer(cfg.trainer)
     student_metrics = evaluate(evaluator, module, datamodule, ckpt_path=best)
+    for name, content in module.evaluation_files().items():
+        (run_dir / name).write_text(json.dumps(content, indent=1))
     student_dir = run_dir / "student"
     module.student.save_pretrained(student_dir)
     tokenizer.save_pretrained(student_dir)
@@ -114,7 +121,7 @@ def run(cfg: DictConfig) -> dict:
         "teacher": None,
     }
     if teacher is not None:
-        teacher_module = FineTune(teacher, **task_args)
+        teacher_module = FineTune(teacher, **task_args, evaluators=datamodule.evaluators())
         teacher_metrics = evaluate(evaluator, teacher_module, datamodule)
         metrics["teacher"] = {
             "name": cfg.teacher.name,

@@ -13,6 +13,7 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from kdlab.data.sources import load_source
 from kdlab.errors import ConfigError
+from kdlab.metrics import ClassificationEvaluator
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,28 @@ class EpochSeededSampler(Sampler[int]):
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         return iter(torch.randperm(self.length, generator=generator).tolist())
+
+
+def train_subset(train: datasets.Dataset, task: DictConfig) -> datasets.Dataset:
+    """``task.train_fraction`` then ``task.max_train_samples`` of the training set.
+
+    The subset depends on ``task.subset_seed`` only, so every method and every training
+    seed sees the same examples.
+    """
+    fraction = task.get("train_fraction")
+    limit = task.get("max_train_samples")
+    n = len(train)
+    if fraction is not None:
+        if not 0 < fraction <= 1:
+            raise ConfigError(f"task.train_fraction={fraction} must be in (0, 1].")
+        n = max(1, round(n * fraction))
+    if limit is not None:
+        n = min(n, int(limit))
+    if n == len(train):
+        return train
+    generator = torch.Generator().manual_seed(int(task.get("subset_seed", 0)))
+    order = torch.randperm(len(train), generator=generator)[:n].sort().values
+    return train.select(order.tolist())
 
 
 class TextClassificationDataModule(L.LightningDataModule):
@@ -86,11 +109,17 @@ class TextClassificationDataModule(L.LightningDataModule):
         self.setup()
         return [p for s, p in EVAL_PREFIXES.items() if s in self.splits]
 
+    def evaluators(self) -> dict[str, ClassificationEvaluator]:
+        """Fresh metric collections (``task.metrics``) per evaluation split, keyed by prefix."""
+        num_labels = 1 if self.task.labels is None else len(self.task.labels)
+        prefixes = [*self.eval_prefixes, *(["test"] if self.has_test else [])]
+        return {p: ClassificationEvaluator(list(self.task.metrics), num_labels) for p in prefixes}
+
     def setup(self, stage: str | None = None) -> None:
         if self.splits is not None:
             return
         raw = load_source(self.task)
-        raw["train"] = self._subset(raw["train"])
+        raw["train"] = train_subset(raw["train"], self.task)
         self.splits = datasets.DatasetDict(
             {name: self._tokenize(name, split) for name, split in raw.items()}
         )
@@ -99,27 +128,6 @@ class TextClassificationDataModule(L.LightningDataModule):
             self.task.name,
             ", ".join(f"{name} {len(split)}" for name, split in self.splits.items()),
         )
-
-    def _subset(self, train: datasets.Dataset) -> datasets.Dataset:
-        """``task.train_fraction`` then ``task.max_train_samples`` of the training set.
-
-        The subset depends on ``task.subset_seed`` only, so every method and every training
-        seed sees the same examples.
-        """
-        fraction = self.task.get("train_fraction")
-        limit = self.task.get("max_train_samples")
-        n = len(train)
-        if fraction is not None:
-            if not 0 < fraction <= 1:
-                raise ConfigError(f"task.train_fraction={fraction} must be in (0, 1].")
-            n = max(1, round(n * fraction))
-        if limit is not None:
-            n = min(n, int(limit))
-        if n == len(train):
-            return train
-        generator = torch.Generator().manual_seed(int(self.task.get("subset_seed", 0)))
-        order = torch.randperm(len(train), generator=generator)[:n].sort().values
-        return train.select(order.tolist())
 
     def _tokenize(self, name: str, split: datasets.Dataset) -> datasets.Dataset:
         pair = "text_b" in split.column_names

@@ -7,7 +7,7 @@ metric logging; a method only says how its training losses are computed
 
 import abc
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 import lightning as L
@@ -15,20 +15,25 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from transformers import PreTrainedModel, get_scheduler
+from transformers.utils import ModelOutput
 
-from kdlab.errors import NonFiniteLossError
-from kdlab.losses import supervised_loss
-from kdlab.metrics import build_metrics, predictions
+from kdlab.errors import ConfigError, NonFiniteLossError
+from kdlab.losses import task_loss
+from kdlab.metrics import Evaluator
+from kdlab.models.build import HEAD_TARGETS
 from kdlab.rng import collect_rng_states, restore_rng_states
 
 log = logging.getLogger(__name__)
 
 TEACHER_PREFIX = "teacher."
 
+# Batch keys a model reads; the rest are gold targets and bookkeeping (``feature_index``).
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
 
 def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The batch without its labels, ready for ``model(**inputs)``."""
-    return {k: v for k, v in batch.items() if k != "labels"}
+    """The batch without its targets and bookkeeping, ready for ``model(**inputs)``."""
+    return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
 
 
 class BaseMethod(L.LightningModule, abc.ABC):
@@ -37,26 +42,30 @@ class BaseMethod(L.LightningModule, abc.ABC):
     Args:
         student: the model being trained.
         teacher: a frozen teacher, or ``None`` for methods without one.
-        num_labels: classes of the task (1 for regression).
-        metrics: metric names of the task (``task.metrics``).
-        eval_prefixes: metric-key prefixes of the validation dataloaders
-            (``["val"]``, or ``["val", "val_mm"]`` for MNLI).
+        head: the task's head (``task.head``): which outputs are trained against which
+            batch targets (``kdlab.models.build.HEAD_TARGETS``).
+        evaluators: one per evaluation split, keyed by metric-key prefix: the validation
+            dataloaders in order (``val``, and ``val_mm`` for MNLI), then ``test`` where the
+            task has labelled test data. The datamodule provides them.
         optim: the ``optim`` config (lr, weight decay, betas, eps, warmup, scheduler).
     """
 
     requires_teacher: ClassVar[bool] = True
+    # Task heads the method has a sound definition for; a method that cannot handle, e.g.,
+    # span prediction narrows this and such tasks are refused at build time.
+    supported_heads: ClassVar[frozenset[str]] = frozenset(HEAD_TARGETS)
 
     def __init__(
         self,
         student: PreTrainedModel,
         teacher: PreTrainedModel | None = None,
         *,
-        num_labels: int,
-        metrics: Sequence[str],
-        eval_prefixes: Sequence[str] = ("val",),
+        head: str,
+        evaluators: Mapping[str, Evaluator],
         optim: DictConfig,
     ) -> None:
         super().__init__()
+        self.check_head(head)
         if self.requires_teacher and teacher is None:
             raise ValueError(f"{type(self).__name__} needs a teacher.")
         self.student = student
@@ -64,15 +73,36 @@ class BaseMethod(L.LightningModule, abc.ABC):
         if teacher is not None:
             teacher.eval().requires_grad_(False)
         self.optim = optim
-        self.eval_prefixes = list(eval_prefixes)
-        self.eval_metrics = nn.ModuleDict(
-            {p: build_metrics(metrics, num_labels) for p in [*self.eval_prefixes, "test"]}
-        )
+        self.head_targets = HEAD_TARGETS[head]
+        self.eval_prefixes = [p for p in evaluators if p != "test"]
+        self.evaluators = nn.ModuleDict(evaluators)
+
+    @classmethod
+    def check_head(cls, head: str) -> None:
+        """Refuse a task head the method has no definition for.
+
+        Raises:
+            ConfigError: naming ``task.head`` and the heads the method supports.
+        """
+        if head not in cls.supported_heads:
+            raise ConfigError(
+                f"{cls.__name__} does not support task.head={head} (it supports "
+                f"{sorted(cls.supported_heads)}); pick another method or task."
+            )
 
     # ----------------------------------------------------------------- the method's part
     @abc.abstractmethod
     def compute_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Training losses of one batch: ``{"loss": total, <term>: value, ...}``."""
+
+    # ------------------------------------------------------------------ head's outputs
+    def logits(self, outputs: ModelOutput) -> dict[str, Tensor]:
+        """A model's output logits keyed by the gold target each predicts."""
+        return {target: outputs[name] for target, name in self.head_targets.items()}
+
+    def targets(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The batch's gold targets (``labels``, or ``start_positions``/``end_positions``)."""
+        return {target: batch[target] for target in self.head_targets}
 
     # ------------------------------------------------------------------------- teacher
     def on_train_epoch_start(self) -> None:
@@ -159,11 +189,11 @@ class BaseMethod(L.LightningModule, abc.ABC):
 
     # ---------------------------------------------------------------------- evaluation
     def _evaluate(self, batch: dict[str, Tensor], prefix: str) -> None:
-        logits = self.student(**model_inputs(batch)).logits
-        labels = batch["labels"]
-        loss = supervised_loss(logits, labels)
-        self.log(f"{prefix}/loss", loss, batch_size=labels.size(0), add_dataloader_idx=False)
-        self.eval_metrics[prefix].update(predictions(logits), labels)
+        outputs = self.student(**model_inputs(batch))
+        loss = task_loss(self.logits(outputs), self.targets(batch))
+        batch_size = batch["input_ids"].size(0)
+        self.log(f"{prefix}/loss", loss, batch_size=batch_size, add_dataloader_idx=False)
+        self.evaluators[prefix].update(outputs, batch)
 
     def validation_step(
         self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0
@@ -175,10 +205,19 @@ class BaseMethod(L.LightningModule, abc.ABC):
 
     def _log_eval_metrics(self, prefixes: Sequence[str]) -> None:
         for prefix in prefixes:
-            collection = self.eval_metrics[prefix]
-            for name, value in collection.compute().items():
+            evaluator = self.evaluators[prefix]
+            for name, value in evaluator.compute().items():
                 self.log(f"{prefix}/{name}", value, prog_bar=prefix == "val")
-            collection.reset()
+            evaluator.reset()
+
+    def evaluation_files(self) -> dict[str, dict]:
+        """JSON outputs of the last evaluation of each split (SQuAD's ``predictions.json``),
+        by file name; splits other than ``val`` prefix theirs (``test_predictions.json``)."""
+        return {
+            (name if prefix == "val" else f"{prefix}_{name}"): content
+            for prefix, evaluator in self.evaluators.items()
+            for name, content in evaluator.files().items()
+        }
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval_metrics(self.eval_prefixes)

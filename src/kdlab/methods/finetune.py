@@ -1,11 +1,12 @@
 """Fine-tuning on gold labels (baseline; also how teachers are made).
 
-``L = CE(z_s, y)`` for classification, ``MSE(z_s, y)`` for regression.
+``L = CE(z_s, y)`` for classification, ``MSE(z_s, y)`` for regression; for spans the mean
+of the start and end cross-entropies.
 """
 
 from torch import Tensor
 
-from kdlab.losses import supervised_loss
+from kdlab.losses import task_loss
 from kdlab.methods.base import BaseMethod, model_inputs
 
 
@@ -15,5 +16,5 @@ class FineTune(BaseMethod):
     requires_teacher = False
 
     def compute_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        logits = self.student(**model_inputs(batch)).logits
-        return {"loss": supervised_loss(logits, batch["labels"])}
+        outputs = self.student(**model_inputs(batch))
+        return {"loss": task_loss(self.logits(outputs), self.targets(batch))}

@@ -4,6 +4,8 @@ in a Neural Network", arXiv:1503.02531).
 ``L = (1 − α) · CE(z_s, y) + α · T² · KL(softmax(z_t / T) ‖ softmax(z_s / T))``
 
 For regression (STS-B) both terms are MSE: ``(1 − α) · MSE(z_s, y) + α · MSE(z_s, z_t)``.
+For spans (SQuAD) the KL term is the sum of the start and end KLs, the CE term the mean
+of the start and end cross-entropies.
 """
 
 from torch import Tensor
@@ -34,8 +36,8 @@ class KnowledgeDistillation(BaseMethod):
 
     def compute_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         inputs = model_inputs(batch)
-        teacher_logits = self.teacher_outputs(inputs).logits
-        student_logits = self.student(**inputs).logits
+        teacher_logits = self.logits(self.teacher_outputs(inputs))
+        student_logits = self.logits(self.student(**inputs))
         return kd_loss(
-            student_logits, teacher_logits, batch["labels"], self.alpha, self.temperature
+            student_logits, teacher_logits, self.targets(batch), self.alpha, self.temperature
         )

@@ -33,6 +33,14 @@ HEADS = {
     "masked_lm": AutoModelForMaskedLM,
 }
 
+# For each task head: the batch key of every gold target (the name its transformers model
+# takes it by) and the output holding the logits trained against it. Losses and
+# distillation iterate over these pairs, so methods need no per-head code.
+HEAD_TARGETS: dict[str, dict[str, str]] = {
+    "sequence_classification": {"labels": "logits"},
+    "question_answering": {"start_positions": "start_logits", "end_positions": "end_logits"},
+}
+
 # Special tokens both models must map to the same ids.
 _SPECIAL = ("cls_token_id", "sep_token_id", "pad_token_id", "mask_token_id", "unk_token_id")
 

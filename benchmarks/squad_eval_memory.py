@@ -1,0 +1,121 @@
+"""Peak memory of evaluating a SQuAD dev file with kdlab's per-batch post-processing.
+
+Usage::
+
+    PYTHONPATH=src python benchmarks/squad_eval_memory.py \
+        --validation-file ../shared/data/squad/dev-v1.1.json [--model bert_L2_H128]
+
+``--model`` is a ``model`` config option (``minilm``, ``bert_L2_H128``, ...) or
+``model.path`` of a trained QA model; students are built as ``kdlab.train`` builds them, on
+MiniLM's vocabulary, with a freshly initialised span head: the answers are meaningless, but
+the windows, logits and post-processing are those of any model (the encoder's depth and
+width change the forward time and its activations, not the evaluator's memory). Prints the
+process's peak resident memory (``ru_maxrss``) before and after the evaluation, the most
+windows the evaluator held at once, and what the start/end logits of all windows would
+take if held together.
+"""
+
+import argparse
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from kdlab.data import SquadDataModule
+from kdlab.evaluation import evaluate, evaluation_trainer
+from kdlab.methods import FineTune
+from kdlab.models import build_student
+from kdlab.qa.evaluator import SquadEvaluator
+from kdlab.train import CONF_DIR
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class TrackingEvaluator(SquadEvaluator):
+    """Records the largest number of windows held back between batches."""
+
+    max_pending = 0
+
+    def update(self, outputs, batch) -> None:
+        super().update(outputs, batch)
+        TrackingEvaluator.max_pending = max(TrackingEvaluator.max_pending, self.pending_windows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--validation-file", required=True)
+    parser.add_argument("--model", default="bert_L2_H128", help="model option or directory")
+    parser.add_argument("--max-seq-length", type=int, default=384)
+    parser.add_argument("--doc-stride", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    is_dir = Path(args.model).is_dir()
+    overrides = [
+        "task=squad",
+        "model=pretrained" if is_dir else f"model={args.model}",
+        *([f"model.path={args.model}"] if is_dir else []),
+        # The training split is not evaluated; one question of the dev file stands in for it.
+        f"task.train_file={args.validation_file}",
+        f"task.validation_file={args.validation_file}",
+        "task.max_train_samples=1",
+        f"task.max_seq_length={args.max_seq_length}",
+        f"task.doc_stride={args.doc_stride}",
+        "task.cache_dir=null",
+        "run_dir=.",
+    ]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    task = cfg.task
+    model, tokenizer = build_student(cfg, task, None)
+    datamodule = SquadDataModule(task, tokenizer, eval_batch_size=args.batch_size)
+    datamodule.setup()
+    windows = len(datamodule.features["validation"])
+    questions = len(datamodule.examples["validation"])
+    evaluator = TrackingEvaluator(
+        datamodule.features["validation"],
+        datamodule.examples["validation"],
+        with_negative=False,
+        n_best_size=int(task.n_best_size),
+        max_answer_length=int(task.max_answer_length),
+    )
+    module = FineTune(
+        model,
+        head="question_answering",
+        evaluators={"val": evaluator},
+        optim=OmegaConf.create({}),
+    )
+    before = peak_rss_mib()
+    start = time.perf_counter()
+    trainer = evaluation_trainer(OmegaConf.create({"accelerator": "cpu", "precision": "32-true"}))
+    metrics = evaluate(trainer, module, datamodule)
+    seconds = time.perf_counter() - start
+    all_logits_mib = windows * args.max_seq_length * 2 * 4 / 2**20
+    report = {
+        "model": args.model,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "questions": questions,
+        "windows": windows,
+        "predictions": len(evaluator.files()["predictions.json"]),
+        "max_seq_length": args.max_seq_length,
+        "eval_batch_size": args.batch_size,
+        "peak_rss_mib_before_eval": round(before, 1),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "max_windows_held": TrackingEvaluator.max_pending,
+        "all_logits_fp32_mib": round(all_logits_mib, 1),
+        "eval_seconds": round(seconds, 1),
+        "metrics": metrics,
+    }
+    print(json.dumps(report, indent=2))  # noqa: T201 (a script's report)
+
+
+if __name__ == "__main__":
+    main()

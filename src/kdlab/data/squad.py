@@ -1,0 +1,310 @@
+"""Extractive question answering (SQuAD v1.1 and v2.0): examples, windows and batches.
+
+A question and its context are tokenised as the reference implementations do: question
+first, context second, only the context truncated, long contexts cut into windows of
+``task.max_seq_length`` tokens that share ``task.doc_stride`` tokens (the ``stride`` of
+``transformers`` tokenizers). Each window is one feature, labelled with the token span of
+the first gold answer, or with the CLS token when the answer is not inside the window or
+the question has none. Evaluation windows also keep their example, the character offsets
+of their context tokens and their CLS position, for post-processing.
+"""
+
+import logging
+from pathlib import Path
+
+import datasets
+import lightning as L
+import torch
+from datasets.fingerprint import Hasher
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from kdlab.data.classification import EpochSeededSampler, train_subset
+from kdlab.data.squad_json import COLUMNS, read_squad_json
+from kdlab.errors import ConfigError
+from kdlab.qa.evaluator import SquadEvaluator
+
+log = logging.getLogger(__name__)
+
+SPLIT_FILES = {"train": "train_file", "validation": "validation_file"}
+# Offsets of tokens outside the context (question, special tokens).
+NO_OFFSET = (-1, -1)
+# Columns of a batch; evaluation windows add ``feature_index``.
+BATCH_COLUMNS = [
+    "input_ids",
+    "token_type_ids",
+    "attention_mask",
+    "start_positions",
+    "end_positions",
+]
+
+FEATURES = datasets.Features(
+    {
+        "id": datasets.Value("string"),
+        "title": datasets.Value("string"),
+        "context": datasets.Value("string"),
+        "question": datasets.Value("string"),
+        "answers": {
+            "text": datasets.List(datasets.Value("string")),
+            "answer_start": datasets.List(datasets.Value("int32")),
+        },
+    }
+)
+
+
+def load_squad(task: DictConfig) -> datasets.DatasetDict:
+    """``train`` and ``validation`` questions from ``task.train_file`` /
+    ``task.validation_file`` (official JSON format) where set, else from the hub
+    (``task.hub.path``)."""
+    splits = {}
+    hub_splits = []
+    for split, key in SPLIT_FILES.items():
+        path = task.get(key)
+        if path:
+            path = Path(path).expanduser()
+            if not path.is_file():
+                raise ConfigError(f"task.{key}={path} is not a file.")
+            log.info("Reading %s/%s from %s", task.name, split, path)
+            splits[split] = datasets.Dataset.from_dict(read_squad_json(path), features=FEATURES)
+        else:
+            hub_splits.append(split)
+    if hub_splits:
+        log.info("Loading %s %s from the hub (%s)", task.name, hub_splits, task.hub.path)
+        try:
+            raw = datasets.load_dataset(task.hub.path)
+        except Exception as err:  # the hub raises many types when unreachable
+            keys = " ".join(f"task.{SPLIT_FILES[s]}=<official JSON file>" for s in hub_splits)
+            raise ConfigError(
+                f"Could not load task '{task.name}' from the hub ({task.hub.path}): {err}. "
+                f"Offline, set {keys}."
+            ) from err
+        for split in hub_splits:
+            splits[split] = raw[task.hub.splits[split]].select_columns(list(COLUMNS))
+    return datasets.DatasetDict(splits)
+
+
+def encode_windows(
+    batch: dict[str, list],
+    indices: list[int],
+    *,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    doc_stride: int,
+    for_evaluation: bool,
+) -> dict[str, list]:
+    """Windows of a batch of questions (a batched ``datasets.map`` function).
+
+    Args:
+        batch: columns ``question``, ``context``, ``answers``.
+        indices: dataset rows of the batch's questions.
+        tokenizer: a fast tokenizer (offsets are needed).
+        max_length: tokens per window.
+        doc_stride: tokens shared by consecutive windows of one context.
+        for_evaluation: also keep ``example_index``, ``offset_mapping`` (``-1`` outside the
+            context) and ``cls_index``.
+
+    Returns:
+        One row per window: tokenizer outputs and ``start_positions``/``end_positions``.
+    """
+    # Leading spaces of some questions would only waste window room.
+    questions = [q.lstrip() for q in batch["question"]]
+    encoded = tokenizer(
+        questions,
+        batch["context"],
+        truncation="only_second",
+        max_length=max_length,
+        stride=doc_stride,
+        return_overflowing_tokens=True,
+        return_offsets_mapping=True,
+    )
+    sample_map = encoded.pop("overflow_to_sample_mapping")
+    all_offsets = encoded.pop("offset_mapping")
+    starts, ends, example_index, offset_mapping, cls_indices = [], [], [], [], []
+    for i, sample in enumerate(sample_map):
+        sequence_ids = encoded.sequence_ids(i)
+        offsets = [
+            tuple(o) if sequence_ids[k] == 1 else NO_OFFSET for k, o in enumerate(all_offsets[i])
+        ]
+        cls_index = encoded["input_ids"][i].index(tokenizer.cls_token_id)
+        answers = batch["answers"][sample]
+        span = None
+        if answers["text"]:
+            first = answers["answer_start"][0]
+            span = answer_tokens(offsets, first, first + len(answers["text"][0]))
+        start, end = span if span is not None else (cls_index, cls_index)
+        starts.append(start)
+        ends.append(end)
+        if for_evaluation:
+            example_index.append(indices[sample])
+            offset_mapping.append(offsets)
+            cls_indices.append(cls_index)
+    out = {**encoded, "start_positions": starts, "end_positions": ends}
+    if for_evaluation:
+        out.update(
+            example_index=example_index, offset_mapping=offset_mapping, cls_index=cls_indices
+        )
+    return out
+
+
+def answer_tokens(
+    offsets: list[tuple[int, int]], start_char: int, end_char: int
+) -> tuple[int, int] | None:
+    """The token span covering characters ``[start_char, end_char)`` of the context, or
+    ``None`` when the window's context does not contain all of them.
+
+    Args:
+        offsets: character span of each token; ``NO_OFFSET`` outside the context.
+        start_char: first character of the answer.
+        end_char: one past its last character.
+    """
+    context = [k for k, o in enumerate(offsets) if o != NO_OFFSET]
+    if not context or offsets[context[0]][0] > start_char or offsets[context[-1]][1] < end_char:
+        return None
+    # The last token starting at or before the answer, the first ending at or after it.
+    start = max(k for k in context if offsets[k][0] <= start_char)
+    end = min(k for k in context if offsets[k][1] >= end_char)
+    return start, end
+
+
+class SquadDataModule(L.LightningDataModule):
+    """Windows of SQuAD questions for training and evaluation, and the SQuAD evaluator.
+
+    Teacher and student share the tokenizer, so both receive the same batch.
+
+    Args:
+        task: the ``task`` config (files or hub, ``max_seq_length``, ``doc_stride``,
+            post-processing options, ``version_2_with_negative``, subsets).
+        tokenizer: a fast tokenizer shared by teacher and student.
+        batch_size: training batch size (windows).
+        eval_batch_size: evaluation batch size (windows).
+        num_workers: dataloader worker processes.
+        seed: seed of the training order.
+        cache_dir: where windows are cached (keyed by content, tokenizer and window sizes).
+    """
+
+    # SQuAD's test sets are hidden: evaluation is on the validation split only.
+    has_test = False
+
+    def __init__(
+        self,
+        task: DictConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        batch_size: int = 32,
+        eval_batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not tokenizer.is_fast:
+            raise ConfigError(
+                f"task={task.name} needs a fast tokenizer (character offsets); the model's "
+                f"{type(tokenizer).__name__} is not one. Use a model whose tokenizer.json exists."
+            )
+        if not 0 <= task.doc_stride < task.max_seq_length:
+            raise ConfigError(
+                f"task.doc_stride={task.doc_stride} must be in [0, task.max_seq_length="
+                f"{task.max_seq_length})."
+            )
+        self.task = task
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        self.collator = DataCollatorWithPadding(tokenizer)
+        self.examples: datasets.DatasetDict | None = None
+        self.features: dict[str, datasets.Dataset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.examples is not None:
+            return
+        raw = load_squad(self.task)
+        raw["train"] = train_subset(raw["train"], self.task)
+        self.examples = raw
+        self.features = {
+            "train": self._windows("train", raw["train"], for_evaluation=False),
+            "validation": self._windows("validation", raw["validation"], for_evaluation=True),
+        }
+        log.info(
+            "Task %s: %s",
+            self.task.name,
+            ", ".join(
+                f"{name} {len(raw[name])} questions / {len(f)} windows"
+                for name, f in self.features.items()
+            ),
+        )
+
+    def _windows(
+        self, name: str, split: datasets.Dataset, for_evaluation: bool
+    ) -> datasets.Dataset:
+        max_length = int(self.task.max_seq_length)
+        doc_stride = int(self.task.doc_stride)
+        cache_file = None
+        if self.cache_dir is not None:
+            key = Hasher.hash(
+                [split._fingerprint, self.tokenizer, max_length, doc_stride, for_evaluation]
+            )
+            cache_file = str(self.cache_dir / self.task.name / f"{name}-{key}.arrow")
+            Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
+        windows = split.map(
+            encode_windows,
+            batched=True,
+            with_indices=True,
+            remove_columns=split.column_names,
+            fn_kwargs={
+                "tokenizer": self.tokenizer,
+                "max_length": max_length,
+                "doc_stride": doc_stride,
+                "for_evaluation": for_evaluation,
+            },
+            cache_file_name=cache_file,
+            desc=f"Windows of {self.task.name}/{name}",
+        )
+        if for_evaluation:
+            windows = windows.add_column("feature_index", list(range(len(windows))))
+        return windows
+
+    def evaluators(self) -> dict[str, SquadEvaluator]:
+        """A fresh SQuAD evaluator of the validation split (``val``)."""
+        self.setup()
+        return {
+            "val": SquadEvaluator(
+                self.features["validation"],
+                self.examples["validation"],
+                with_negative=bool(self.task.version_2_with_negative),
+                n_best_size=int(self.task.n_best_size),
+                max_answer_length=int(self.task.max_answer_length),
+                null_score_diff_threshold=float(self.task.null_score_diff_threshold),
+            )
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        train = self._batches("train")
+        return DataLoader(
+            train,
+            batch_size=self.batch_size,
+            sampler=EpochSeededSampler(len(train), self.seed),
+            collate_fn=self.collator,
+            num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [
+            DataLoader(
+                self._batches("validation"),
+                batch_size=self.eval_batch_size,
+                collate_fn=self.collator,
+                num_workers=self.num_workers,
+                # As for classification: evaluation must not consume the global RNG stream.
+                generator=torch.Generator(),
+            )
+        ]
+
+    def _batches(self, split: str) -> datasets.Dataset:
+        """The split's windows with only the columns a batch carries."""
+        features = self.features[split]
+        columns = [c for c in [*BATCH_COLUMNS, "feature_index"] if c in features.column_names]
+        return features.select_columns(columns)
