@@ -122,9 +122,7 @@ class MixKD(BaseMethod):
         return losses
 
 
-def mixed_forward(
-    model: PreTrainedModel, inputs: dict[str, Tensor], perm: Tensor, lam: Tensor
-):
+def mixed_forward(model: PreTrainedModel, inputs: dict[str, Tensor], perm: Tensor, lam: Tensor):
     """``model``'s outputs on the mixup of each example with its partner ``perm[i]``.
 
     The model mixes rows of its own word-embedding table and reads them as
