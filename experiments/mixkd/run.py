@@ -30,8 +30,8 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE / "outputs"
 TASKS = {
     # max_seq_length, teacher steps / batch size / learning rate
-    "sst2": {"seq": 64, "teacher_steps": 200, "teacher_batch": 32, "teacher_lr": 1e-4},
-    "rte": {"seq": 128, "teacher_steps": 200, "teacher_batch": 16, "teacher_lr": 5e-5},
+    "sst2": {"seq": 64, "teacher_steps": 50, "teacher_batch": 32, "teacher_lr": 1e-4},
+    "rte": {"seq": 128, "teacher_steps": 60, "teacher_batch": 16, "teacher_lr": 1e-4},
 }
 FRACTIONS = (0.01, 0.1, 1.0)
 METHODS = ("finetune", "kd", "mixkd")
@@ -163,7 +163,7 @@ def aggregate(seeds: list[int]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1])
-    parser.add_argument("--steps", type=int, default=80, help="training steps of every student")
+    parser.add_argument("--steps", type=int, default=40, help="training steps of every student")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))

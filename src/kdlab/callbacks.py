@@ -13,13 +13,11 @@ class StepTimer(L.Callback):
     """
 
     def __init__(self) -> None:
-        self._start: float | None = None
+        self._start = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._start is None:
-            return
         elapsed = time.perf_counter() - self._start
         pl_module.log("train/step_time_s", elapsed, on_step=True, on_epoch=False, batch_size=1)

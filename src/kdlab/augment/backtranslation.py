@@ -135,6 +135,12 @@ def translate(texts: Sequence[str], model_id: str, key: str, cfg: DictConfig) ->
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_id))
         model = AutoModelForSeq2SeqLM.from_pretrained(str(model_id))
+    except ImportError as err:
+        # MarianMT tokenizers need sentencepiece, which kdlab does not install by default.
+        raise ConfigError(
+            f"Loading translation model '{model_id}' ({key}) needs an optional package: {err}. "
+            "Install it with `pip install 'kdlab[backtranslation]'`."
+        ) from err
     except (OSError, ValueError) as err:
         raise ConfigError(
             f"Could not load translation model '{model_id}' ({key}): {err}. Offline, set {key} "
@@ -153,6 +159,7 @@ def translate(texts: Sequence[str], model_id: str, key: str, cfg: DictConfig) ->
             padding=True,
             truncation=True,
             max_length=cfg.max_length,
+            return_token_type_ids=False,  # seq2seq models take none
         ).to(cfg.device)
         with torch.no_grad():
             generated = model.generate(
