@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from transformers import BertForSequenceClassification
+from transformers import BertConfig, BertForSequenceClassification
 
 from kdlab import train
 from kdlab.errors import ConfigError
 from kdlab.losses import distillation_loss, mixup, mixup_target_loss, soft_cross_entropy
 from kdlab.methods.mixkd import MixKD, mixed_forward
-from tests.fixtures import write_glue, write_tiny_bert
+from tests.fixtures import write_glue, write_tiny_bert, write_tokenizer
 
 # Four sentences of four known words each: no padding, so the pair's mask union is trivial.
 SAME_LENGTH = ["the movie was good", "a film is bad", "i love the dog", "they hate this plot"]
@@ -291,13 +291,19 @@ def glue_root(tmp_path_factory) -> Path:
     return write_glue(tmp_path_factory.mktemp("glue"))
 
 
-def compose_mixkd(teacher_dir: Path, run_dir: Path, *overrides: str):
+# A random miniature on the teacher's tokenizer (the tiny teacher has only 2 layers, too
+# few for bert3).
+MINIATURE = ("model=bert_L2_H128", "model.hidden_size=32", "model.head_dim=16")
+
+
+def compose_mixkd(teacher_dir: Path, run_dir: Path, *overrides: str, model=MINIATURE):
+    """mixkd on the tiny GLUE fixtures with a ``model`` override list for the student."""
     with initialize_config_dir(config_dir=train.CONF_DIR, version_base="1.3"):
         return compose(
             "train",
             overrides=[
                 "method=mixkd",
-                "model=bert3",
+                *model,
                 "teacher=local",
                 f"teacher.path={teacher_dir}",
                 "teacher.require_trained_head=false",
@@ -322,6 +328,34 @@ def test_fast_dev_run(tiny_dirs, glue_root, tmp_path, monkeypatch, task):
     value = metrics["student"][f"val/{metrics['main_metric']}"]
     assert math.isfinite(value)
     assert (tmp_path / "student" / "config.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def six_layer_teacher(tmp_path_factory) -> Path:
+    """A tiny 6-layer BERT classifier, deep enough for the bert3 and bert6 students."""
+    directory = tmp_path_factory.mktemp("six")
+    tokenizer = write_tokenizer(directory)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=6,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
+    BertForSequenceClassification(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("model", ["bert3", "bert6"])
+def test_layer_truncated_students(six_layer_teacher, glue_root, tmp_path, monkeypatch, model):
+    monkeypatch.setenv("KDLAB_DATA_DIR", str(glue_root))
+    cfg = compose_mixkd(six_layer_teacher, tmp_path, "task=sst2", model=[f"model={model}"])
+    metrics = train.run(cfg)
+    student = BertForSequenceClassification.from_pretrained(metrics["student"]["path"])
+    assert student.config.num_hidden_layers == int(model[-1])
 
 
 def test_span_tasks_are_refused(tiny_dirs, glue_root, tmp_path, monkeypatch):
