@@ -13,11 +13,14 @@ and read the mixed sequence through ``inputs_embeds`` with the attention mask
 and for regression (STS-B) both mixed terms are MSE, against the mixed target and against
 the teacher's output. ``alpha_sm=0`` / ``alpha_tmkd=0`` are the paper's ablations;
 ``kd_alpha > 0`` replaces ``L_CE`` by standard KD on the original examples
-(:func:`~kdlab.losses.kd_loss`).
+(:func:`~kdlab.losses.kd_loss`). Logged terms: ``ce`` (or ``ce`` and ``kd``), ``sm``,
+``tmkd`` and ``lambda`` (the batch mean of ``λ``).
 
-Span tasks are refused: start/end positions are indices into two unrelated contexts, so a
-mix of them names no span in the mixed sequence (token ``t`` of ``x_i`` and of ``x_j`` are
-different words), and the mixed target of ``L_SM`` has no meaning.
+Span tasks (``task.head`` other than sequence classification) are refused: start/end
+positions are indices into two unrelated question–passage sequences whose tokens are not
+aligned (token ``t`` of ``x_i`` and of ``x_j`` are different words), so a mix of the two
+one-hot position targets names no span of the mixed sequence and ``L_SM`` has no meaning;
+the teacher term alone would match position logits over an input that has no answer.
 """
 
 import contextlib
