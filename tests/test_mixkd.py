@@ -14,7 +14,7 @@ from kdlab import train
 from kdlab.errors import ConfigError
 from kdlab.losses import distillation_loss, mixup, mixup_target_loss, soft_cross_entropy
 from kdlab.methods.mixkd import MixKD, mixed_forward
-from tests.fixtures import write_glue, write_tiny_bert, write_tokenizer
+from tests.fixtures import write_tiny_bert, write_tokenizer
 
 # Four sentences of four known words each: no padding, so the pair's mask union is trivial.
 SAME_LENGTH = ["the movie was good", "a film is bad", "i love the dog", "they hate this plot"]
@@ -286,11 +286,6 @@ def test_sampled_mixing_is_a_permutation_with_lambda_in_unit_interval(tiny_dirs)
 
 
 # ------------------------------------------------------------------------ end to end
-@pytest.fixture(scope="module")
-def glue_root(tmp_path_factory) -> Path:
-    return write_glue(tmp_path_factory.mktemp("glue"))
-
-
 # A random miniature on the teacher's tokenizer (the tiny teacher has only 2 layers, too
 # few for bert3).
 MINIATURE = ("model=bert_L2_H128", "model.hidden_size=32", "model.head_dim=16")
