@@ -61,7 +61,7 @@ class MixKD(BaseMethod):
         alpha_tmkd: float = 1.0,
         temperature: float = 2.0,
         kd_alpha: float = 0.0,
-        head: str = "sequence_classification",
+        head: str | None = "sequence_classification",
         **base,
     ) -> None:
         if head not in SUPPORTED_HEADS:
