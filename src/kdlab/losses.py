@@ -146,6 +146,46 @@ def kd_loss(
     return {"loss": (1.0 - alpha) * ce + alpha * kd, "ce": ce, "kd": kd}
 
 
+def mixup(x: Tensor, perm: Tensor, lam: Tensor) -> Tensor:
+    """Mixup of every example with its partner: ``λ_i · x_i + (1 − λ_i) · x_perm[i]``.
+
+    ``torch.lerp`` computes it, which is exact at the ends: ``λ = 1`` returns ``x`` and a
+    self-pair (``perm[i] == i``) returns ``x_i`` bit for bit, so mixed losses then equal the
+    un-mixed ones exactly.
+
+    Args:
+        x: ``[B, ...]`` floats (embeddings ``[B, L, H]``, one-hot labels ``[B, C]``, targets ``[B]``).
+        perm: ``[B]`` partner index of each example.
+        lam: ``[B]`` mixing weights in ``[0, 1]``, broadcast over the trailing dims of ``x``.
+
+    Returns:
+        Tensor shaped like ``x``.
+    """
+    weight = lam.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    return torch.lerp(x[perm], x, weight)
+
+
+def mixup_target_loss(logits: Tensor, labels: Tensor, perm: Tensor, lam: Tensor) -> Tensor:
+    """MixKD's student loss on mixed inputs, ``L_SM`` (Liang et al. 2021).
+
+    Cross-entropy against the mixed label ``λ·y_i + (1 − λ)·y_j`` (one-hot ``y``); for
+    regression (``C == 1``) MSE against the mixed target ``λ·y_i + (1 − λ)·y_j``.
+
+    Args:
+        logits: ``[B, C]`` student outputs on the mixed inputs.
+        labels: ``[B]`` class indices, or float targets for regression.
+        perm: ``[B]`` partner index of each example.
+        lam: ``[B]`` mixing weights.
+
+    Returns:
+        Scalar tensor.
+    """
+    if logits.size(-1) == 1:
+        return F.mse_loss(logits.squeeze(-1), mixup(labels.to(logits.dtype), perm, lam))
+    one_hot = F.one_hot(labels, logits.size(-1)).to(logits.dtype)
+    return soft_cross_entropy(logits, mixup(one_hot, perm, lam))
+
+
 def is_finite(loss: Tensor) -> bool:
     """Whether a scalar loss is neither NaN nor infinite."""
     return bool(torch.isfinite(loss).all())

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Sampler
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
+from kdlab.augment import EXAMPLE_INDEX, add_paraphrases
 from kdlab.data.sources import load_source
 from kdlab.errors import ConfigError
 from kdlab.metrics import ClassificationEvaluator
@@ -119,7 +120,13 @@ class TextClassificationDataModule(L.LightningDataModule):
         if self.splits is not None:
             return
         raw = load_source(self.task)
+        augment = self.task.get("augment")
+        if augment:
+            # Paraphrase files name examples by their row in the full training set.
+            raw["train"] = raw["train"].add_column(EXAMPLE_INDEX, list(range(len(raw["train"]))))
         raw["train"] = train_subset(raw["train"], self.task)
+        if augment:
+            raw["train"] = add_paraphrases(raw["train"], augment)
         self.splits = datasets.DatasetDict(
             {name: self._tokenize(name, split) for name, split in raw.items()}
         )
