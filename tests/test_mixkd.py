@@ -14,6 +14,7 @@ from kdlab import train
 from kdlab.errors import ConfigError
 from kdlab.losses import distillation_loss, mixup, mixup_target_loss, soft_cross_entropy
 from kdlab.methods.mixkd import MixKD, mixed_forward
+from kdlab.metrics import ClassificationEvaluator
 from tests.fixtures import write_tiny_bert, write_tokenizer
 
 # Four sentences of four known words each: no padding, so the pair's mask union is trivial.
