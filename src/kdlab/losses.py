@@ -98,3 +98,21 @@ def kd_loss(
 def is_finite(loss: Tensor) -> bool:
     """Whether a scalar loss is neither NaN nor infinite."""
     return bool(torch.isfinite(loss).all())
+
+
+def masked_mse(student: Tensor, teacher: Tensor, keep: Tensor) -> Tensor:
+    """Mean squared error over the kept entries only.
+
+    ``Σ keep·(s − t)² / Σ keep`` with ``keep`` broadcast to the inputs' shape: pruned hidden
+    dimensions or heads of the student carry no signal and are left out of the mean.
+
+    Args:
+        student: e.g. hidden states ``[B, T, H]`` or attention maps ``[B, A, T, T]``.
+        teacher: same shape.
+        keep: 0/1 weights broadcastable to that shape (``[H]``, or ``[A, 1, 1]``).
+
+    Returns:
+        Scalar tensor.
+    """
+    keep = keep.to(student.dtype).expand_as(student)
+    return ((student - teacher) ** 2 * keep).sum() / keep.sum()

@@ -6,6 +6,7 @@ from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import BinaryF1Score, MatthewsCorrCoef, MulticlassAccuracy
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
+from torchmetrics.text import Perplexity
 
 from kdlab.errors import ConfigError
 
@@ -15,6 +16,8 @@ _FACTORIES: dict[str, Callable[[int], Metric]] = {
     "matthews": lambda n: MatthewsCorrCoef(task="multiclass", num_classes=n),
     "pearson": lambda n: PearsonCorrCoef(),
     "spearman": lambda n: SpearmanCorrCoef(),
+    # Masked-LM: exp of the mean cross-entropy over masked positions (label -100 elsewhere).
+    "perplexity": lambda n: Perplexity(ignore_index=-100),
 }
 
 

@@ -57,7 +57,12 @@ def run(cfg: DictConfig) -> dict:
     method_cls = get_class(cfg.method._target_)
     teacher, teacher_tokenizer = (None, None)
     if method_cls.requires_teacher:
-        teacher, teacher_tokenizer = build_teacher(cfg, cfg.task)
+        teacher, teacher_tokenizer = build_teacher(
+            cfg,
+            cfg.task,
+            require_trained_head=method_cls.needs_teacher_head(cfg.method),
+            hint=method_cls.teacher_head_hint,
+        )
     student, tokenizer = build_student(cfg, cfg.task, teacher_tokenizer)
     datamodule = get_class(cfg.task.datamodule)(
         cfg.task,
@@ -73,8 +78,11 @@ def run(cfg: DictConfig) -> dict:
         "metrics": list(cfg.task.metrics),
         "eval_prefixes": datamodule.eval_prefixes,
         "optim": cfg.optim,
+        "head": cfg.task.head,
     }
-    module = _build_method(method_cls, cfg.method, student, teacher, task_args)
+    module = _build_method(
+        method_cls, cfg.method, student, teacher, {**task_args, "pruning": cfg.get("pruning")}
+    )
     params = {"student": count_parameters(student)}
     if teacher is not None:
         params["teacher"] = count_parameters(teacher)
@@ -98,8 +106,11 @@ def run(cfg: DictConfig) -> dict:
     evaluator = evaluation_trainer(cfg.trainer)
     student_metrics = evaluate(evaluator, module, datamodule, ckpt_path=best)
     student_dir = run_dir / "student"
-    module.student.save_pretrained(student_dir)
+    # A pruned student is exported compacted (a smaller stock model); others as they are.
+    exported = module.export_model()
+    exported.save_pretrained(student_dir)
     tokenizer.save_pretrained(student_dir)
+    params["student"] = count_parameters(exported)
     metrics = {
         "task": cfg.task.name,
         "method": cfg.method.name,
@@ -124,12 +135,12 @@ def run(cfg: DictConfig) -> dict:
         }
         if cfg.eval.speed_batches > 0:
             timing = time_inference(
-                {"teacher": teacher, "student": module.student},
+                {"teacher": teacher, "student": exported},
                 datamodule.val_dataloader()[0],
                 cfg.eval.speed_batches,
             )
             timing["speedup"] = timing["teacher_ms_per_batch"] / timing["student_ms_per_batch"]
-            timing["device"] = str(next(module.student.parameters()).device)
+            timing["device"] = str(next(exported.parameters()).device)
             metrics["inference"] = timing
     metrics["wall_time_s"] = round(time.perf_counter() - start, 1)
     (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))

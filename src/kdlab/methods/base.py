@@ -17,8 +17,9 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, get_scheduler
 
 from kdlab.errors import NonFiniteLossError
-from kdlab.losses import supervised_loss
-from kdlab.metrics import build_metrics, predictions
+from kdlab.heads import task_head
+from kdlab.metrics import build_metrics
+from kdlab.pruning.hooks import PruningHooks
 from kdlab.rng import collect_rng_states, restore_rng_states
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
-class BaseMethod(L.LightningModule, abc.ABC):
+class BaseMethod(PruningHooks, L.LightningModule, abc.ABC):
     """Shared base of all methods.
 
     Args:
@@ -42,9 +43,19 @@ class BaseMethod(L.LightningModule, abc.ABC):
         eval_prefixes: metric-key prefixes of the validation dataloaders
             (``["val"]``, or ``["val", "val_mm"]`` for MNLI).
         optim: the ``optim`` config (lr, weight decay, betas, eps, warmup, scheduler).
+        head: ``task.head``; picks the loss and metric inputs (:mod:`kdlab.heads`).
+        pruning: the ``pruning`` config, or None to train the student unpruned.
     """
 
     requires_teacher: ClassVar[bool] = True
+    # Appended to the error on a teacher without a trained task head: a method-specific way
+    # out (e.g. switching off the terms that need the head).
+    teacher_head_hint: ClassVar[str] = ""
+
+    @classmethod
+    def needs_teacher_head(cls, method_cfg: DictConfig) -> bool:
+        """Whether this configuration of the method reads the teacher's task head."""
+        return True
 
     def __init__(
         self,
@@ -55,6 +66,8 @@ class BaseMethod(L.LightningModule, abc.ABC):
         metrics: Sequence[str],
         eval_prefixes: Sequence[str] = ("val",),
         optim: DictConfig,
+        head: str = "sequence_classification",
+        pruning: DictConfig | None = None,
     ) -> None:
         super().__init__()
         if self.requires_teacher and teacher is None:
@@ -64,10 +77,12 @@ class BaseMethod(L.LightningModule, abc.ABC):
         if teacher is not None:
             teacher.eval().requires_grad_(False)
         self.optim = optim
+        self.task_head = task_head(head)
         self.eval_prefixes = list(eval_prefixes)
         self.eval_metrics = nn.ModuleDict(
             {p: build_metrics(metrics, num_labels) for p in [*self.eval_prefixes, "test"]}
         )
+        self.setup_pruning(pruning)
 
     # ----------------------------------------------------------------- the method's part
     @abc.abstractmethod
@@ -90,11 +105,17 @@ class BaseMethod(L.LightningModule, abc.ABC):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The teacher is fixed and reloaded from teacher.path; keeping it out of checkpoints
-        # saves space. RNG states make a resumed run draw the same dropout masks.
+        # saves space. RNG states make a resumed run draw the same dropout masks. The
+        # student's class and config let `python -m kdlab.compact` rebuild it.
+        super().on_save_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(TEACHER_PREFIX)]:
             del state[key]
         checkpoint["kdlab_rng_states"] = collect_rng_states()
+        checkpoint["kdlab_student"] = {
+            "architecture": type(self.student).__name__,
+            "config": self.student.config.to_dict(),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.teacher is not None:
@@ -105,6 +126,7 @@ class BaseMethod(L.LightningModule, abc.ABC):
         resuming = self._trainer is not None and self.trainer.state.fn == "fit"
         if resuming and "kdlab_rng_states" in checkpoint:
             restore_rng_states(checkpoint["kdlab_rng_states"])
+        super().on_load_checkpoint(checkpoint)
 
     # ------------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -161,9 +183,9 @@ class BaseMethod(L.LightningModule, abc.ABC):
     def _evaluate(self, batch: dict[str, Tensor], prefix: str) -> None:
         logits = self.student(**model_inputs(batch)).logits
         labels = batch["labels"]
-        loss = supervised_loss(logits, labels)
+        loss = self.task_head.loss(logits, labels)
         self.log(f"{prefix}/loss", loss, batch_size=labels.size(0), add_dataloader_idx=False)
-        self.eval_metrics[prefix].update(predictions(logits), labels)
+        self.eval_metrics[prefix].update(*self.task_head.metric_inputs(logits, labels))
 
     def validation_step(
         self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0

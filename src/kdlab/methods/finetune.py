@@ -1,11 +1,11 @@
 """Fine-tuning on gold labels (baseline; also how teachers are made).
 
-``L = CE(z_s, y)`` for classification, ``MSE(z_s, y)`` for regression.
+``L = CE(z_s, y)`` for classification, ``MSE(z_s, y)`` for regression, the masked-token
+cross-entropy for a masked-LM head: the task head's loss (:mod:`kdlab.heads`).
 """
 
 from torch import Tensor
 
-from kdlab.losses import supervised_loss
 from kdlab.methods.base import BaseMethod, model_inputs
 
 
@@ -16,4 +16,4 @@ class FineTune(BaseMethod):
 
     def compute_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         logits = self.student(**model_inputs(batch)).logits
-        return {"loss": supervised_loss(logits, batch["labels"])}
+        return {"loss": self.task_head.loss(logits, batch["labels"])}
