@@ -90,13 +90,13 @@ class BaseMethod(PruningHooks, L.LightningModule, abc.ABC):
         """Training losses of one batch: ``{"loss": total, <term>: value, ...}``."""
 
     # ------------------------------------------------------------------------- teacher
-    def train(self, mode: bool = True) -> "BaseMethod":
-        # Lightning switches the whole module to train mode each epoch; the teacher must stay
-        # in eval mode (no dropout) throughout.
-        super().train(mode)
+    def on_train_epoch_start(self) -> None:
+        # `from_pretrained` returns models in eval mode and Lightning keeps sub-module modes
+        # as it finds them, so set them explicitly: student trains (dropout on), teacher
+        # never does.
+        self.student.train()
         if self.teacher is not None:
             self.teacher.eval()
-        return self
 
     @torch.no_grad()
     def teacher_outputs(self, inputs: dict[str, Tensor], **kwargs):

@@ -131,13 +131,21 @@ def build_student(
         student, _ = _load_model(model_cfg.path, task.head, "model.path", **kwargs)
         tokenizer = load_tokenizer(model_cfg.path, "model.path")
     elif model_cfg.kind == "truncated":
-        student, _ = _load_model(
+        student, info = _load_model(
             model_cfg.path,
             task.head,
             "model.path",
             num_hidden_layers=model_cfg.num_layers,
             **kwargs,
         )
+        prefix = student.base_model_prefix + "."
+        new_body = [k for k in info["missing_keys"] if k.startswith(prefix)]
+        if new_body:
+            raise ConfigError(
+                f"model.num_layers={model_cfg.num_layers} exceeds the layers of "
+                f"model.path={model_cfg.path} (missing {new_body[:3]}): a truncated student "
+                "keeps the first layers of a deeper model."
+            )
         tokenizer = load_tokenizer(model_cfg.path, "model.path")
     elif model_cfg.kind == "random":
         tokenizer = load_tokenizer(model_cfg.tokenizer, "model.tokenizer")
