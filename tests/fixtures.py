@@ -21,8 +21,8 @@ def write_tokenizer(directory: Path) -> BertTokenizerFast:
     """A WordPiece tokenizer over a few dozen words, saved to ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *(f"##{c}" for c in "sd")]
-    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+    # transformers 5 ignores `vocab_file=` here (every word became [UNK]); pass the mapping.
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
     tokenizer.save_pretrained(directory)
     return tokenizer
 

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The HomoDistil experiment of experiments/homodistil/README.md, on CPU with the machine's
+# local data (../shared/data): stages run in order, each in its own run directory under $OUT.
+#   1. mlm       MiniLM gets a trained MLM head (method=mlm on the corpus)
+#   2. homo      HomoDistil from that teacher to half width (cubic schedule)
+#   3. oneshot   the same budget with one-shot pruning
+#   4. ft_*      fine-tuning on SST-2: homo, oneshot, bert3 (first 3 MiniLM layers), teacher
+# Usage: experiments/homodistil/run.sh [stage ...]   (default: all stages)
+set -euo pipefail
+DATA=${KDLAB_SHARED_DATA:-$(cd "$(dirname "$0")/../../.." && pwd)/shared/data}
+OUT=${OUT:-runs/homodistil}
+STEPS=${STEPS:-300}          # optimizer steps of stages 1-3
+FT_SAMPLES=${FT_SAMPLES:-4000}
+CORPUS="task=corpus/local task.files=['$DATA/corpus/wikitext-2-raw/*.raw','$DATA/corpus/gutenberg/[a-z]*-*.txt']"
+COMMON="logger=csv callbacks=quiet trainer=cpu trainer.enable_progress_bar=false trainer.max_epochs=1"
+CORPUS_RUN="$CORPUS task.max_seq_length=64 task.batch_size=32 task.max_eval_samples=256 \
+  trainer.max_steps=$STEPS trainer.val_check_interval=100 optim.warmup_ratio=0.06"
+PRUNE="model=minilm_half teacher=local teacher.path=$OUT/mlm/student pruning.update_interval=10 \
+  pruning.track_interval=10 pruning.initial_warmup=0.1 pruning.final_warmup=0.3 optim.lr=2e-4"
+SST2="task=sst2 task.data_dir=$DATA/glue/SST-2 task.max_train_samples=$FT_SAMPLES \
+  task.max_seq_length=64 optim.lr=1e-4 eval.speed_batches=10"
+
+train() { python -m kdlab.train $COMMON "$@"; }
+
+stage() {
+  case $1 in
+    mlm) train method=mlm model=minilm $CORPUS_RUN optim.lr=1e-4 eval.speed_batches=0 run_dir=$OUT/mlm ;;
+    homo) train method=homodistil $PRUNE $CORPUS_RUN eval.speed_batches=10 run_dir=$OUT/homo ;;
+    oneshot) train method=homodistil $PRUNE pruning=oneshot $CORPUS_RUN eval.speed_batches=10 run_dir=$OUT/oneshot ;;
+    ft_homo) train method=finetune model=pretrained model.path=$OUT/homo/student $SST2 run_dir=$OUT/ft_homo ;;
+    ft_oneshot) train method=finetune model=pretrained model.path=$OUT/oneshot/student $SST2 run_dir=$OUT/ft_oneshot ;;
+    ft_bert3) train method=finetune model=bert3 $SST2 run_dir=$OUT/ft_bert3 ;;
+    ft_teacher) train method=finetune model=minilm $SST2 run_dir=$OUT/ft_teacher ;;
+    *) echo "unknown stage $1" >&2; exit 2 ;;
+  esac
+}
+
+for s in "${@:-mlm homo oneshot ft_homo ft_oneshot ft_bert3 ft_teacher}"; do
+  for one in $s; do stage "$one"; done
+done
