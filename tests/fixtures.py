@@ -87,7 +87,9 @@ def write_glue(root: Path, n_train: int = 48, n_dev: int = 24, seed: int = 0) ->
     for split, n in (("train", n_train), ("dev", n_dev)):
         sst = ["sentence\tlabel"]
         rte = ["index\tsentence1\tsentence2\tlabel"]
-        sts = ["index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"]
+        sts = [
+            "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
+        ]
         for i in range(n):
             a, label = _sentence(rng)
             b, _ = _sentence(rng)

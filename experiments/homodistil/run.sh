@@ -10,21 +10,26 @@ set -euo pipefail
 DATA=${KDLAB_SHARED_DATA:-$(cd "$(dirname "$0")/../../.." && pwd)/shared/data}
 OUT=${OUT:-runs/homodistil}
 STEPS=${STEPS:-300}          # optimizer steps of stages 1-3
+VAL_EVERY=${VAL_EVERY:-100}  # steps between validations
+SEQ=${SEQ:-64}               # tokens per corpus chunk
+BATCH=${BATCH:-32}
 FT_SAMPLES=${FT_SAMPLES:-4000}
+FT_SEQ=${FT_SEQ:-64}
 CORPUS="task=corpus/local task.files=['$DATA/corpus/wikitext-2-raw/*.raw','$DATA/corpus/gutenberg/[a-z]*-*.txt']"
-COMMON="logger=csv callbacks=quiet trainer=cpu trainer.enable_progress_bar=false trainer.max_epochs=1"
-CORPUS_RUN="$CORPUS task.max_seq_length=64 task.batch_size=32 task.max_eval_samples=256 \
-  trainer.max_steps=$STEPS trainer.val_check_interval=100 optim.warmup_ratio=0.06"
-PRUNE="model=minilm_half teacher=local teacher.path=$OUT/mlm/student pruning.update_interval=10 \
-  pruning.track_interval=10 pruning.initial_warmup=0.1 pruning.final_warmup=0.3 optim.lr=2e-4"
+COMMON="logger=csv callbacks=quiet trainer=cpu trainer.enable_progress_bar=false trainer.max_epochs=1 \
+  trainer.log_every_n_steps=5"
+CORPUS_RUN="$CORPUS task.max_seq_length=$SEQ task.batch_size=$BATCH task.max_eval_samples=128 \
+  trainer.max_steps=$STEPS trainer.val_check_interval=$VAL_EVERY optim.warmup_ratio=0.06"
+PRUNE="model=minilm_half teacher=local teacher.path=$OUT/mlm/student pruning.update_interval=2 \
+  pruning.track_interval=2 pruning.initial_warmup=0.1 pruning.final_warmup=0.3 optim.lr=2e-4"
 SST2="task=sst2 task.data_dir=$DATA/glue/SST-2 task.max_train_samples=$FT_SAMPLES \
-  task.max_seq_length=64 optim.lr=1e-4 eval.speed_batches=10"
+  task.max_seq_length=$FT_SEQ optim.lr=1e-4 eval.speed_batches=10"
 
 train() { python -m kdlab.train $COMMON "$@"; }
 
 stage() {
   case $1 in
-    mlm) train method=mlm model=minilm $CORPUS_RUN optim.lr=1e-4 eval.speed_batches=0 run_dir=$OUT/mlm ;;
+    mlm) train method=mlm model=minilm $CORPUS_RUN optim.lr=5e-4 eval.speed_batches=0 run_dir=$OUT/mlm ;;
     homo) train method=homodistil $PRUNE $CORPUS_RUN eval.speed_batches=10 run_dir=$OUT/homo ;;
     oneshot) train method=homodistil $PRUNE pruning=oneshot $CORPUS_RUN eval.speed_batches=10 run_dir=$OUT/oneshot ;;
     ft_homo) train method=finetune model=pretrained model.path=$OUT/homo/student $SST2 run_dir=$OUT/ft_homo ;;

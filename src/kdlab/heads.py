@@ -52,9 +52,7 @@ class MaskedLMHead(TaskHead):
     """``[B, T, V]`` vocabulary logits; only masked positions (label ≠ -100) are scored."""
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return F.cross_entropy(
-            logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX
-        )
+        return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX)
 
     def scored(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         keep = labels != IGNORE_INDEX

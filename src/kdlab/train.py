@@ -19,6 +19,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
@@ -99,10 +100,16 @@ def run(cfg: DictConfig) -> dict:
             "Training stopped on a non-finite loss; checkpoints kept in %s", run_dir / "checkpoints"
         )
         raise
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Rank 0 evaluates alone from here on; a live process group would make torchmetrics
+        # wait at compute() for ranks that have already returned.
+        torch.distributed.destroy_process_group()
     if not trainer.is_global_zero:
         return {}
 
-    best = _best_checkpoint(trainer)
+    # A pruned student is evaluated as training left it: its earlier (possibly "best")
+    # checkpoints are wider than the target.
+    best = None if module.pruner is not None else _best_checkpoint(trainer)
     evaluator = evaluation_trainer(cfg.trainer)
     student_metrics = evaluate(evaluator, module, datamodule, ckpt_path=best)
     student_dir = run_dir / "student"

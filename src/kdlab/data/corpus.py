@@ -54,7 +54,11 @@ def load_text(task: DictConfig) -> datasets.Dataset:
             "task.files=[<text files or globs>]."
         ) from err
     column = hub.get("text_column", "text")
-    return raw.select_columns([column]).rename_column(column, "text") if column != "text" else raw.select_columns(["text"])
+    return (
+        raw.select_columns([column]).rename_column(column, "text")
+        if column != "text"
+        else raw.select_columns(["text"])
+    )
 
 
 class CorpusDataModule(L.LightningDataModule):
@@ -115,7 +119,9 @@ class CorpusDataModule(L.LightningDataModule):
         train = _limit(held_out["train"], self.task.get("max_train_samples"))
         val = _limit(held_out["test"], self.task.get("max_eval_samples"))
         self.splits = {"train": train, "validation": self._mask_once(val)}
-        log.info("Corpus %s: %d training and %d validation chunks", self.task.name, len(train), len(val))
+        log.info(
+            "Corpus %s: %d training and %d validation chunks", self.task.name, len(train), len(val)
+        )
 
     def _chunk(self, raw: datasets.Dataset) -> datasets.Dataset:
         max_len = int(self.task.max_seq_length)
@@ -154,7 +160,11 @@ class CorpusDataModule(L.LightningDataModule):
             torch.manual_seed(int(self.task.subset_seed))
             masked = self.collator([{"input_ids": ids} for ids in split["input_ids"]])
         return datasets.Dataset.from_dict(
-            {k: masked[k].tolist() for k in ("input_ids", "attention_mask", "labels") if k in masked}
+            {
+                k: masked[k].tolist()
+                for k in ("input_ids", "attention_mask", "labels")
+                if k in masked
+            }
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -39,8 +39,7 @@ class HomoDistil(BaseMethod):
     """
 
     teacher_head_hint: ClassVar[str] = (
-        "or distil representations only, without the MLM head: "
-        "method.alpha_mlm=0 method.alpha_kl=0"
+        "or distil representations only, without the MLM head: method.alpha_mlm=0 method.alpha_kl=0"
     )
 
     @classmethod
@@ -111,7 +110,9 @@ class HomoDistil(BaseMethod):
             teacher_rows, _ = self.task_head.scored(teacher.logits, labels)
             terms["kl"] = soft_kl(student_rows, teacher_rows, self.temperature)
         if w["emb"] > 0:
-            terms["emb"] = masked_mse(student.hidden_states[0], teacher.hidden_states[0], masks.hidden)
+            terms["emb"] = masked_mse(
+                student.hidden_states[0], teacher.hidden_states[0], masks.hidden
+            )
         if w["hidden"] > 0:
             terms["hidden"] = sum(
                 masked_mse(s, t, masks.hidden)

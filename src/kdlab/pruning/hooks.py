@@ -31,7 +31,11 @@ class PruningHooks:
         if pruning is None:
             self.pruner = None
             return
-        kwargs = OmegaConf.to_container(pruning, resolve=True) if isinstance(pruning, DictConfig) else dict(pruning)
+        kwargs = (
+            OmegaConf.to_container(pruning, resolve=True)
+            if isinstance(pruning, DictConfig)
+            else dict(pruning)
+        )
         self.pruner = Pruner(self.student, **kwargs)
         self._tracking_batch = None
 
@@ -116,6 +120,4 @@ class PruningHooks:
         flat = torch.cat([masks.hidden, masks.heads.flatten(), masks.ffn.flatten()])
         gathered = self.all_gather(flat)
         if not bool((gathered == gathered[0]).all()):
-            raise RuntimeError(
-                f"Pruning masks differ across DDP ranks at step {self.global_step}."
-            )
+            raise RuntimeError(f"Pruning masks differ across DDP ranks at step {self.global_step}.")

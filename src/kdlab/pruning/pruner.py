@@ -56,7 +56,7 @@ class Pruner(nn.Module):
         super().__init__()
         if schedule not in SCHEDULES:
             raise ConfigError(f"pruning.schedule={schedule} must be one of {sorted(SCHEDULES)}.")
-        if not (0 <= initial_warmup and 0 <= final_warmup and initial_warmup + final_warmup < 1):
+        if not (initial_warmup >= 0 and final_warmup >= 0 and initial_warmup + final_warmup < 1):
             raise ConfigError(
                 f"pruning.initial_warmup={initial_warmup} and pruning.final_warmup={final_warmup} "
                 "must be non-negative fractions of the training steps summing to less than 1."
