@@ -10,19 +10,71 @@ from transformers import (
     BertTokenizerFast,
 )
 
-WORDS = (
-    "the a movie film was is good great bad awful fun boring plot actor story not very "
-    "really love hate it this that and but i you we they sun rain cat dog man woman"
-).split()
+WORDS = [
+    "the",
+    "a",
+    "movie",
+    "film",
+    "was",
+    "is",
+    "good",
+    "great",
+    "bad",
+    "awful",
+    "fun",
+    "boring",
+    "plot",
+    "actor",
+    "story",
+    "not",
+    "very",
+    "really",
+    "love",
+    "hate",
+    "it",
+    "this",
+    "that",
+    "and",
+    "but",
+    "i",
+    "you",
+    "we",
+    "they",
+    "sun",
+    "rain",
+    "cat",
+    "dog",
+    "man",
+    "woman",
+]
 POSITIVE = {"good", "great", "fun", "love"}
+
+# Folder of each GLUE task in the official layout.
+GLUE_DIRS = {
+    "cola": "CoLA",
+    "sst2": "SST-2",
+    "mrpc": "MRPC",
+    "qqp": "QQP",
+    "stsb": "STS-B",
+    "mnli": "MNLI",
+    "qnli": "QNLI",
+    "rte": "RTE",
+    "wnli": "WNLI",
+}
+MNLI_LABELS = ("entailment", "neutral", "contradiction")
 
 
 def write_tokenizer(directory: Path) -> BertTokenizerFast:
     """A WordPiece tokenizer over a few dozen words, saved to ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *(f"##{c}" for c in "sd")]
-    # transformers 5 ignores `vocab_file=` here (every word became [UNK]); pass the mapping.
-    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    # transformers 5 takes the vocabulary itself (``vocab_file=`` is silently ignored there,
+    # leaving only the special tokens).
+    tokenizer = BertTokenizerFast(
+        vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True
+    )
+    assert len(tokenizer) == len(vocab), "the tokenizer lost its vocabulary"
     tokenizer.save_pretrained(directory)
     return tokenizer
 
@@ -81,22 +133,76 @@ def _sentence(rng: random.Random) -> tuple[str, int]:
     return " ".join(words), int(any(w in POSITIVE for w in words))
 
 
-def write_glue(root: Path, n_train: int = 48, n_dev: int = 24, seed: int = 0) -> Path:
-    """SST-2, RTE and STS-B folders in the official GLUE TSV layout under ``root``."""
-    rng = random.Random(seed)
-    for split, n in (("train", n_train), ("dev", n_dev)):
-        sst = ["sentence\tlabel"]
-        rte = ["index\tsentence1\tsentence2\tlabel"]
-        sts = [
+def _rows(task: str, split: str, n: int, rng: random.Random) -> list[str]:
+    """Header (where the task has one) and ``n`` rows of one GLUE file, official layout."""
+    binary = ("0", "1")
+    lines = {
+        "cola": [],
+        "sst2": ["sentence\tlabel"],
+        "mrpc": ["\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String"],
+        "qqp": ["id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate"],
+        "stsb": [
             "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
+        ],
+        "qnli": ["index\tquestion\tsentence\tlabel"],
+        "rte": ["index\tsentence1\tsentence2\tlabel"],
+        "wnli": ["index\tsentence1\tsentence2\tlabel"],
+    }.get(task)
+    if task == "mnli":
+        extra = "\tlabel2\tlabel3\tlabel4\tlabel5" if split != "train" else ""
+        lines = [
+            "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\t"
+            f"sentence1_parse\tsentence2_parse\tsentence1\tsentence2\tlabel1{extra}\tgold_label"
         ]
-        for i in range(n):
-            a, label = _sentence(rng)
-            b, _ = _sentence(rng)
-            sst.append(f"{a} \t{label}")
-            rte.append(f"{i}\t{a}\t{b}\t{'entailment' if label else 'not_entailment'}")
-            sts.append(f"{i}\tmain\tx\t2012\t{i}\tnone\tnone\t{a}\t{b}\t{rng.uniform(0, 5):.3f}")
-        for folder, lines in (("SST-2", sst), ("RTE", rte), ("STS-B", sts)):
-            (root / folder).mkdir(parents=True, exist_ok=True)
-            (root / folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    for i in range(n):
+        a, label = _sentence(rng)
+        b, _ = _sentence(rng)
+        ent = "entailment" if label else "not_entailment"
+        if task == "cola":
+            lines.append(f"gj04\t{label}\t{'' if label else '*'}\t{a}")
+        elif task == "sst2":
+            lines.append(f"{a} \t{label}")
+        elif task == "mrpc":
+            lines.append(f"{label}\t{1000 + i}\t{2000 + i}\t{a}\t{b}")
+        elif task == "qqp":
+            lines.append(f"{i}\t{2 * i}\t{2 * i + 1}\t{a}\t{b}\t{binary[label]}")
+        elif task == "stsb":
+            lines.append(f"{i}\tmain\tx\t2012\t{i}\tnone\tnone\t{a}\t{b}\t{rng.uniform(0, 5):.3f}")
+        elif task == "mnli":
+            gold = MNLI_LABELS[i % 3]
+            votes = f"\t{gold}" * (5 if split != "train" else 1)
+            lines.append(
+                f"{i}\t{i}\t{i}e\tfiction\t( {a} )\t( {b} )\t(S {a})\t(S {b})\t{a}\t{b}{votes}\t{gold}"
+            )
+        elif task == "qnli":
+            lines.append(f"{i}\t{a} ?\t{b}\t{ent}")
+        elif task == "rte":
+            lines.append(f"{i}\t{a}\t{b}\t{ent}")
+        elif task == "wnli":
+            lines.append(f"{i}\t{a}\t{b}\t{label}")
+    return lines
+
+
+def write_glue(
+    root: Path,
+    n_train: int = 48,
+    n_dev: int = 24,
+    seed: int = 0,
+    tasks: tuple[str, ...] = tuple(GLUE_DIRS),
+) -> Path:
+    """The nine GLUE task folders (or ``tasks``) in the official GLUE TSV layout under ``root``.
+
+    CoLA has no header, MRPC starts with a UTF-8 byte-order mark, MNLI has ``dev_matched`` and
+    ``dev_mismatched`` files with ``gold_label`` as the last of many columns.
+    """
+    rng = random.Random(seed)
+    for task in tasks:
+        folder = root / GLUE_DIRS[task]
+        folder.mkdir(parents=True, exist_ok=True)
+        files = {"train": n_train, "dev": n_dev}
+        if task == "mnli":
+            files = {"train": n_train, "dev_matched": n_dev, "dev_mismatched": n_dev}
+        for split, n in files.items():
+            lines = _rows(task, split, n, rng)
+            (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root

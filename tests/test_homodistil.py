@@ -18,14 +18,7 @@ import kdlab.train
 from kdlab.compact import main as compact_main
 from kdlab.data import CorpusDataModule
 from kdlab.errors import ConfigError
-
-sys.path.insert(0, str(Path(__file__).parent))
-from fixtures import (  # noqa: E402
-    write_corpus,
-    write_glue,
-    write_tiny_bert,
-    write_tiny_mlm_bert,
-)
+from tests.fixtures import write_corpus, write_glue, write_tiny_bert, write_tiny_mlm_bert
 
 SRC = str(Path(kdlab.train.__file__).resolve().parents[1])
 COMMON = [

@@ -25,7 +25,7 @@ def summary_table(title: str, metrics: dict) -> Table:
             f"{role} ({row['name']})",
             _fmt(row.get(f"val/{main}")),
             _fmt(row.get(f"test/{main}")),
-            f"{row['params'] / 1e6:.1f}M",
+            _count(row["params"]),
             "-" if ms is None else f"{ms:.1f}",
             f"{speed['speedup']:.2f}x" if role == "student" and "speedup" in speed else "-",
         )
@@ -34,3 +34,7 @@ def summary_table(title: str, metrics: dict) -> Table:
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"

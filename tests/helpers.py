@@ -1,0 +1,55 @@
+"""Test-only callbacks and methods, referenced from configs by ``_target_``."""
+
+import lightning as L
+import torch
+
+from kdlab.methods import FineTune
+
+
+class Interrupted(RuntimeError):
+    """Raised by :class:`StopAfterEpoch` to simulate a killed run."""
+
+
+class StopAfterEpoch(L.Callback):
+    """Raise once epoch ``epoch`` (0-based) is over and its checkpoints are written.
+
+    Lightning runs checkpoint callbacks last and end-of-epoch validation (where
+    ``ModelCheckpoint`` saves) after ``on_train_epoch_end``, so the interruption happens at
+    the start of the next epoch, before its first batch: a run killed between epochs.
+    """
+
+    def __init__(self, epoch: int = 0) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch + 1:
+            raise Interrupted(f"simulated interruption after epoch {self.epoch}")
+
+
+class NaNAfter(FineTune):
+    """Fine-tuning whose loss becomes NaN from training step ``nan_step`` (0-based) on."""
+
+    def __init__(self, *args, nan_step: int = 3, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.nan_step = nan_step
+
+    def compute_losses(self, batch):
+        losses = super().compute_losses(batch)
+        if self.global_step >= self.nan_step:
+            losses["loss"] = losses["loss"] * torch.tensor(float("nan"))
+        return losses
+
+
+class RecordFinalWeights(L.Callback):
+    """Keeps a copy of the student's weights when training ends, keyed by run directory.
+
+    ``last.ckpt`` is no witness of the final weights: Lightning 2.6 rewrites it only in an
+    epoch whose top-k checkpoint was saved too.
+    """
+
+    weights: dict = {}
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        type(self).weights[trainer.default_root_dir] = {
+            k: v.detach().clone() for k, v in pl_module.student.state_dict().items()
+        }

@@ -1,0 +1,188 @@
+"""Bad input fails with errors that name the file, line or setting to fix."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import BertConfig, BertModel
+
+import kdlab.train
+from kdlab.data.sources import load_source
+from kdlab.data.tsv import read_labelled_tsv
+from kdlab.errors import ConfigError, DataFormatError
+from kdlab.models import build_student
+from tests.conftest import REPO_ROOT, SUBPROCESS_ENV, compose
+from tests.fixtures import write_tokenizer
+
+
+def _copy_task(glue_root: Path, folder: str, tmp_path: Path) -> Path:
+    target = tmp_path / folder
+    shutil.copytree(glue_root / folder, target)
+    return target
+
+
+def _append_line(path: Path, line: str) -> int:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    lines.insert(3, line)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return 4  # 1-based line number of the inserted line
+
+
+def test_short_row_names_file_and_line(glue_root, tmp_path):
+    folder = _copy_task(glue_root, "RTE", tmp_path)
+    line_no = _append_line(folder / "dev.tsv", "99\tonly one sentence")
+    cfg = compose(["task=rte", f"task.data_dir={folder}", f"run_dir={tmp_path}"])
+    with pytest.raises(DataFormatError, match=rf"{folder / 'dev.tsv'}:{line_no}:"):
+        load_source(cfg.task)
+
+
+def test_short_row_stops_a_run(make_cfg, glue_root, tmp_path):
+    folder = _copy_task(glue_root, "SST-2", tmp_path)
+    line_no = _append_line(folder / "train.tsv", "no label column here")
+    cfg = make_cfg(task="sst2", method="finetune", extra=[f"task.data_dir={folder}"])
+    with pytest.raises(DataFormatError, match=rf"train\.tsv:{line_no}:.*fields"):
+        kdlab.train.run(cfg)
+
+
+def test_unknown_label_names_file_and_line(glue_root, tmp_path):
+    folder = _copy_task(glue_root, "RTE", tmp_path)
+    line_no = _append_line(folder / "train.tsv", "7\ta cat\ta dog\tmaybe")
+    cfg = compose(["task=rte", f"task.data_dir={folder}", f"run_dir={tmp_path}"])
+    with pytest.raises(DataFormatError, match=rf"train\.tsv:{line_no}: label 'maybe'"):
+        load_source(cfg.task)
+
+
+def test_regression_label_not_a_number(glue_root, tmp_path):
+    folder = _copy_task(glue_root, "STS-B", tmp_path)
+    line_no = _append_line(
+        folder / "dev.tsv", "\t".join(["1", "main", "x", "2012", "1", "n", "n", "a", "b", "high"])
+    )
+    cfg = compose(["task=stsb", f"task.data_dir={folder}", f"run_dir={tmp_path}"])
+    with pytest.raises(DataFormatError, match=rf"dev\.tsv:{line_no}:.*'high'"):
+        load_source(cfg.task)
+
+
+def test_missing_header_column_and_empty_file(tmp_path):
+    path = tmp_path / "train.tsv"
+    path.write_text("text\tlabel\nhello\t1\n")
+    with pytest.raises(DataFormatError, match=r"train\.tsv:1: header has no column 'sentence'"):
+        read_labelled_tsv(
+            path,
+            header=True,
+            text_columns=["sentence"],
+            label_column="label",
+            label_values=["0", "1"],
+        )
+    path.write_text("")
+    with pytest.raises(DataFormatError, match="empty"):
+        read_labelled_tsv(
+            path,
+            header=True,
+            text_columns=["sentence"],
+            label_column="label",
+            label_values=["0", "1"],
+        )
+
+
+def test_missing_split_file_names_task_files(glue_root, tmp_path):
+    folder = _copy_task(glue_root, "RTE", tmp_path)
+    (folder / "dev.tsv").unlink()
+    cfg = compose(["task=rte", f"task.data_dir={folder}", f"run_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"dev\.tsv.*task\.files\.validation"):
+        load_source(cfg.task)
+
+
+def test_unreachable_hub_names_task_data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    cfg = compose(["task=rte", f"run_dir={tmp_path}"])
+    assert cfg.task.data_dir is None
+    with pytest.raises(ConfigError, match=r"task\.data_dir") as err:
+        load_source(cfg.task)
+    assert "KDLAB_DATA_DIR" in str(err.value)
+
+
+def test_data_dir_env_root_is_used(glue_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("KDLAB_DATA_DIR", str(glue_root))
+    cfg = compose(["task=rte", f"run_dir={tmp_path}"])
+    assert len(load_source(cfg.task)["train"]) == 48
+
+
+def test_tokenizer_mismatch_is_refused(teacher_dir, tmp_path):
+    from transformers import BertTokenizerFast
+
+    from kdlab.models import build_teacher
+
+    other = tmp_path / "other_tok"
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world"]
+    BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}).save_pretrained(other)
+    cfg = compose(
+        [
+            "model=bert_tiny",
+            f"model.tokenizer={other}",
+            "teacher=local",
+            f"teacher.path={teacher_dir}",
+            f"run_dir={tmp_path}",
+        ]
+    )
+    _, teacher_tok = build_teacher(cfg, cfg.task)
+    with pytest.raises(ConfigError, match="vocabularies differ"):
+        build_student(cfg, cfg.task, teacher_tok)
+
+
+def test_special_token_mismatch_is_refused(teacher_dir, tmp_path):
+    from kdlab.models.build import check_same_tokenizer
+
+    teacher_tok = write_tokenizer(tmp_path / "a")
+    student_tok = write_tokenizer(tmp_path / "b")
+    student_tok.add_special_tokens({"pad_token": "[MASK]"})  # same vocab, other pad id
+    with pytest.raises(ConfigError, match="pad_token_id"):
+        check_same_tokenizer(teacher_tok, student_tok)
+
+
+def test_teacher_without_trained_head_says_finetune(make_cfg, tmp_path):
+    bare = tmp_path / "bare"
+    tokenizer = write_tokenizer(bare)
+    BertModel(
+        BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+        )
+    ).save_pretrained(bare)
+    cfg = make_cfg(method="kd", extra=[f"teacher.path={bare}"])
+    with pytest.raises(ConfigError, match="method=finetune") as err:
+        kdlab.train.run(cfg)
+    assert "teacher.path" in str(err.value)
+
+
+def test_missing_local_model_dir_names_model_path(tmp_path):
+    cfg = compose(
+        [
+            "model=pretrained",
+            f"model.path={tmp_path / 'nothing'}",
+            "teacher=local",
+            "teacher.path=x",
+            f"run_dir={tmp_path}",
+        ]
+    )
+    with pytest.raises(ConfigError, match=r"model\.path"):
+        build_student(cfg, cfg.task, None)
+
+
+def test_unknown_group_option_lists_valid_ones(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdlab.train", "model=no_such_model", f"hydra.run.dir={tmp_path}"],
+        cwd=REPO_ROOT,
+        env=SUBPROCESS_ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    message = proc.stdout + proc.stderr
+    assert "no_such_model" in message
+    assert "Available options" in message and "bert_tiny" in message
