@@ -55,7 +55,11 @@ class PruningHooks:
 
     def on_train_start(self) -> None:
         super().on_train_start()
-        if self.pruner is not None and not self.pruner.history:
+        if self.pruner is None:
+            return
+        # T of the schedule; fixed for the run (and the same when it resumes).
+        self._pruning_total = int(self.trainer.estimated_stepping_batches)
+        if not self.pruner.history:
             self._track(0)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -63,7 +67,7 @@ class PruningHooks:
         if self.pruner is None:
             return
         step = self.global_step
-        if self.pruner.update(step, int(self.trainer.estimated_stepping_batches)):
+        if self.pruner.update(step, self._pruning_total):
             self._check_masks_agree()
         interval = self.pruner.track_interval
         if interval and step % interval == 0:

@@ -39,12 +39,14 @@ class PlatonImportance:
         for name, param in named_parameters:
             if param.grad is None:
                 continue
-            s = (param.detach() * param.grad.detach()).abs()
+            # In-place steps and one temporary per parameter: this runs every training step
+            # over the whole model, so memory passes are what it costs.
+            s = torch.mul(param.detach(), param.grad.detach()).abs_()
             if name not in self.sensitivity:
                 self.sensitivity[name] = torch.zeros_like(s)
                 self.uncertainty[name] = torch.zeros_like(s)
-            ema_i = self.sensitivity[name].mul_(self.beta1).add_(s, alpha=1 - self.beta1)
-            self.uncertainty[name].mul_(self.beta2).add_((s - ema_i).abs(), alpha=1 - self.beta2)
+            ema_i = self.sensitivity[name].lerp_(s, 1 - self.beta1)
+            self.uncertainty[name].lerp_(s.sub_(ema_i).abs_(), 1 - self.beta2)
 
     def score(self, name: str) -> Tensor | None:
         """``Ī · Ū`` of one parameter (``Ī`` alone when ``β2 = 1``), or None before any update."""
