@@ -226,3 +226,14 @@ def test_homobert_presets_have_the_paper_sizes(preset, millions):
     count = sum(p.numel() for p in model.parameters()) / 1e6
     assert count == pytest.approx(millions, abs=0.01)
     assert target.hidden_size // target.num_attention_heads == 64  # BERT-base head size
+
+
+def test_minilm_half_preset_halves_every_width_and_keeps_the_head_size():
+    target = OmegaConf.load(f"{CONF_DIR}/model/minilm_half.yaml").target
+    # MiniLM-L6: hidden 384, 12 heads of 32, FFN 1536.
+    assert (target.hidden_size, target.num_attention_heads, target.intermediate_size) == (
+        192,
+        6,
+        768,
+    )
+    assert target.hidden_size == target.num_attention_heads * 32
