@@ -66,7 +66,7 @@ def main() -> None:
     left.set_ylabel("KL(teacher ‖ student), held-out batch")
     right.set_ylabel("remaining parameter fraction (dashed)")
     right.set_ylim(0, 1.05)
-    left.legend(loc="upper left")
+    left.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(HERE / "discrepancy.png", dpi=120)
 

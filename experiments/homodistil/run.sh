@@ -24,7 +24,7 @@ CORPUS_RUN="$CORPUS task.max_seq_length=$SEQ task.batch_size=$BATCH task.max_eva
 PRUNE="model=minilm_half pruning.update_interval=2 \
   pruning.track_interval=2 pruning.initial_warmup=0.1 pruning.final_warmup=0.3 optim.lr=2e-4"
 SST2="task=sst2 task.data_dir=$DATA/glue/SST-2 task.max_train_samples=$FT_SAMPLES \
-  task.max_seq_length=$FT_SEQ optim.lr=2e-4 eval.speed_batches=10"
+  task.max_seq_length=$FT_SEQ optim.lr=${FT_LR:-1e-4} eval.speed_batches=10"
 
 TRAINED_TEACHER="teacher=local teacher.path=$OUT/mlm/student eval.speed_batches=10"
 REPR="method.alpha_mlm=0 method.alpha_kl=0 eval.speed_batches=10"
