@@ -25,8 +25,6 @@ from transformers import PreTrainedModel
 
 from kdlab.errors import ConfigError
 
-KINDS = ("hidden", "heads", "ffn")
-
 _LAYER = r"encoder\.layer\.(\d+)\."
 # (name pattern, ((axis, kind), ...)); the first match wins. Kinds "heads" and "ffn" are per
 # layer: the layer index is the pattern's first group. Unmatched parameters (output biases
