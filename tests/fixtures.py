@@ -6,6 +6,7 @@ from pathlib import Path
 
 from transformers import (
     BertConfig,
+    BertForMaskedLM,
     BertForQuestionAnswering,
     BertForSequenceClassification,
     BertTokenizerFast,
@@ -249,3 +250,32 @@ def write_glue(
             lines = _rows(task, split, n, rng)
             (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root
+
+
+def write_tiny_mlm_bert(directory: Path, seed: int = 0, heads: int = 4) -> Path:
+    """A randomly initialised masked-LM BERT (hidden 32, 2 layers, ``heads`` heads, FFN 64)
+    with a complete MLM head, so it can teach."""
+    import torch
+
+    tokenizer = write_tokenizer(directory)
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertForMaskedLM(config).save_pretrained(directory)
+    return directory
+
+
+def write_corpus(directory: Path, n_lines: int = 200, seed: int = 0) -> Path:
+    """Two plain-text files of random sentences over the tokenizer's words."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for part in ("a", "b"):
+        lines = [_sentence(rng)[0] for _ in range(n_lines // 2)]
+        (directory / f"{part}.txt").write_text("\n".join(lines) + "\n")
+    return directory

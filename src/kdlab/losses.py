@@ -4,6 +4,8 @@ Shapes: ``B`` batch, ``C`` classes (token positions for span starts and ends). A
 reductions are means over the batch so that loss scales do not depend on the batch size.
 Functions taking mappings work on every output of a task head (see
 ``kdlab.models.build.HEAD_TARGETS``): one for classification, start and end for spans.
+Token-level targets (masked-LM) use ``-100`` for positions without a target, the
+convention of ``transformers``' data collators; those positions are left out everywhere.
 """
 
 from collections.abc import Mapping
@@ -11,6 +13,9 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+# Target value of positions that carry no target (masked-LM's unmasked tokens).
+IGNORE_INDEX = -100
 
 
 def soft_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -50,15 +55,31 @@ def supervised_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Task loss on gold labels: cross-entropy for classes, MSE for regression.
 
     Args:
-        logits: ``[B, C]``; ``C == 1`` means regression (e.g. STS-B).
-        labels: ``[B]`` class indices, or float targets for regression.
+        logits: ``[B, C]``; ``C == 1`` means regression (e.g. STS-B); ``[B, T, V]`` for
+            token-level targets.
+        labels: ``[B]`` class indices, float targets for regression, or ``[B, T]`` token
+            ids with ``IGNORE_INDEX`` where there is no target.
 
     Returns:
-        Scalar tensor.
+        Scalar tensor (mean over the targets).
     """
     if logits.size(-1) == 1:
         return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
-    return F.cross_entropy(logits, labels)
+    return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def target_rows(logits: Tensor, labels: Tensor) -> Tensor:
+    """The rows of ``logits`` that carry a target: every example for classification and
+    spans, the masked positions (``labels != IGNORE_INDEX``) for token-level targets.
+
+    Args:
+        logits: ``[B, C]`` (``labels`` ``[B]``) or ``[B, T, V]`` (``labels`` ``[B, T]``).
+        labels: gold targets.
+
+    Returns:
+        ``[N, C]`` logits.
+    """
+    return logits[labels != IGNORE_INDEX]
 
 
 def distillation_loss(
@@ -96,17 +117,24 @@ def task_loss(logits: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> Te
 def matching_loss(
     student_logits: Mapping[str, Tensor],
     teacher_logits: Mapping[str, Tensor],
+    targets: Mapping[str, Tensor],
     temperature: float = 1.0,
 ) -> Tensor:
-    """``distillation_loss`` of each output, summed over outputs (start + end for spans).
+    """``distillation_loss`` of each output, summed over outputs (start + end for spans),
+    on the rows that carry a target (:func:`target_rows`: masked positions for MLM).
 
     Args:
         student_logits: output logits keyed by target name.
         teacher_logits: the teacher's, with the same keys.
+        targets: gold targets with the same keys (they select the rows).
         temperature: softening temperature of the classification terms.
     """
     losses = [
-        distillation_loss(student_logits[name], teacher_logits[name], temperature)
+        distillation_loss(
+            target_rows(student_logits[name], targets[name]),
+            target_rows(teacher_logits[name], targets[name]),
+            temperature,
+        )
         for name in student_logits
     ]
     return torch.stack(losses).sum()
@@ -142,7 +170,7 @@ def kd_loss(
             {"labels": x} for x in (student_logits, teacher_logits, targets)
         )
     ce = task_loss(student_logits, targets)
-    kd = matching_loss(student_logits, teacher_logits, temperature)
+    kd = matching_loss(student_logits, teacher_logits, targets, temperature)
     return {"loss": (1.0 - alpha) * ce + alpha * kd, "ce": ce, "kd": kd}
 
 
@@ -189,3 +217,21 @@ def mixup_target_loss(logits: Tensor, labels: Tensor, perm: Tensor, lam: Tensor)
 def is_finite(loss: Tensor) -> bool:
     """Whether a scalar loss is neither NaN nor infinite."""
     return bool(torch.isfinite(loss).all())
+
+
+def masked_mse(student: Tensor, teacher: Tensor, keep: Tensor) -> Tensor:
+    """Mean squared error over the kept entries only.
+
+    ``Σ keep·(s − t)² / Σ keep`` with ``keep`` broadcast to the inputs' shape: pruned hidden
+    dimensions or heads of the student carry no signal and are left out of the mean.
+
+    Args:
+        student: e.g. hidden states ``[B, T, H]`` or attention maps ``[B, A, T, T]``.
+        teacher: same shape.
+        keep: 0/1 weights broadcastable to that shape (``[H]``, or ``[A, 1, 1]``).
+
+    Returns:
+        Scalar tensor.
+    """
+    keep = keep.to(student.dtype).expand_as(student)
+    return ((student - teacher) ** 2 * keep).sum() / keep.sum()

@@ -12,9 +12,11 @@ from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import BinaryF1Score, MatthewsCorrCoef, MulticlassAccuracy
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
+from torchmetrics.text import Perplexity
 from transformers.utils import ModelOutput
 
 from kdlab.errors import ConfigError
+from kdlab.losses import IGNORE_INDEX, target_rows
 
 _FACTORIES: dict[str, Callable[[int], Metric]] = {
     "accuracy": lambda n: MulticlassAccuracy(num_classes=n, average="micro"),
@@ -69,6 +71,27 @@ class ClassificationEvaluator(Evaluator):
 
     def reset(self) -> None:
         self.metrics.reset()
+
+
+class MaskedLMEvaluator(Evaluator):
+    """Perplexity of a masked-LM head: ``exp`` of the mean cross-entropy over the masked
+    positions (targets ``IGNORE_INDEX`` elsewhere)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.perplexity = Perplexity()
+
+    def update(self, outputs: ModelOutput, batch: dict[str, Tensor]) -> None:
+        labels = batch["labels"]
+        # Scoring only the ~15 % masked positions keeps the softmax over the vocabulary small.
+        rows = target_rows(outputs.logits, labels)
+        self.perplexity.update(rows.unsqueeze(0), labels[labels != IGNORE_INDEX].unsqueeze(0))
+
+    def compute(self) -> dict[str, Tensor]:
+        return {"perplexity": self.perplexity.compute()}
+
+    def reset(self) -> None:
+        self.perplexity.reset()
 
 
 def build_metrics(names: Sequence[str], num_labels: int) -> MetricCollection:

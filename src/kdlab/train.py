@@ -21,6 +21,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
@@ -61,7 +62,12 @@ def run(cfg: DictConfig) -> dict:
     method_cls.check_head(cfg.task.head)
     teacher, teacher_tokenizer = (None, None)
     if method_cls.requires_teacher:
-        teacher, teacher_tokenizer = build_teacher(cfg, cfg.task)
+        teacher, teacher_tokenizer = build_teacher(
+            cfg,
+            cfg.task,
+            require_trained_head=method_cls.needs_teacher_head(cfg.method),
+            hint=method_cls.teacher_head_hint,
+        )
     student, tokenizer = build_student(cfg, cfg.task, teacher_tokenizer)
     datamodule = get_class(cfg.task.datamodule)(
         cfg.task,
@@ -78,7 +84,7 @@ def run(cfg: DictConfig) -> dict:
         cfg.method,
         student,
         teacher,
-        {**task_args, "evaluators": datamodule.evaluators()},
+        {**task_args, "evaluators": datamodule.evaluators(), "pruning": cfg.get("pruning")},
     )
     params = {"student": count_parameters(student)}
     if teacher is not None:
@@ -96,17 +102,26 @@ def run(cfg: DictConfig) -> dict:
             "Training stopped on a non-finite loss; checkpoints kept in %s", run_dir / "checkpoints"
         )
         raise
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Rank 0 evaluates alone from here on; a live process group would make torchmetrics
+        # wait at compute() for ranks that have already returned.
+        torch.distributed.destroy_process_group()
     if not trainer.is_global_zero:
         return {}
 
-    best = _best_checkpoint(trainer)
+    # A pruned student is evaluated as training left it: its earlier (possibly "best")
+    # checkpoints are wider than the target.
+    best = None if module.pruner is not None else _best_checkpoint(trainer)
     evaluator = evaluation_trainer(cfg.trainer)
     student_metrics = evaluate(evaluator, module, datamodule, ckpt_path=best)
     for name, content in module.evaluation_files().items():
         (run_dir / name).write_text(json.dumps(content, indent=1))
     student_dir = run_dir / "student"
-    module.student.save_pretrained(student_dir)
+    # A pruned student is exported compacted (a smaller stock model); others as they are.
+    exported = module.export_model()
+    exported.save_pretrained(student_dir)
     tokenizer.save_pretrained(student_dir)
+    params["student"] = count_parameters(exported)
     metrics = {
         "task": cfg.task.name,
         "method": cfg.method.name,
@@ -131,12 +146,12 @@ def run(cfg: DictConfig) -> dict:
         }
         if cfg.eval.speed_batches > 0:
             timing = time_inference(
-                {"teacher": teacher, "student": module.student},
+                {"teacher": teacher, "student": exported},
                 datamodule.val_dataloader()[0],
                 cfg.eval.speed_batches,
             )
             timing["speedup"] = timing["teacher_ms_per_batch"] / timing["student_ms_per_batch"]
-            timing["device"] = str(next(module.student.parameters()).device)
+            timing["device"] = str(next(exported.parameters()).device)
             metrics["inference"] = timing
     metrics["wall_time_s"] = round(time.perf_counter() - start, 1)
     (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))

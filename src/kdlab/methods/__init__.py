@@ -2,7 +2,16 @@
 
 from kdlab.methods.base import BaseMethod
 from kdlab.methods.finetune import FineTune
+from kdlab.methods.homodistil import HomoDistil
 from kdlab.methods.kd import KnowledgeDistillation
 from kdlab.methods.mixkd import MixKD
+from kdlab.methods.mlm import MaskedLanguageModeling
 
-__all__ = ["BaseMethod", "FineTune", "KnowledgeDistillation", "MixKD"]
+__all__ = [
+    "BaseMethod",
+    "FineTune",
+    "HomoDistil",
+    "KnowledgeDistillation",
+    "MaskedLanguageModeling",
+    "MixKD",
+]

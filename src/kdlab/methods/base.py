@@ -20,23 +20,16 @@ from transformers.utils import ModelOutput
 from kdlab.errors import ConfigError, NonFiniteLossError
 from kdlab.losses import task_loss
 from kdlab.metrics import Evaluator
-from kdlab.models.build import HEAD_TARGETS
+from kdlab.models.build import HEAD_TARGETS, model_inputs
+from kdlab.pruning.hooks import PruningHooks
 from kdlab.rng import collect_rng_states, restore_rng_states
 
 log = logging.getLogger(__name__)
 
 TEACHER_PREFIX = "teacher."
 
-# Batch keys a model reads; the rest are gold targets and bookkeeping (``feature_index``).
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
-
-def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The batch without its targets and bookkeeping, ready for ``model(**inputs)``."""
-    return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
-
-
-class BaseMethod(L.LightningModule, abc.ABC):
+class BaseMethod(PruningHooks, L.LightningModule, abc.ABC):
     """Shared base of all methods.
 
     Args:
@@ -48,12 +41,22 @@ class BaseMethod(L.LightningModule, abc.ABC):
             dataloaders in order (``val``, and ``val_mm`` for MNLI), then ``test`` where the
             task has labelled test data. The datamodule provides them.
         optim: the ``optim`` config (lr, weight decay, betas, eps, warmup, scheduler).
+        pruning: the ``pruning`` config, or None to train the student unpruned.
     """
 
     requires_teacher: ClassVar[bool] = True
     # Task heads the method has a sound definition for; a method that cannot handle, e.g.,
     # span prediction narrows this and such tasks are refused at build time.
     supported_heads: ClassVar[frozenset[str]] = frozenset(HEAD_TARGETS)
+
+    # Appended to the error on a teacher without a trained task head: a method-specific way
+    # out (e.g. switching off the terms that need the head).
+    teacher_head_hint: ClassVar[str] = ""
+
+    @classmethod
+    def needs_teacher_head(cls, method_cfg: DictConfig) -> bool:
+        """Whether this configuration of the method reads the teacher's task head."""
+        return True
 
     def __init__(
         self,
@@ -63,6 +66,7 @@ class BaseMethod(L.LightningModule, abc.ABC):
         head: str,
         evaluators: Mapping[str, Evaluator],
         optim: DictConfig,
+        pruning: DictConfig | None = None,
     ) -> None:
         super().__init__()
         self.check_head(head)
@@ -76,6 +80,7 @@ class BaseMethod(L.LightningModule, abc.ABC):
         self.head_targets = HEAD_TARGETS[head]
         self.eval_prefixes = [p for p in evaluators if p != "test"]
         self.evaluators = nn.ModuleDict(evaluators)
+        self.setup_pruning(pruning)
 
     @classmethod
     def check_head(cls, head: str) -> None:
@@ -120,11 +125,17 @@ class BaseMethod(L.LightningModule, abc.ABC):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The teacher is fixed and reloaded from teacher.path; keeping it out of checkpoints
-        # saves space. RNG states make a resumed run draw the same dropout masks.
+        # saves space. RNG states make a resumed run draw the same dropout masks. The
+        # student's class and config let `python -m kdlab.compact` rebuild it.
+        super().on_save_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(TEACHER_PREFIX)]:
             del state[key]
         checkpoint["kdlab_rng_states"] = collect_rng_states()
+        checkpoint["kdlab_student"] = {
+            "architecture": type(self.student).__name__,
+            "config": self.student.config.to_dict(),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.teacher is not None:
@@ -135,6 +146,7 @@ class BaseMethod(L.LightningModule, abc.ABC):
         resuming = self._trainer is not None and self.trainer.state.fn == "fit"
         if resuming and "kdlab_rng_states" in checkpoint:
             restore_rng_states(checkpoint["kdlab_rng_states"])
+        super().on_load_checkpoint(checkpoint)
 
     # ------------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

@@ -13,6 +13,7 @@ import logging
 
 import torch
 from omegaconf import DictConfig
+from torch import Tensor
 from transformers import (
     AutoModelForMaskedLM,
     AutoModelForQuestionAnswering,
@@ -39,7 +40,17 @@ HEADS = {
 HEAD_TARGETS: dict[str, dict[str, str]] = {
     "sequence_classification": {"labels": "logits"},
     "question_answering": {"start_positions": "start_logits", "end_positions": "end_logits"},
+    "masked_lm": {"labels": "logits"},
 }
+
+# Batch keys a model reads; the rest are gold targets and bookkeeping (``feature_index``).
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The batch without its targets and bookkeeping, ready for ``model(**inputs)``."""
+    return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+
 
 # Special tokens both models must map to the same ids.
 _SPECIAL = ("cls_token_id", "sep_token_id", "pad_token_id", "mask_token_id", "unk_token_id")
@@ -83,24 +94,43 @@ def _unreachable(path: str, key: str, err: Exception) -> str:
     )
 
 
+# How to give a teacher a trained head, per task head kind ({path}, {task}).
+_TRAIN_HEAD_FIRST = {
+    "masked_lm": (
+        "Train its MLM head first, e.g. `python -m kdlab.train method=mlm model=pretrained "
+        "model.path={path} task=corpus/{task}`, and set teacher.path=<that run>/student"
+    ),
+}
+_FINE_TUNE_FIRST = (
+    "Fine-tune it first, e.g. `python -m kdlab.train method=finetune model.path={path} "
+    "task={task}`, and set teacher.path=<that run>/student"
+)
+
+
 def build_teacher(
-    cfg: DictConfig, task: DictConfig
+    cfg: DictConfig, task: DictConfig, require_trained_head: bool = True, hint: str = ""
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The frozen teacher of ``cfg.teacher`` with the task's head.
 
-    A classification teacher must come with a trained head: distilling from a freshly
-    initialised classifier would teach noise.
+    A teacher must come with a trained head when the method reads it: distilling from a
+    freshly initialised classifier (or MLM head) would teach noise.
+
+    Args:
+        cfg: the run config.
+        task: the task config.
+        require_trained_head: False when the method does not use the head's outputs.
+        hint: a method-specific alternative appended to the error message.
     """
     teacher, info = _load_model(
         cfg.teacher.path, task.head, "teacher.path", **head_kwargs(task), **_attn(cfg.teacher)
     )
     new_head = [k for k in info["missing_keys"] if not k.startswith(teacher.base_model_prefix)]
-    if cfg.teacher.get("require_trained_head", True) and new_head:
+    if require_trained_head and cfg.teacher.get("require_trained_head", True) and new_head:
+        remedy = _TRAIN_HEAD_FIRST.get(task.head, _FINE_TUNE_FIRST)
+        remedy = remedy.format(path=cfg.teacher.path, task=task.name)
         raise ConfigError(
             f"teacher.path={cfg.teacher.path} has no trained {task.head} head for task "
-            f"'{task.name}' (missing {new_head[:3]}). Fine-tune it first, e.g. "
-            f"`python -m kdlab.train method=finetune model.path={cfg.teacher.path} "
-            f"task={task.name}`, and set teacher.path=<that run>/student."
+            f"'{task.name}' (missing {new_head[:3]}). {remedy}" + (f"; {hint}." if hint else ".")
         )
     teacher.eval().requires_grad_(False)
     return teacher, load_tokenizer(cfg.teacher.path, "teacher.path")

@@ -1,0 +1,83 @@
+"""``python -m kdlab.compact <checkpoint> <out_dir>``: a pruned student from a training
+checkpoint, compacted to a smaller stock ``transformers`` model and saved with
+``save_pretrained`` (plus the tokenizer of the run, when it can be found).
+
+The checkpoint carries the student's class and config (``kdlab_student``), its weights
+(``student.*``) and the pruning masks (``pruner.masks.*``); a checkpoint of an unpruned run
+is exported as it is.
+"""
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+import transformers
+from omegaconf import OmegaConf
+
+from kdlab.errors import ConfigError
+from kdlab.pruning import StructuredMasks, compact
+
+log = logging.getLogger("kdlab")
+
+_STUDENT = "student."
+_MASKS = "pruner.masks."
+
+
+def load_student(checkpoint_path: Path) -> transformers.PreTrainedModel:
+    """The (compacted, if pruned) student stored in a kdlab training checkpoint."""
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    if "kdlab_student" not in checkpoint:
+        raise ConfigError(f"{checkpoint_path} is not a kdlab training checkpoint.")
+    info = checkpoint["kdlab_student"]
+    config = transformers.AutoConfig.for_model(**info["config"])
+    model = getattr(transformers, info["architecture"])(config)
+    state = checkpoint["state_dict"]
+    weights = {k[len(_STUDENT) :]: v for k, v in state.items() if k.startswith(_STUDENT)}
+    model.load_state_dict(weights, strict=False)
+    model.tie_weights()
+    mask_state = {k[len(_MASKS) :]: v for k, v in state.items() if k.startswith(_MASKS)}
+    if not mask_state:
+        return model.eval()
+    masks = StructuredMasks.for_model(model)
+    masks.load_state_dict(mask_state)
+    masks.install(model)
+    return compact(model, masks).eval()
+
+
+def _run_tokenizer(checkpoint_path: Path) -> str | None:
+    """The tokenizer the run's student was built with, from ``<run_dir>/config.yaml``."""
+    config_file = checkpoint_path.resolve().parent.parent / "config.yaml"
+    if not config_file.exists():
+        return None
+    model_cfg = OmegaConf.load(config_file).model
+    return model_cfg.get("tokenizer") or model_cfg.get("path")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m kdlab.compact", description=__doc__)
+    parser.add_argument("checkpoint", type=Path, help="a .ckpt of a kdlab run")
+    parser.add_argument("out_dir", type=Path, help="where save_pretrained writes the model")
+    parser.add_argument("--tokenizer", help="tokenizer to save alongside (default: the run's)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    model = load_student(args.checkpoint)
+    model.save_pretrained(args.out_dir)
+    tokenizer = args.tokenizer or _run_tokenizer(args.checkpoint)
+    if tokenizer:
+        transformers.AutoTokenizer.from_pretrained(tokenizer).save_pretrained(args.out_dir)
+    else:
+        log.warning("No tokenizer found for %s; pass --tokenizer.", args.checkpoint)
+    c = model.config
+    log.info(
+        "Wrote %s: hidden %d, %d heads, FFN %d, %d parameters",
+        args.out_dir,
+        c.hidden_size,
+        c.num_attention_heads,
+        c.intermediate_size,
+        sum(p.numel() for p in model.parameters()),
+    )
+
+
+if __name__ == "__main__":
+    main()

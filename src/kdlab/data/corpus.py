@@ -1,0 +1,193 @@
+"""Unlabelled text for masked-LM training and task-agnostic distillation.
+
+Text comes from local files (``task.files``: paths or globs, one document line per line)
+or, when none are given, from the hub (``task.hub``: e.g. ``wikitext`` /
+``wikitext-103-raw-v1``). It is tokenised, concatenated and cut into ``max_seq_length``
+chunks (``[CLS] … [SEP]``); a seeded fraction of the chunks is held out for validation.
+Training batches are masked on the fly by ``DataCollatorForLanguageModeling`` (15 %,
+80/10/10); validation chunks are masked once with a fixed seed so that every evaluation
+scores the same positions.
+"""
+
+import glob
+import logging
+from pathlib import Path
+
+import datasets
+import lightning as L
+import torch
+from datasets.fingerprint import Hasher
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+from transformers import (
+    DataCollatorForLanguageModeling,
+    PreTrainedTokenizerBase,
+    default_data_collator,
+)
+
+from kdlab.data.classification import EpochSeededSampler
+from kdlab.errors import ConfigError
+from kdlab.metrics import MaskedLMEvaluator
+
+log = logging.getLogger(__name__)
+
+
+def load_text(task: DictConfig) -> datasets.Dataset:
+    """A one-column (``text``) dataset from ``task.files`` or, without files, ``task.hub``."""
+    if task.get("files"):
+        patterns = [task.files] if isinstance(task.files, str) else list(task.files)
+        files: list[str] = []
+        for pattern in patterns:
+            matched = sorted(glob.glob(str(Path(pattern).expanduser()), recursive=True))
+            if not matched:
+                raise ConfigError(f"task.files: '{pattern}' matches no file.")
+            files.extend(matched)
+        log.info("Reading %d text files for %s", len(files), task.name)
+        return datasets.load_dataset("text", data_files={"train": files}, split="train")
+    hub = task.get("hub")
+    if hub is None:
+        raise ConfigError(f"Task '{task.name}' needs task.files=[<paths or globs>] or task.hub.")
+    try:
+        raw = datasets.load_dataset(hub.path, hub.get("name"), split=hub.get("split", "train"))
+    except Exception as err:  # the hub raises many types when unreachable
+        raise ConfigError(
+            f"Could not load '{hub.path}/{hub.get('name')}' from the hub: {err}. Offline, set "
+            "task.files=[<text files or globs>]."
+        ) from err
+    column = hub.get("text_column", "text")
+    return (
+        raw.select_columns([column]).rename_column(column, "text")
+        if column != "text"
+        else raw.select_columns(["text"])
+    )
+
+
+class CorpusDataModule(L.LightningDataModule):
+    """Fixed-length masked-LM chunks of a text corpus, with a held-out validation split.
+
+    Args:
+        task: the ``task`` config (``files`` or ``hub``, ``max_seq_length``,
+            ``mlm_probability``, ``validation_fraction``, sample limits).
+        tokenizer: the tokenizer shared by teacher and student.
+        batch_size: training batch size.
+        eval_batch_size: evaluation batch size.
+        num_workers: dataloader worker processes.
+        seed: seed of the training order.
+        cache_dir: where chunked corpora are cached (keyed by content and tokenizer).
+    """
+
+    def __init__(
+        self,
+        task: DictConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        batch_size: int = 32,
+        eval_batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.task = task
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        self.collator = DataCollatorForLanguageModeling(
+            tokenizer, mlm_probability=float(task.mlm_probability)
+        )
+        self.splits: dict[str, datasets.Dataset] | None = None
+
+    def evaluators(self) -> dict[str, MaskedLMEvaluator]:
+        """Masked-LM perplexity on the held-out chunks (``val/perplexity``)."""
+        return {"val": MaskedLMEvaluator()}
+
+    @property
+    def has_test(self) -> bool:
+        return False
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is not None:
+            return
+        chunks = self._chunk(load_text(self.task))
+        fraction = float(self.task.validation_fraction)
+        if not 0 < fraction < 1:
+            raise ConfigError(f"task.validation_fraction={fraction} must be in (0, 1).")
+        held_out = chunks.train_test_split(
+            test_size=fraction, seed=int(self.task.subset_seed), shuffle=True
+        )
+        train = _limit(held_out["train"], self.task.get("max_train_samples"))
+        val = _limit(held_out["test"], self.task.get("max_eval_samples"))
+        self.splits = {"train": train, "validation": self._mask_once(val)}
+        log.info(
+            "Corpus %s: %d training and %d validation chunks", self.task.name, len(train), len(val)
+        )
+
+    def _chunk(self, raw: datasets.Dataset) -> datasets.Dataset:
+        max_len = int(self.task.max_seq_length)
+        body = max_len - 2  # room for [CLS] and [SEP]
+        cls_id, sep_id = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
+
+        def encode(batch):
+            lines = [t for t in batch["text"] if t.strip()]
+            ids = self.tokenizer(lines, add_special_tokens=False)["input_ids"]
+            stream = [token for line in ids for token in line]
+            # The tail shorter than one chunk is dropped, as in BERT pre-training.
+            chunks = [
+                [cls_id, *stream[i : i + body], sep_id]
+                for i in range(0, len(stream) - body + 1, body)
+            ]
+            return {"input_ids": chunks}
+
+        cache_file = None
+        if self.cache_dir is not None:
+            key = Hasher.hash([raw._fingerprint, self.tokenizer, max_len])
+            cache_file = str(self.cache_dir / "corpus" / f"{self.task.name}-{key}.arrow")
+            Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
+        return raw.map(
+            encode,
+            batched=True,
+            batch_size=1000,
+            remove_columns=raw.column_names,
+            cache_file_name=cache_file,
+            desc=f"Tokenising {self.task.name}",
+        )
+
+    def _mask_once(self, split: datasets.Dataset) -> datasets.Dataset:
+        # A private RNG stream: the fixed validation masks neither depend on nor disturb
+        # the training randomness.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(self.task.subset_seed))
+            masked = self.collator([{"input_ids": ids} for ids in split["input_ids"]])
+        return datasets.Dataset.from_dict(
+            {
+                k: masked[k].tolist()
+                for k in ("input_ids", "attention_mask", "labels")
+                if k in masked
+            }
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        train = self.splits["train"]
+        return DataLoader(
+            train,
+            batch_size=self.batch_size,
+            sampler=EpochSeededSampler(len(train), self.seed),
+            collate_fn=self.collator,
+            num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [
+            DataLoader(
+                self.splits["validation"].with_format("torch"),
+                batch_size=self.eval_batch_size,
+                collate_fn=default_data_collator,
+                num_workers=self.num_workers,
+            )
+        ]
+
+
+def _limit(split: datasets.Dataset, limit: int | None) -> datasets.Dataset:
+    return split if limit is None or len(split) <= limit else split.select(range(int(limit)))

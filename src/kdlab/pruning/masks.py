@@ -1,0 +1,186 @@
+"""Structured masks of a BERT encoder, applied in the forward pass.
+
+Three kinds of structure, chosen so that the pruned model is again a stock ``BertConfig``:
+
+- ``hidden``: dimensions of the residual stream, one mask shared by the embeddings, every
+  layer's projections and LayerNorms, the pooler and the task heads;
+- ``heads``: whole attention heads, ``[layers, heads]``, the same count kept in every layer;
+- ``ffn``: intermediate (FFN) neurons, ``[layers, intermediate]``, same count per layer.
+
+A pruned hidden dimension is zero everywhere in the residual stream because every LayerNorm
+normalises over the kept dimensions only and writes zeros elsewhere; pruned heads and FFN
+neurons are zeroed before the projection that reads them. The masked model therefore
+computes exactly what its compacted copy (``kdlab.pruning.compaction``) computes.
+
+:data:`RULES` maps each BERT parameter name to the axes that belong to a structure; the
+importance sums, compaction and the parameter count all read it.
+"""
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from kdlab.errors import ConfigError
+
+_LAYER = r"encoder\.layer\.(\d+)\."
+# (name pattern, ((axis, kind), ...)); the first match wins. Kinds "heads" and "ffn" are per
+# layer: the layer index is the pattern's first group. Unmatched parameters (output biases
+# over labels or the vocabulary) have no pruned axis.
+RULES: list[tuple[re.Pattern, tuple[tuple[int, str], ...]]] = [
+    (re.compile(p), axes)
+    for p, axes in (
+        (r"embeddings\.(word|position|token_type)_embeddings\.weight$", ((1, "hidden"),)),
+        (r"LayerNorm\.(weight|bias)$", ((0, "hidden"),)),
+        (_LAYER + r"attention\.self\.(query|key|value)\.weight$", ((0, "heads"), (1, "hidden"))),
+        (_LAYER + r"attention\.self\.(query|key|value)\.bias$", ((0, "heads"),)),
+        (_LAYER + r"attention\.output\.dense\.weight$", ((0, "hidden"), (1, "heads"))),
+        (_LAYER + r"intermediate\.dense\.weight$", ((0, "ffn"), (1, "hidden"))),
+        (_LAYER + r"intermediate\.dense\.bias$", ((0, "ffn"),)),
+        (_LAYER + r"output\.dense\.weight$", ((0, "hidden"), (1, "ffn"))),
+        (r"output\.dense\.bias$", ((0, "hidden"),)),
+        (r"(pooler|predictions\.transform)\.dense\.weight$", ((0, "hidden"), (1, "hidden"))),
+        (r"(pooler|predictions\.transform)\.dense\.bias$", ((0, "hidden"),)),
+        (r"(predictions\.decoder|classifier|qa_outputs)\.weight$", ((1, "hidden"),)),
+    )
+]
+
+
+def pruned_axes(name: str) -> list[tuple[int, str, int | None]]:
+    """``(axis, kind, layer)`` of every pruned axis of the parameter ``name``."""
+    for pattern, axes in RULES:
+        match = pattern.search(name)
+        if match:
+            layer = int(match.group(1)) if match.re.pattern.startswith(_LAYER) else None
+            return [(axis, kind, layer if kind != "hidden" else None) for axis, kind in axes]
+    return []
+
+
+class StructuredMasks(nn.Module):
+    """0/1 masks of one BERT encoder, kept as buffers so checkpoints carry them.
+
+    Args:
+        num_layers: encoder layers.
+        hidden_size: width of the residual stream.
+        num_heads: attention heads per layer.
+        intermediate_size: FFN neurons per layer.
+    """
+
+    def __init__(
+        self, num_layers: int, hidden_size: int, num_heads: int, intermediate_size: int
+    ) -> None:
+        super().__init__()
+        self.head_dim = hidden_size // num_heads
+        self.register_buffer("hidden", torch.ones(hidden_size))
+        self.register_buffer("heads", torch.ones(num_layers, num_heads))
+        self.register_buffer("ffn", torch.ones(num_layers, intermediate_size))
+
+    @classmethod
+    def for_model(cls, model: PreTrainedModel) -> "StructuredMasks":
+        """Masks sized for ``model.config`` (a BERT)."""
+        c = model.config
+        if c.model_type != "bert":
+            raise ConfigError(
+                f"Structured pruning supports BERT encoders; model.path is a '{c.model_type}'."
+            )
+        return cls(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size)
+
+    def counts(self) -> dict[str, int]:
+        """Kept hidden dims, heads per layer and FFN neurons per layer."""
+        return {
+            "hidden": int(self.hidden.sum()),
+            "heads": int(self.heads[0].sum()),
+            "ffn": int(self.ffn[0].sum()),
+        }
+
+    def kept_indices(self, kind: str, layer: int | None = None) -> Tensor:
+        """Indices kept along an axis of that kind (head indices expanded to their dims)."""
+        if kind == "hidden":
+            return self.hidden.nonzero().squeeze(1)
+        if kind == "ffn":
+            return self.ffn[layer].nonzero().squeeze(1)
+        heads = self.heads[layer].nonzero().squeeze(1)
+        offsets = torch.arange(self.head_dim, device=heads.device)
+        return (heads[:, None] * self.head_dim + offsets).flatten()
+
+    def install(self, model: PreTrainedModel) -> None:
+        """Make ``model`` apply these masks in its forward pass.
+
+        LayerNorms over the hidden size become :class:`MaskedLayerNorm` (same parameters,
+        same state-dict keys); forward hooks zero pruned heads, FFN neurons and pooler dims.
+        """
+        hidden = self.hidden.numel()
+        for parent in list(model.modules()):
+            for child_name, child in list(parent.named_children()):
+                if type(child) is nn.LayerNorm and tuple(child.normalized_shape) == (hidden,):
+                    setattr(parent, child_name, MaskedLayerNorm.wrap(child, self))
+        bert = model.base_model
+        for i, layer in enumerate(bert.encoder.layer):
+            layer.attention.self.register_forward_hook(_HeadMask(self, i))
+            layer.intermediate.register_forward_hook(_FfnMask(self, i))
+        if getattr(bert, "pooler", None) is not None:
+            bert.pooler.register_forward_hook(_HiddenMask(self))
+
+
+def _masks_ref(module: nn.Module, masks: StructuredMasks) -> None:
+    # A plain attribute, not a submodule: the masks belong to the training module (and its
+    # checkpoints), not to the student's state dict that save_pretrained writes.
+    object.__setattr__(module, "_kdlab_masks", masks)
+
+
+class MaskedLayerNorm(nn.LayerNorm):
+    """LayerNorm over the kept hidden dimensions only, zeros on the pruned ones.
+
+    Statistics over all dimensions would differ from those of the compacted model, which
+    only has the kept ones; normalising the kept slice keeps the two identical.
+    """
+
+    @classmethod
+    def wrap(cls, norm: nn.LayerNorm, masks: StructuredMasks) -> "MaskedLayerNorm":
+        masked = cls(norm.normalized_shape, eps=norm.eps, elementwise_affine=True)
+        masked.weight, masked.bias = norm.weight, norm.bias
+        _masks_ref(masked, masks)
+        return masked
+
+    def forward(self, x: Tensor) -> Tensor:
+        keep = self._kdlab_masks.kept_indices("hidden")
+        if keep.numel() == x.size(-1):
+            return super().forward(x)
+        kept = F.layer_norm(
+            x.index_select(-1, keep), (keep.numel(),), self.weight[keep], self.bias[keep], self.eps
+        )
+        return x.new_zeros(x.shape).index_copy(-1, keep, kept)
+
+
+class _HeadMask:
+    """Forward hook of a self-attention module: zero the context of pruned heads."""
+
+    def __init__(self, masks: StructuredMasks, layer: int) -> None:
+        self.masks, self.layer = masks, layer
+
+    def __call__(self, module, args, output):
+        context, *rest = output
+        scale = self.masks.heads[self.layer].repeat_interleave(self.masks.head_dim)
+        return (context * scale.to(context.dtype), *rest)
+
+
+class _FfnMask:
+    """Forward hook of an intermediate (FFN up-projection) module: zero pruned neurons."""
+
+    def __init__(self, masks: StructuredMasks, layer: int) -> None:
+        self.masks, self.layer = masks, layer
+
+    def __call__(self, module, args, output):
+        return output * self.masks.ffn[self.layer].to(output.dtype)
+
+
+class _HiddenMask:
+    """Forward hook of the pooler: its output lives in the (pruned) hidden space too."""
+
+    def __init__(self, masks: StructuredMasks) -> None:
+        self.masks = masks
+
+    def __call__(self, module, args, output):
+        return output * self.masks.hidden.to(output.dtype)

@@ -1,0 +1,197 @@
+"""The pruning component: importance, schedule and masks of one student, step by step.
+
+Scores follow PLATON (Zhang et al., ICML 2022): per parameter ``Ī · Ū`` with
+``Ī ← β1·Ī + (1−β1)·|θ ⊙ ∇θ L|`` and ``Ū ← β2·Ū + (1−β2)·|s − Ī|``; a structure's score is
+the sum over its parameters. The lowest-scoring structures are masked as the schedule
+lowers the kept fraction; pruned structures stay pruned.
+"""
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from kdlab.errors import ConfigError
+from kdlab.pruning.compaction import compact_parameter_count
+from kdlab.pruning.importance import PlatonImportance
+from kdlab.pruning.masks import StructuredMasks, pruned_axes
+from kdlab.pruning.schedule import SCHEDULES
+
+_TARGET_KEYS = ("hidden_size", "num_attention_heads", "intermediate_size")
+_PRESETS = "model=tiny|xsmall|small|base|minilm_half"
+
+
+class Pruner(nn.Module):
+    """Prunes ``model`` in place (through masks) towards ``target``.
+
+    Heads and hidden dimensions shrink together (hidden = heads × head size at every
+    update), so a checkpoint compacts to a stock ``BertConfig`` at any point of the run.
+
+    Args:
+        model: the student; masks are installed into its forward pass.
+        target: ``{hidden_size, num_attention_heads, intermediate_size}`` of the result.
+        schedule: ``cubic`` or ``oneshot``.
+        initial_warmup: ``t_i / T``, fraction of training steps before pruning starts.
+        final_warmup: ``t_f / T``, fraction of steps at the end trained at the final shape.
+        update_interval: ``ΔT``, steps between mask updates.
+        beta1: EMA factor of the sensitivity.
+        beta2: EMA factor of the uncertainty (1 = plain sensitivity).
+        track_interval: steps between discrepancy measurements (0 switches them off).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        *,
+        target: Mapping | None,
+        schedule: str = "cubic",
+        initial_warmup: float = 0.1,
+        final_warmup: float = 0.3,
+        update_interval: int = 10,
+        beta1: float = 0.85,
+        beta2: float = 0.95,
+        track_interval: int = 50,
+    ) -> None:
+        super().__init__()
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"pruning.schedule={schedule} must be one of {sorted(SCHEDULES)}.")
+        if not (initial_warmup >= 0 and final_warmup >= 0 and initial_warmup + final_warmup < 1):
+            raise ConfigError(
+                f"pruning.initial_warmup={initial_warmup} and pruning.final_warmup={final_warmup} "
+                "must be non-negative fractions of the training steps summing to less than 1."
+            )
+        if update_interval < 1:
+            raise ConfigError(f"pruning.update_interval={update_interval} must be at least 1.")
+        self.masks = StructuredMasks.for_model(model)
+        self.full = {"heads": self.masks.heads.size(1), "ffn": self.masks.ffn.size(1)}
+        self.target = self._check_target(target)
+        self.schedule = SCHEDULES[schedule]
+        self.initial_warmup = initial_warmup
+        self.final_warmup = final_warmup
+        self.update_interval = update_interval
+        self.track_interval = track_interval
+        self.importance = PlatonImportance(beta1, beta2)
+        self.params = [(n, p) for n, p in model.named_parameters() if pruned_axes(n)]
+        self.full_params = sum(p.numel() for p in model.parameters())
+        # (step, kl or None, remaining parameter fraction, parameters) rows for the plot.
+        self.history: list[dict] = []
+        self.masks.install(model)
+        object.__setattr__(self, "_model", model)  # not a submodule: the student is elsewhere
+
+    def _check_target(self, target: Mapping | None) -> dict[str, int]:
+        if target is None or any(target.get(k) is None for k in _TARGET_KEYS):
+            raise ConfigError(
+                "Pruning needs a target shape: pick a pruned preset "
+                f"({_PRESETS}) or set model.target.hidden_size, "
+                "model.target.num_attention_heads and model.target.intermediate_size."
+            )
+        hidden, heads, ffn = (int(target[k]) for k in _TARGET_KEYS)
+        d = self.masks.head_dim
+        if hidden != heads * d:
+            raise ConfigError(
+                f"model.target.hidden_size={hidden} must equal model.target.num_attention_heads="
+                f"{heads} × the model's head size {d} (a stock BertConfig keeps the head size)."
+            )
+        if not (0 < heads <= self.full["heads"] and 0 < ffn <= self.full["ffn"]):
+            raise ConfigError(
+                f"model.target (heads {heads}, FFN {ffn}) must be positive and at most the "
+                f"model's ({self.full['heads']} heads, FFN {self.full['ffn']})."
+            )
+        return {"heads": heads, "ffn": ffn}
+
+    # ----------------------------------------------------------------------- schedule
+    def scheduled_counts(self, step: int, total: int) -> dict[str, int]:
+        """Heads and FFN neurons per layer the schedule keeps after ``step`` of ``total``."""
+        initial = round(self.initial_warmup * total)
+        final = round(self.final_warmup * total)
+        return {
+            kind: round(
+                self.full[kind]
+                * self.schedule(step, total, initial, final, self.target[kind] / self.full[kind])
+            )
+            for kind in self.full
+        }
+
+    def current_counts(self) -> dict[str, int]:
+        counts = self.masks.counts()
+        return {"heads": counts["heads"], "ffn": counts["ffn"]}
+
+    @property
+    def finished(self) -> bool:
+        """Whether the masks have reached the target (importance is no longer needed)."""
+        return self.current_counts() == self.target
+
+    # --------------------------------------------------------------------- importance
+    def accumulate(self) -> None:
+        """One PLATON step from the current gradients, while pruning is not finished."""
+        if not self.finished:
+            self.importance.update(self.params)
+
+    def structure_scores(self) -> dict[str, Tensor]:
+        """Summed importance of every structure: ``hidden [H]``, ``heads [L, A]``, ``ffn [L, I]``."""
+        m = self.masks
+        scores = {k: torch.zeros_like(getattr(m, k)) for k in ("hidden", "heads", "ffn")}
+        for name, _ in self.params:
+            score = self.importance.score(name)
+            if score is None:
+                continue
+            for axis, kind, layer in pruned_axes(name):
+                other = [d for d in range(score.dim()) if d != axis]
+                per_index = score.sum(dim=other) if other else score
+                if kind == "hidden":
+                    scores["hidden"] += per_index
+                elif kind == "heads":
+                    scores["heads"][layer] += per_index.view(-1, m.head_dim).sum(-1)
+                else:
+                    scores["ffn"][layer] += per_index
+        return scores
+
+    # -------------------------------------------------------------------------- masks
+    @torch.no_grad()
+    def update(self, step: int, total: int) -> bool:
+        """Prune to the scheduled counts if an update is due; returns whether masks changed.
+
+        Updates happen every ``update_interval`` steps, and as soon as the schedule
+        reaches the target so that the final shape is never missed.
+        """
+        counts = self.scheduled_counts(step, total)
+        due = step % self.update_interval == 0 or counts == self.target
+        if not due or counts == self.current_counts():
+            return False
+        scores = self.structure_scores()
+        m = self.masks
+        _keep_top(m.hidden, scores["hidden"], counts["heads"] * m.head_dim)
+        for layer in range(m.heads.size(0)):
+            _keep_top(m.heads[layer], scores["heads"][layer], counts["heads"])
+            _keep_top(m.ffn[layer], scores["ffn"][layer], counts["ffn"])
+        return True
+
+    def parameter_count(self) -> int:
+        """Parameters of the model compacted with the current masks."""
+        return compact_parameter_count(self._model, self.masks)
+
+    def record(self, step: int, kl: float | None) -> dict:
+        """Append a history row (step, discrepancy, remaining fraction, parameters)."""
+        params = self.parameter_count()
+        row = {"step": step, "kl": kl, "remaining": params / self.full_params, "params": params}
+        self.history = [r for r in self.history if r["step"] < step] + [row]
+        return row
+
+    def extra_state(self) -> dict:
+        """What checkpoints must carry besides the mask buffers."""
+        return {"importance": self.importance.state_dict(), "history": self.history}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.importance.load_state_dict(state["importance"], self.masks.hidden.device)
+        self.history = list(state["history"])
+
+
+def _keep_top(mask: Tensor, scores: Tensor, count: int) -> None:
+    """Keep the ``count`` highest-scoring entries among those still kept, in place."""
+    if int(mask.sum()) == count:
+        return
+    candidates = scores.masked_fill(mask == 0, float("-inf"))
+    keep = candidates.topk(count).indices
+    mask.zero_()
+    mask[keep] = 1.0

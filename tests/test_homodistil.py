@@ -1,0 +1,297 @@
+"""Corpus data, method=mlm, method=homodistil and pruning in full runs on tiny models."""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer
+
+import kdlab.train
+from kdlab.compact import main as compact_main
+from kdlab.data import CorpusDataModule
+from kdlab.errors import ConfigError
+from tests.fixtures import write_corpus, write_glue, write_tiny_bert, write_tiny_mlm_bert
+
+SRC = str(Path(kdlab.train.__file__).resolve().parents[1])
+COMMON = [
+    "logger=csv",
+    "callbacks=quiet",
+    "trainer=cpu",
+    "trainer.enable_progress_bar=false",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.log_every_n_steps=1",
+    "eval.speed_batches=2",
+]
+# Hidden 32 with 4 heads of 8 → half width: hidden 16, 2 heads, FFN 32.
+HALF = [
+    "model=pruned",
+    "model.target.hidden_size=16",
+    "model.target.num_attention_heads=2",
+    "model.target.intermediate_size=32",
+]
+
+# Keep the checkpoint of every epoch (e0.ckpt, e1.ckpt) besides last.ckpt.
+EVERY_EPOCH = [
+    "callbacks.model_checkpoint.save_top_k=-1",
+    "callbacks.model_checkpoint.filename='e{epoch}'",
+]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("homodistil")
+    return {
+        "teacher": write_tiny_mlm_bert(root / "teacher"),
+        "corpus": write_corpus(root / "corpus"),
+        "glue": write_glue(root / "glue"),
+        "root": root,
+    }
+
+
+def corpus_args(data) -> list[str]:
+    return [
+        "task=corpus/local",
+        f"task.files=[{data['corpus']}/*.txt]",
+        "task.max_seq_length=16",
+        "task.batch_size=8",
+        "task.validation_fraction=0.2",
+        "task.max_train_samples=32",
+        "task.cache_dir=null",
+        f"teacher.path={data['teacher']}",
+    ]
+
+
+def compose(overrides: list[str]):
+    with hydra.initialize_config_dir(config_dir=kdlab.train.CONF_DIR, version_base="1.3"):
+        return hydra.compose("train", overrides=overrides)
+
+
+def run(overrides: list[str]) -> dict:
+    return kdlab.train.run(compose(COMMON + overrides))
+
+
+def logged_columns(run_dir: Path) -> set[str]:
+    with open(next(run_dir.glob("csv/**/metrics.csv"))) as f:
+        return set(next(csv.reader(f)))
+
+
+def test_corpus_chunks_and_fixed_validation_masks(data):
+    tokenizer = AutoTokenizer.from_pretrained(data["teacher"])
+    task = compose([*corpus_args(data), "run_dir=x"]).task
+    first = CorpusDataModule(task, tokenizer, batch_size=4)
+    first.setup()
+    ids = torch.tensor(first.splits["train"]["input_ids"])
+    assert ids.shape[1] == 16
+    assert (ids[:, 0] == tokenizer.cls_token_id).all() and (
+        ids[:, -1] == tokenizer.sep_token_id
+    ).all()
+    assert (ids != tokenizer.unk_token_id).all()
+    batch = next(iter(first.train_dataloader()))
+    masked = batch["labels"] != -100
+    assert 0 < masked.float().mean() < 0.5
+    second = CorpusDataModule(task, tokenizer, batch_size=4)
+    second.setup()
+    val_a = next(iter(first.val_dataloader()[0]))
+    val_b = next(iter(second.val_dataloader()[0]))
+    torch.testing.assert_close(val_a["labels"], val_b["labels"])
+    torch.testing.assert_close(val_a["input_ids"], val_b["input_ids"])
+
+
+def test_corpus_files_that_match_nothing_name_the_key(data):
+    tokenizer = AutoTokenizer.from_pretrained(data["teacher"])
+    task = compose([*corpus_args(data), "task.files=[/nonexistent/*.txt]", "run_dir=x"]).task
+    with pytest.raises(ConfigError, match="task.files"):
+        CorpusDataModule(task, tokenizer).setup()
+
+
+def test_mlm_reports_validation_loss_and_perplexity(data, tmp_path):
+    metrics = run(
+        [
+            *corpus_args(data),
+            "method=mlm",
+            "model=pretrained",
+            f"model.path={data['teacher']}",
+            "trainer.max_epochs=1",
+            f"run_dir={tmp_path}",
+        ]
+    )
+    student = metrics["student"]
+    # One validation batch: perplexity is exactly exp of the mean masked-token loss.
+    assert student["val/perplexity"] == pytest.approx(math.exp(student["val/loss"]), rel=1e-4)
+    assert AutoModelForMaskedLM.from_pretrained(tmp_path / "student")
+
+
+def test_mlm_refuses_a_classification_task(data, tmp_path):
+    with pytest.raises(ConfigError, match="method=mlm needs a masked-LM task"):
+        run(
+            [
+                "method=mlm",
+                "model=pretrained",
+                f"model.path={data['teacher']}",
+                f"task.data_dir={data['glue']}/SST-2",
+                f"run_dir={tmp_path}",
+            ]
+        )
+
+
+def test_homodistil_refuses_an_untrained_mlm_head_with_both_ways_out(data, tmp_path):
+    classifier = write_tiny_bert(data["root"] / "classifier")  # no MLM head at all
+    overrides = [
+        *corpus_args(data),
+        f"teacher.path={classifier}",
+        "method=homodistil",
+        "model=pruned",
+        "model.target.hidden_size=16",
+        "model.target.num_attention_heads=1",
+        "model.target.intermediate_size=32",
+        "trainer.max_epochs=1",
+        f"run_dir={tmp_path}",
+    ]
+    with pytest.raises(ConfigError) as err:
+        run(overrides)
+    assert "method=mlm" in str(err.value)
+    assert "method.alpha_mlm=0 method.alpha_kl=0" in str(err.value)
+    # The second way out: representation-only distillation runs.
+    metrics = run([*overrides, "method.alpha_mlm=0", "method.alpha_kl=0"])
+    assert metrics["student"]["params"] < metrics["teacher"]["params"]
+
+
+def test_homodistil_prunes_to_the_target_and_exports_a_stock_bert(data, tmp_path):
+    metrics = run(
+        [
+            *corpus_args(data),
+            "method=homodistil",
+            *HALF,
+            "trainer.max_epochs=2",
+            "pruning.update_interval=1",
+            "pruning.track_interval=2",
+            f"run_dir={tmp_path}",
+        ]
+    )
+    columns = logged_columns(tmp_path)
+    for term in ("loss", "mlm", "kl", "hidden", "attn", "emb"):
+        assert f"train/{term}" in columns
+    assert {"prune/kl", "prune/remaining", "prune/params"} <= columns
+    student = AutoModelForMaskedLM.from_pretrained(tmp_path / "student")
+    c = student.config
+    assert (c.hidden_size, c.num_attention_heads, c.intermediate_size) == (16, 2, 32)
+    assert metrics["student"]["params"] == sum(p.numel() for p in student.parameters())
+    assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "student", num_labels=2)
+    history = json.loads((tmp_path / "pruning_history.json").read_text())
+    assert history[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the student starts as the teacher
+    assert history[-1]["params"] == metrics["student"]["params"]
+    assert (tmp_path / "pruning_history.png").stat().st_size > 1000
+    # The compaction CLI rebuilds the same model from the last checkpoint.
+    out = tmp_path / "from_ckpt"
+    compact_main([str(tmp_path / "checkpoints" / "last.ckpt"), str(out)])
+    again = AutoModelForMaskedLM.from_pretrained(out)
+    inputs = {"input_ids": torch.randint(5, 30, (2, 10))}
+    student.eval(), again.eval()
+    torch.testing.assert_close(again(**inputs).logits, student(**inputs).logits)
+    assert AutoTokenizer.from_pretrained(out)
+
+
+def test_kd_with_pruning_then_finetune_the_compact_student(data, tmp_path):
+    glue = [f"task.data_dir={data['glue']}/SST-2", "trainer.max_epochs=2"]
+    teacher = write_tiny_bert(data["root"] / "sst2_teacher")  # 2 heads of 16
+    metrics = run(
+        [
+            *glue,
+            "method=kd",
+            "teacher=local",
+            f"teacher.path={teacher}",
+            "pruning=homotopic",
+            "model=pruned",
+            "model.target.hidden_size=16",
+            "model.target.num_attention_heads=1",
+            "model.target.intermediate_size=16",
+            "pruning.update_interval=1",
+            f"run_dir={tmp_path / 'kd'}",
+        ]
+    )
+    assert "val/accuracy" in metrics["student"]
+    assert "prune/kl" in logged_columns(tmp_path / "kd")
+    tuned = run(
+        [
+            *glue,
+            "method=finetune",
+            "model=pretrained",
+            f"model.path={tmp_path / 'kd' / 'student'}",
+            f"run_dir={tmp_path / 'ft'}",
+        ]
+    )
+    assert tuned["student"]["params"] == metrics["student"]["params"]
+
+
+def _final_state(run_dir: Path) -> dict:
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    return checkpoint
+
+
+def test_resume_mid_pruning_ends_with_the_same_masks(data, tmp_path):
+    overrides = [
+        *corpus_args(data),
+        "method=homodistil",
+        *HALF,
+        "trainer.max_epochs=2",
+        "pruning.update_interval=1",
+        "pruning.initial_warmup=0.1",
+        "pruning.final_warmup=0.2",
+        *EVERY_EPOCH,
+    ]
+    run([*overrides, f"run_dir={tmp_path / 'full'}"])
+    middle = tmp_path / "full" / "checkpoints" / "e0.ckpt"
+    mid_masks = torch.load(middle, weights_only=True)["state_dict"]["pruner.masks.ffn"]
+    assert 0 < mid_masks.mean() < 1  # saved while pruning was under way
+    run([*overrides, f"ckpt_path={middle}", f"run_dir={tmp_path / 'resumed'}"])
+    full, resumed = _final_state(tmp_path / "full"), _final_state(tmp_path / "resumed")
+    for kind in ("hidden", "heads", "ffn"):
+        key = f"pruner.masks.{kind}"
+        torch.testing.assert_close(resumed["state_dict"][key], full["state_dict"][key])
+    ema_full = full["kdlab_pruning"]["importance"]["sensitivity"]
+    ema_resumed = resumed["kdlab_pruning"]["importance"]["sensitivity"]
+    for name, value in ema_full.items():
+        torch.testing.assert_close(ema_resumed[name], value)
+    assert resumed["kdlab_pruning"]["history"] == full["kdlab_pruning"]["history"]
+
+
+def test_two_process_ddp_ranks_hold_identical_masks(data, tmp_path):
+    # Every mask update all-gathers the masks and fails if any rank differs
+    # (PruningHooks._check_masks_agree); the run succeeding on 2 gloo processes is the check.
+    overrides = [
+        *COMMON,
+        *corpus_args(data),
+        "method=homodistil",
+        *HALF,
+        "trainer.max_epochs=1",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "pruning.update_interval=1",
+        "pruning.initial_warmup=0.0",
+        "pruning.final_warmup=0.0",
+        "eval.speed_batches=0",
+        f"run_dir={tmp_path}",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "kdlab.train", *overrides],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = OmegaConf.load(tmp_path / "config.yaml")
+    assert config.trainer.devices == 2
+    student = AutoModelForMaskedLM.from_pretrained(tmp_path / "student")
+    assert student.config.intermediate_size == 32

@@ -1,0 +1,239 @@
+"""Pruning component: schedules, PLATON updates, structure selection, masked = compacted."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import (
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    BertModel,
+)
+
+from kdlab.errors import ConfigError
+from kdlab.pruning import Pruner, StructuredMasks, compact, compact_parameter_count
+from kdlab.pruning.importance import PlatonImportance
+from kdlab.pruning.schedule import cubic_remaining, oneshot_remaining
+from kdlab.train import CONF_DIR
+
+
+def tiny_config(**kwargs) -> BertConfig:
+    base = dict(
+        vocab_size=40,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        attn_implementation="eager",
+    )
+    return BertConfig(**{**base, **kwargs})
+
+
+TARGET = {"hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 24}
+
+
+@pytest.mark.parametrize(
+    ("step", "expected"),
+    [(0, 1.0), (10, 1.0), (25, 0.56640625), (40, 0.34375), (70, 0.25), (71, 0.25), (100, 0.25)],
+)
+def test_cubic_schedule_hand_computed(step, expected):
+    # T = 100, t_i = 10, t_f = 30, r_T = 0.25: r = 0.25 + 0.75 (1 - (t - 10) / 60)^3.
+    assert cubic_remaining(step, 100, 10, 30, 0.25) == pytest.approx(expected)
+
+
+def test_oneshot_schedule_prunes_at_initial_warmup():
+    assert oneshot_remaining(9, 100, 10, 30, 0.25) == 1.0
+    assert oneshot_remaining(10, 100, 10, 30, 0.25) == 0.25
+    assert oneshot_remaining(99, 100, 10, 30, 0.25) == 0.25
+
+
+def test_platon_updates_on_a_2x2_example():
+    param = torch.nn.Parameter(torch.tensor([[1.0, -2.0], [3.0, 0.5]]))
+    importance = PlatonImportance(beta1=0.5, beta2=0.5)
+    # s1 = |θ g1| = [[.5, 2], [3, 1]]: Ī1 = s1 / 2, Ū1 = |s1 − Ī1| / 2.
+    param.grad = torch.tensor([[0.5, 1.0], [-1.0, 2.0]])
+    importance.update([("w", param)])
+    torch.testing.assert_close(importance.sensitivity["w"], torch.tensor([[0.25, 1.0], [1.5, 0.5]]))
+    torch.testing.assert_close(
+        importance.uncertainty["w"], torch.tensor([[0.125, 0.5], [0.75, 0.25]])
+    )
+    # s2 = [[1, 0], [0, .5]]: Ī2 = [[.625, .5], [.75, .5]], Ū2 = [[.25, .5], [.75, .125]].
+    param.grad = torch.tensor([[1.0, 0.0], [0.0, -1.0]])
+    importance.update([("w", param)])
+    torch.testing.assert_close(
+        importance.score("w"), torch.tensor([[0.15625, 0.25], [0.5625, 0.0625]])
+    )
+
+
+def test_plain_sensitivity_when_beta2_is_one():
+    param = torch.nn.Parameter(torch.tensor([[2.0]]))
+    param.grad = torch.tensor([[3.0]])
+    importance = PlatonImportance(beta1=0.5, beta2=1.0)
+    importance.update([("w", param)])
+    assert importance.score("w").item() == pytest.approx(3.0)
+
+
+def test_structure_scores_sum_their_parameters():
+    model = BertForMaskedLM(tiny_config())
+    pruner = Pruner(model, target=TARGET)
+    torch.manual_seed(0)
+    for _, p in pruner.params:
+        p.grad = torch.randn_like(p)
+    pruner.importance = PlatonImportance(beta1=0.0, beta2=1.0)  # score = |θ g| of this step
+    pruner.importance.update(pruner.params)
+    scores = pruner.structure_scores()
+    s = {n: (p * p.grad).abs() for n, p in pruner.params}
+    layer = "bert.encoder.layer.1."
+    neuron = 5  # FFN neuron: its up-projection row and bias, its down-projection column
+    expected = (
+        s[layer + "intermediate.dense.weight"][neuron].sum()
+        + s[layer + "intermediate.dense.bias"][neuron]
+        + s[layer + "output.dense.weight"][:, neuron].sum()
+    )
+    torch.testing.assert_close(scores["ffn"][1, neuron], expected)
+    head, d = 2, 8  # head 2 of layer 1: rows 16..23 of Q, K, V, columns of the output proj
+    rows = slice(head * d, (head + 1) * d)
+    expected = s[layer + "attention.output.dense.weight"][:, rows].sum() + sum(
+        s[layer + f"attention.self.{m}.weight"][rows].sum()
+        + s[layer + f"attention.self.{m}.bias"][rows].sum()
+        for m in ("query", "key", "value")
+    )
+    torch.testing.assert_close(scores["heads"][1, head], expected)
+    # Hidden dim 3 appears in the embeddings (word, position, type) among others.
+    word = s["bert.embeddings.word_embeddings.weight"][:, 3].sum()
+    assert scores["hidden"][3] > word
+
+
+def test_update_prunes_lowest_scores_with_equal_counts_per_layer():
+    model = BertForMaskedLM(tiny_config())
+    pruner = Pruner(model, target=TARGET, schedule="oneshot", initial_warmup=0.0, final_warmup=0.0)
+    scores = {
+        "hidden": torch.arange(32.0).flip(0),  # the last 16 dims score lowest
+        "heads": torch.tensor([[4.0, 1.0, 3.0, 2.0], [1.0, 2.0, 3.0, 4.0]]),
+        "ffn": torch.stack([torch.arange(64.0), torch.arange(64.0).flip(0)]),
+    }
+    pruner.structure_scores = lambda: scores
+    assert pruner.update(step=1, total=10)
+    m = pruner.masks
+    assert m.hidden[:16].all() and not m.hidden[16:].any()
+    assert m.heads.tolist() == [[1, 0, 1, 0], [0, 0, 1, 1]]
+    assert m.ffn.sum(1).tolist() == [24, 24]
+    assert m.ffn[0, 40:].all() and m.ffn[1, :24].all()
+    assert pruner.finished
+    assert not pruner.update(step=2, total=10)  # nothing left to do
+
+
+def test_cubic_pruner_reaches_target_and_never_restores():
+    model = BertForMaskedLM(tiny_config())
+    pruner = Pruner(model, target=TARGET, update_interval=3, initial_warmup=0.1, final_warmup=0.2)
+    torch.manual_seed(0)
+    history = []
+    for step in range(1, 21):
+        pruner.structure_scores = lambda: {
+            "hidden": torch.rand(32),
+            "heads": torch.rand(2, 4),
+            "ffn": torch.rand(2, 64),
+        }
+        before = pruner.masks.ffn.clone()
+        pruner.update(step, 20)
+        assert (pruner.masks.ffn <= before).all()  # pruned structures stay pruned
+        history.append(pruner.current_counts()["ffn"])
+    assert history[0] == 64 and history[-1] == 24
+    assert pruner.masks.counts() == {"hidden": 16, "heads": 2, "ffn": 24}
+
+
+def random_masks(model) -> StructuredMasks:
+    masks = StructuredMasks.for_model(model)
+    masks.install(model)
+    generator = torch.Generator().manual_seed(1)
+    masks.hidden.zero_()[torch.randperm(32, generator=generator)[:16]] = 1
+    for layer in range(2):
+        masks.heads[layer].zero_()[torch.randperm(4, generator=generator)[:2]] = 1
+        masks.ffn[layer].zero_()[torch.randperm(64, generator=generator)[:24]] = 1
+    return masks
+
+
+@pytest.mark.parametrize("model_cls", [BertForMaskedLM, BertForSequenceClassification])
+def test_masked_and_compacted_models_give_the_same_outputs(model_cls, tmp_path):
+    torch.manual_seed(0)
+    model = model_cls(tiny_config()).eval()
+    masks = random_masks(model)
+    inputs = {
+        "input_ids": torch.randint(5, 40, (3, 12)),
+        "attention_mask": torch.tensor([[1] * 12, [1] * 9 + [0] * 3, [1] * 5 + [0] * 7]),
+    }
+    options = {"output_hidden_states": True, "output_attentions": True}
+    masked = model(**inputs, **options)
+    small = compact(model, masks).eval()
+    out = small(**inputs, **options)
+    torch.testing.assert_close(masked.logits, out.logits)
+    keep = masks.kept_indices("hidden")
+    for h_masked, h_small in zip(masked.hidden_states, out.hidden_states, strict=True):
+        torch.testing.assert_close(h_masked[..., keep], h_small)
+        # Pruned dims are exactly zero in the masked model's residual stream.
+        assert h_masked[..., masks.hidden == 0].abs().max() == 0
+    for layer, (a_masked, a_small) in enumerate(
+        zip(masked.attentions, out.attentions, strict=True)
+    ):
+        kept_heads = masks.heads[layer].nonzero().squeeze(1)
+        torch.testing.assert_close(a_masked[:, kept_heads], a_small)
+    assert (small.config.hidden_size, small.config.num_attention_heads) == (16, 2)
+    assert small.config.intermediate_size == 24
+    assert sum(p.numel() for p in small.parameters()) == compact_parameter_count(model, masks)
+
+
+def test_compacted_model_loads_with_stock_auto_classes(tmp_path):
+    torch.manual_seed(0)
+    model = BertForMaskedLM(tiny_config()).eval()
+    masks = random_masks(model)
+    inputs = {"input_ids": torch.randint(5, 40, (2, 8))}
+    expected = model(**inputs).logits
+    compact(model, masks).save_pretrained(tmp_path)
+    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(loaded(**inputs).logits, expected)
+    classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=3)
+    assert classifier(**inputs).logits.shape == (2, 3)
+    assert classifier.config.hidden_size == 16
+
+
+def test_target_shape_errors_name_the_config_keys():
+    model = BertForMaskedLM(tiny_config())
+    with pytest.raises(ConfigError, match="model.target.hidden_size=24"):
+        Pruner(model, target={**TARGET, "hidden_size": 24})
+    with pytest.raises(ConfigError, match="model=tiny"):
+        Pruner(model, target=None)
+    with pytest.raises(ConfigError, match="pruning.schedule"):
+        Pruner(model, target=TARGET, schedule="linear")
+
+
+@pytest.mark.parametrize(
+    ("preset", "millions"), [("tiny", 14.27), ("xsmall", 15.85), ("small", 17.42), ("base", 65.22)]
+)
+def test_homobert_presets_have_the_paper_sizes(preset, millions):
+    # A BERT-base shape (vocab 30522, 12 layers) pruned to the preset, counted without pooler
+    # and MLM head transform, built on the meta device (no download, no memory).
+    target = OmegaConf.load(f"{CONF_DIR}/model/{preset}.yaml").target
+    config = BertConfig(
+        hidden_size=target.hidden_size,
+        num_attention_heads=target.num_attention_heads,
+        intermediate_size=target.intermediate_size,
+    )
+    with torch.device("meta"):
+        model = BertModel(config, add_pooling_layer=False)
+    count = sum(p.numel() for p in model.parameters()) / 1e6
+    assert count == pytest.approx(millions, abs=0.01)
+    assert target.hidden_size // target.num_attention_heads == 64  # BERT-base head size
+
+
+def test_minilm_half_preset_halves_every_width_and_keeps_the_head_size():
+    target = OmegaConf.load(f"{CONF_DIR}/model/minilm_half.yaml").target
+    # MiniLM-L6: hidden 384, 12 heads of 32, FFN 1536.
+    assert (target.hidden_size, target.num_attention_heads, target.intermediate_size) == (
+        192,
+        6,
+        768,
+    )
+    assert target.hidden_size == target.num_attention_heads * 32
