@@ -48,6 +48,8 @@ class BaseMethod(PruningHooks, L.LightningModule, abc.ABC):
     # Task heads the method has a sound definition for; a method that cannot handle, e.g.,
     # span prediction narrows this and such tasks are refused at build time.
     supported_heads: ClassVar[frozenset[str]] = frozenset(HEAD_TARGETS)
+    # Appended to that refusal: why, and what to use instead.
+    unsupported_head_hint: ClassVar[str] = "pick another method or task"
 
     # Appended to the error on a teacher without a trained task head: a method-specific way
     # out (e.g. switching off the terms that need the head).
@@ -92,7 +94,7 @@ class BaseMethod(PruningHooks, L.LightningModule, abc.ABC):
         if head not in cls.supported_heads:
             raise ConfigError(
                 f"{cls.__name__} does not support task.head={head} (it supports "
-                f"{sorted(cls.supported_heads)}); pick another method or task."
+                f"{sorted(cls.supported_heads)}): {cls.unsupported_head_hint}."
             )
 
     # ----------------------------------------------------------------- the method's part

@@ -51,6 +51,10 @@ class MixKD(BaseMethod):
     """
 
     supported_heads = frozenset({"sequence_classification"})
+    unsupported_head_hint = (
+        "mixing the start/end positions of two unrelated contexts names no span, so MixKD "
+        "is not defined for span tasks; use method=kd there"
+    )
 
     def __init__(
         self,

@@ -14,3 +14,7 @@ class MaskedLanguageModeling(FineTune):
     the head's loss is the MLM loss. Other tasks are refused at build time."""
 
     supported_heads = frozenset({"masked_lm"})
+    unsupported_head_hint = (
+        "method=mlm needs a masked-LM task: use task=corpus/<name>, e.g. "
+        "task=corpus/local task.files=[<text files>]"
+    )
