@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdlab.data.classification import EpochSeededSampler, TextClassificationDataModule
+from kdlab.data.base import EpochSeededSampler
+from kdlab.data.classification import TextClassificationDataModule
 from kdlab.errors import ConfigError
 from tests.conftest import compose
 from tests.fixtures import write_tokenizer

@@ -1,17 +1,14 @@
 """Sequence-classification datamodule for GLUE-style tasks (single sentences and pairs)."""
 
 import logging
-from pathlib import Path
 
 import datasets
-import lightning as L
-import torch
-from datasets.fingerprint import Hasher
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from kdlab.augment import EXAMPLE_INDEX, add_paraphrases
+from kdlab.data.base import TokenizedDataModule, train_subset
 from kdlab.data.sources import load_source
 from kdlab.errors import ConfigError
 from kdlab.metrics import ClassificationEvaluator
@@ -22,85 +19,16 @@ log = logging.getLogger(__name__)
 EVAL_PREFIXES = {"validation": "val", "validation_mm": "val_mm"}
 
 
-class EpochSeededSampler(Sampler[int]):
-    """A random permutation drawn from ``(seed, epoch)`` alone.
-
-    Lightning calls ``set_epoch`` before each epoch, so a run resumed from a checkpoint sees
-    the same order as an uninterrupted one (a plain ``RandomSampler`` draws from the global
-    generator, whose state a checkpoint does not restore).
-    """
-
-    def __init__(self, length: int, seed: int) -> None:
-        self.length = length
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.length, generator=generator).tolist())
-
-
-def train_subset(train: datasets.Dataset, task: DictConfig) -> datasets.Dataset:
-    """``task.train_fraction`` then ``task.max_train_samples`` of the training set.
-
-    The subset depends on ``task.subset_seed`` only, so every method and every training
-    seed sees the same examples.
-    """
-    fraction = task.get("train_fraction")
-    limit = task.get("max_train_samples")
-    n = len(train)
-    if fraction is not None:
-        if not 0 < fraction <= 1:
-            raise ConfigError(f"task.train_fraction={fraction} must be in (0, 1].")
-        n = max(1, round(n * fraction))
-    if limit is not None:
-        n = min(n, int(limit))
-    if n == len(train):
-        return train
-    generator = torch.Generator().manual_seed(int(task.get("subset_seed", 0)))
-    order = torch.randperm(len(train), generator=generator)[:n].sort().values
-    return train.select(order.tolist())
-
-
-class TextClassificationDataModule(L.LightningDataModule):
+class TextClassificationDataModule(TokenizedDataModule):
     """Tokenised train / validation (/ validation_mm, test) splits of a labelled text task.
 
-    Teacher and student share the tokenizer, so both receive the same batch.
-
-    Args:
-        task: the ``task`` config (source, columns, labels, ``max_seq_length``, subsets).
-        tokenizer: the tokenizer shared by teacher and student.
-        batch_size: training batch size.
-        eval_batch_size: evaluation batch size.
-        num_workers: dataloader worker processes.
-        seed: seed of the training order.
-        cache_dir: where tokenised splits are cached (keyed by content and tokenizer).
+    Teacher and student share the tokenizer, so both receive the same batch. Arguments as
+    :class:`~kdlab.data.base.TokenizedDataModule`; the task config gives the source,
+    columns, labels, ``max_seq_length`` and the training subset.
     """
 
-    def __init__(
-        self,
-        task: DictConfig,
-        tokenizer: PreTrainedTokenizerBase,
-        batch_size: int = 32,
-        eval_batch_size: int = 64,
-        num_workers: int = 0,
-        seed: int = 0,
-        cache_dir: str | None = None,
-    ) -> None:
-        super().__init__()
-        self.task = task
-        self.tokenizer = tokenizer
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
-        self.num_workers = num_workers
-        self.seed = seed
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+    def __init__(self, task: DictConfig, tokenizer: PreTrainedTokenizerBase, **loader) -> None:
+        super().__init__(task, tokenizer, **loader)
         self.collator = DataCollatorWithPadding(tokenizer)
         self.splits: datasets.DatasetDict | None = None
 
@@ -144,52 +72,28 @@ class TextClassificationDataModule(L.LightningDataModule):
             texts = (batch["text_a"], batch["text_b"]) if pair else (batch["text_a"],)
             return self.tokenizer(*texts, truncation=True, max_length=max_len)
 
-        cache_file = None
-        if self.cache_dir is not None:
-            key = Hasher.hash([split._fingerprint, self.tokenizer, max_len])
-            cache_file = str(self.cache_dir / self.task.name / f"{name}-{key}.arrow")
-            Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
         encoded = split.map(
             encode,
             batched=True,
             remove_columns=[c for c in split.column_names if c != "label"],
-            cache_file_name=cache_file,
+            cache_file_name=self.cache_file(name, split, max_len),
             desc=f"Tokenising {self.task.name}/{name}",
         )
         return encoded.rename_column("label", "labels")
 
     def train_dataloader(self) -> DataLoader:
-        train = self.splits["train"]
-        return DataLoader(
-            train,
-            batch_size=self.batch_size,
-            sampler=EpochSeededSampler(len(train), self.seed),
-            collate_fn=self.collator,
-            num_workers=self.num_workers,
-            drop_last=False,
-        )
+        return self.train_loader(self.splits["train"])
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [self._eval_loader(s) for s in EVAL_PREFIXES if s in self.splits]
+        return [self.eval_loader(self.splits[s]) for s in EVAL_PREFIXES if s in self.splits]
 
     def test_dataloader(self) -> DataLoader:
         if "test" not in self.splits:
             raise ConfigError(f"Task '{self.task.name}' has no labelled test split.")
-        return self._eval_loader("test")
+        return self.eval_loader(self.splits["test"])
 
     @property
     def has_test(self) -> bool:
         """Whether the task has a labelled test split."""
         self.setup()
         return "test" in self.splits
-
-    def _eval_loader(self, split: str) -> DataLoader:
-        return DataLoader(
-            self.splits[split],
-            batch_size=self.eval_batch_size,
-            collate_fn=self.collator,
-            num_workers=self.num_workers,
-            # A private generator keeps evaluation from consuming the global RNG stream,
-            # so evaluating (or not) before a resume does not change training randomness.
-            generator=torch.Generator(),
-        )

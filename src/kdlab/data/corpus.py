@@ -14,9 +14,7 @@ import logging
 from pathlib import Path
 
 import datasets
-import lightning as L
 import torch
-from datasets.fingerprint import Hasher
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from transformers import (
@@ -25,7 +23,7 @@ from transformers import (
     default_data_collator,
 )
 
-from kdlab.data.classification import EpochSeededSampler
+from kdlab.data.base import TokenizedDataModule
 from kdlab.errors import ConfigError
 from kdlab.metrics import MaskedLMEvaluator
 
@@ -62,7 +60,7 @@ def load_text(task: DictConfig) -> datasets.Dataset:
     )
 
 
-class CorpusDataModule(L.LightningDataModule):
+class CorpusDataModule(TokenizedDataModule):
     """Fixed-length masked-LM chunks of a text corpus, with a held-out validation split.
 
     Args:
@@ -76,24 +74,8 @@ class CorpusDataModule(L.LightningDataModule):
         cache_dir: where chunked corpora are cached (keyed by content and tokenizer).
     """
 
-    def __init__(
-        self,
-        task: DictConfig,
-        tokenizer: PreTrainedTokenizerBase,
-        batch_size: int = 32,
-        eval_batch_size: int = 64,
-        num_workers: int = 0,
-        seed: int = 0,
-        cache_dir: str | None = None,
-    ) -> None:
-        super().__init__()
-        self.task = task
-        self.tokenizer = tokenizer
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
-        self.num_workers = num_workers
-        self.seed = seed
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+    def __init__(self, task: DictConfig, tokenizer: PreTrainedTokenizerBase, **loader) -> None:
+        super().__init__(task, tokenizer, **loader)
         self.collator = DataCollatorForLanguageModeling(
             tokenizer, mlm_probability=float(task.mlm_probability)
         )
@@ -140,17 +122,12 @@ class CorpusDataModule(L.LightningDataModule):
             ]
             return {"input_ids": chunks}
 
-        cache_file = None
-        if self.cache_dir is not None:
-            key = Hasher.hash([raw._fingerprint, self.tokenizer, max_len])
-            cache_file = str(self.cache_dir / "corpus" / f"{self.task.name}-{key}.arrow")
-            Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
         return raw.map(
             encode,
             batched=True,
             batch_size=1000,
             remove_columns=raw.column_names,
-            cache_file_name=cache_file,
+            cache_file_name=self.cache_file("chunks", raw, max_len),
             desc=f"Tokenising {self.task.name}",
         )
 
@@ -169,24 +146,12 @@ class CorpusDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        train = self.splits["train"]
-        return DataLoader(
-            train,
-            batch_size=self.batch_size,
-            sampler=EpochSeededSampler(len(train), self.seed),
-            collate_fn=self.collator,
-            num_workers=self.num_workers,
-        )
+        return self.train_loader(self.splits["train"])
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [
-            DataLoader(
-                self.splits["validation"].with_format("torch"),
-                batch_size=self.eval_batch_size,
-                collate_fn=default_data_collator,
-                num_workers=self.num_workers,
-            )
-        ]
+        # Validation is masked once (fixed positions), so batches only need stacking.
+        validation = self.splits["validation"].with_format("torch")
+        return [self.eval_loader(validation, collate_fn=default_data_collator)]
 
 
 def _limit(split: datasets.Dataset, limit: int | None) -> datasets.Dataset:

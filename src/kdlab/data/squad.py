@@ -13,14 +13,11 @@ import logging
 from pathlib import Path
 
 import datasets
-import lightning as L
-import torch
-from datasets.fingerprint import Hasher
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from kdlab.data.classification import EpochSeededSampler, train_subset
+from kdlab.data.base import TokenizedDataModule, train_subset
 from kdlab.data.squad_json import COLUMNS, read_squad_json
 from kdlab.errors import ConfigError
 from kdlab.qa.evaluator import SquadEvaluator
@@ -167,7 +164,7 @@ def answer_tokens(
     return start, end
 
 
-class SquadDataModule(L.LightningDataModule):
+class SquadDataModule(TokenizedDataModule):
     """Windows of SQuAD questions for training and evaluation, and the SQuAD evaluator.
 
     Teacher and student share the tokenizer, so both receive the same batch.
@@ -186,17 +183,7 @@ class SquadDataModule(L.LightningDataModule):
     # SQuAD's test sets are hidden: evaluation is on the validation split only.
     has_test = False
 
-    def __init__(
-        self,
-        task: DictConfig,
-        tokenizer: PreTrainedTokenizerBase,
-        batch_size: int = 32,
-        eval_batch_size: int = 64,
-        num_workers: int = 0,
-        seed: int = 0,
-        cache_dir: str | None = None,
-    ) -> None:
-        super().__init__()
+    def __init__(self, task: DictConfig, tokenizer: PreTrainedTokenizerBase, **loader) -> None:
         if not tokenizer.is_fast:
             raise ConfigError(
                 f"task={task.name} needs a fast tokenizer (character offsets); the model's "
@@ -207,13 +194,7 @@ class SquadDataModule(L.LightningDataModule):
                 f"task.doc_stride={task.doc_stride} must be in [0, task.max_seq_length="
                 f"{task.max_seq_length})."
             )
-        self.task = task
-        self.tokenizer = tokenizer
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
-        self.num_workers = num_workers
-        self.seed = seed
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        super().__init__(task, tokenizer, **loader)
         self.collator = DataCollatorWithPadding(tokenizer)
         self.examples: datasets.DatasetDict | None = None
         self.features: dict[str, datasets.Dataset] = {}
@@ -242,13 +223,6 @@ class SquadDataModule(L.LightningDataModule):
     ) -> datasets.Dataset:
         max_length = int(self.task.max_seq_length)
         doc_stride = int(self.task.doc_stride)
-        cache_file = None
-        if self.cache_dir is not None:
-            key = Hasher.hash(
-                [split._fingerprint, self.tokenizer, max_length, doc_stride, for_evaluation]
-            )
-            cache_file = str(self.cache_dir / self.task.name / f"{name}-{key}.arrow")
-            Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
         windows = split.map(
             encode_windows,
             batched=True,
@@ -260,7 +234,7 @@ class SquadDataModule(L.LightningDataModule):
                 "doc_stride": doc_stride,
                 "for_evaluation": for_evaluation,
             },
-            cache_file_name=cache_file,
+            cache_file_name=self.cache_file(name, split, max_length, doc_stride, for_evaluation),
             desc=f"Windows of {self.task.name}/{name}",
         )
         if for_evaluation:
@@ -282,26 +256,10 @@ class SquadDataModule(L.LightningDataModule):
         }
 
     def train_dataloader(self) -> DataLoader:
-        train = self._batches("train")
-        return DataLoader(
-            train,
-            batch_size=self.batch_size,
-            sampler=EpochSeededSampler(len(train), self.seed),
-            collate_fn=self.collator,
-            num_workers=self.num_workers,
-        )
+        return self.train_loader(self._batches("train"))
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [
-            DataLoader(
-                self._batches("validation"),
-                batch_size=self.eval_batch_size,
-                collate_fn=self.collator,
-                num_workers=self.num_workers,
-                # As for classification: evaluation must not consume the global RNG stream.
-                generator=torch.Generator(),
-            )
-        ]
+        return [self.eval_loader(self._batches("validation"))]
 
     def _batches(self, split: str) -> datasets.Dataset:
         """The split's windows with only the columns a batch carries."""
