@@ -81,8 +81,9 @@ def write_tokenizer(directory: Path) -> BertTokenizerFast:
     return tokenizer
 
 
-def write_tiny_bert(directory: Path, num_labels: int = 2, seed: int = 0) -> Path:
-    """A randomly initialised BERT (hidden 32, 2 layers, 2 heads) with a classifier head."""
+def write_tiny_bert(directory: Path, num_labels: int = 2, seed: int = 0, layers: int = 2) -> Path:
+    """A randomly initialised BERT (hidden 32, 2 heads, ``layers`` layers) with a
+    classifier head."""
     import torch
 
     tokenizer = write_tokenizer(directory)
@@ -90,7 +91,7 @@ def write_tiny_bert(directory: Path, num_labels: int = 2, seed: int = 0) -> Path
     config = BertConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=64,

@@ -6,7 +6,6 @@ import lightning as L
 import pytest
 import torch
 from hydra.utils import get_class, instantiate
-from transformers import BertConfig, BertForSequenceClassification
 
 import kdlab.train
 from kdlab.data.classification import TextClassificationDataModule
@@ -15,7 +14,7 @@ from kdlab.methods import BaseMethod
 from kdlab.metrics import ClassificationEvaluator
 from kdlab.models import build_student, build_teacher
 from tests.conftest import CONF_DIR, compose
-from tests.fixtures import GLUE_DIRS, write_tokenizer
+from tests.fixtures import GLUE_DIRS, write_tiny_bert, write_tokenizer
 
 
 def options(group: str) -> list[str]:
@@ -117,20 +116,7 @@ def test_miniature_builds_real_shape(option, tmp_path, glue_root, teacher_dir):
 @pytest.fixture(scope="module")
 def deep_teacher(tmp_path_factory) -> Path:
     """A tiny 6-layer BERT with a classifier head, to truncate into bert3 / bert6."""
-    directory = tmp_path_factory.mktemp("deep_teacher")
-    tokenizer = write_tokenizer(directory)
-    torch.manual_seed(1)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=6,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=2,
-    )
-    BertForSequenceClassification(config).save_pretrained(directory)
-    return directory
+    return write_tiny_bert(tmp_path_factory.mktemp("deep_teacher"), seed=1, layers=6)
 
 
 @pytest.mark.parametrize("option,layers", [("bert3", 3), ("bert6", 6)])

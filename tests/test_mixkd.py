@@ -8,14 +8,14 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertForSequenceClassification
 
 from kdlab import train
 from kdlab.errors import ConfigError
 from kdlab.losses import distillation_loss, mixup, mixup_target_loss, soft_cross_entropy
 from kdlab.methods.mixkd import MixKD, mixed_forward
 from kdlab.metrics import ClassificationEvaluator
-from tests.fixtures import write_tiny_bert, write_tokenizer
+from tests.fixtures import write_tiny_bert
 
 # Four sentences of four known words each: no padding, so the pair's mask union is trivial.
 SAME_LENGTH = ["the movie was good", "a film is bad", "i love the dog", "they hate this plot"]
@@ -333,20 +333,7 @@ def test_fast_dev_run(tiny_dirs, glue_root, tmp_path, monkeypatch, task):
 @pytest.fixture(scope="module")
 def six_layer_teacher(tmp_path_factory) -> Path:
     """A tiny 6-layer BERT classifier, deep enough for the bert3 and bert6 students."""
-    directory = tmp_path_factory.mktemp("six")
-    tokenizer = write_tokenizer(directory)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=6,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=2,
-    )
-    BertForSequenceClassification(config).save_pretrained(directory)
-    return directory
+    return write_tiny_bert(tmp_path_factory.mktemp("six"), seed=0, layers=6)
 
 
 @pytest.mark.parametrize("model", ["bert3", "bert6"])
