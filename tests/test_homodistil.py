@@ -18,7 +18,13 @@ import kdlab.train
 from kdlab.compact import main as compact_main
 from kdlab.data import CorpusDataModule
 from kdlab.errors import ConfigError
-from tests.fixtures import write_corpus, write_glue, write_tiny_bert, write_tiny_mlm_bert
+from tests.fixtures import (
+    write_corpus,
+    write_glue,
+    write_squad,
+    write_tiny_bert,
+    write_tiny_mlm_bert,
+)
 
 SRC = str(Path(kdlab.train.__file__).resolve().parents[1])
 COMMON = [
@@ -197,6 +203,26 @@ def test_homodistil_prunes_to_the_target_and_exports_a_stock_bert(data, tmp_path
     student.eval(), again.eval()
     torch.testing.assert_close(again(**inputs).logits, student(**inputs).logits)
     assert AutoTokenizer.from_pretrained(out)
+    # Downstream on spans (issue item 8): the compact student fine-tunes on SQuAD as any
+    # stock encoder does.
+    squad = write_squad(tmp_path / "squad.json")
+    qa = run(
+        [
+            "method=finetune",
+            "model=pretrained",
+            f"model.path={tmp_path / 'student'}",
+            "task=squad",
+            f"task.train_file={squad}",
+            f"task.validation_file={squad}",
+            "task.max_seq_length=64",
+            "task.doc_stride=16",
+            "task.cache_dir=null",
+            "trainer.fast_dev_run=true",
+            f"run_dir={tmp_path / 'squad'}",
+        ]
+    )
+    assert {"val/exact_match", "val/f1"} <= qa["student"].keys()
+    assert (tmp_path / "squad" / "predictions.json").is_file()
 
 
 def test_kd_with_pruning_then_finetune_the_compact_student(data, tmp_path):
