@@ -214,11 +214,6 @@ def mixup_target_loss(logits: Tensor, labels: Tensor, perm: Tensor, lam: Tensor)
     return soft_cross_entropy(logits, mixup(one_hot, perm, lam))
 
 
-def is_finite(loss: Tensor) -> bool:
-    """Whether a scalar loss is neither NaN nor infinite."""
-    return bool(torch.isfinite(loss).all())
-
-
 def masked_mse(student: Tensor, teacher: Tensor, keep: Tensor) -> Tensor:
     """Mean squared error over the kept entries only.
 
