@@ -81,9 +81,10 @@ def write_tokenizer(directory: Path) -> BertTokenizerFast:
     return tokenizer
 
 
-def write_tiny_bert(directory: Path, num_labels: int = 2, seed: int = 0, layers: int = 2) -> Path:
-    """A randomly initialised BERT (hidden 32, 2 heads, ``layers`` layers) with a
-    classifier head."""
+def _write_tiny(directory: Path, head_class: type, seed: int, **shape) -> Path:
+    """A randomly initialised BERT (hidden 32, FFN 64, 64 positions; ``shape`` overrides,
+    e.g. layers and heads) with ``head_class``'s head and the fixture tokenizer, saved to
+    ``directory``."""
     import torch
 
     tokenizer = write_tokenizer(directory)
@@ -91,33 +92,32 @@ def write_tiny_bert(directory: Path, num_labels: int = 2, seed: int = 0, layers:
     config = BertConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=64,
+        **shape,
+    )
+    head_class(config).save_pretrained(directory)
+    return directory
+
+
+def write_tiny_bert(directory: Path, num_labels: int = 2, seed: int = 0, layers: int = 2) -> Path:
+    """A tiny BERT classifier (2 heads, ``layers`` layers); one output means regression."""
+    return _write_tiny(
+        directory,
+        BertForSequenceClassification,
+        seed,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
         num_labels=num_labels,
         problem_type="regression" if num_labels == 1 else "single_label_classification",
     )
-    BertForSequenceClassification(config).save_pretrained(directory)
-    return directory
 
 
 def write_tiny_qa_bert(directory: Path, seed: int = 0) -> Path:
-    """A randomly initialised BERT (hidden 32, 2 layers, 2 heads) with a span (QA) head."""
-    import torch
-
-    tokenizer = write_tokenizer(directory)
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
+    """A tiny BERT (2 layers, 2 heads) with a span (QA) head."""
+    return _write_tiny(
+        directory, BertForQuestionAnswering, seed, num_hidden_layers=2, num_attention_heads=2
     )
-    BertForQuestionAnswering(config).save_pretrained(directory)
-    return directory
 
 
 def write_squad(
@@ -254,22 +254,11 @@ def write_glue(
 
 
 def write_tiny_mlm_bert(directory: Path, seed: int = 0, heads: int = 4) -> Path:
-    """A randomly initialised masked-LM BERT (hidden 32, 2 layers, ``heads`` heads, FFN 64)
-    with a complete MLM head, so it can teach."""
-    import torch
-
-    tokenizer = write_tokenizer(directory)
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=heads,
-        intermediate_size=64,
-        max_position_embeddings=64,
+    """A tiny masked-LM BERT (2 layers, ``heads`` heads) with a complete MLM head, so it
+    can teach."""
+    return _write_tiny(
+        directory, BertForMaskedLM, seed, num_hidden_layers=2, num_attention_heads=heads
     )
-    BertForMaskedLM(config).save_pretrained(directory)
-    return directory
 
 
 def write_corpus(directory: Path, n_lines: int = 200, seed: int = 0) -> Path:
