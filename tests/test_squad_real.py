@@ -1,9 +1,10 @@
 """Real data: MiniLM fine-tuned on 40 articles of the official v1.1 dev file, evaluated on
 the other 8, then distilled into its first 3 layers (bert3). Run with ``pytest -m slow``.
 
-Budget settings for 2 shared CPU cores: 1,200 training questions (one epoch, ~95 steps of
-16 windows at lr 2e-4), windows of 192 tokens sharing 64; validation only after training
-(the final evaluation), so the 1,589 held-out questions are evaluated once per run.
+Budget for 2 CPU cores: 4,000 training questions (one epoch, 350 steps of 16 windows at
+lr 2e-4), windows of 192 tokens sharing 64; validation only after training (the final
+evaluation), so the 1,589 held-out questions are evaluated once per run. Measured with
+this budget: held-out F1 60.3 / EM 46.6 in 704 s (an untrained span head scores F1 ~7).
 """
 
 import json
@@ -74,7 +75,7 @@ def test_minilm_finetune_then_kd_into_bert3(tmp_path):
             "model=minilm",
             f"task.train_file={files['train']}",
             f"task.validation_file={files['heldout']}",
-            "task.max_train_samples=1200",
+            "task.max_train_samples=4000",
             "optim.lr=2e-4",
             f"task.cache_dir={tmp_path / 'cache'}",
             f"run_dir={tmp_path / 'teacher'}",
@@ -87,8 +88,8 @@ def test_minilm_finetune_then_kd_into_bert3(tmp_path):
     assert len(predictions) == 1589  # every held-out question answered
     print(f"\nMiniLM finetune: held-out F1 {f1:.2f} EM {em:.2f} ({finetune_s:.0f} s)")  # noqa: T201
     # An untrained span head scores F1 ~7 on this file (benchmarks/squad_eval_memory.py);
-    # this budget reaches ~13.6 (one salient span per paragraph, little question use yet).
-    assert f1 > 10.0
+    # this budget reached 60.3 (1,200 questions for 95 steps gave only 13.6).
+    assert f1 > 40.0
 
     start = time.perf_counter()
     student = run(
