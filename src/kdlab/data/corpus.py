@@ -63,15 +63,9 @@ def load_text(task: DictConfig) -> datasets.Dataset:
 class CorpusDataModule(TokenizedDataModule):
     """Fixed-length masked-LM chunks of a text corpus, with a held-out validation split.
 
-    Args:
-        task: the ``task`` config (``files`` or ``hub``, ``max_seq_length``,
-            ``mlm_probability``, ``validation_fraction``, sample limits).
-        tokenizer: the tokenizer shared by teacher and student.
-        batch_size: training batch size.
-        eval_batch_size: evaluation batch size.
-        num_workers: dataloader worker processes.
-        seed: seed of the training order.
-        cache_dir: where chunked corpora are cached (keyed by content and tokenizer).
+    Arguments as :class:`~kdlab.data.base.TokenizedDataModule`; the task config gives
+    ``files`` or ``hub``, ``max_seq_length``, ``mlm_probability``, ``validation_fraction``
+    and the sample limits.
     """
 
     def __init__(self, task: DictConfig, tokenizer: PreTrainedTokenizerBase, **loader) -> None:

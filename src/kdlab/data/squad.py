@@ -167,17 +167,10 @@ def answer_tokens(
 class SquadDataModule(TokenizedDataModule):
     """Windows of SQuAD questions for training and evaluation, and the SQuAD evaluator.
 
-    Teacher and student share the tokenizer, so both receive the same batch.
-
-    Args:
-        task: the ``task`` config (files or hub, ``max_seq_length``, ``doc_stride``,
-            post-processing options, ``version_2_with_negative``, subsets).
-        tokenizer: a fast tokenizer shared by teacher and student.
-        batch_size: training batch size (windows).
-        eval_batch_size: evaluation batch size (windows).
-        num_workers: dataloader worker processes.
-        seed: seed of the training order.
-        cache_dir: where windows are cached (keyed by content, tokenizer and window sizes).
+    Teacher and student share the (fast) tokenizer, so both receive the same batch.
+    Arguments as :class:`~kdlab.data.base.TokenizedDataModule` (batch sizes count windows);
+    the task config gives files or hub, ``max_seq_length``, ``doc_stride``, the
+    post-processing options, ``version_2_with_negative`` and the training subset.
     """
 
     # SQuAD's test sets are hidden: evaluation is on the validation split only.
