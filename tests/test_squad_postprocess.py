@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
 from transformers.modeling_outputs import QuestionAnsweringModelOutput
 
 from kdlab.data.squad import SquadDataModule
@@ -111,3 +113,55 @@ def test_evaluator_per_batch_with_oracle_logits(tmp_path, v2):
     evaluator.reset()
     assert evaluator.compute() == {}
     assert evaluator.files()
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_evaluator_merges_the_shares_of_distributed_ranks(tmp_path, monkeypatch, v2):
+    # Each of 7 "ranks" sees DistributedSampler's interleaved, padded share of the windows,
+    # so most examples have windows on several ranks; merged, every rank must score exactly
+    # what one process scores on the whole split.
+    tokenizer = write_tokenizer(tmp_path / "tok")
+    dev = write_squad(tmp_path / "dev.json", n_articles=5, unanswerable=v2, seed=4)
+    dm = SquadDataModule(squad_task(dev, dev, v2=v2, max_seq_length=32, doc_stride=8), tokenizer)
+    dm.setup()
+    features = dm._batches("validation")
+    assert len(features) % 7  # the sampler pads with repeated windows
+    generator = torch.Generator().manual_seed(0)
+    table = torch.randn(2, len(features), 32, generator=generator)
+
+    def outputs(batch):
+        rows, length = batch["feature_index"], batch["input_ids"].size(1)
+        return QuestionAnsweringModelOutput(
+            start_logits=table[0, rows, :length], end_logits=table[1, rows, :length]
+        )
+
+    def evaluate(loader, evaluator):
+        for batch in loader:
+            evaluator.update(outputs(batch), batch)
+        return evaluator
+
+    whole = evaluate(dm.val_dataloader()[0], dm.evaluators()["val"])
+    expected = {k: float(v) for k, v in whole.compute().items()}
+    ranks = [
+        evaluate(
+            DataLoader(
+                features,
+                batch_size=3,
+                sampler=DistributedSampler(features, num_replicas=7, rank=r, shuffle=False),
+                collate_fn=dm.collator,
+            ),
+            dm.evaluators()["val"],
+        )
+        for r in range(7)
+    ]
+    assert all(r.pending_windows for r in ranks)  # examples split across ranks
+    states = [(r._pending, r._finished, r._golds, r._predictions, r._null_odds) for r in ranks]
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 7)
+    monkeypatch.setattr(
+        dist, "all_gather_object", lambda out, obj: out.__setitem__(slice(None), states)
+    )
+    for rank in ranks:
+        # Equal up to summation order: the merged answers are not in example order.
+        assert {k: float(v) for k, v in rank.compute().items()} == pytest.approx(expected)
+        assert rank.files() == whole.files()

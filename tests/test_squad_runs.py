@@ -1,6 +1,11 @@
 """End-to-end runs on SQuAD fixtures, span losses, and methods refusing span tasks."""
 
+import csv
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +18,7 @@ from kdlab.methods import KnowledgeDistillation
 from tests.conftest import compose
 from tests.fixtures import write_squad, write_tiny_qa_bert
 
+SRC = str(Path(kdlab.train.__file__).resolve().parents[1])
 COMMON = ["logger=csv", "callbacks=quiet", "trainer=debug", "eval.speed_batches=2"]
 
 
@@ -90,3 +96,41 @@ def test_a_method_can_refuse_span_tasks(tmp_path):
     with pytest.raises(ConfigError, match="task.head=question_answering"):
         kdlab.train.run(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_validation_under_two_process_ddp_scores_the_whole_split(tmp_path):
+    # The DistributedSampler gives each rank every other window, splitting most examples'
+    # windows across the ranks. The F1 logged at the epoch's validation (2 gloo processes)
+    # must equal the single-process evaluation of the same weights in metrics.json.
+    run_dir = tmp_path / "run"
+    overrides = [
+        *squad_overrides(tmp_path, v2=True),
+        "task.eval_batch_size=4",
+        "method=finetune",
+        "logger=csv",
+        "callbacks=quiet",
+        "trainer=cpu",
+        "trainer.max_epochs=1",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "trainer.num_sanity_val_steps=0",
+        "trainer.enable_progress_bar=false",
+        "eval.speed_batches=0",
+        f"run_dir={run_dir}",
+        f"hydra.run.dir={run_dir}",
+    ]
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "kdlab.train", *overrides],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        logged = [float(r["val/f1"]) for r in csv.DictReader(f) if r.get("val/f1")]
+    final = json.loads((run_dir / "metrics.json").read_text())["student"]
+    assert len(logged) == 1
+    assert logged[0] == pytest.approx(final["val/f1"], abs=1e-4)
+    assert final["val/HasAns_total"] == 16 and final["val/NoAns_total"] == 4

@@ -3,12 +3,17 @@
 Only the logits of examples whose windows are not all seen yet are held; an example is
 post-processed into its answer text as soon as its last window arrives, so memory does not
 grow with the number of windows in the split.
+
+Under DDP each rank sees an interleaved share of the windows, so an example's windows may be
+split across ranks: ``compute`` gathers the unfinished examples' windows and every rank's
+answers, and all ranks score the whole split alike.
 """
 
 from collections import Counter
 
 import datasets
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from transformers.utils import ModelOutput
 
@@ -61,7 +66,10 @@ class SquadEvaluator(Evaluator):
         self.reset()
 
     def reset(self) -> None:
-        self._pending: dict[int, list[tuple[int, Window]]] = {}
+        # example index -> {feature index: window}; keyed by feature so that a window seen
+        # twice (a distributed sampler pads its shares with repeats) counts once.
+        self._pending: dict[int, dict[int, Window]] = {}
+        self._finished: set[int] = set()
         self._golds: dict[str, list[str]] = {}
         self._predictions: dict[str, str] = {}
         self._null_odds: dict[str, float] = {}
@@ -89,6 +97,8 @@ class SquadEvaluator(Evaluator):
                 strict=True,
             )
         ):
+            if example in self._finished:
+                continue
             length = lengths[i]
             # Copies, so that a window held for its example does not pin the whole batch.
             window = Window(
@@ -97,13 +107,15 @@ class SquadEvaluator(Evaluator):
                 offsets=window_offsets.clone(),
                 cls_index=cls_index,
             )
-            windows = self._pending.setdefault(example, [])
-            windows.append((feature, window))
+            windows = self._pending.setdefault(example, {})
+            windows[feature] = window
             if len(windows) == self.windows_per_example[example]:
                 self._finish(example)
 
     def _finish(self, example_index: int) -> None:
-        windows = [w for _, w in sorted(self._pending.pop(example_index), key=lambda fw: fw[0])]
+        by_feature = self._pending.pop(example_index)
+        windows = [by_feature[feature] for feature in sorted(by_feature)]
+        self._finished.add(example_index)
         example = self.examples[example_index]
         text, odds = predict_answer(windows, example["context"], **self.options)
         qid = example["id"]
@@ -118,6 +130,8 @@ class SquadEvaluator(Evaluator):
         A limited run (``limit_val_batches``, ``fast_dev_run``) may stop inside an example;
         such an example is answered from the windows seen.
         """
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            self._merge_ranks()
         for example in list(self._pending):
             self._finish(example)
         if not self._golds:
@@ -137,3 +151,20 @@ class SquadEvaluator(Evaluator):
 
     def files(self) -> dict[str, dict]:
         return self._files
+
+    def _merge_ranks(self) -> None:
+        """Every rank's answers, and the windows of examples no rank has finished, on all
+        ranks (a collective: every rank must call it)."""
+        shares: list = [None] * dist.get_world_size()
+        state = (self._pending, self._finished, self._golds, self._predictions, self._null_odds)
+        dist.all_gather_object(shares, state)
+        self.reset()
+        for _, finished, golds, predictions, null_odds in shares:
+            self._finished |= finished
+            self._golds.update(golds)
+            self._predictions.update(predictions)
+            self._null_odds.update(null_odds)
+        for pending, *_ in shares:
+            for example, windows in pending.items():
+                if example not in self._finished:
+                    self._pending.setdefault(example, {}).update(windows)
