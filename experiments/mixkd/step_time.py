@@ -1,4 +1,4 @@
-"""Training-step cost of finetune, kd and mixkd on the same batches, relative to kd.
+"""Training-step cost of each method variant of run.py on the same batches, relative to kd.
 
 The methods take turns on every batch (forward + backward of one training step), so a
 change in machine load during the measurement affects all of them alike; the first batch
@@ -20,22 +20,23 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import get_class
+from run import METHODS, TASKS  # the experiment's method variants (run.py, same folder)
 
 from kdlab import train
 from kdlab.models import build_student, build_teacher
 
 HERE = Path(__file__).resolve().parent
-METHODS = ("finetune", "kd", "mixkd")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="sst2")
-    parser.add_argument("--seq", type=int, default=64, help="task.max_seq_length")
+    parser.add_argument("--seq", type=int, help="task.max_seq_length (default: run.py's)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--batches", type=int, default=10)
     parser.add_argument("--teacher", help="teacher directory (default: run.py's for the task)")
     args = parser.parse_args()
+    args.seq = args.seq or TASKS[args.task]["seq"]
 
     teacher_dir = args.teacher or HERE / "outputs" / f"teacher-{args.task}" / "student"
     modules, datamodule = {}, None
@@ -45,7 +46,7 @@ def main() -> None:
             cfg = compose(
                 "train",
                 overrides=[
-                    f"method={method}",
+                    *METHODS[method],
                     "model=bert3",
                     "teacher=local",
                     f"teacher.path={teacher_dir}",
@@ -62,12 +63,7 @@ def main() -> None:
             )
             datamodule.setup()
         student, _ = build_student(cfg, cfg.task, tokenizer)
-        task_args = {
-            "num_labels": student.config.num_labels,
-            "metrics": list(cfg.task.metrics),
-            "eval_prefixes": ["val"],
-            "optim": cfg.optim,
-        }
+        task_args = {"head": cfg.task.head, "optim": cfg.optim, "evaluators": {}}
         method_cls = get_class(cfg.method._target_)
         module = train._build_method(method_cls, cfg.method, student, teacher, task_args)
         module.train()
