@@ -1,6 +1,8 @@
 """Shared fixtures: tiny teachers, GLUE-layout TSV fixtures, and a Hydra ``compose`` helper."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 # The hub libraries read these when imported: set them before anything imports them, so
@@ -114,9 +116,26 @@ def make_cfg(tmp_path, glue_root, teacher_dirs):
     return make
 
 
-# Subprocesses of `python -m kdlab.train` must find the tests package (tests.helpers).
+# Subprocesses of `python -m kdlab.train` must find the tests package (tests.helpers) and
+# this checkout's kdlab, whichever kdlab is installed; one torch thread each, as in-process.
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+SUBPROCESS_ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), str(REPO_ROOT)]),
+    "OMP_NUM_THREADS": "1",
+}
+
+
+def run_cli(overrides: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m kdlab.train <overrides>`` in a subprocess, output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "kdlab.train", *overrides],
+        cwd=REPO_ROOT,
+        env=SUBPROCESS_ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture

@@ -1,8 +1,6 @@
 """Bad input fails with errors that name the file, line or setting to fix."""
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ from kdlab.data.sources import load_source
 from kdlab.data.tsv import read_labelled_tsv
 from kdlab.errors import ConfigError, DataFormatError
 from kdlab.models import build_student
-from tests.conftest import REPO_ROOT, SUBPROCESS_ENV, compose
+from tests.conftest import compose, run_cli
 from tests.fixtures import write_tokenizer
 
 
@@ -174,14 +172,7 @@ def test_missing_local_model_dir_names_model_path(tmp_path):
 
 
 def test_unknown_group_option_lists_valid_ones(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "kdlab.train", "model=no_such_model", f"hydra.run.dir={tmp_path}"],
-        cwd=REPO_ROOT,
-        env=SUBPROCESS_ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_cli(["model=no_such_model", f"hydra.run.dir={tmp_path}"], timeout=120)
     assert proc.returncode != 0
     message = proc.stdout + proc.stderr
     assert "no_such_model" in message

@@ -3,9 +3,6 @@
 import csv
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import hydra
@@ -18,6 +15,7 @@ import kdlab.train
 from kdlab.compact import main as compact_main
 from kdlab.data import CorpusDataModule
 from kdlab.errors import ConfigError
+from tests.conftest import run_cli
 from tests.fixtures import (
     write_corpus,
     write_glue,
@@ -26,7 +24,6 @@ from tests.fixtures import (
     write_tiny_mlm_bert,
 )
 
-SRC = str(Path(kdlab.train.__file__).resolve().parents[1])
 COMMON = [
     "logger=csv",
     "callbacks=quiet",
@@ -308,14 +305,7 @@ def test_two_process_ddp_ranks_hold_identical_masks(data, tmp_path):
         f"run_dir={tmp_path}",
         f"hydra.run.dir={tmp_path}",
     ]
-    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "kdlab.train", *overrides],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_cli(overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     config = OmegaConf.load(tmp_path / "config.yaml")
     assert config.trainer.devices == 2

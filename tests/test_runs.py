@@ -2,8 +2,6 @@
 a pair task and STS-B; the exported student; the real command line."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import kdlab.train
 from kdlab.methods.base import model_inputs
-from tests.conftest import REPO_ROOT, SUBPROCESS_ENV, fast_overrides
+from tests.conftest import fast_overrides, run_cli
 from tests.fixtures import write_tokenizer
 
 
@@ -101,21 +99,7 @@ def test_cli_run_writes_run_dir(tmp_path, glue_root, teacher_dir):
         for o in fast_overrides(tmp_path, glue_root, teacher_dir, "sst2", "kd")
         if not o.startswith("run_dir=")
     ]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kdlab.train",
-            *overrides,
-            "trainer.max_epochs=1",
-            f"hydra.run.dir={run_dir}",
-        ],
-        cwd=REPO_ROOT,
-        env=SUBPROCESS_ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_cli([*overrides, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}"], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["student"]["path"] == str(run_dir / "student")

@@ -2,10 +2,6 @@
 
 import csv
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,10 +11,9 @@ import kdlab.train
 from kdlab.errors import ConfigError
 from kdlab.losses import matching_loss, soft_kl, task_loss
 from kdlab.methods import KnowledgeDistillation
-from tests.conftest import compose
+from tests.conftest import compose, run_cli
 from tests.fixtures import write_squad, write_tiny_qa_bert
 
-SRC = str(Path(kdlab.train.__file__).resolve().parents[1])
 COMMON = ["logger=csv", "callbacks=quiet", "trainer=debug", "eval.speed_batches=2"]
 
 
@@ -119,14 +114,7 @@ def test_validation_under_two_process_ddp_scores_the_whole_split(tmp_path):
         f"run_dir={run_dir}",
         f"hydra.run.dir={run_dir}",
     ]
-    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "kdlab.train", *overrides],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_cli(overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(run_dir / "csv" / "metrics.csv") as f:
         logged = [float(r["val/f1"]) for r in csv.DictReader(f) if r.get("val/f1")]
