@@ -155,7 +155,7 @@ def test_evaluator_merges_the_shares_of_distributed_ranks(tmp_path, monkeypatch,
         for r in range(7)
     ]
     assert all(r.pending_windows for r in ranks)  # examples split across ranks
-    states = [(r._pending, r._finished, r._golds, r._predictions, r._null_odds) for r in ranks]
+    states = [r._rank_state() for r in ranks]
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda: 7)
     monkeypatch.setattr(

@@ -152,12 +152,15 @@ class SquadEvaluator(Evaluator):
     def files(self) -> dict[str, dict]:
         return self._files
 
+    def _rank_state(self) -> tuple:
+        """What this rank holds of the pass, in the order ``_merge_ranks`` reads it."""
+        return self._pending, self._finished, self._golds, self._predictions, self._null_odds
+
     def _merge_ranks(self) -> None:
         """Every rank's answers, and the windows of examples no rank has finished, on all
         ranks (a collective: every rank must call it)."""
         shares: list = [None] * dist.get_world_size()
-        state = (self._pending, self._finished, self._golds, self._predictions, self._null_odds)
-        dist.all_gather_object(shares, state)
+        dist.all_gather_object(shares, self._rank_state())
         self.reset()
         for _, finished, golds, predictions, null_odds in shares:
             self._finished |= finished
