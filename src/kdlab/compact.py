@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from kdlab.errors import ConfigError
 from kdlab.pruning import StructuredMasks, compact
+from kdlab.rundir import RunDir
 
 log = logging.getLogger("kdlab")
 
@@ -47,7 +48,7 @@ def load_student(checkpoint_path: Path) -> transformers.PreTrainedModel:
 
 def _run_tokenizer(checkpoint_path: Path) -> str | None:
     """The tokenizer the run's student was built with, from ``<run_dir>/config.yaml``."""
-    config_file = checkpoint_path.resolve().parent.parent / "config.yaml"
+    config_file = RunDir(checkpoint_path.resolve().parent.parent).config
     if not config_file.exists():
         return None
     model_cfg = OmegaConf.load(config_file).model

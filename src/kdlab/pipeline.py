@@ -16,10 +16,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from kdlab.resolvers import STAGE_DIRS
+from kdlab.rundir import RunDir
 
 log = logging.getLogger(__name__)
-
-METRICS_FILE = "metrics.json"
 
 
 def run_pipeline(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> list[tuple[str, dict]]:
@@ -35,13 +34,13 @@ def run_pipeline(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> list[tup
     results = []
     for name, overrides in stages.items():
         stage_dir = STAGE_DIRS[name]
-        finished = stage_dir / METRICS_FILE
-        if finished.is_file():
-            log.info("Stage '%s' already finished (%s): skipping it.", name, finished)
-            results.append((name, json.loads(finished.read_text())))
+        files = RunDir(stage_dir)
+        if files.finished:
+            log.info("Stage '%s' already finished (%s): skipping it.", name, files.metrics)
+            results.append((name, json.loads(files.metrics.read_text())))
             continue
         extra = ["pipeline=null", f"run_dir='{stage_dir}'"]
-        if (stage_dir / "checkpoints" / "last.ckpt").is_file():
+        if files.last_checkpoint.is_file():
             log.info("Stage '%s' resumes from its last checkpoint.", name)
             extra.append("ckpt_path=last")
         log.info("Stage '%s': %s", name, " ".join(overrides))

@@ -32,8 +32,9 @@ from kdlab.evaluation import evaluate, evaluation_trainer, time_inference
 from kdlab.methods import FineTune
 from kdlab.methods.base import BaseMethod
 from kdlab.models import build_student, build_teacher, count_parameters
-from kdlab.pipeline import METRICS_FILE, run_pipeline
+from kdlab.pipeline import run_pipeline
 from kdlab.report import summary_table
+from kdlab.rundir import RunDir
 
 log = logging.getLogger("kdlab")
 
@@ -53,8 +54,9 @@ def run(cfg: DictConfig) -> dict:
     """Train one configuration and write its run directory; returns ``metrics.json``'s dict."""
     start = time.perf_counter()
     run_dir = Path(cfg.run_dir)
+    files = RunDir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    OmegaConf.save(cfg, files.config, resolve=True)
     L.seed_everything(cfg.seed, workers=True)
 
     method_cls = get_class(cfg.method._target_)
@@ -99,7 +101,7 @@ def run(cfg: DictConfig) -> dict:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     except NonFiniteLossError:
         log.error(
-            "Training stopped on a non-finite loss; checkpoints kept in %s", run_dir / "checkpoints"
+            "Training stopped on a non-finite loss; checkpoints kept in %s", files.checkpoints
         )
         raise
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -116,7 +118,7 @@ def run(cfg: DictConfig) -> dict:
     student_metrics = evaluate(evaluator, module, datamodule, ckpt_path=best)
     for name, content in module.evaluation_files().items():
         (run_dir / name).write_text(json.dumps(content, indent=1))
-    student_dir = run_dir / "student"
+    student_dir = files.student
     # A pruned student is exported compacted (a smaller stock model); others as they are.
     exported = module.export_model()
     exported.save_pretrained(student_dir)
@@ -154,7 +156,7 @@ def run(cfg: DictConfig) -> dict:
             timing["device"] = str(next(exported.parameters()).device)
             metrics["inference"] = timing
     metrics["wall_time_s"] = round(time.perf_counter() - start, 1)
-    (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    files.metrics.write_text(json.dumps(metrics, indent=2))
     if trainer.logger is not None:
         flat = {f"best/{k}": v for k, v in student_metrics.items()}
         if metrics["teacher"]:
