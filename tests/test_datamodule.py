@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from kdlab.components import validate
 from kdlab.data.base import EpochSeededSampler
-from kdlab.data.classification import TextClassificationDataModule
 from kdlab.errors import ConfigError
-from tests.conftest import compose
+from tests.conftest import build_datamodule, compose
 from tests.fixtures import write_tokenizer
 
 
@@ -30,15 +30,17 @@ def _dm(
     batch_size=8,
 ):
     cfg = compose(
-        [f"task={task}", f"task.data_dir={glue_root / folder}", f"run_dir={tmp_path}", *overrides]
+        [
+            f"task={task}",
+            f"task.data_dir={glue_root / folder}",
+            f"task.batch_size={batch_size}",
+            f"task.cache_dir={cache or 'null'}",
+            f"run_dir={tmp_path}",
+            *overrides,
+        ]
     )
-    dm = TextClassificationDataModule(
-        cfg.task,
-        tokenizer,
-        batch_size=batch_size,
-        seed=seed,
-        cache_dir=str(cache) if cache else None,
-    )
+    validate(cfg)
+    dm = build_datamodule(cfg, tokenizer, seed=seed)
     dm.setup()
     return dm
 

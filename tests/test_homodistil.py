@@ -13,9 +13,9 @@ from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassificatio
 
 import kdlab.train
 from kdlab.compact import main as compact_main
-from kdlab.data import CorpusDataModule
 from kdlab.errors import ConfigError
-from tests.conftest import run_cli
+from kdlab.pruning.callback import PruningCallback
+from tests.conftest import build_task, run_cli
 from tests.fixtures import (
     write_corpus,
     write_glue,
@@ -89,7 +89,7 @@ def logged_columns(run_dir: Path) -> set[str]:
 def test_corpus_chunks_and_fixed_validation_masks(data):
     tokenizer = AutoTokenizer.from_pretrained(data["teacher"])
     task = compose([*corpus_args(data), "run_dir=x"]).task
-    first = CorpusDataModule(task, tokenizer, batch_size=4)
+    first = build_task(task, tokenizer, batch_size=4)
     first.setup()
     ids = torch.tensor(first.splits["train"]["input_ids"])
     assert ids.shape[1] == 16
@@ -100,7 +100,7 @@ def test_corpus_chunks_and_fixed_validation_masks(data):
     batch = next(iter(first.train_dataloader()))
     masked = batch["labels"] != -100
     assert 0 < masked.float().mean() < 0.5
-    second = CorpusDataModule(task, tokenizer, batch_size=4)
+    second = build_task(task, tokenizer, batch_size=4)
     second.setup()
     val_a = next(iter(first.val_dataloader()[0]))
     val_b = next(iter(second.val_dataloader()[0]))
@@ -112,7 +112,7 @@ def test_corpus_files_that_match_nothing_name_the_key(data):
     tokenizer = AutoTokenizer.from_pretrained(data["teacher"])
     task = compose([*corpus_args(data), "task.files=[/nonexistent/*.txt]", "run_dir=x"]).task
     with pytest.raises(ConfigError, match="task.files"):
-        CorpusDataModule(task, tokenizer).setup()
+        build_task(task, tokenizer).setup()
 
 
 def test_mlm_reports_validation_loss_and_perplexity(data, tmp_path):
@@ -254,9 +254,9 @@ def test_kd_with_pruning_then_finetune_the_compact_student(data, tmp_path):
     assert tuned["student"]["params"] == metrics["student"]["params"]
 
 
-def _final_state(run_dir: Path) -> dict:
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    return checkpoint
+def _pruning_state(checkpoint: Path) -> dict:
+    """What the pruning callback stored in a checkpoint: masks, importance, history."""
+    return torch.load(checkpoint, weights_only=True)["callbacks"][PruningCallback.__name__]
 
 
 def test_resume_mid_pruning_ends_with_the_same_masks(data, tmp_path):
@@ -272,23 +272,23 @@ def test_resume_mid_pruning_ends_with_the_same_masks(data, tmp_path):
     ]
     run([*overrides, f"run_dir={tmp_path / 'full'}"])
     middle = tmp_path / "full" / "checkpoints" / "e0.ckpt"
-    mid_masks = torch.load(middle, weights_only=True)["state_dict"]["pruner.masks.ffn"]
+    mid_masks = _pruning_state(middle)["masks"]["ffn"]
     assert 0 < mid_masks.mean() < 1  # saved while pruning was under way
     run([*overrides, f"ckpt_path={middle}", f"run_dir={tmp_path / 'resumed'}"])
-    full, resumed = _final_state(tmp_path / "full"), _final_state(tmp_path / "resumed")
+    full = _pruning_state(tmp_path / "full" / "checkpoints" / "last.ckpt")
+    resumed = _pruning_state(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
     for kind in ("hidden", "heads", "ffn"):
-        key = f"pruner.masks.{kind}"
-        torch.testing.assert_close(resumed["state_dict"][key], full["state_dict"][key])
-    ema_full = full["kdlab_pruning"]["importance"]["sensitivity"]
-    ema_resumed = resumed["kdlab_pruning"]["importance"]["sensitivity"]
+        torch.testing.assert_close(resumed["masks"][kind], full["masks"][kind])
+    ema_full = full["importance"]["sensitivity"]
+    ema_resumed = resumed["importance"]["sensitivity"]
     for name, value in ema_full.items():
         torch.testing.assert_close(ema_resumed[name], value)
-    assert resumed["kdlab_pruning"]["history"] == full["kdlab_pruning"]["history"]
+    assert resumed["history"] == full["history"]
 
 
 def test_two_process_ddp_ranks_hold_identical_masks(data, tmp_path):
     # Every mask update all-gathers the masks and fails if any rank differs
-    # (PruningHooks._check_masks_agree); the run succeeding on 2 gloo processes is the check.
+    # (PruningCallback._check_masks_agree); the run succeeding on 2 gloo processes is the check.
     overrides = [
         *COMMON,
         *corpus_args(data),

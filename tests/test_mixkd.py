@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from transformers import BertForSequenceClassification
 
 from kdlab import train
@@ -15,6 +14,7 @@ from kdlab.errors import ConfigError
 from kdlab.losses import distillation_loss, mixup, mixup_target_loss, soft_cross_entropy
 from kdlab.methods.mixkd import MixKD, mixed_forward
 from kdlab.metrics import ClassificationEvaluator
+from kdlab.optim import Optim
 from tests.fixtures import write_tiny_bert
 
 # Four sentences of four known words each: no padding, so the pair's mask union is trivial.
@@ -36,15 +36,16 @@ def tiny_dirs(tmp_path_factory) -> dict[int, tuple[Path, Path]]:
 def make_module(dirs, num_labels: int = 2, **kwargs) -> MixKD:
     teacher_dir, student_dir = dirs[num_labels]
     module = MixKD(
-        BertForSequenceClassification.from_pretrained(student_dir),
-        BertForSequenceClassification.from_pretrained(teacher_dir),
+        name="mixkd",
+        student=BertForSequenceClassification.from_pretrained(student_dir),
+        teacher=BertForSequenceClassification.from_pretrained(teacher_dir),
         head="sequence_classification",
         evaluators={
             "val": ClassificationEvaluator(
                 ["accuracy"] if num_labels > 1 else ["pearson"], num_labels
             )
         },
-        optim=OmegaConf.create({}),
+        optim=Optim(),
         **kwargs,
     )
     # Random tiny heads give near-uniform outputs; larger logits make the KL terms big
@@ -345,8 +346,7 @@ def test_layer_truncated_students(six_layer_teacher, glue_root, tmp_path, monkey
     assert student.config.num_hidden_layers == int(model[-1])
 
 
-def test_span_tasks_are_refused(tiny_dirs, glue_root, tmp_path, monkeypatch):
-    monkeypatch.setenv("KDLAB_DATA_DIR", str(glue_root))
-    cfg = compose_mixkd(tiny_dirs[2][0], tmp_path, "task=sst2", "task.head=question_answering")
-    with pytest.raises(ConfigError, match="task.head=question_answering"):
+def test_span_tasks_are_refused(tiny_dirs, tmp_path):
+    cfg = compose_mixkd(tiny_dirs[2][0], tmp_path, "task=squad", f"task.train_file={tmp_path}")
+    with pytest.raises(ConfigError, match="task=squad .a question_answering task"):
         train.run(cfg)

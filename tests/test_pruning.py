@@ -17,6 +17,8 @@ from kdlab.pruning import Pruner, StructuredMasks, compact, compact_parameter_co
 from kdlab.pruning.importance import PlatonImportance
 from kdlab.pruning.schedule import cubic_remaining, oneshot_remaining
 from kdlab.train import CONF_DIR
+from kdlab.validation import check_node
+from tests.conftest import compose
 
 
 def tiny_config(**kwargs) -> BertConfig:
@@ -205,8 +207,9 @@ def test_target_shape_errors_name_the_config_keys():
         Pruner(model, target={**TARGET, "hidden_size": 24})
     with pytest.raises(ConfigError, match="model=tiny"):
         Pruner(model, target=None)
-    with pytest.raises(ConfigError, match="pruning.schedule"):
-        Pruner(model, target=TARGET, schedule="linear")
+    cfg = compose(["pruning=homotopic", "pruning.schedule=linear", "run_dir=unused"])
+    with pytest.raises(ConfigError, match="pruning.schedule='linear' must be one of"):
+        check_node(cfg.pruning, "pruning", Pruner, ["model"])
 
 
 @pytest.mark.parametrize(

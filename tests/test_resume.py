@@ -53,8 +53,9 @@ def test_resume_from_last_matches_uninterrupted(make_cfg, tmp_path):
 
 
 def test_last_checkpoint_follows_every_epoch(make_cfg, tmp_path):
-    # lr = 0: the weights never change, so epoch 2 cannot improve on epoch 1's metric.
-    kdlab.train.run(make_cfg(method="finetune", extra=["trainer.max_epochs=2", "optim.lr=0"]))
+    # lr = 1e-30 (0 is refused): fp32 weights do not change, so epoch 2 cannot improve on
+    # epoch 1's metric.
+    kdlab.train.run(make_cfg(method="finetune", extra=["trainer.max_epochs=2", "optim.lr=1e-30"]))
     last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 12
     best = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", weights_only=True)

@@ -9,7 +9,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import kdlab.train
 from kdlab.methods.base import model_inputs
-from tests.conftest import fast_overrides, run_cli
+from tests.conftest import build_datamodule, fast_overrides, run_cli
 from tests.fixtures import write_tokenizer
 
 
@@ -81,11 +81,8 @@ def test_export_loads_with_stock_transformers(task, make_cfg, captured, tmp_path
             torch.testing.assert_close(value, state[key], msg=key)
 
     # and gives the same logits as the module on a real batch of the task
-    from kdlab.data.classification import TextClassificationDataModule
-
-    dm = TextClassificationDataModule(
-        cfg.task, tokenizer, eval_batch_size=8, cache_dir=cfg.task.cache_dir
-    )
+    cfg.task.eval_batch_size = 8
+    dm = build_datamodule(cfg, tokenizer)
     dm.setup()
     real = model_inputs(next(iter(dm.val_dataloader()[0])))
     with torch.no_grad():

@@ -4,25 +4,26 @@ import json
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
-from kdlab.data.squad import NO_OFFSET, SquadDataModule, answer_tokens, encode_windows, load_squad
+from kdlab.data.squad import NO_OFFSET, answer_tokens, encode_windows, load_squad
 from kdlab.errors import ConfigError, DataFormatError
+from tests.conftest import build_task, compose
 from tests.fixtures import write_squad, write_tokenizer
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "task"
 DEV_V11 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squad" / "dev-v1.1.json"
 
 
 def squad_task(train: Path, dev: Path, v2: bool = False, **overrides):
-    task = OmegaConf.merge(
-        OmegaConf.load(CONF / "_squad.yaml"),
-        OmegaConf.load(CONF / ("squad_v2.yaml" if v2 else "squad.yaml")),
-        {"train_file": str(train), "validation_file": str(dev), "cache_dir": None},
-        overrides,
+    """The composed ``task`` node of SQuAD (v2.0 with ``v2``) on local files."""
+    options = {"train_file": train, "validation_file": dev, "cache_dir": None, **overrides}
+    cfg = compose(
+        [
+            f"task={'squad_v2' if v2 else 'squad'}",
+            "run_dir=unused",
+            *(f"task.{k}={'null' if v is None else v}" for k, v in options.items()),
+        ]
     )
-    del task["defaults"]
-    return task
+    return cfg.task
 
 
 @pytest.fixture()
@@ -31,7 +32,7 @@ def tiny(tmp_path):
     train = write_squad(tmp_path / "train.json", n_articles=6, unanswerable=True, seed=1)
     dev = write_squad(tmp_path / "dev.json", n_articles=4, unanswerable=True, seed=2)
     task = squad_task(train, dev, v2=True, max_seq_length=32, doc_stride=8)
-    dm = SquadDataModule(task, tokenizer, batch_size=4, eval_batch_size=4)
+    dm = build_task(task, tokenizer, batch_size=4, eval_batch_size=4)
     dm.setup()
     return dm
 
@@ -167,7 +168,7 @@ def test_round_trip_on_real_data_with_minilm(tmp_path):
     small = tmp_path / "dev3.json"
     small.write_text(json.dumps({"data": data["data"][:3]}))
     tokenizer = AutoTokenizer.from_pretrained(minilm.get_model_path())
-    dm = SquadDataModule(squad_task(small, small, max_seq_length=128, doc_stride=32), tokenizer)
+    dm = build_task(squad_task(small, small, max_seq_length=128, doc_stride=32), tokenizer)
     dm.setup()
     examples, features = dm.examples["validation"], dm.features["validation"]
     exact = normalised = total = 0

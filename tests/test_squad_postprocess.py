@@ -6,8 +6,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers.modeling_outputs import QuestionAnsweringModelOutput
 
-from kdlab.data.squad import SquadDataModule
 from kdlab.qa.postprocess import Window, predict_answer
+from tests.conftest import build_task
 from tests.fixtures import write_squad, write_tokenizer
 from tests.test_squad_features import squad_task
 
@@ -85,7 +85,7 @@ def test_evaluator_per_batch_with_oracle_logits(tmp_path, v2):
     tokenizer = write_tokenizer(tmp_path / "tok")
     dev = write_squad(tmp_path / "dev.json", n_articles=5, unanswerable=v2, seed=4)
     task = squad_task(dev, dev, v2=v2, max_seq_length=32, doc_stride=8)
-    dm = SquadDataModule(task, tokenizer, eval_batch_size=3)
+    dm = build_task(task, tokenizer, eval_batch_size=3)
     dm.setup()
     evaluator = dm.evaluators()["val"]
     windows = len(dm.features["validation"])
@@ -122,7 +122,7 @@ def test_evaluator_merges_the_shares_of_distributed_ranks(tmp_path, monkeypatch,
     # what one process scores on the whole split.
     tokenizer = write_tokenizer(tmp_path / "tok")
     dev = write_squad(tmp_path / "dev.json", n_articles=5, unanswerable=v2, seed=4)
-    dm = SquadDataModule(squad_task(dev, dev, v2=v2, max_seq_length=32, doc_stride=8), tokenizer)
+    dm = build_task(squad_task(dev, dev, v2=v2, max_seq_length=32, doc_stride=8), tokenizer)
     dm.setup()
     features = dm._batches("validation")
     assert len(features) % 7  # the sampler pads with repeated windows

@@ -88,7 +88,7 @@ def test_a_method_can_refuse_span_tasks(tmp_path):
     overrides = squad_overrides(tmp_path, v2=False)
     cfg = compose([*COMMON, *overrides, f"run_dir={tmp_path / 'run'}", "method=kd"])
     cfg.method._target_ = f"{__name__}.SequenceOnly"
-    with pytest.raises(ConfigError, match="task.head=question_answering"):
+    with pytest.raises(ConfigError, match="task=squad .a question_answering task"):
         kdlab.train.run(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
 

@@ -3,8 +3,8 @@ checkpoint, compacted to a smaller stock ``transformers`` model and saved with
 ``save_pretrained`` (plus the tokenizer of the run, when it can be found).
 
 The checkpoint carries the student's class and config (``kdlab_student``), its weights
-(``student.*``) and the pruning masks (``pruner.masks.*``); a checkpoint of an unpruned run
-is exported as it is.
+(``student.*``) and, from a pruning run, the masks in the state of the pruning callback; a
+checkpoint of an unpruned run is exported as it is.
 """
 
 import argparse
@@ -17,12 +17,12 @@ from omegaconf import OmegaConf
 
 from kdlab.errors import ConfigError
 from kdlab.pruning import StructuredMasks, compact
+from kdlab.pruning.callback import PruningCallback
 from kdlab.rundir import RunDir
 
 log = logging.getLogger("kdlab")
 
 _STUDENT = "student."
-_MASKS = "pruner.masks."
 
 
 def load_student(checkpoint_path: Path) -> transformers.PreTrainedModel:
@@ -37,11 +37,11 @@ def load_student(checkpoint_path: Path) -> transformers.PreTrainedModel:
     weights = {k[len(_STUDENT) :]: v for k, v in state.items() if k.startswith(_STUDENT)}
     model.load_state_dict(weights, strict=False)
     model.tie_weights()
-    mask_state = {k[len(_MASKS) :]: v for k, v in state.items() if k.startswith(_MASKS)}
-    if not mask_state:
+    pruning = checkpoint.get("callbacks", {}).get(PruningCallback.__name__)
+    if pruning is None:
         return model.eval()
     masks = StructuredMasks.for_model(model)
-    masks.load_state_dict(mask_state)
+    masks.load_state_dict(pruning["masks"])
     masks.install(model)
     return compact(model, masks).eval()
 

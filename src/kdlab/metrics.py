@@ -18,7 +18,8 @@ from transformers.utils import ModelOutput
 from kdlab.errors import ConfigError
 from kdlab.losses import IGNORE_INDEX, target_rows
 
-_FACTORIES: dict[str, Callable[[int], Metric]] = {
+# Metric names a classification task may list in ``task.metrics``, and how each is built.
+METRICS: dict[str, Callable[[int], Metric]] = {
     "accuracy": lambda n: MulticlassAccuracy(num_classes=n, average="micro"),
     "f1": lambda n: BinaryF1Score(),
     "matthews": lambda n: MatthewsCorrCoef(task="multiclass", num_classes=n),
@@ -101,12 +102,10 @@ def build_metrics(names: Sequence[str], num_labels: int) -> MetricCollection:
         names: metric names from ``task.metrics``.
         num_labels: number of classes; 1 for regression.
     """
-    unknown = set(names) - set(_FACTORIES)
+    unknown = set(names) - set(METRICS)
     if unknown:
-        raise ConfigError(
-            f"task.metrics has unknown {sorted(unknown)}; known: {sorted(_FACTORIES)}"
-        )
-    return MetricCollection({name: _FACTORIES[name](num_labels) for name in names})
+        raise ConfigError(f"task.metrics has unknown {sorted(unknown)}; known: {sorted(METRICS)}")
+    return MetricCollection({name: METRICS[name](num_labels) for name in names})
 
 
 def predictions(logits: Tensor) -> Tensor:

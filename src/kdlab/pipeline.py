@@ -1,9 +1,10 @@
 """Multi-stage runs: each stage is a full training run in ``run_dir/<stage>``.
 
 A pipeline (the root ``pipeline`` key) maps stage names to override lists, e.g. fine-tune a
-teacher, then distil it (``teacher.path=${stage:teacher}/student``). A stage whose
-``metrics.json`` exists is finished and skipped; one with ``checkpoints/last.ckpt`` resumes
-from it. So re-running an interrupted pipeline continues at its first unfinished stage.
+teacher, then distil it (``teacher.path=${stage:teacher}/student``). Every stage's config is
+composed and checked before the first stage starts. A stage whose ``metrics.json`` exists is
+finished and skipped; one with ``checkpoints/last.ckpt`` resumes from it. So re-running an
+interrupted pipeline continues at its first unfinished stage.
 """
 
 import json
@@ -15,7 +16,7 @@ from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from kdlab.resolvers import STAGE_DIRS
+from kdlab.components import validate
 from kdlab.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -28,22 +29,36 @@ def run_pipeline(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> list[tup
     """
     stages: dict[str, list[str]] = OmegaConf.to_container(cfg.pipeline, resolve=False)
     root = Path(cfg.run_dir)
-    STAGE_DIRS.clear()
-    STAGE_DIRS.update({name: root / name for name in stages})
+    dirs = {name: str(root / name) for name in stages}
     user_overrides = list(HydraConfig.get().overrides.task)
+    configs = {
+        name: stage_config([*user_overrides, *overrides], dirs[name], dirs)
+        for name, overrides in stages.items()
+    }
+    for stage_cfg in configs.values():
+        # Inputs written by earlier stages do not exist yet: their paths are checked when
+        # the stage starts.
+        validate(stage_cfg, check_files=False)
     results = []
-    for name, overrides in stages.items():
-        stage_dir = STAGE_DIRS[name]
-        files = RunDir(stage_dir)
+    for name, stage_cfg in configs.items():
+        files = RunDir(dirs[name])
         if files.finished:
             log.info("Stage '%s' already finished (%s): skipping it.", name, files.metrics)
             results.append((name, json.loads(files.metrics.read_text())))
             continue
-        extra = ["pipeline=null", f"run_dir='{stage_dir}'"]
         if files.last_checkpoint.is_file():
             log.info("Stage '%s' resumes from its last checkpoint.", name)
-            extra.append("ckpt_path=last")
-        log.info("Stage '%s': %s", name, " ".join(overrides))
-        stage_cfg = compose(config_name="train", overrides=[*user_overrides, *overrides, *extra])
+            stage_cfg.ckpt_path = "last"
+        log.info("Stage '%s': %s", name, " ".join(stages[name]))
         results.append((name, run(stage_cfg)))
     return results
+
+
+def stage_config(overrides: list[str], run_dir: str, stage_dirs: dict[str, str]) -> DictConfig:
+    """The config of one stage: ``train.yaml`` with ``overrides``, in ``run_dir``, with
+    ``${stage:NAME}`` resolving to ``stage_dirs[NAME]``."""
+    cfg = compose(
+        config_name="train", overrides=[*overrides, "pipeline=null", f"run_dir='{run_dir}'"]
+    )
+    cfg.stage_dirs = stage_dirs
+    return cfg

@@ -1,14 +1,10 @@
 """OmegaConf resolvers used by kdlab's configs."""
 
 import importlib
-from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from kdlab.errors import ConfigError
-
-# Run directories of pipeline stages, filled in by kdlab.pipeline as stages are planned.
-STAGE_DIRS: dict[str, Path] = {}
 
 
 def package_model(module: str) -> str:
@@ -24,13 +20,17 @@ def package_model(module: str) -> str:
     return str(package.get_model_path())
 
 
-def stage_dir(name: str) -> str:
-    """``${stage:teacher}``: the run directory of an earlier pipeline stage."""
-    if name not in STAGE_DIRS:
-        raise ConfigError(
-            f"${{stage:{name}}} names no stage of this pipeline ({sorted(STAGE_DIRS)})."
-        )
-    return str(STAGE_DIRS[name])
+def stage_dir(name: str, *, _root_: DictConfig) -> str:
+    """``${stage:teacher}``: the run directory of a stage of this run's pipeline.
+
+    The pipeline puts every stage's directory into the root key ``stage_dirs`` of the
+    config it composes for a stage, so the resolver needs no state of its own.
+    """
+    stages = dict(_root_.get("stage_dirs") or {})
+    if name not in stages:
+        known = f"the stages are {sorted(stages)}" if stages else "this run is not a pipeline stage"
+        raise ConfigError(f"${{stage:{name}}} names no stage of this pipeline: {known}.")
+    return str(stages[name])
 
 
 def register() -> None:

@@ -1,4 +1,4 @@
-"""``python -m kdlab.train``: compose → build → fit → evaluate → export.
+"""``python -m kdlab.train``: compose → validate → build → fit → evaluate → export.
 
 Examples::
 
@@ -6,33 +6,42 @@ Examples::
     python -m kdlab.train -m method=finetune,kd task=sst2,rte seed=1,2,3
     python -m kdlab.train experiment=demo
 
-Each run directory holds the composed ``config.yaml``, ``checkpoints/`` (``last.ckpt`` and
-the best by the task's main metric, teacher weights excluded), ``metrics.json``,
-``student/`` (``save_pretrained`` output that stock ``transformers`` loads) and the
-student's per-example outputs where the task has them (SQuAD: ``predictions.json``, and
-``null_odds.json`` for v2.0).
+Each run directory (:class:`kdlab.rundir.RunDir`) holds the composed ``config.yaml``,
+``checkpoints/`` (``last.ckpt`` and the best by the task's main metric, teacher weights
+excluded), ``metrics.json``, ``student/`` (``save_pretrained`` output that stock
+``transformers`` loads) and the student's per-example outputs where the task has them
+(SQuAD: ``predictions.json``, and ``null_odds.json`` for v2.0).
 """
 
 import json
 import logging
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
-from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kdlab import resolvers
+from kdlab.components import build, target_of, validate
+from kdlab.data import TokenizedDataModule
 from kdlab.errors import ConfigError, NonFiniteLossError
 from kdlab.evaluation import evaluate, evaluation_trainer, time_inference
-from kdlab.methods import FineTune
-from kdlab.methods.base import BaseMethod
-from kdlab.models import build_student, build_teacher, count_parameters
+from kdlab.methods import BaseMethod, FineTune
+from kdlab.models.build import (
+    TASK_ATTRIBUTE,
+    check_same_tokenizer,
+    count_parameters,
+    load_tokenizer,
+)
 from kdlab.pipeline import run_pipeline
+from kdlab.pruning import Pruner, compact
+from kdlab.pruning.callback import PruningCallback
 from kdlab.report import summary_table
 from kdlab.rundir import RunDir
 
@@ -46,63 +55,98 @@ resolvers.register()
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`")
 
-# Method-config keys that describe the method rather than parametrise its module.
-_METHOD_META = ("_target_", "name")
+
+@dataclass
+class Assembly:
+    """Everything a run builds from its config, ready to fit."""
+
+    tokenizer: PreTrainedTokenizerBase
+    datamodule: TokenizedDataModule
+    teacher: PreTrainedModel | None
+    student: PreTrainedModel
+    pruner: Pruner | None
+    method: BaseMethod
+    trainer: L.Trainer
+
+
+def assemble(cfg: DictConfig) -> Assembly:
+    """Build every component of a validated config, in an order that fails cheaply first:
+    tokenizers, then the data (read and checked), then the models, then the rest."""
+    files = RunDir(cfg.run_dir)
+    method_cls = target_of(cfg, "method")
+    tokenizer = load_tokenizer(cfg.model.tokenizer, _tokenizer_key(cfg.model))
+    if method_cls.requires_teacher:
+        check_same_tokenizer(load_tokenizer(cfg.teacher.path, "teacher.path"), tokenizer)
+    datamodule = build(cfg, "task", tokenizer=tokenizer, seed=cfg.seed)
+    datamodule.setup("fit")  # data errors surface here, before any model loads
+    head, labels = datamodule.head, datamodule.labels
+    teacher = None
+    if method_cls.requires_teacher:
+        teacher = build(
+            cfg,
+            "teacher",
+            head=head,
+            labels=labels,
+            task=cfg.task.name,
+            needs_head=method_cls.needs_teacher_head(cfg.method),
+            hint=method_cls.teacher_head_hint,
+        )
+    student = build(cfg, "model", head=head, labels=labels)
+    pruner = build(cfg, "pruning", model=student) if cfg.get("pruning") is not None else None
+    method = build(
+        cfg,
+        "method",
+        student=student,
+        teacher=teacher,
+        head=head,
+        evaluators=datamodule.evaluators(),
+        optim=build(cfg, "optim"),
+    )
+    callbacks = [build(cfg, f"callbacks.{name}") for name, c in cfg.callbacks.items() if c]
+    if pruner is not None:
+        fixed_batch = next(iter(datamodule.val_dataloader()[0]))
+        callbacks.append(PruningCallback(pruner, fixed_batch, files.path))
+    logger = build(cfg, "logger") if cfg.get("logger") else False
+    trainer = build(
+        cfg, "trainer", logger=logger, callbacks=callbacks, default_root_dir=str(files.path)
+    )
+    return Assembly(tokenizer, datamodule, teacher, student, pruner, method, trainer)
+
+
+def _tokenizer_key(model_cfg: DictConfig) -> str:
+    # Most presets read the tokenizer from model.path: name the key the user sets.
+    return "model.path" if model_cfg.tokenizer == model_cfg.get("path") else "model.tokenizer"
 
 
 def run(cfg: DictConfig) -> dict:
-    """Train one configuration and write its run directory; returns ``metrics.json``'s dict."""
+    """Train one configuration and write its run directory; returns ``metrics.json``'s dict.
+
+    Raises:
+        ConfigError: before anything loads, for a config that cannot run.
+        DataFormatError: before any model loads, for a malformed data file.
+    """
     start = time.perf_counter()
-    run_dir = Path(cfg.run_dir)
-    files = RunDir(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    validate(cfg)
+    files = RunDir(cfg.run_dir)
+    ckpt_path = _checkpoint_to_resume(cfg, files)
+    files.path.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, files.config, resolve=True)
     L.seed_everything(cfg.seed, workers=True)
-
-    method_cls = get_class(cfg.method._target_)
-    # Fail before models and data are loaded when the method cannot handle the task.
-    method_cls.check_head(cfg.task.head)
-    teacher, teacher_tokenizer = (None, None)
-    if method_cls.requires_teacher:
-        teacher, teacher_tokenizer = build_teacher(
-            cfg,
-            cfg.task,
-            require_trained_head=method_cls.needs_teacher_head(cfg.method),
-            hint=method_cls.teacher_head_hint,
-        )
-    student, tokenizer = build_student(cfg, cfg.task, teacher_tokenizer)
-    datamodule = get_class(cfg.task.datamodule)(
-        cfg.task,
-        tokenizer,
-        batch_size=cfg.task.batch_size,
-        eval_batch_size=cfg.task.eval_batch_size,
-        num_workers=cfg.task.num_workers,
-        seed=cfg.seed,
-        cache_dir=cfg.task.cache_dir,
-    )
-    task_args = {"head": cfg.task.head, "optim": cfg.optim}
-    module = _build_method(
-        method_cls,
-        cfg.method,
-        student,
-        teacher,
-        {**task_args, "evaluators": datamodule.evaluators(), "pruning": cfg.get("pruning")},
-    )
-    params = {"student": count_parameters(student)}
-    if teacher is not None:
-        params["teacher"] = count_parameters(teacher)
-
-    trainer = _build_trainer(cfg)
+    parts = assemble(cfg)
+    trainer = parts.trainer
     if trainer.logger is not None:
+        params = {"student": count_parameters(parts.student)}
+        if parts.teacher is not None:
+            params["teacher"] = count_parameters(parts.teacher)
         trainer.logger.log_hyperparams(
             {**OmegaConf.to_container(cfg, resolve=True), "params": params}
         )
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        trainer.fit(parts.method, datamodule=parts.datamodule, ckpt_path=ckpt_path)
     except NonFiniteLossError:
-        log.error(
-            "Training stopped on a non-finite loss; checkpoints kept in %s", files.checkpoints
-        )
+        last = files.last_checkpoint
+        kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint yet"
+        log.error("Training stopped on a non-finite loss; %s (logs in %s).", kept, files.path)
         raise
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Rank 0 evaluates alone from here on; a live process group would make torchmetrics
@@ -110,20 +154,38 @@ def run(cfg: DictConfig) -> dict:
         torch.distributed.destroy_process_group()
     if not trainer.is_global_zero:
         return {}
+    metrics = evaluate_and_export(cfg, parts, files)
+    metrics["wall_time_s"] = round(time.perf_counter() - start, 1)
+    files.metrics.write_text(json.dumps(metrics, indent=2))
+    if trainer.logger is not None:
+        flat = {f"best/{k}": v for k, v in metrics["student"].items() if "/" in k}
+        if metrics["teacher"]:
+            flat.update({f"teacher/{k}": v for k, v in metrics["teacher"].items() if "/" in k})
+        trainer.logger.log_metrics(flat, step=trainer.global_step)
+        trainer.logger.finalize("success")
+    log.info("Run finished in %.0f s: %s", metrics["wall_time_s"], files.path)
+    return metrics
 
+
+def evaluate_and_export(cfg: DictConfig, parts: Assembly, files: RunDir) -> dict:
+    """Evaluate the trained student (and the teacher, and their speed) and export it.
+
+    Returns:
+        The content of ``metrics.json`` but the wall time.
+    """
+    datamodule, teacher, pruner = parts.datamodule, parts.teacher, parts.pruner
     # A pruned student is evaluated as training left it: its earlier (possibly "best")
     # checkpoints are wider than the target.
-    best = None if module.pruner is not None else _best_checkpoint(trainer)
+    best = None if pruner is not None else _best_checkpoint(parts.trainer)
     evaluator = evaluation_trainer(cfg.trainer)
-    student_metrics = evaluate(evaluator, module, datamodule, ckpt_path=best)
-    for name, content in module.evaluation_files().items():
-        (run_dir / name).write_text(json.dumps(content, indent=1))
-    student_dir = files.student
+    student_metrics = evaluate(evaluator, parts.method, datamodule, ckpt_path=best)
+    for name, content in parts.method.evaluation_files().items():
+        (files.path / name).write_text(json.dumps(content, indent=1))
     # A pruned student is exported compacted (a smaller stock model); others as they are.
-    exported = module.export_model()
-    exported.save_pretrained(student_dir)
-    tokenizer.save_pretrained(student_dir)
-    params["student"] = count_parameters(exported)
+    exported = parts.student if pruner is None else compact(parts.student, pruner.masks)
+    setattr(exported.config, TASK_ATTRIBUTE, cfg.task.name)
+    exported.save_pretrained(files.student)
+    parts.tokenizer.save_pretrained(files.student)
     metrics = {
         "task": cfg.task.name,
         "method": cfg.method.name,
@@ -131,58 +193,57 @@ def run(cfg: DictConfig) -> dict:
         "best_checkpoint": best,
         "student": {
             "name": cfg.model.name,
-            "path": str(student_dir),
-            "params": params["student"],
+            "path": str(files.student),
+            "params": count_parameters(exported),
             **student_metrics,
         },
         "teacher": None,
     }
-    if teacher is not None:
-        teacher_module = FineTune(teacher, **task_args, evaluators=datamodule.evaluators())
-        teacher_metrics = evaluate(evaluator, teacher_module, datamodule)
-        metrics["teacher"] = {
-            "name": cfg.teacher.name,
-            "path": str(cfg.teacher.path),
-            "params": params["teacher"],
-            **teacher_metrics,
-        }
-        if cfg.eval.speed_batches > 0:
-            timing = time_inference(
-                {"teacher": teacher, "student": exported},
-                datamodule.val_dataloader()[0],
-                cfg.eval.speed_batches,
-            )
-            timing["speedup"] = timing["teacher_ms_per_batch"] / timing["student_ms_per_batch"]
-            timing["device"] = str(next(exported.parameters()).device)
-            metrics["inference"] = timing
-    metrics["wall_time_s"] = round(time.perf_counter() - start, 1)
-    files.metrics.write_text(json.dumps(metrics, indent=2))
-    if trainer.logger is not None:
-        flat = {f"best/{k}": v for k, v in student_metrics.items()}
-        if metrics["teacher"]:
-            flat.update({f"teacher/{k}": v for k, v in teacher_metrics.items()})
-        trainer.logger.log_metrics(flat, step=trainer.global_step)
-        trainer.logger.finalize("success")
-    log.info("Run finished in %.0f s: %s", metrics["wall_time_s"], run_dir)
+    if teacher is None:
+        return metrics
+    teacher_module = FineTune(
+        name="teacher",
+        student=teacher,
+        head=datamodule.head,
+        evaluators=datamodule.evaluators(),
+        optim=parts.method.optim,
+    )
+    metrics["teacher"] = {
+        "name": cfg.teacher.name,
+        "path": str(cfg.teacher.path),
+        "params": count_parameters(teacher),
+        **evaluate(evaluator, teacher_module, datamodule),
+    }
+    if cfg.eval.speed_batches > 0:
+        timing = time_inference(
+            {"teacher": teacher, "student": exported},
+            datamodule.val_dataloader()[0],
+            cfg.eval.speed_batches,
+        )
+        timing["speedup"] = timing["teacher_ms_per_batch"] / timing["student_ms_per_batch"]
+        timing["device"] = str(next(exported.parameters()).device)
+        metrics["inference"] = timing
     return metrics
 
 
-def _build_method(
-    method_cls, method_cfg: DictConfig, student, teacher, task_args: dict
-) -> BaseMethod:
-    kwargs = {k: v for k, v in method_cfg.items() if k not in _METHOD_META}
-    try:
-        return method_cls(student, teacher, **task_args, **kwargs)
-    except TypeError as err:
-        raise ConfigError(f"method={method_cfg.name}: {err}. Check the method.* keys.") from err
+def _checkpoint_to_resume(cfg: DictConfig, files: RunDir) -> str | None:
+    """The checkpoint ``ckpt_path`` names (``last``: the run directory's ``last.ckpt``).
 
-
-def _build_trainer(cfg: DictConfig) -> L.Trainer:
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    return L.Trainer(
-        **cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=cfg.run_dir
-    )
+    Raises:
+        ConfigError: if that checkpoint does not exist; resuming nothing must not silently
+            start a new run.
+    """
+    if cfg.ckpt_path is None:
+        return None
+    path = files.last_checkpoint if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
+    if not path.is_file():
+        where = f"run directory {files.path}" if cfg.ckpt_path == "last" else "that path"
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path}: there is no checkpoint {path} in the {where}. To "
+            "resume, point hydra.run.dir at the run that wrote checkpoints/last.ckpt; to start "
+            "afresh, leave ckpt_path unset."
+        )
+    return str(path)
 
 
 def _best_checkpoint(trainer: L.Trainer) -> str | None:

@@ -1,5 +1,5 @@
 """Training-data augmentation applied by the datamodules (config group ``augment``)."""
 
-from kdlab.augment.backtranslation import EXAMPLE_INDEX, add_paraphrases
+from kdlab.augment.backtranslation import EXAMPLE_INDEX, BackTranslationOptions, add_paraphrases
 
-__all__ = ["EXAMPLE_INDEX", "add_paraphrases"]
+__all__ = ["EXAMPLE_INDEX", "BackTranslationOptions", "add_paraphrases"]

@@ -15,6 +15,7 @@ import csv
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Annotated, TypedDict
 
 import datasets
 import torch
@@ -22,6 +23,7 @@ from omegaconf import DictConfig
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from kdlab.errors import ConfigError, DataFormatError
+from kdlab.validation import Positive, PositiveInt, Range
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,22 @@ EXAMPLE_INDEX = "example_index"
 INDEX_HEADER = "index"
 
 Paraphrases = dict[int, list[tuple[str, ...]]]
+
+
+class BackTranslationOptions(TypedDict):
+    """``task.augment`` of ``augment=backtranslation`` (``conf/augment/backtranslation.yaml``)."""
+
+    file: str  # paraphrase TSV: read, and extended with what generation adds
+    generate: bool  # translate the examples the file lacks
+    forward_model: str
+    backward_model: str
+    batch_size: PositiveInt
+    max_length: PositiveInt
+    device: str
+    sampling: bool  # sample (diverse paraphrases) rather than search
+    top_p: Annotated[float, Range(gt=0, le=1)]
+    temperature: Positive
+    num_beams: PositiveInt
 
 
 def read_paraphrases(path: Path, text_columns: Sequence[str]) -> Paraphrases:

@@ -1,7 +1,19 @@
 """Datamodules shared by every method. A datamodule knows nothing about methods."""
 
-from kdlab.data.classification import TextClassificationDataModule
+from kdlab.data.base import TokenizedDataModule
+from kdlab.data.classification import (
+    GlueDataModule,
+    RottenTomatoesDataModule,
+    TextClassificationDataModule,
+)
 from kdlab.data.corpus import CorpusDataModule
 from kdlab.data.squad import SquadDataModule
 
-__all__ = ["CorpusDataModule", "SquadDataModule", "TextClassificationDataModule"]
+__all__ = [
+    "CorpusDataModule",
+    "GlueDataModule",
+    "RottenTomatoesDataModule",
+    "SquadDataModule",
+    "TextClassificationDataModule",
+    "TokenizedDataModule",
+]

@@ -3,16 +3,18 @@ resumable training order and evaluation loaders that leave the global RNG alone.
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import ClassVar, Literal, TypedDict
 
 import datasets
 import lightning as L
 import torch
 from datasets.fingerprint import Hasher
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
+from typing_extensions import Unpack
 
-from kdlab.errors import ConfigError
+from kdlab.validation import NonNegativeInt, PositiveInt
 
 
 class EpochSeededSampler(Sampler[int]):
@@ -49,8 +51,6 @@ def train_subset(train: datasets.Dataset, task: DictConfig) -> datasets.Dataset:
     limit = task.get("max_train_samples")
     n = len(train)
     if fraction is not None:
-        if not 0 < fraction <= 1:
-            raise ConfigError(f"task.train_fraction={fraction} must be in (0, 1].")
         n = max(1, round(n * fraction))
     if limit is not None:
         n = min(n, int(limit))
@@ -61,40 +61,65 @@ def train_subset(train: datasets.Dataset, task: DictConfig) -> datasets.Dataset:
     return train.select(order.tolist())
 
 
+class TaskOptions(TypedDict):
+    """The keys every task config has (``conf/_task.yaml``); each datamodule adds its own."""
+
+    name: str  # names the cache folder and the runs
+    main_metric: str  # val/<main_metric> picks the best checkpoint
+    main_metric_mode: Literal["max", "min"]
+    max_seq_length: PositiveInt
+    batch_size: PositiveInt
+    eval_batch_size: PositiveInt
+    num_workers: NonNegativeInt
+    cache_dir: str | None  # tokenised splits, keyed by content, tokenizer and settings
+    max_train_samples: PositiveInt | None
+    subset_seed: int  # the training subset (and held-out split) depend on it alone
+
+
 class TokenizedDataModule(L.LightningDataModule):
-    """Base of the datamodules: a task config and the tokenizer teacher and student share.
+    """Base of the datamodules: a task's options and the tokenizer teacher and student share.
+
+    A datamodule is built from the ``task`` config by ``hydra.utils.instantiate``; its
+    options (``**task``, typed by the subclass's ``TypedDict``) are the task config's keys,
+    kept in ``self.task`` for the functions that read the data.
 
     Args:
-        task: the ``task`` config.
         tokenizer: the tokenizer shared by teacher and student.
-        batch_size: training batch size.
-        eval_batch_size: evaluation batch size.
-        num_workers: dataloader worker processes.
         seed: seed of the training order.
-        cache_dir: where tokenised splits are cached (keyed by content and tokenizer).
+        **task: the task's options.
     """
 
+    # The model head the task trains (``kdlab.models.build.HEAD_TARGETS`` key).
+    head: ClassVar[str]
     # Subclasses set the collator that pads (or masks) their batches.
     collator: Callable
 
     def __init__(
-        self,
-        task: DictConfig,
-        tokenizer: PreTrainedTokenizerBase,
-        batch_size: int = 32,
-        eval_batch_size: int = 64,
-        num_workers: int = 0,
-        seed: int = 0,
-        cache_dir: str | None = None,
+        self, *, tokenizer: PreTrainedTokenizerBase, seed: int, **task: Unpack[TaskOptions]
     ) -> None:
         super().__init__()
-        self.task = task
+        self.task = OmegaConf.create(task)
         self.tokenizer = tokenizer
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
-        self.num_workers = num_workers
+        self.batch_size = int(task["batch_size"])
+        self.eval_batch_size = int(task["eval_batch_size"])
+        self.num_workers = int(task["num_workers"])
         self.seed = seed
+        cache_dir = task.get("cache_dir")
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+
+    @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        """Cross-key rules of the task config that its types cannot state (none here)."""
+
+    @property
+    def labels(self) -> list[str] | None:
+        """Class names of a classification task; None for regression and other heads."""
+        return None
+
+    @property
+    def has_test(self) -> bool:
+        """Whether the task has a labelled test split."""
+        return False
 
     def cache_file(self, name: str, split: datasets.Dataset, *settings) -> str | None:
         """Where ``datasets.map`` caches a processed split: keyed by the split's content,

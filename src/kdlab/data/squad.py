@@ -11,16 +11,19 @@ of their context tokens and their CLS position, for post-processing.
 
 import logging
 from pathlib import Path
+from typing import Annotated, TypedDict
 
 import datasets
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+from typing_extensions import Unpack
 
-from kdlab.data.base import TokenizedDataModule, train_subset
+from kdlab.data.base import TaskOptions, TokenizedDataModule, train_subset
 from kdlab.data.squad_json import COLUMNS, read_squad_json
 from kdlab.errors import ConfigError
 from kdlab.qa.evaluator import SquadEvaluator
+from kdlab.validation import NonNegativeInt, PositiveInt, Range
 
 log = logging.getLogger(__name__)
 
@@ -164,33 +167,58 @@ def answer_tokens(
     return start, end
 
 
+class SquadHub(TypedDict):
+    """A SQuAD dataset on the hub (``task.hub``)."""
+
+    path: str
+    splits: dict[str, str]  # kdlab split -> hub split
+
+
+class SquadOptions(TaskOptions):
+    """Keys of ``task=squad`` and ``task=squad_v2`` (``conf/_task_squad.yaml``)."""
+
+    train_file: str | None  # official JSON; else the hub
+    validation_file: str | None
+    hub: SquadHub
+    version_2_with_negative: bool  # unanswerable questions, no-answer odds, v2.0 metrics
+    doc_stride: NonNegativeInt  # tokens shared by consecutive windows of a long context
+    n_best_size: PositiveInt
+    max_answer_length: PositiveInt
+    null_score_diff_threshold: float
+    train_fraction: Annotated[float, Range(gt=0, le=1)] | None
+
+
 class SquadDataModule(TokenizedDataModule):
     """Windows of SQuAD questions for training and evaluation, and the SQuAD evaluator.
 
-    Teacher and student share the (fast) tokenizer, so both receive the same batch.
-    Arguments as :class:`~kdlab.data.base.TokenizedDataModule` (batch sizes count windows);
-    the task config gives files or hub, ``max_seq_length``, ``doc_stride``, the
-    post-processing options, ``version_2_with_negative`` and the training subset.
+    Teacher and student share the (fast) tokenizer, so both receive the same batch. Batch
+    sizes count windows.
     """
 
-    # SQuAD's test sets are hidden: evaluation is on the validation split only.
-    has_test = False
+    head = "question_answering"
 
-    def __init__(self, task: DictConfig, tokenizer: PreTrainedTokenizerBase, **loader) -> None:
+    def __init__(
+        self, *, tokenizer: PreTrainedTokenizerBase, seed: int, **task: Unpack[SquadOptions]
+    ) -> None:
         if not tokenizer.is_fast:
             raise ConfigError(
-                f"task={task.name} needs a fast tokenizer (character offsets); the model's "
+                f"task={task['name']} needs a fast tokenizer (character offsets); the model's "
                 f"{type(tokenizer).__name__} is not one. Use a model whose tokenizer.json exists."
             )
-        if not 0 <= task.doc_stride < task.max_seq_length:
-            raise ConfigError(
-                f"task.doc_stride={task.doc_stride} must be in [0, task.max_seq_length="
-                f"{task.max_seq_length})."
-            )
-        super().__init__(task, tokenizer, **loader)
+        super().__init__(tokenizer=tokenizer, seed=seed, **task)
         self.collator = DataCollatorWithPadding(tokenizer)
         self.examples: datasets.DatasetDict | None = None
         self.features: dict[str, datasets.Dataset] = {}
+
+    @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        """``task.doc_stride`` must leave room for new tokens in each window."""
+        task = cfg.task
+        if task.doc_stride >= task.max_seq_length:
+            raise ConfigError(
+                f"task.doc_stride={task.doc_stride} must be less than task.max_seq_length="
+                f"{task.max_seq_length}."
+            )
 
     def setup(self, stage: str | None = None) -> None:
         if self.examples is not None:

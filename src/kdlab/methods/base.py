@@ -2,7 +2,10 @@
 
 It owns the student and the frozen teacher, the optimizer and schedule, evaluation and
 metric logging; a method only says how its training losses are computed
-(``compute_losses``).
+(``compute_losses``). A method is built from its config by ``hydra.utils.instantiate``:
+its hyper-parameters are keyword arguments whose annotations the config check reads
+(``kdlab.validation``), and the run passes the models, the head, the evaluators and the
+optimizer.
 """
 
 import abc
@@ -12,16 +15,17 @@ from typing import ClassVar
 
 import lightning as L
 import torch
+from hydra.utils import get_class
 from omegaconf import DictConfig
 from torch import Tensor, nn
-from transformers import PreTrainedModel, get_scheduler
+from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from kdlab.errors import ConfigError, NonFiniteLossError
 from kdlab.losses import task_loss
 from kdlab.metrics import Evaluator
 from kdlab.models.build import HEAD_TARGETS, model_inputs
-from kdlab.pruning.hooks import PruningHooks
+from kdlab.optim import Optim
 from kdlab.rng import collect_rng_states, restore_rng_states
 
 log = logging.getLogger(__name__)
@@ -29,24 +33,26 @@ log = logging.getLogger(__name__)
 TEACHER_PREFIX = "teacher."
 
 
-class BaseMethod(PruningHooks, L.LightningModule, abc.ABC):
+class BaseMethod(L.LightningModule, abc.ABC):
     """Shared base of all methods.
 
     Args:
+        name: the method's name (``method.name``: run names, ``metrics.json``).
         student: the model being trained.
         teacher: a frozen teacher, or ``None`` for methods without one.
-        head: the task's head (``task.head``): which outputs are trained against which
-            batch targets (``kdlab.models.build.HEAD_TARGETS``).
+        head: the task's head (``HEAD_TARGETS`` key): which outputs are trained against
+            which batch targets.
         evaluators: one per evaluation split, keyed by metric-key prefix: the validation
             dataloaders in order (``val``, and ``val_mm`` for MNLI), then ``test`` where the
             task has labelled test data. The datamodule provides them.
-        optim: the ``optim`` config (lr, weight decay, betas, eps, warmup, scheduler).
-        pruning: the ``pruning`` config, or None to train the student unpruned.
+        optim: the optimizer and schedule (the ``optim`` config).
     """
 
     requires_teacher: ClassVar[bool] = True
+    # Whether the method only makes sense while the student is pruned (pruning=...).
+    requires_pruning: ClassVar[bool] = False
     # Task heads the method has a sound definition for; a method that cannot handle, e.g.,
-    # span prediction narrows this and such tasks are refused at build time.
+    # span prediction narrows this and such tasks are refused before anything loads.
     supported_heads: ClassVar[frozenset[str]] = frozenset(HEAD_TARGETS)
     # Appended to that refusal: why, and what to use instead.
     unsupported_head_hint: ClassVar[str] = "pick another method or task"
@@ -60,20 +66,36 @@ class BaseMethod(PruningHooks, L.LightningModule, abc.ABC):
         """Whether this configuration of the method reads the teacher's task head."""
         return True
 
+    @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        """Rules across config groups: the task's head and, where needed, pruning.
+
+        Raises:
+            ConfigError: naming the setting to change.
+        """
+        cls.check_head(get_class(cfg.task._target_).head, cfg.task.name)
+        if cls.requires_pruning and cfg.get("pruning") is None:
+            raise ConfigError(
+                f"method={cfg.method.name} prunes while it trains: set pruning=homotopic (or "
+                "pruning=oneshot) and a pruned student (model=minilm_half, model=pruned, or "
+                "model=tiny|xsmall|small|base for a BERT-base teacher)."
+            )
+
     def __init__(
         self,
+        *,
+        name: str,
         student: PreTrainedModel,
         teacher: PreTrainedModel | None = None,
-        *,
         head: str,
         evaluators: Mapping[str, Evaluator],
-        optim: DictConfig,
-        pruning: DictConfig | None = None,
+        optim: Optim,
     ) -> None:
         super().__init__()
         self.check_head(head)
         if self.requires_teacher and teacher is None:
             raise ValueError(f"{type(self).__name__} needs a teacher.")
+        self.name = name
         self.student = student
         self.teacher = teacher
         if teacher is not None:
@@ -82,18 +104,17 @@ class BaseMethod(PruningHooks, L.LightningModule, abc.ABC):
         self.head_targets = HEAD_TARGETS[head]
         self.eval_prefixes = [p for p in evaluators if p != "test"]
         self.evaluators = nn.ModuleDict(evaluators)
-        self.setup_pruning(pruning)
 
     @classmethod
-    def check_head(cls, head: str) -> None:
+    def check_head(cls, head: str, task: str = "this task") -> None:
         """Refuse a task head the method has no definition for.
 
         Raises:
-            ConfigError: naming ``task.head`` and the heads the method supports.
+            ConfigError: naming the task, its head and the heads the method supports.
         """
         if head not in cls.supported_heads:
             raise ConfigError(
-                f"{cls.__name__} does not support task.head={head} (it supports "
+                f"{cls.__name__} does not support task={task} (a {head} task; it supports "
                 f"{sorted(cls.supported_heads)}): {cls.unsupported_head_hint}."
             )
 
@@ -129,7 +150,6 @@ class BaseMethod(PruningHooks, L.LightningModule, abc.ABC):
         # The teacher is fixed and reloaded from teacher.path; keeping it out of checkpoints
         # saves space. RNG states make a resumed run draw the same dropout masks. The
         # student's class and config let `python -m kdlab.compact` rebuild it.
-        super().on_save_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(TEACHER_PREFIX)]:
             del state[key]
@@ -148,7 +168,6 @@ class BaseMethod(PruningHooks, L.LightningModule, abc.ABC):
         resuming = self._trainer is not None and self.trainer.state.fn == "fit"
         if resuming and "kdlab_rng_states" in checkpoint:
             restore_rng_states(checkpoint["kdlab_rng_states"])
-        super().on_load_checkpoint(checkpoint)
 
     # ------------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -174,32 +193,9 @@ class BaseMethod(PruningHooks, L.LightningModule, abc.ABC):
         ]
 
     def configure_optimizers(self):
-        cfg = self.optim
-        # Standard BERT practice: no weight decay on biases and LayerNorm weights.
-        no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
-        decay, plain = [], []
-        for name, param in self.trainable_parameters():
-            (plain if name.endswith(no_decay) else decay).append(param)
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": cfg.weight_decay},
-                {"params": plain, "weight_decay": 0.0},
-            ],
-            lr=cfg.lr,
-            betas=tuple(cfg.betas),
-            eps=cfg.eps,
+        return self.optim.configure(
+            self.trainable_parameters(), int(self.trainer.estimated_stepping_batches)
         )
-        total = int(self.trainer.estimated_stepping_batches)
-        warmup = (
-            cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * total)
-        )
-        scheduler = get_scheduler(
-            cfg.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total
-        )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
 
     # ---------------------------------------------------------------------- evaluation
     def _evaluate(self, batch: dict[str, Tensor], prefix: str) -> None:

@@ -23,6 +23,10 @@ from torch import Tensor
 from kdlab.errors import ConfigError
 from kdlab.losses import masked_mse, matching_loss, task_loss
 from kdlab.methods.base import BaseMethod, model_inputs
+from kdlab.pruning.masks import installed_masks
+from kdlab.validation import NonNegative, Positive
+
+_TERMS = ("mlm", "kl", "hidden", "attn", "emb")
 
 
 class HomoDistil(BaseMethod):
@@ -35,9 +39,11 @@ class HomoDistil(BaseMethod):
         alpha_attn: weight of the per-layer attention-map MSE (summed over layers).
         alpha_emb: weight of the embedding-output MSE.
         temperature: softening temperature of the KL term.
-        **base: see :class:`~kdlab.methods.base.BaseMethod` (``pruning`` is required).
+        **base: see :class:`~kdlab.methods.base.BaseMethod`; the student must be pruned
+            (``pruning=``), so that its masks say which structures are kept.
     """
 
+    requires_pruning = True
     teacher_head_hint: ClassVar[str] = (
         "or distil representations only, without the MLM head: method.alpha_mlm=0 method.alpha_kl=0"
     )
@@ -47,20 +53,29 @@ class HomoDistil(BaseMethod):
         """The MLM and KL terms need a trained MLM head; the representation terms do not."""
         return method_cfg.get("alpha_mlm", 1.0) > 0 or method_cfg.get("alpha_kl", 1.0) > 0
 
+    @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        """Some term must have a positive weight (besides the base class's rules)."""
+        super().check_config(cfg)
+        if not any(cfg.method.get(f"alpha_{term}", 1.0) for term in _TERMS):
+            raise ConfigError(
+                "method=homodistil: every method.alpha_* is 0, so nothing would train; set at "
+                "least one of " + ", ".join(f"method.alpha_{t}" for t in _TERMS) + " above 0."
+            )
+
     def __init__(
         self,
-        student,
-        teacher,
         *,
-        alpha_mlm: float = 1.0,
-        alpha_kl: float = 1.0,
-        alpha_hidden: float = 1.0,
-        alpha_attn: float = 1.0,
-        alpha_emb: float = 1.0,
-        temperature: float = 1.0,
+        alpha_mlm: NonNegative = 1.0,
+        alpha_kl: NonNegative = 1.0,
+        alpha_hidden: NonNegative = 1.0,
+        alpha_attn: NonNegative = 1.0,
+        alpha_emb: NonNegative = 1.0,
+        temperature: Positive = 1.0,
         **base,
     ) -> None:
-        super().__init__(student, teacher, **base)
+        super().__init__(**base)
+        student, teacher = self.student, self.teacher
         self.weights = {
             "mlm": alpha_mlm,
             "kl": alpha_kl,
@@ -68,23 +83,15 @@ class HomoDistil(BaseMethod):
             "attn": alpha_attn,
             "emb": alpha_emb,
         }
-        for term, weight in self.weights.items():
-            if weight < 0:
-                raise ConfigError(f"method.alpha_{term}={weight} must be non-negative.")
-        if not any(self.weights.values()):
-            raise ConfigError("method=homodistil: every method.alpha_* is 0; nothing to train.")
-        if temperature <= 0:
-            raise ConfigError(f"method.temperature={temperature} must be positive.")
         self.temperature = temperature
-        if self.pruner is None:
+        if installed_masks(student) is None:
             raise ConfigError(
-                "method=homodistil prunes while it distils: set pruning=homotopic "
-                "(or pruning=oneshot) and a target (model=tiny|xsmall|small|base|minilm_half)."
+                "method=homodistil distils into a pruned student: set pruning=homotopic."
             )
         if student.config.num_hidden_layers != teacher.config.num_hidden_layers:
             raise ConfigError(
                 "method=homodistil: the student must be a copy of the teacher (same depth); "
-                "use a pruned preset (model=tiny|...|minilm_half, model.path=${teacher.path})."
+                "use a pruned preset (model=minilm_half, model=pruned, model=tiny|...)."
             )
         if alpha_attn > 0:
             # The SDPA kernels return no attention probabilities.
@@ -100,7 +107,7 @@ class HomoDistil(BaseMethod):
         }
         teacher = self.teacher_outputs(inputs, **options)
         student = self.student(**inputs, **options)
-        masks = self.pruner.masks
+        masks = installed_masks(self.student)
         terms: dict[str, Tensor] = {}
         if w["mlm"] > 0:
             terms["mlm"] = task_loss(self.logits(student), self.targets(batch))

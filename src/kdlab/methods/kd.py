@@ -12,6 +12,7 @@ from torch import Tensor
 
 from kdlab.losses import kd_loss
 from kdlab.methods.base import BaseMethod, model_inputs
+from kdlab.validation import Positive, Probability
 
 
 class KnowledgeDistillation(BaseMethod):
@@ -23,14 +24,8 @@ class KnowledgeDistillation(BaseMethod):
         **base: see :class:`~kdlab.methods.base.BaseMethod`.
     """
 
-    def __init__(
-        self, student, teacher, *, alpha: float = 0.5, temperature: float = 2.0, **base
-    ) -> None:
-        super().__init__(student, teacher, **base)
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"method.alpha={alpha} must be in [0, 1].")
-        if temperature <= 0:
-            raise ValueError(f"method.temperature={temperature} must be positive.")
+    def __init__(self, *, alpha: Probability = 0.5, temperature: Positive = 2.0, **base) -> None:
+        super().__init__(**base)
         self.alpha = alpha
         self.temperature = temperature
 

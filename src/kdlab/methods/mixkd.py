@@ -32,6 +32,7 @@ from transformers import PreTrainedModel
 
 from kdlab.losses import distillation_loss, kd_loss, mixup, mixup_target_loss, supervised_loss
 from kdlab.methods.base import BaseMethod, model_inputs
+from kdlab.validation import NonNegative, Positive, Probability
 
 
 class MixKD(BaseMethod):
@@ -58,27 +59,15 @@ class MixKD(BaseMethod):
 
     def __init__(
         self,
-        student,
-        teacher,
         *,
-        alpha: float = 0.4,
-        alpha_sm: float = 1.0,
-        alpha_tmkd: float = 1.0,
-        temperature: float = 2.0,
-        kd_alpha: float = 0.0,
+        alpha: Positive = 0.4,
+        alpha_sm: NonNegative = 1.0,
+        alpha_tmkd: NonNegative = 1.0,
+        temperature: Positive = 2.0,
+        kd_alpha: Probability = 0.0,
         **base,
     ) -> None:
-        super().__init__(student, teacher, **base)
-        if alpha <= 0:
-            raise ValueError(f"method.alpha={alpha} must be positive (Beta(α, α)).")
-        if alpha_sm < 0 or alpha_tmkd < 0:
-            raise ValueError(
-                f"method.alpha_sm={alpha_sm} and method.alpha_tmkd={alpha_tmkd} must be >= 0."
-            )
-        if temperature <= 0:
-            raise ValueError(f"method.temperature={temperature} must be positive.")
-        if not 0.0 <= kd_alpha <= 1.0:
-            raise ValueError(f"method.kd_alpha={kd_alpha} must be in [0, 1].")
+        super().__init__(**base)
         self.alpha = alpha
         self.alpha_sm = alpha_sm
         self.alpha_tmkd = alpha_tmkd

@@ -1,5 +1,21 @@
-"""Building teachers and students, loading from the hub or local directories, export."""
+"""Building teachers and students (the ``model`` and ``teacher`` groups' builders)."""
 
-from kdlab.models.build import build_student, build_teacher, count_parameters, load_tokenizer
+from kdlab.models.build import (
+    count_parameters,
+    load_tokenizer,
+    pretrained,
+    random_bert,
+    teacher,
+    teacher_copy,
+    truncated,
+)
 
-__all__ = ["build_student", "build_teacher", "count_parameters", "load_tokenizer"]
+__all__ = [
+    "count_parameters",
+    "load_tokenizer",
+    "pretrained",
+    "random_bert",
+    "teacher",
+    "teacher_copy",
+    "truncated",
+]

@@ -1,30 +1,42 @@
-"""Teachers and students from the ``teacher`` and ``model`` config groups.
+"""Teachers and students: the builders that the ``model`` and ``teacher`` config groups name.
 
-``model.kind`` picks how a student is made:
+Each option of those groups is built by ``hydra.utils.instantiate`` from its ``_target_``,
+one of the functions below, with the task's head and labels passed by the run:
 
-- ``pretrained``: load ``model.path`` (hub id or local directory).
-- ``truncated``: the first ``model.num_layers`` layers of ``model.path`` (by default the
+- :func:`pretrained`: a saved model (hub id or local directory), e.g. MiniLM or a student
+  that an earlier run exported.
+- :func:`truncated`: the first ``num_layers`` layers of a deeper model (by default the
   teacher), as the BERT3/BERT6 students of MixKD and DistilBERT-style initialisation.
-- ``random``: a BERT of the given shape (``num_layers``, ``hidden_size``, heads of 64 dims,
-  FFN ``4·hidden``) initialised at random, with the vocabulary of ``model.tokenizer``.
+- :func:`random_bert`: a BERT of the given shape (heads of ``head_dim``, FFN
+  ``4·hidden``) initialised at random, with the vocabulary of ``tokenizer``: the
+  miniatures of Turc et al. (2019).
+- :func:`teacher_copy`: the teacher itself, for pruning to ``target`` (HomoDistil).
+- :func:`teacher`: the frozen teacher, which must have a trained head for the task when
+  the method reads it.
 """
 
 import logging
+from pathlib import Path
+from typing import Annotated
 
 import torch
-from omegaconf import DictConfig
 from torch import Tensor
 from transformers import (
+    AutoConfig,
     AutoModelForMaskedLM,
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
 from kdlab.errors import ConfigError
+from kdlab.pruning.masks import PruneTarget, check_target
+from kdlab.rundir import RunDir
+from kdlab.validation import PositiveInt
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +55,18 @@ HEAD_TARGETS: dict[str, dict[str, str]] = {
     "masked_lm": {"labels": "logits"},
 }
 
+# The architecture name a saved model with each head has (``config.architectures``).
+_HEAD_ARCHITECTURE = {
+    "sequence_classification": "ForSequenceClassification",
+    "question_answering": "ForQuestionAnswering",
+    "masked_lm": "ForMaskedLM",
+}
+
 # Batch keys a model reads; the rest are gold targets and bookkeeping (``feature_index``).
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+# The config attribute every export carries: the task it was trained on.
+TASK_ATTRIBUTE = "kdlab_task"
 
 
 def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -52,17 +74,46 @@ def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
 
 
-# Special tokens both models must map to the same ids.
-_SPECIAL = ("cls_token_id", "sep_token_id", "pad_token_id", "mask_token_id", "unk_token_id")
+class ModelSource:
+    """``Annotated[str, ModelSource()]``: a hub id or a local directory with a saved model.
+
+    The config check refuses, before anything loads, a local path that does not exist, a
+    run directory given where its exported ``student/`` is meant, and a directory that
+    holds no saved model; anything else that is not a local path is taken for a hub id.
+    """
+
+    touches_files = True
+
+    def violation(self, value: str) -> str | None:
+        path = Path(value).expanduser()
+        if path.is_dir():
+            if (path / "config.json").is_file() or (path / "tokenizer_config.json").is_file():
+                return None
+            export = RunDir(path).student
+            if (export / "config.json").is_file():
+                return f"is a run directory: its exported model is {export}; point there"
+            return "is a directory without a saved model (no config.json)"
+        if path.exists():
+            return "is a file, not a model directory"
+        if _looks_local(value):
+            return f"does not exist: no such directory {path}"
+        return None  # a hub id; an unreachable hub is reported when it loads
 
 
-def head_kwargs(task: DictConfig) -> dict:
-    """Config overrides a task needs on the model: label count, names, problem type."""
-    if task.head != "sequence_classification":
+ModelPath = Annotated[str, ModelSource()]
+
+
+def _looks_local(value: str) -> bool:
+    # Hub ids are `name` or `owner/name`; anything else names a place on disk.
+    return value.startswith(("/", ".", "~")) or value.count("/") > 1 or "\\" in value
+
+
+def head_kwargs(head: str, labels: list[str] | None) -> dict:
+    """Config overrides a head needs on the model: label count, names, problem type."""
+    if head != "sequence_classification":
         return {}
-    if task.labels is None:
+    if labels is None:
         return {"num_labels": 1, "problem_type": "regression"}
-    labels = list(task.labels)
     return {
         "num_labels": len(labels),
         "id2label": dict(enumerate(labels)),
@@ -75,6 +126,13 @@ def load_tokenizer(path: str, key: str) -> PreTrainedTokenizerBase:
     """The tokenizer at a hub id or local directory; ``key`` names the config setting."""
     try:
         return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
+        raise ConfigError(_unreachable(path, key, err)) from err
+
+
+def _load_config(path: str, key: str) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError) as err:
         raise ConfigError(_unreachable(path, key, err)) from err
 
@@ -94,113 +152,232 @@ def _unreachable(path: str, key: str, err: Exception) -> str:
     )
 
 
-# How to give a teacher a trained head, per task head kind ({path}, {task}).
-_TRAIN_HEAD_FIRST = {
-    "masked_lm": (
-        "Train its MLM head first, e.g. `python -m kdlab.train method=mlm model=pretrained "
-        "model.path={path} task=corpus/{task}`, and set teacher.path=<that run>/student"
-    ),
-}
-_FINE_TUNE_FIRST = (
-    "Fine-tune it first, e.g. `python -m kdlab.train method=finetune model.path={path} "
-    "task={task}`, and set teacher.path=<that run>/student"
-)
+def _check_vocabulary(model: PreTrainedModel, tokenizer: str) -> None:
+    """Refuse a tokenizer with ids beyond the model's embedding table."""
+    size = len(load_tokenizer(tokenizer, "model.tokenizer"))
+    if size > model.config.vocab_size:
+        raise ConfigError(
+            f"model.tokenizer={tokenizer} has {size} tokens but the model embeds only "
+            f"{model.config.vocab_size}: use the tokenizer the model was trained with."
+        )
 
 
-def build_teacher(
-    cfg: DictConfig, task: DictConfig, require_trained_head: bool = True, hint: str = ""
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The frozen teacher of ``cfg.teacher`` with the task's head.
-
-    A teacher must come with a trained head when the method reads it: distilling from a
-    freshly initialised classifier (or MLM head) would teach noise.
+def pretrained(
+    *,
+    name: str,
+    path: ModelPath,
+    tokenizer: ModelPath,
+    attn_implementation: str | None = None,
+    head: str,
+    labels: list[str] | None,
+) -> PreTrainedModel:
+    """A saved model with the task's head (new, randomly initialised, if it has none).
 
     Args:
-        cfg: the run config.
-        task: the task config.
-        require_trained_head: False when the method does not use the head's outputs.
-        hint: a method-specific alternative appended to the error message.
+        name: the preset's name (run names, ``metrics.json``).
+        path: hub id or local directory.
+        tokenizer: the tokenizer the model reads (by default ``path``).
+        attn_implementation: ``eager``, ``sdpa``, ... (None: the library's default).
+        head: the task's head (``HEAD_TARGETS`` key), passed by the run.
+        labels: the task's class names (None: regression or no classes), passed by the run.
     """
-    teacher, info = _load_model(
-        cfg.teacher.path, task.head, "teacher.path", **head_kwargs(task), **_attn(cfg.teacher)
-    )
-    new_head = [k for k in info["missing_keys"] if not k.startswith(teacher.base_model_prefix)]
-    if require_trained_head and cfg.teacher.get("require_trained_head", True) and new_head:
-        remedy = _TRAIN_HEAD_FIRST.get(task.head, _FINE_TUNE_FIRST)
-        remedy = remedy.format(path=cfg.teacher.path, task=task.name)
-        raise ConfigError(
-            f"teacher.path={cfg.teacher.path} has no trained {task.head} head for task "
-            f"'{task.name}' (missing {new_head[:3]}). {remedy}" + (f"; {hint}." if hint else ".")
-        )
-    teacher.eval().requires_grad_(False)
-    return teacher, load_tokenizer(cfg.teacher.path, "teacher.path")
+    model, _ = _load_model(path, head, "model.path", **_options(head, labels, attn_implementation))
+    _check_vocabulary(model, tokenizer)
+    log.info("Student %s: %s", name, path)
+    return model
 
 
-def build_student(
-    cfg: DictConfig, task: DictConfig, teacher_tokenizer: PreTrainedTokenizerBase | None
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The student described by ``cfg.model`` with the task's head, and its tokenizer.
-
-    Raises:
-        ConfigError: if the student's tokenizer disagrees with the teacher's.
-    """
-    model_cfg = cfg.model
-    kwargs = {**head_kwargs(task), **_attn(model_cfg)}
-    if model_cfg.kind == "pretrained":
-        student, _ = _load_model(model_cfg.path, task.head, "model.path", **kwargs)
-        tokenizer = load_tokenizer(model_cfg.path, "model.path")
-    elif model_cfg.kind == "truncated":
-        student, info = _load_model(
-            model_cfg.path,
-            task.head,
-            "model.path",
-            num_hidden_layers=model_cfg.num_layers,
-            **kwargs,
-        )
-        prefix = student.base_model_prefix + "."
-        new_body = [k for k in info["missing_keys"] if k.startswith(prefix)]
-        if new_body:
-            raise ConfigError(
-                f"model.num_layers={model_cfg.num_layers} exceeds the layers of "
-                f"model.path={model_cfg.path} (missing {new_body[:3]}): a truncated student "
-                "keeps the first layers of a deeper model."
-            )
-        tokenizer = load_tokenizer(model_cfg.path, "model.path")
-    elif model_cfg.kind == "random":
-        tokenizer = load_tokenizer(model_cfg.tokenizer, "model.tokenizer")
-        student = _random_bert(model_cfg, tokenizer, task.head, kwargs)
-    else:
-        raise ConfigError(f"model.kind='{model_cfg.kind}' must be pretrained, truncated or random.")
-    if teacher_tokenizer is not None:
-        check_same_tokenizer(teacher_tokenizer, tokenizer)
-    return student, tokenizer
-
-
-def _random_bert(
-    model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, head: str, kwargs: dict
+def truncated(
+    *,
+    name: str,
+    path: ModelPath,
+    tokenizer: ModelPath,
+    num_layers: PositiveInt,
+    attn_implementation: str | None = None,
+    head: str,
+    labels: list[str] | None,
 ) -> PreTrainedModel:
-    hidden = int(model_cfg.hidden_size)
-    head_dim = int(model_cfg.get("head_dim", 64))
-    if hidden % head_dim:
+    """The embeddings, first ``num_layers`` layers and head of a deeper saved model.
+
+    Args:
+        num_layers: layers kept (counted from the embeddings).
+        others: as :func:`pretrained`.
+    """
+    options = _options(head, labels, attn_implementation)
+    model, info = _load_model(path, head, "model.path", num_hidden_layers=num_layers, **options)
+    prefix = model.base_model_prefix + "."
+    new_body = [k for k in info["missing_keys"] if k.startswith(prefix)]
+    if new_body:
         raise ConfigError(
-            f"model.hidden_size={hidden} is not a multiple of model.head_dim={head_dim}."
+            f"model.num_layers={num_layers} exceeds the layers of model.path={path} "
+            f"(missing {new_body[:3]}): a truncated student keeps the first layers of a deeper "
+            "model."
         )
+    _check_vocabulary(model, tokenizer)
+    log.info("Student %s: the first %d layers of %s", name, num_layers, path)
+    return model
+
+
+def random_bert(
+    *,
+    name: str,
+    num_layers: PositiveInt,
+    hidden_size: PositiveInt,
+    head_dim: PositiveInt = 64,
+    intermediate_size: PositiveInt | None = None,
+    tokenizer: ModelPath,
+    init_seed: int = 0,
+    attn_implementation: str | None = None,
+    head: str,
+    labels: list[str] | None,
+) -> PreTrainedModel:
+    """A randomly initialised BERT of the given shape.
+
+    Args:
+        num_layers: encoder layers.
+        hidden_size: width; a multiple of ``head_dim``.
+        head_dim: size of each attention head (heads = hidden / head_dim).
+        intermediate_size: FFN width (None: 4 × hidden).
+        tokenizer: hub id or directory of the tokenizer whose vocabulary the model embeds.
+        init_seed: seed of the initialisation (the same student for every training seed).
+        others: as :func:`pretrained`.
+    """
+    if hidden_size % head_dim:
+        raise ConfigError(
+            f"model.hidden_size={hidden_size} is not a multiple of model.head_dim={head_dim}."
+        )
+    vocabulary = load_tokenizer(tokenizer, "model.tokenizer")
     config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        num_hidden_layers=int(model_cfg.num_layers),
-        num_attention_heads=hidden // head_dim,
-        intermediate_size=int(model_cfg.get("intermediate_size") or 4 * hidden),
-        pad_token_id=tokenizer.pad_token_id,
-        **kwargs,
+        vocab_size=len(vocabulary),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=hidden_size // head_dim,
+        intermediate_size=intermediate_size or 4 * hidden_size,
+        pad_token_id=vocabulary.pad_token_id,
+        **_options(head, labels, attn_implementation),
     )
-    torch.manual_seed(int(model_cfg.get("init_seed", 0)))
-    return HEADS[head].from_config(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        model = HEADS[head].from_config(config)
+    log.info("Student %s: random BERT L%d H%d", name, num_layers, hidden_size)
+    return model
 
 
-def _attn(model_cfg: DictConfig) -> dict:
-    impl = model_cfg.get("attn_implementation")
-    return {"attn_implementation": impl} if impl else {}
+def teacher_copy(
+    *,
+    name: str,
+    path: ModelPath,
+    tokenizer: ModelPath,
+    target: PruneTarget,
+    attn_implementation: str | None = None,
+    head: str,
+    labels: list[str] | None,
+) -> PreTrainedModel:
+    """A copy of the teacher (same depth and widths) that pruning narrows to ``target``.
+
+    Args:
+        target: the shape ``pruning=`` prunes to (``pruning.target`` reads it); it must
+            keep the model's head size.
+        others: as :func:`pretrained`.
+    """
+    model = pretrained(
+        name=name,
+        path=path,
+        tokenizer=tokenizer,
+        attn_implementation=attn_implementation,
+        head=head,
+        labels=labels,
+    )
+    check_target(model.config, target)
+    return model
+
+
+def teacher(
+    *,
+    name: str,
+    path: ModelPath,
+    attn_implementation: str | None = None,
+    require_trained_head: bool = True,
+    head: str,
+    labels: list[str] | None,
+    task: str,
+    needs_head: bool,
+    hint: str = "",
+) -> PreTrainedModel:
+    """The frozen teacher with the task's head.
+
+    A teacher must come with a trained head when the method reads it: distilling from a
+    freshly initialised classifier (or MLM head) would teach noise. The saved config is
+    read first, so a head of the wrong size fails before any weights load.
+
+    Args:
+        name: the preset's name.
+        path: hub id or local directory.
+        attn_implementation: as :func:`pretrained`.
+        require_trained_head: False to accept a teacher whose head is new (only sensible
+            for a method that does not read it).
+        head: the task's head, passed by the run.
+        labels: the task's class names, passed by the run.
+        task: the task's name, passed by the run (compared with the task the teacher was
+            exported for).
+        needs_head: whether this configuration of the method reads the head, passed by the
+            run.
+        hint: a method-specific way out, appended to the missing-head error.
+    """
+    config = _load_config(path, "teacher.path")
+    trained_for = getattr(config, TASK_ATTRIBUTE, None)
+    if trained_for is not None and trained_for != task:
+        log.warning(
+            "teacher.path=%s was exported by a run on task '%s', but this run's task is '%s'.",
+            path,
+            trained_for,
+            task,
+        )
+    wanted = head_kwargs(head, labels).get("num_labels")
+    has_head = any(a.endswith(_HEAD_ARCHITECTURE[head]) for a in config.architectures or ())
+    if wanted is not None and has_head and config.num_labels != wanted:
+        raise ConfigError(
+            f"teacher.path={path} has a head with {config.num_labels} output(s) but task "
+            f"'{task}' has {wanted} ({labels or 'regression'}): use a teacher fine-tuned on "
+            f"'{task}'."
+        )
+    model, info = _load_model(
+        path, head, "teacher.path", **_options(head, labels, attn_implementation)
+    )
+    new_head = [k for k in info["missing_keys"] if not k.startswith(model.base_model_prefix)]
+    if needs_head and require_trained_head and new_head:
+        raise ConfigError(
+            f"teacher.path={path} has no trained {head} head for task '{task}' (missing "
+            f"{new_head[:3]}). {_train_head_first(head, path, task)}"
+            + (f"; {hint}." if hint else ".")
+        )
+    log.info("Teacher %s: %s", name, path)
+    return model.eval().requires_grad_(False)
+
+
+def _train_head_first(head: str, path: str, task: str) -> str:
+    """How to give a teacher a trained head: a command that trains *that* model."""
+    if head == "masked_lm":
+        return (
+            "Train its MLM head first, e.g. `python -m kdlab.train method=mlm model=pretrained "
+            f"model.path={path} task=corpus/local task.files=[<text files>]`, and set "
+            "teacher.path=<that run>/student"
+        )
+    return (
+        "Fine-tune it first, e.g. `python -m kdlab.train method=finetune model=pretrained "
+        f"model.path={path} task={task}`, and set teacher.path=<that run>/student"
+    )
+
+
+def _options(head: str, labels: list[str] | None, attn_implementation: str | None) -> dict:
+    options = head_kwargs(head, labels)
+    if attn_implementation:
+        options["attn_implementation"] = attn_implementation
+    return options
+
+
+# Special tokens both models must map to the same ids.
+_SPECIAL = ("cls_token_id", "sep_token_id", "pad_token_id", "mask_token_id", "unk_token_id")
 
 
 def check_same_tokenizer(

@@ -25,9 +25,6 @@ class PlatonImportance:
     """
 
     def __init__(self, beta1: float = 0.85, beta2: float = 0.95) -> None:
-        for key, value in (("beta1", beta1), ("beta2", beta2)):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"pruning.{key}={value} must be in [0, 1].")
         self.beta1 = beta1
         self.beta2 = beta2
         self.sensitivity: dict[str, Tensor] = {}
@@ -55,6 +52,11 @@ class PlatonImportance:
         if self.beta2 == 1.0:
             return self.sensitivity[name]
         return self.sensitivity[name] * self.uncertainty[name]
+
+    def apply(self, fn) -> None:
+        """Apply ``fn`` (e.g. a device move) to every average."""
+        self.sensitivity = {k: fn(v) for k, v in self.sensitivity.items()}
+        self.uncertainty = {k: fn(v) for k, v in self.uncertainty.items()}
 
     def state_dict(self) -> dict:
         return {"sensitivity": self.sensitivity, "uncertainty": self.uncertainty}

@@ -17,13 +17,15 @@ importance sums, compaction and the parameter count all read it.
 """
 
 import re
+from typing import TypedDict
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from kdlab.errors import ConfigError
+from kdlab.validation import PositiveInt
 
 _LAYER = r"encoder\.layer\.(\d+)\."
 # (name pattern, ((axis, kind), ...)); the first match wins. Kinds "heads" and "ffn" are per
@@ -46,6 +48,58 @@ RULES: list[tuple[re.Pattern, tuple[tuple[int, str], ...]]] = [
         (r"(predictions\.decoder|classifier|qa_outputs)\.weight$", ((1, "hidden"),)),
     )
 ]
+
+
+class PruneTarget(TypedDict):
+    """The shape a pruned model ends with (``model.target``, read by ``pruning.target``)."""
+
+    hidden_size: PositiveInt
+    num_attention_heads: PositiveInt
+    intermediate_size: PositiveInt
+
+
+NO_TARGET = (
+    "Pruning needs a target shape: pick a pruned preset (model=tiny|xsmall|small|base for a "
+    "BERT-base teacher, model=minilm_half for MiniLM) or model=pruned with "
+    "model.target.hidden_size, model.target.num_attention_heads and "
+    "model.target.intermediate_size."
+)
+
+
+def check_target(config: PretrainedConfig, target: PruneTarget | None) -> dict[str, int]:
+    """Heads and FFN neurons per layer that ``target`` keeps of a model with ``config``.
+
+    Raises:
+        ConfigError: without a target, or with one that does not keep the model's head
+            size (a stock ``BertConfig`` has hidden = heads × head size) or exceeds its shape.
+    """
+    if target is None:
+        raise ConfigError(NO_TARGET)
+    hidden, heads, ffn = (
+        int(target[k]) for k in ("hidden_size", "num_attention_heads", "intermediate_size")
+    )
+    head_dim = config.hidden_size // config.num_attention_heads
+    shape = (
+        f"hidden {config.hidden_size}, {config.num_attention_heads} heads of {head_dim}, "
+        f"FFN {config.intermediate_size}"
+    )
+    if hidden != heads * head_dim:
+        fits = (
+            f"model.target.num_attention_heads={hidden // head_dim}"
+            if hidden % head_dim == 0
+            else ""
+        )
+        raise ConfigError(
+            f"model.target.hidden_size={hidden} must equal model.target.num_attention_heads="
+            f"{heads} × the model's head size {head_dim} (the model: {shape}; a stock BertConfig "
+            "keeps the head size)" + (f": for this model use {fits}." if fits else ".")
+        )
+    if not (heads <= config.num_attention_heads and ffn <= config.intermediate_size):
+        raise ConfigError(
+            f"model.target (hidden {hidden}, {heads} heads, FFN {ffn}) must be at most the "
+            f"model's shape ({shape})."
+        )
+    return {"heads": heads, "ffn": ffn}
 
 
 def pruned_axes(name: str) -> list[tuple[int, str, int | None]]:
@@ -111,6 +165,7 @@ class StructuredMasks(nn.Module):
         LayerNorms over the hidden size become :class:`MaskedLayerNorm` (same parameters,
         same state-dict keys); forward hooks zero pruned heads, FFN neurons and pooler dims.
         """
+        _masks_ref(model, self)
         hidden = self.hidden.numel()
         for parent in list(model.modules()):
             for child_name, child in list(parent.named_children()):
@@ -122,6 +177,11 @@ class StructuredMasks(nn.Module):
             layer.intermediate.register_forward_hook(_FfnMask(self, i))
         if getattr(bert, "pooler", None) is not None:
             bert.pooler.register_forward_hook(_HiddenMask(self))
+
+
+def installed_masks(model: nn.Module) -> StructuredMasks | None:
+    """The masks :meth:`StructuredMasks.install` put into ``model``'s forward pass, if any."""
+    return getattr(model, "_kdlab_masks", None)
 
 
 def _masks_ref(module: nn.Module, masks: StructuredMasks) -> None:

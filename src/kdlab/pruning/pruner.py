@@ -6,20 +6,25 @@ the sum over its parameters. The lowest-scoring structures are masked as the sch
 lowers the kept fraction; pruned structures stay pruned.
 """
 
-from collections.abc import Mapping
+from typing import Literal
 
 import torch
+from omegaconf import DictConfig
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from kdlab.errors import ConfigError
 from kdlab.pruning.compaction import compact_parameter_count
 from kdlab.pruning.importance import PlatonImportance
-from kdlab.pruning.masks import StructuredMasks, pruned_axes
+from kdlab.pruning.masks import (
+    NO_TARGET,
+    PruneTarget,
+    StructuredMasks,
+    check_target,
+    pruned_axes,
+)
 from kdlab.pruning.schedule import SCHEDULES
-
-_TARGET_KEYS = ("hidden_size", "num_attention_heads", "intermediate_size")
-_PRESETS = "model=tiny|xsmall|small|base|minilm_half"
+from kdlab.validation import NonNegativeInt, PositiveInt, Probability
 
 
 class Pruner(nn.Module):
@@ -27,6 +32,8 @@ class Pruner(nn.Module):
 
     Heads and hidden dimensions shrink together (hidden = heads × head size at every
     update), so a checkpoint compacts to a stock ``BertConfig`` at any point of the run.
+    The ``pruning`` config group builds it; :class:`kdlab.pruning.callback.PruningCallback`
+    drives it during training.
 
     Args:
         model: the student; masks are installed into its forward pass.
@@ -44,28 +51,19 @@ class Pruner(nn.Module):
         self,
         model: PreTrainedModel,
         *,
-        target: Mapping | None,
-        schedule: str = "cubic",
-        initial_warmup: float = 0.1,
-        final_warmup: float = 0.3,
-        update_interval: int = 10,
-        beta1: float = 0.85,
-        beta2: float = 0.95,
-        track_interval: int = 50,
+        target: PruneTarget | None,
+        schedule: Literal[tuple(SCHEDULES)] = "cubic",
+        initial_warmup: Probability = 0.1,
+        final_warmup: Probability = 0.3,
+        update_interval: PositiveInt = 10,
+        beta1: Probability = 0.85,
+        beta2: Probability = 0.95,
+        track_interval: NonNegativeInt = 50,
     ) -> None:
         super().__init__()
-        if schedule not in SCHEDULES:
-            raise ConfigError(f"pruning.schedule={schedule} must be one of {sorted(SCHEDULES)}.")
-        if not (initial_warmup >= 0 and final_warmup >= 0 and initial_warmup + final_warmup < 1):
-            raise ConfigError(
-                f"pruning.initial_warmup={initial_warmup} and pruning.final_warmup={final_warmup} "
-                "must be non-negative fractions of the training steps summing to less than 1."
-            )
-        if update_interval < 1:
-            raise ConfigError(f"pruning.update_interval={update_interval} must be at least 1.")
         self.masks = StructuredMasks.for_model(model)
         self.full = {"heads": self.masks.heads.size(1), "ffn": self.masks.ffn.size(1)}
-        self.target = self._check_target(target)
+        self.target = check_target(model.config, target)
         self.schedule = SCHEDULES[schedule]
         self.initial_warmup = initial_warmup
         self.final_warmup = final_warmup
@@ -79,26 +77,23 @@ class Pruner(nn.Module):
         self.masks.install(model)
         object.__setattr__(self, "_model", model)  # not a submodule: the student is elsewhere
 
-    def _check_target(self, target: Mapping | None) -> dict[str, int]:
-        if target is None or any(target.get(k) is None for k in _TARGET_KEYS):
+    def _apply(self, fn, recurse: bool = True):
+        # The importance averages are plain tensors (not buffers): move them with the masks.
+        super()._apply(fn, recurse)
+        self.importance.apply(fn)
+        return self
+
+    @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        """A target must be set, and the warm-ups must leave steps to prune in."""
+        pruning = cfg.pruning
+        if pruning.target is None:
+            raise ConfigError(NO_TARGET)
+        if pruning.initial_warmup + pruning.final_warmup >= 1:
             raise ConfigError(
-                "Pruning needs a target shape: pick a pruned preset "
-                f"({_PRESETS}) or set model.target.hidden_size, "
-                "model.target.num_attention_heads and model.target.intermediate_size."
+                f"pruning.initial_warmup={pruning.initial_warmup} + pruning.final_warmup="
+                f"{pruning.final_warmup} must be less than 1 (fractions of the training steps)."
             )
-        hidden, heads, ffn = (int(target[k]) for k in _TARGET_KEYS)
-        d = self.masks.head_dim
-        if hidden != heads * d:
-            raise ConfigError(
-                f"model.target.hidden_size={hidden} must equal model.target.num_attention_heads="
-                f"{heads} × the model's head size {d} (a stock BertConfig keeps the head size)."
-            )
-        if not (0 < heads <= self.full["heads"] and 0 < ffn <= self.full["ffn"]):
-            raise ConfigError(
-                f"model.target (heads {heads}, FFN {ffn}) must be positive and at most the "
-                f"model's ({self.full['heads']} heads, FFN {self.full['ffn']})."
-            )
-        return {"heads": heads, "ffn": ffn}
 
     # ----------------------------------------------------------------------- schedule
     def scheduled_counts(self, step: int, total: int) -> dict[str, int]:

@@ -4,11 +4,14 @@ a fixed held-out batch and the remaining parameter fraction against training ste
 import json
 from pathlib import Path
 
+from kdlab.rundir import RunDir
+
 
 def write_history(history: list[dict], directory: Path) -> Path:
     """``pruning_history.json`` and ``pruning_history.png`` in ``directory``; returns the PNG."""
+    files = RunDir(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "pruning_history.json").write_text(json.dumps(history, indent=2))
+    files.pruning_history.write_text(json.dumps(history, indent=2))
     # Imported here: plotting is needed once per run, and the backend must be non-interactive
     # on machines without a display.
     import matplotlib
@@ -27,7 +30,7 @@ def write_history(history: list[dict], directory: Path) -> Path:
     right.set_ylabel("remaining parameter fraction", color="C1")
     right.set_ylim(0, 1.05)
     fig.tight_layout()
-    path = directory / "pruning_history.png"
+    path = files.pruning_plot
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
