@@ -11,6 +11,8 @@ scores the same positions.
 
 import glob
 import logging
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, TypedDict
 
@@ -26,6 +28,7 @@ from transformers import (
 from typing_extensions import Unpack
 
 from kdlab.data.base import TaskOptions, TokenizedDataModule
+from kdlab.data.textfile import check_text_file
 from kdlab.errors import ConfigError
 from kdlab.metrics import MaskedLMEvaluator
 from kdlab.validation import PositiveInt, Range
@@ -34,15 +37,20 @@ log = logging.getLogger(__name__)
 
 
 def load_text(task: DictConfig) -> datasets.Dataset:
-    """A one-column (``text``) dataset from ``task.files`` or, without files, ``task.hub``."""
+    """A one-column (``text``) dataset from ``task.files`` or, without files, ``task.hub``.
+
+    Local files are checked before ``datasets`` reads them: each must be UTF-8 text with at
+    least one non-blank line.
+
+    Raises:
+        ConfigError: a pattern that matches no file, a directory given as a file, no
+            source at all, or an unreachable hub.
+        DataFormatError: an empty or blank file, or one that is not UTF-8 (file and line).
+    """
     if task.get("files"):
-        patterns = [task.files] if isinstance(task.files, str) else list(task.files)
-        files: list[str] = []
-        for pattern in patterns:
-            matched = sorted(glob.glob(str(Path(pattern).expanduser()), recursive=True))
-            if not matched:
-                raise ConfigError(f"task.files: '{pattern}' matches no file.")
-            files.extend(matched)
+        files = text_files(task.files)
+        for path in files:
+            check_text_file(Path(path))
         log.info("Reading %d text files for %s", len(files), task.name)
         return datasets.load_dataset("text", data_files={"train": files}, split="train")
     hub = task.get("hub")
@@ -82,6 +90,34 @@ class CorpusOptions(TaskOptions):
     max_eval_samples: PositiveInt | None
 
 
+def text_files(setting: str | Sequence[str]) -> list[str]:
+    """The files that ``task.files`` (a path or glob, or a list of them) names, in order.
+
+    Directories that a wildcard matches are skipped (``corpus/**`` matches folders too);
+    a directory named as such is an error, since it is almost always a missing ``/*.txt``.
+
+    Raises:
+        ConfigError: a pattern that matches no file, or only directories.
+    """
+    patterns = [setting] if isinstance(setting, str) else list(setting)
+    files: list[str] = []
+    for pattern in patterns:
+        expanded = str(Path(pattern).expanduser())
+        matched = sorted(glob.glob(expanded, recursive=True))
+        if not matched:
+            raise ConfigError(f"task.files: '{pattern}' matches no file.")
+        found = [m for m in matched if not Path(m).is_dir()]
+        if not found:
+            folder = matched[0].rstrip("/")
+            what = "is a directory" if not glob.has_magic(expanded) else "matches only directories"
+            raise ConfigError(
+                f"task.files: '{pattern}' {what}, not text files. Name the files in it, e.g. "
+                f"task.files=[{folder}/*.txt] (or {folder}/**/*.txt with its subdirectories)."
+            )
+        files.extend(found)
+    return files
+
+
 class CorpusDataModule(TokenizedDataModule):
     """Fixed-length masked-LM chunks of a text corpus, with a held-out validation split."""
 
@@ -103,8 +139,11 @@ class CorpusDataModule(TokenizedDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits is not None:
             return
-        chunks = self._chunk(load_text(self.task))
+        # Checked before the corpus is read and tokenised, to fail fast.
         fraction = float(self.task.validation_fraction)
+        raw = load_text(self.task)
+        chunks = self._chunk(raw)
+        self._check_enough_chunks(raw, chunks, fraction)
         held_out = chunks.train_test_split(
             test_size=fraction, seed=int(self.task.subset_seed), shuffle=True
         )
@@ -140,6 +179,45 @@ class CorpusDataModule(TokenizedDataModule):
             desc=f"Tokenising {self.task.name}",
         )
 
+    def _check_enough_chunks(
+        self, raw: datasets.Dataset, chunks: datasets.Dataset, fraction: float
+    ) -> None:
+        """Raise unless the chunks leave at least one for training after holding out
+        ``fraction`` (rounded up, as ``train_test_split`` does) for validation."""
+        n = len(chunks) if "input_ids" in chunks.column_names else 0
+        needed = _chunks_needed(fraction)
+        if n >= needed:
+            return
+        max_len = int(self.task.max_seq_length)
+        # Only on this error path: count the tokens, which the chunking does not keep.
+        tokens = self._count_tokens(raw)
+        size = f"task.max_seq_length={max_len} ({max_len - 2} text tokens, [CLS] and [SEP])"
+        if n == 0:
+            found = f"too few for one chunk of {size}"
+        else:
+            found = (
+                f"which make {n} chunk{'s' * (n != 1)} of {size}; task.validation_fraction="
+                f"{fraction} holds out {math.ceil(fraction * n)} and leaves none to train on"
+            )
+        # Fewer than two chunks never split, whatever the fraction.
+        fixes = (
+            "add text, lower task.max_seq_length or lower task.validation_fraction"
+            if n >= 2
+            else "add text or lower task.max_seq_length"
+        )
+        raise ConfigError(
+            f"Corpus {self.task.name} ({_describe_source(self.task)}) has {tokens} tokens, "
+            f"{found}. At least {needed} chunks are needed: {fixes}."
+        )
+
+    def _count_tokens(self, raw: datasets.Dataset) -> int:
+        total = 0
+        for start in range(0, len(raw), 1000):
+            lines = [t for t in raw[start : start + 1000]["text"] if t.strip()]
+            ids = self.tokenizer(lines, add_special_tokens=False)["input_ids"] if lines else []
+            total += sum(len(x) for x in ids)
+        return total
+
     def _mask_once(self, split: datasets.Dataset) -> datasets.Dataset:
         # A private RNG stream: the fixed validation masks neither depend on nor disturb
         # the training randomness.
@@ -161,6 +239,21 @@ class CorpusDataModule(TokenizedDataModule):
         # Validation is masked once (fixed positions), so batches only need stacking.
         validation = self.splits["validation"].with_format("torch")
         return [self.eval_loader(validation, collate_fn=default_data_collator)]
+
+
+def _chunks_needed(fraction: float) -> int:
+    """The fewest chunks whose held-out share (``ceil(fraction * n)``) leaves one to train."""
+    n = 2
+    while n - math.ceil(fraction * n) < 1:
+        n += 1
+    return n
+
+
+def _describe_source(task: DictConfig) -> str:
+    if task.get("files"):
+        return f"task.files={list(task.files) if not isinstance(task.files, str) else task.files}"
+    hub = task.get("hub") or {}
+    return f"hub dataset {hub.get('path')}/{hub.get('name')}"
 
 
 def _limit(split: datasets.Dataset, limit: int | None) -> datasets.Dataset:

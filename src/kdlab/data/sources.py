@@ -92,6 +92,7 @@ def _read_tsv_splits(task: DictConfig, directory: Path) -> datasets.DatasetDict:
             text_columns=list(tsv.text_columns),
             label_column=tsv.label_column,
             label_values=labels,
+            setting=f"task.files.{split}",
         )
         features = _features(task, len(tsv.text_columns))
         splits[split] = datasets.Dataset.from_dict(columns, features=features)

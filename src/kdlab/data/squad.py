@@ -10,6 +10,7 @@ of their context tokens and their CLS position, for post-processing.
 """
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, TypedDict
 
@@ -20,7 +21,7 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 from typing_extensions import Unpack
 
 from kdlab.data.base import TaskOptions, TokenizedDataModule, train_subset
-from kdlab.data.squad_json import COLUMNS, read_squad_json
+from kdlab.data.squad_json import COLUMNS, AnswerCheck, read_squad_json
 from kdlab.errors import ConfigError
 from kdlab.qa.evaluator import SquadEvaluator
 from kdlab.validation import NonNegativeInt, PositiveInt, Range
@@ -56,7 +57,17 @@ FEATURES = datasets.Features(
 def load_squad(task: DictConfig) -> datasets.DatasetDict:
     """``train`` and ``validation`` questions from ``task.train_file`` /
     ``task.validation_file`` (official JSON format) where set, else from the hub
-    (``task.hub.path``)."""
+    (``task.hub.path``).
+
+    Gold answers are checked against their contexts as they are read, before anything is
+    tokenised; ``task.realign_answers`` repairs wrong spans instead of raising (see
+    :class:`~kdlab.data.squad_json.AnswerCheck`) and logs what it fixed and dropped.
+
+    Raises:
+        ConfigError: a file key that names no file, or an unreachable hub.
+        DataFormatError: a malformed file, or a wrong answer, naming the file or dataset,
+            the article and the question id.
+    """
     splits = {}
     hub_splits = []
     for split, key in SPLIT_FILES.items():
@@ -66,7 +77,11 @@ def load_squad(task: DictConfig) -> datasets.DatasetDict:
             if not path.is_file():
                 raise ConfigError(f"task.{key}={path} is not a file.")
             log.info("Reading %s/%s from %s", task.name, split, path)
-            splits[split] = datasets.Dataset.from_dict(read_squad_json(path), features=FEATURES)
+            check = answer_check(task, split)
+            splits[split] = datasets.Dataset.from_dict(
+                read_squad_json(path, check), features=FEATURES
+            )
+            check.log_summary(f"task.{key}={path}")
         else:
             hub_splits.append(split)
     if hub_splits:
@@ -80,8 +95,52 @@ def load_squad(task: DictConfig) -> datasets.DatasetDict:
                 f"Offline, set {keys}."
             ) from err
         for split in hub_splits:
-            splits[split] = raw[task.hub.splits[split]].select_columns(list(COLUMNS))
+            hub_split = task.hub.splits[split]
+            questions = raw[hub_split].select_columns(list(COLUMNS))
+            source = f"hub dataset {task.hub.path} (split {hub_split})"
+            splits[split] = check_hub_answers(questions, answer_check(task, split), source)
     return datasets.DatasetDict(splits)
+
+
+def answer_check(task: DictConfig, split: str) -> AnswerCheck:
+    """The answer check of one split, from ``task.version_2_with_negative`` and
+    ``task.realign_answers``."""
+    return AnswerCheck(
+        split=split,
+        with_negative=bool(task.get("version_2_with_negative", False)),
+        realign=bool(task.get("realign_answers", False)),
+    )
+
+
+def check_hub_answers(
+    questions: datasets.Dataset, check: AnswerCheck, source: str
+) -> datasets.Dataset:
+    """``questions`` (hub columns) with their answers checked as a file's are; the same
+    dataset object when nothing changed, so its cache fingerprint is kept.
+
+    Args:
+        questions: a split with the columns of ``COLUMNS``.
+        check: the split's answer check.
+        source: the dataset and split, for messages; the hub has no article index.
+    """
+    columns = questions.to_dict()
+    kept: dict[str, list] = {name: [] for name in COLUMNS}
+    for i in range(len(questions)):
+        row = {name: columns[name][i] for name in COLUMNS}
+        where = _hub_where(source, row["title"], row["id"])
+        row["answers"] = check.answers(row["context"], row["answers"], where)
+        if row["answers"] is None:
+            continue
+        for name in COLUMNS:
+            kept[name].append(row[name])
+    check.log_summary(source)
+    if not check.changed:
+        return questions
+    return datasets.Dataset.from_dict(kept, features=questions.features)
+
+
+def _hub_where(source: str, title: str, qid: str) -> Callable[[], str]:
+    return lambda: f"{source}: article '{title}', question {qid}"
 
 
 def encode_windows(
@@ -181,6 +240,7 @@ class SquadOptions(TaskOptions):
     validation_file: str | None
     hub: SquadHub
     version_2_with_negative: bool  # unanswerable questions, no-answer odds, v2.0 metrics
+    realign_answers: bool  # move misaligned answer spans instead of refusing the file
     doc_stride: NonNegativeInt  # tokens shared by consecutive windows of a long context
     n_best_size: PositiveInt
     max_answer_length: PositiveInt
