@@ -2,7 +2,9 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
+from torch import Tensor
 from transformers import (
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
@@ -15,6 +17,7 @@ from transformers import (
 from kdlab.errors import ConfigError
 from kdlab.pruning import Pruner, StructuredMasks, compact, compact_parameter_count
 from kdlab.pruning.importance import PlatonImportance
+from kdlab.pruning.masks import MaskedLayerNorm
 from kdlab.pruning.schedule import cubic_remaining, oneshot_remaining
 from kdlab.train import CONF_DIR
 
@@ -153,6 +156,7 @@ def random_masks(model) -> StructuredMasks:
     for layer in range(2):
         masks.heads[layer].zero_()[torch.randperm(4, generator=generator)[:2]] = 1
         masks.ffn[layer].zero_()[torch.randperm(64, generator=generator)[:24]] = 1
+    masks.refresh()  # written in place: rebuild the cached kept indices
     return masks
 
 
@@ -237,3 +241,122 @@ def test_minilm_half_preset_halves_every_width_and_keeps_the_head_size():
         768,
     )
     assert target.hidden_size == target.num_attention_heads * 32
+
+
+# ------------------------------------------------------------- precision and host syncs
+def _pruned_norm(width: int = 8, kept: int = 5) -> tuple[torch.nn.Module, StructuredMasks]:
+    """A MaskedLayerNorm of ``width`` dims keeping the first ``kept``, with random affine."""
+    masks = StructuredMasks(1, width, 1, 4)
+    masks.load_state_dict({**masks.state_dict(), "hidden": (torch.arange(width) < kept).float()})
+    norm = torch.nn.LayerNorm(width)
+    torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
+    return MaskedLayerNorm.wrap(norm, masks), masks
+
+
+def _kept_norm_reference(norm, x: Tensor, kept: int) -> Tensor:
+    """LayerNorm of the first ``kept`` dims in fp32, zeros after them."""
+    head = F.layer_norm(
+        x[..., :kept].float(), (kept,), norm.weight[:kept].float(), norm.bias[:kept].float()
+    )
+    return F.pad(head, (0, x.size(-1) - kept))
+
+
+def test_masked_layernorm_keeps_a_bf16_input_bf16_like_layernorm():
+    torch.manual_seed(0)
+    norm, _ = _pruned_norm()
+    x = torch.randn(2, 3, 8).bfloat16()  # fp32 weights, bf16 input: nn.LayerNorm gives bf16
+    out = norm(x)
+    assert out.dtype == torch.nn.functional.layer_norm(x, (8,), norm.weight, norm.bias).dtype
+    torch.testing.assert_close(out.float(), _kept_norm_reference(norm, x, 5), atol=2e-2, rtol=0)
+    assert out[..., 5:].abs().max() == 0
+
+
+def test_masked_layernorm_under_cpu_autocast_matches_layernorm_dtype():
+    torch.manual_seed(0)
+    norm, _ = _pruned_norm()
+    for x in (torch.randn(2, 3, 8), torch.randn(2, 3, 8).bfloat16()):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = norm(x)
+            expected = F.layer_norm(x, (8,), norm.weight, norm.bias).dtype
+        assert out.dtype == expected
+        torch.testing.assert_close(out.float(), _kept_norm_reference(norm, x, 5), atol=2e-2, rtol=0)
+
+
+def test_masked_layernorm_returns_fp32_when_layer_norm_upcasts(monkeypatch):
+    # CUDA autocast runs layer_norm in fp32 whatever the input (its fp32 op list); CPU
+    # autocast does not, so emulate that policy: every floating input cast to fp32.
+    torch.manual_seed(0)
+    norm, _ = _pruned_norm()
+    original = F.layer_norm
+
+    def fp32_layer_norm(x, shape, weight=None, bias=None, eps=1e-5):
+        as32 = [t.float() if t is not None else None for t in (x, weight, bias)]
+        return original(as32[0], shape, as32[1], as32[2], eps)
+
+    monkeypatch.setattr(F, "layer_norm", fp32_layer_norm)
+    x = torch.randn(2, 3, 8).bfloat16()
+    out = norm(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, _kept_norm_reference(norm, x, 5))
+
+
+def test_masked_forward_calls_no_nonzero(monkeypatch):
+    # nonzero() blocks the host until the device has caught up; the kept indices are
+    # cached when the masks change, so a forward pass must not need it.
+    torch.manual_seed(0)
+    model = BertForMaskedLM(tiny_config()).eval()
+    masks = random_masks(model)
+    calls = []
+    original = Tensor.nonzero
+
+    def counting_nonzero(self, *args, **kwargs):
+        calls.append(self.shape)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Tensor, "nonzero", counting_nonzero)
+    monkeypatch.setattr(torch, "nonzero", lambda t, *a, **k: counting_nonzero(t, *a, **k))
+    model(input_ids=torch.randint(5, 40, (2, 8)))
+    assert masks.counts() == {"hidden": 16, "heads": 2, "ffn": 24}
+    assert calls == []
+
+
+def test_counts_are_exact_and_masks_stay_fp32_when_cast_to_bf16():
+    # 2,999 ones out of 3,072 sum to 2,992 in bf16 (8 significant bits).
+    masks = StructuredMasks(1, 64, 4, 3072)
+    ffn = torch.ones(1, 3072)
+    ffn[0, 2999:] = 0
+    masks.load_state_dict({**masks.state_dict(), "ffn": ffn})
+    masks.bfloat16()
+    assert masks.counts()["ffn"] == 2999
+    assert masks.kept_indices("ffn", 0).numel() == 2999
+    assert masks.ffn.dtype == masks.hidden.dtype == masks.heads.dtype == torch.float32
+
+
+def test_bf16_cast_pruner_counts_finished_and_compaction_agree():
+    torch.manual_seed(0)
+    model = BertForMaskedLM(tiny_config(intermediate_size=3072))
+    target = {**TARGET, "intermediate_size": 2999}
+    pruner = Pruner(model, target=target, schedule="oneshot", initial_warmup=0.0, final_warmup=0.0)
+    model.bfloat16(), pruner.bfloat16()
+    pruner.structure_scores = lambda: {
+        "hidden": torch.rand(32),
+        "heads": torch.rand(2, 4),
+        "ffn": torch.rand(2, 3072),
+    }
+    assert pruner.update(step=1, total=10)
+    assert pruner.current_counts() == {"heads": 2, "ffn": 2999}
+    assert pruner.finished
+    small = compact(model, pruner.masks)
+    assert small.config.intermediate_size == 2999
+    assert sum(p.numel() for p in small.parameters()) == pruner.parameter_count()
+    assert pruner.masks.ffn.dtype == torch.float32
+
+
+def test_masks_cache_follows_load_state_dict():
+    model = BertForMaskedLM(tiny_config())
+    masks = StructuredMasks.for_model(model)
+    masks.install(model)
+    pruned = random_masks(BertForMaskedLM(tiny_config()))
+    masks.load_state_dict(pruned.state_dict())
+    assert masks.counts() == {"hidden": 16, "heads": 2, "ffn": 24}
+    torch.testing.assert_close(masks.kept_indices("hidden"), pruned.kept_indices("hidden"))

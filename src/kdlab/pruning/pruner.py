@@ -161,10 +161,16 @@ class Pruner(nn.Module):
             return False
         scores = self.structure_scores()
         m = self.masks
-        _keep_top(m.hidden, scores["hidden"], counts["heads"] * m.head_dim)
+        current = m.counts()
+        hidden = counts["heads"] * m.head_dim
+        if hidden != current["hidden"]:
+            _keep_top(m.hidden, scores["hidden"], hidden)
         for layer in range(m.heads.size(0)):
-            _keep_top(m.heads[layer], scores["heads"][layer], counts["heads"])
-            _keep_top(m.ffn[layer], scores["ffn"][layer], counts["ffn"])
+            if counts["heads"] != current["heads"]:
+                _keep_top(m.heads[layer], scores["heads"][layer], counts["heads"])
+            if counts["ffn"] != current["ffn"]:
+                _keep_top(m.ffn[layer], scores["ffn"][layer], counts["ffn"])
+        m.refresh()
         return True
 
     def parameter_count(self) -> int:
@@ -188,9 +194,8 @@ class Pruner(nn.Module):
 
 
 def _keep_top(mask: Tensor, scores: Tensor, count: int) -> None:
-    """Keep the ``count`` highest-scoring entries among those still kept, in place."""
-    if int(mask.sum()) == count:
-        return
+    """Keep the ``count`` highest-scoring entries among those still kept, in place (the
+    caller refreshes the masks' cache)."""
     candidates = scores.masked_fill(mask == 0, float("-inf"))
     keep = candidates.topk(count).indices
     mask.zero_()
