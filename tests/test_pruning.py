@@ -18,6 +18,7 @@ from kdlab.errors import ConfigError
 from kdlab.pruning import Pruner, StructuredMasks, compact, compact_parameter_count
 from kdlab.pruning.importance import PlatonImportance
 from kdlab.pruning.masks import MaskedLayerNorm
+from kdlab.pruning.pruner import _keep_top
 from kdlab.pruning.schedule import cubic_remaining, oneshot_remaining
 from kdlab.train import CONF_DIR
 
@@ -360,3 +361,48 @@ def test_masks_cache_follows_load_state_dict():
     masks.load_state_dict(pruned.state_dict())
     assert masks.counts() == {"hidden": 16, "heads": 2, "ffn": 24}
     torch.testing.assert_close(masks.kept_indices("hidden"), pruned.kept_indices("hidden"))
+
+
+# ----------------------------------------------------------------- non-finite gradients
+def _grad_steps(pruner: Pruner, steps: int, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for _, p in pruner.params:
+            p.grad = torch.randn(p.shape, generator=generator)
+        pruner.accumulate()
+
+
+def test_non_finite_gradients_skip_the_importance_update():
+    torch.manual_seed(0)
+    model = BertForMaskedLM(tiny_config())
+    reference = Pruner(model, target=TARGET)
+    _grad_steps(reference, 50)
+    expected = {n: reference.importance.score(n).clone() for n, _ in reference.params}
+
+    torch.manual_seed(0)
+    pruner = Pruner(BertForMaskedLM(tiny_config()), target=TARGET)
+    for i, (_, p) in enumerate(pruner.params):  # an overflowed fp16 step: one inf gradient
+        p.grad = torch.zeros_like(p)
+        if i == 3:
+            p.grad.view(-1)[0] = float("inf")
+    pruner.accumulate()
+    _grad_steps(pruner, 50)
+    for name, _ in pruner.params:
+        score = pruner.importance.score(name)
+        assert torch.isfinite(score).all()
+        torch.testing.assert_close(score, expected[name], rtol=0, atol=0)
+    assert pruner.skipped_updates == 1
+    state = pruner.extra_state()
+    again = Pruner(BertForMaskedLM(tiny_config()), target=TARGET)
+    again.load_extra_state(state)
+    assert again.skipped_updates == 1
+
+
+def test_nan_scores_never_outrank_finite_ones_nor_restore_pruned_entries():
+    mask = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0])
+    scores = torch.tensor([float("nan"), 2.0, 1.0, 3.0, 5.0])
+    _keep_top(mask, scores, 3)
+    assert mask.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+    scores = torch.full((5,), float("nan"))
+    _keep_top(mask, scores, 2)
+    assert mask.sum() == 2 and mask[0] == 0 and mask[4] == 0

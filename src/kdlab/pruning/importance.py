@@ -10,10 +10,30 @@ Per parameter, at each step t::
 
 With β2 = 1 the uncertainty never leaves zero, so the score falls back to Ī alone (plain
 smoothed sensitivity).
+
+The EMAs are fp32 whatever the parameters' dtype.
 """
 
 import torch
 from torch import Tensor, nn
+
+
+def all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every entry of every tensor is finite.
+
+    One fused max-|x| per tensor (``torch._foreach_norm`` with ``ord=inf``, which
+    propagates NaN and, unlike the 2-norm, cannot overflow on finite values) and one
+    host sync for the whole list, rather than one per tensor.
+    """
+    if not tensors:
+        return True
+    peaks = torch._foreach_norm(tensors, float("inf"))
+    return bool(torch.stack([p.float() for p in peaks]).isfinite().all())
+
+
+def _sensitivity(param: nn.Parameter) -> Tensor:
+    """``|θ ⊙ ∇θ L|`` in fp32, as a new tensor (callers update it in place)."""
+    return param.detach().to(torch.float32, copy=True).mul_(param.grad.detach()).abs_()
 
 
 class PlatonImportance:
@@ -39,14 +59,17 @@ class PlatonImportance:
         for name, param in named_parameters:
             if param.grad is None:
                 continue
-            # In-place steps and one temporary per parameter: this runs every training step
-            # over the whole model, so memory passes are what it costs.
-            s = torch.mul(param.detach(), param.grad.detach()).abs_()
-            if name not in self.sensitivity:
-                self.sensitivity[name] = torch.zeros_like(s)
-                self.uncertainty[name] = torch.zeros_like(s)
-            ema_i = self.sensitivity[name].lerp_(s, 1 - self.beta1)
-            self.uncertainty[name].lerp_(s.sub_(ema_i).abs_(), 1 - self.beta2)
+            # One temporary per parameter, updated in place: this runs every training
+            # step over the whole model, so memory passes are what it costs.
+            self._ema_step(name, _sensitivity(param))
+
+    def _ema_step(self, name: str, s: Tensor) -> None:
+        """``Ī ← β1·Ī + (1−β1)·s`` then ``Ū ← β2·Ū + (1−β2)·|s − Ī|``; overwrites ``s``."""
+        if name not in self.sensitivity:
+            self.sensitivity[name] = torch.zeros_like(s)
+            self.uncertainty[name] = torch.zeros_like(s)
+        ema_i = self.sensitivity[name].lerp_(s, 1 - self.beta1)
+        self.uncertainty[name].lerp_(s.sub_(ema_i).abs_(), 1 - self.beta2)
 
     def score(self, name: str) -> Tensor | None:
         """``Ī · Ū`` of one parameter (``Ī`` alone when ``β2 = 1``), or None before any update."""
@@ -57,8 +80,16 @@ class PlatonImportance:
         return self.sensitivity[name] * self.uncertainty[name]
 
     def state_dict(self) -> dict:
-        return {"sensitivity": self.sensitivity, "uncertainty": self.uncertainty}
+        return {
+            "sensitivity": self.sensitivity,
+            "uncertainty": self.uncertainty,
+        }
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
-        self.sensitivity = {k: v.to(device) for k, v in state["sensitivity"].items()}
-        self.uncertainty = {k: v.to(device) for k, v in state["uncertainty"].items()}
+        """Restore :meth:`state_dict` on ``device``, in fp32."""
+
+        def to_device(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+            return {k: v.to(device, torch.float32) for k, v in tensors.items()}
+
+        self.sensitivity = to_device(state["sensitivity"])
+        self.uncertainty = to_device(state["uncertainty"])

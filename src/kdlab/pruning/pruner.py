@@ -2,8 +2,11 @@
 
 Scores follow PLATON (Zhang et al., ICML 2022): per parameter ``Ī · Ū`` with
 ``Ī ← β1·Ī + (1−β1)·|θ ⊙ ∇θ L|`` and ``Ū ← β2·Ū + (1−β2)·|s − Ī|``; a structure's score is
-the sum over its parameters. The lowest-scoring structures are masked as the schedule
-lowers the kept fraction; pruned structures stay pruned.
+the sum over its parameters. The lowest-scoring structures are masked
+as the schedule lowers the kept fraction; pruned structures stay pruned.
+
+A step whose gradients are not finite (an overflowed fp16 step, which the grad scaler
+skips too) leaves the scores untouched and is counted in ``skipped_updates``.
 """
 
 from collections.abc import Mapping
@@ -14,7 +17,7 @@ from transformers import PreTrainedModel
 
 from kdlab.errors import ConfigError
 from kdlab.pruning.compaction import compact_parameter_count
-from kdlab.pruning.importance import PlatonImportance
+from kdlab.pruning.importance import PlatonImportance, all_finite
 from kdlab.pruning.masks import StructuredMasks, pruned_axes
 from kdlab.pruning.schedule import SCHEDULES
 
@@ -37,7 +40,14 @@ class Pruner(nn.Module):
         update_interval: ``ΔT``, steps between mask updates.
         beta1: EMA factor of the sensitivity.
         beta2: EMA factor of the uncertainty (1 = plain sensitivity).
-        track_interval: steps between discrepancy measurements (0 switches them off).
+        track_interval: steps between teacher–student discrepancy measurements, 0 for
+            none. The Pruner only stores it: measuring is the training hooks' business
+            (they read it, call :meth:`record` and write the history), as is step 0's row,
+            which they record whatever the interval.
+
+    Attributes:
+        skipped_updates: importance updates skipped for non-finite gradients (carried by
+            checkpoints through :meth:`extra_state`).
     """
 
     def __init__(
@@ -72,6 +82,7 @@ class Pruner(nn.Module):
         self.update_interval = update_interval
         self.track_interval = track_interval
         self.importance = PlatonImportance(beta1, beta2)
+        self.skipped_updates = 0
         self.params = [(n, p) for n, p in model.named_parameters() if pruned_axes(n)]
         self.full_params = sum(p.numel() for p in model.parameters())
         # (step, kl or None, remaining parameter fraction, parameters) rows for the plot.
@@ -124,9 +135,18 @@ class Pruner(nn.Module):
 
     # --------------------------------------------------------------------- importance
     def accumulate(self) -> None:
-        """One PLATON step from the current gradients, while pruning is not finished."""
-        if not self.finished:
-            self.importance.update(self.params)
+        """One PLATON step from the current gradients, while pruning is not finished.
+
+        Skipped (and counted) when any gradient it would read is not finite: one inf would
+        make Ī inf and |s − Ī| NaN for good. The check costs one host sync per step.
+        """
+        if self.finished:
+            return
+        grads = [p.grad for _, p in self.params if p.grad is not None]
+        if not all_finite(grads):
+            self.skipped_updates += 1
+            return
+        self.importance.update(self.params)
 
     def structure_scores(self) -> dict[str, Tensor]:
         """Summed importance of every structure: ``hidden [H]``, ``heads [L, A]``, ``ffn [L, I]``."""
@@ -186,17 +206,27 @@ class Pruner(nn.Module):
 
     def extra_state(self) -> dict:
         """What checkpoints must carry besides the mask buffers."""
-        return {"importance": self.importance.state_dict(), "history": self.history}
+        return {
+            "importance": self.importance.state_dict(),
+            "history": self.history,
+            "skipped_updates": self.skipped_updates,
+        }
 
     def load_extra_state(self, state: dict) -> None:
         self.importance.load_state_dict(state["importance"], self.masks.hidden.device)
         self.history = list(state["history"])
+        self.skipped_updates = int(state.get("skipped_updates", 0))
 
 
 def _keep_top(mask: Tensor, scores: Tensor, count: int) -> None:
     """Keep the ``count`` highest-scoring entries among those still kept, in place (the
-    caller refreshes the masks' cache)."""
-    candidates = scores.masked_fill(mask == 0, float("-inf"))
+    caller refreshes the masks' cache).
+
+    NaN scores rank below every finite one and pruned entries below everything, so that
+    neither a NaN nor a tie can bring a pruned entry back.
+    """
+    lowest = torch.finfo(scores.dtype).min
+    candidates = scores.nan_to_num(nan=lowest, neginf=lowest).masked_fill(mask == 0, float("-inf"))
     keep = candidates.topk(count).indices
     mask.zero_()
     mask[keep] = 1.0
