@@ -406,3 +406,62 @@ def test_nan_scores_never_outrank_finite_ones_nor_restore_pruned_entries():
     scores = torch.full((5,), float("nan"))
     _keep_top(mask, scores, 2)
     assert mask.sum() == 2 and mask[0] == 0 and mask[4] == 0
+
+
+# --------------------------------------------------------------- windowed PLATON scores
+def test_windowed_scores_on_a_two_window_example():
+    param = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    importance = PlatonImportance(beta1=0.5, beta2=0.5, window=True)
+    # Window 1: s = [1, 2] and [3, 0], mean [2, 1]: Ī = [1, .5], Ū = |[2, 1] − Ī| / 2 = [.5, .25].
+    for grad in ([1.0, -1.0], [3.0, 0.0]):
+        param.grad = torch.tensor(grad)
+        importance.update([("w", param)])
+        assert importance.score("w") is None  # nothing folded inside a window
+    importance.end_window()
+    torch.testing.assert_close(importance.sensitivity["w"], torch.tensor([1.0, 0.5]))
+    torch.testing.assert_close(importance.uncertainty["w"], torch.tensor([0.5, 0.25]))
+    # Window 2: s = [0, 4] and [2, 2], mean [1, 3]: Ī = [1, 1.75],
+    # Ū = [.5, .25] / 2 + |[1, 3] − [1, 1.75]| / 2 = [.25, .75]; score = Ī · Ū.
+    for grad in ([0.0, -2.0], [2.0, 1.0]):
+        param.grad = torch.tensor(grad)
+        importance.update([("w", param)])
+    importance.end_window()
+    torch.testing.assert_close(importance.score("w"), torch.tensor([0.25, 1.3125]))
+    importance.end_window()  # an empty window changes nothing
+    torch.testing.assert_close(importance.score("w"), torch.tensor([0.25, 1.3125]))
+
+
+def test_pruner_closes_score_windows_at_mask_update_steps():
+    torch.manual_seed(0)
+    model = BertForMaskedLM(tiny_config())
+    pruner = Pruner(model, target=TARGET, update_interval=3, score_window=True)
+    by_hand = PlatonImportance(window=True)
+    generator = torch.Generator().manual_seed(0)
+    # Steps as the training hooks run them: gradients and accumulate() for step t, then
+    # update() with the step count after the optimizer step (t + 1).
+    for step in range(6):
+        for _, p in pruner.params:
+            p.grad = torch.randn(p.shape, generator=generator)
+        pruner.accumulate()
+        by_hand.update(pruner.params)
+        pruner.update(step + 1, 100)  # warm-up until step 10: no mask change
+        if (step + 1) % 3 == 0:
+            by_hand.end_window()
+        name = pruner.params[0][0]
+        assert (pruner.importance.score(name) is None) == (step < 2)
+    for name, _ in pruner.params:
+        torch.testing.assert_close(pruner.importance.score(name), by_hand.score(name))
+    # The open window travels with checkpoints.
+    pruner.accumulate()
+    again = Pruner(BertForMaskedLM(tiny_config()), target=TARGET, score_window=True)
+    again.load_extra_state(pruner.extra_state())
+    assert again.importance.window_steps == pruner.importance.window_steps
+    first = pruner.params[0][0]
+    torch.testing.assert_close(
+        again.importance.window_sum[first], pruner.importance.window_sum[first]
+    )
+
+
+def test_homotopic_config_carries_score_window_off():
+    conf = OmegaConf.load(f"{CONF_DIR}/pruning/homotopic.yaml")
+    assert conf.score_window is False

@@ -1,8 +1,9 @@
 """The pruning component: importance, schedule and masks of one student, step by step.
 
 Scores follow PLATON (Zhang et al., ICML 2022): per parameter ``Ī · Ū`` with
-``Ī ← β1·Ī + (1−β1)·|θ ⊙ ∇θ L|`` and ``Ū ← β2·Ū + (1−β2)·|s − Ī|``; a structure's score is
-the sum over its parameters. The lowest-scoring structures are masked
+``Ī ← β1·Ī + (1−β1)·|θ ⊙ ∇θ L|`` and ``Ū ← β2·Ū + (1−β2)·|s − Ī|``, updated every step or
+once per mask-update window (``score_window``, see :mod:`kdlab.pruning.importance`); a
+structure's score is the sum over its parameters. The lowest-scoring structures are masked
 as the schedule lowers the kept fraction; pruned structures stay pruned.
 
 A step whose gradients are not finite (an overflowed fp16 step, which the grad scaler
@@ -44,6 +45,8 @@ class Pruner(nn.Module):
             none. The Pruner only stores it: measuring is the training hooks' business
             (they read it, call :meth:`record` and write the history), as is step 0's row,
             which they record whatever the interval.
+        score_window: update the importance EMAs once per ``update_interval`` window from
+            the window's mean sensitivity (the PLATON authors' code) instead of every step.
 
     Attributes:
         skipped_updates: importance updates skipped for non-finite gradients (carried by
@@ -62,6 +65,7 @@ class Pruner(nn.Module):
         beta1: float = 0.85,
         beta2: float = 0.95,
         track_interval: int = 50,
+        score_window: bool = False,
     ) -> None:
         super().__init__()
         if schedule not in SCHEDULES:
@@ -81,7 +85,7 @@ class Pruner(nn.Module):
         self.final_warmup = final_warmup
         self.update_interval = update_interval
         self.track_interval = track_interval
-        self.importance = PlatonImportance(beta1, beta2)
+        self.importance = PlatonImportance(beta1, beta2, window=score_window)
         self.skipped_updates = 0
         self.params = [(n, p) for n, p in model.named_parameters() if pruned_axes(n)]
         self.full_params = sum(p.numel() for p in model.parameters())
@@ -173,11 +177,15 @@ class Pruner(nn.Module):
         """Prune to the scheduled counts if an update is due; returns whether masks changed.
 
         Updates happen every ``update_interval`` steps, and as soon as the schedule
-        reaches the target so that the final shape is never missed.
+        reaches the target so that the final shape is never missed. A due update closes
+        the importance window (``score_window``) whether or not the masks change.
         """
         counts = self.scheduled_counts(step, total)
         due = step % self.update_interval == 0 or counts == self.target
-        if not due or counts == self.current_counts():
+        if not due:
+            return False
+        self.importance.end_window()
+        if counts == self.current_counts():
             return False
         scores = self.structure_scores()
         m = self.masks
