@@ -17,6 +17,7 @@ from kdlab.errors import ConfigError
 from kdlab.losses import IGNORE_INDEX, masked_mse
 from kdlab.methods import HomoDistil
 from kdlab.pruning import Pruner
+from kdlab.pruning.importance import PlatonImportance
 from kdlab.train import CONF_DIR
 from tests.fixtures import write_tiny_mlm_bert
 
@@ -374,3 +375,68 @@ def test_no_head_hidden_dim_or_neuron_comes_back_under_random_importance():
             assert (getattr(pruner.masks, kind) <= mask).all(), (step, kind)
     assert changes >= 3  # several updates, each with fresh random scores
     assert pruner.masks.counts() == {"hidden": 16, "heads": 2, "ffn": 32}
+
+
+# ----------------------------------------------------------------- pruner: importance
+def test_structure_importance_sums_every_parameter_that_belongs_to_it():
+    torch.manual_seed(0)
+    model = BertForMaskedLM(
+        BertConfig(
+            vocab_size=42,
+            hidden_size=HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            intermediate_size=FFN,
+        )
+    )
+    pruner = Pruner(model, target=TARGET)
+    for _, p in pruner.params:
+        p.grad = torch.randn_like(p)
+    pruner.importance = PlatonImportance(beta1=0.0, beta2=1.0)  # score = |θ g| of this step
+    pruner.importance.update(pruner.params)
+    scores = pruner.structure_scores()
+    s = {n: (p * p.grad).abs().detach() for n, p in pruner.params}
+
+    # Head 1 of layer 0: rows 8..15 of Q, K, V (weights and biases), the same columns of
+    # the attention output projection.
+    layer = "bert.encoder.layer.0."
+    rows = slice(8, 16)
+    head = s[layer + "attention.output.dense.weight"][:, rows].sum() + sum(
+        s[layer + f"attention.self.{m}.weight"][rows].sum()
+        + s[layer + f"attention.self.{m}.bias"][rows].sum()
+        for m in ("query", "key", "value")
+    )
+    torch.testing.assert_close(scores["heads"][0, 1], head)
+
+    # Hidden dimension 5 of the residual stream, every parameter entry that reads or writes
+    # it once: embedding columns, LayerNorm entries, the input columns and output rows
+    # (and biases) of each layer's projections, both axes of the MLM head transform (its
+    # [5, 5] entry once). The decoder is tied to the word embeddings: counted there.
+    d = 5
+    hidden = (
+        sum(
+            s[f"bert.embeddings.{kind}_embeddings.weight"][:, d].sum()
+            for kind in ("word", "position", "token_type")
+        )
+        + s["bert.embeddings.LayerNorm.weight"][d]
+        + s["bert.embeddings.LayerNorm.bias"][d]
+    )
+    for k in range(LAYERS):
+        layer = f"bert.encoder.layer.{k}."
+        hidden = hidden + sum(
+            s[layer + f"attention.self.{m}.weight"][:, d].sum() for m in ("query", "key", "value")
+        )
+        hidden = hidden + s[layer + "attention.output.dense.weight"][d].sum()
+        hidden = hidden + s[layer + "attention.output.dense.bias"][d]
+        hidden = hidden + s[layer + "intermediate.dense.weight"][:, d].sum()
+        hidden = hidden + s[layer + "output.dense.weight"][d].sum()
+        hidden = hidden + s[layer + "output.dense.bias"][d]
+        for norm in ("attention.output.LayerNorm", "output.LayerNorm"):
+            hidden = hidden + s[layer + norm + ".weight"][d] + s[layer + norm + ".bias"][d]
+    transform = "cls.predictions.transform."
+    w = s[transform + "dense.weight"]
+    hidden = hidden + w[d].sum() + w[:, d].sum() - w[d, d] + s[transform + "dense.bias"][d]
+    hidden = hidden + s[transform + "LayerNorm.weight"][d] + s[transform + "LayerNorm.bias"][d]
+    # Every parameter with a hidden axis is in the sum above (nothing silently extra).
+    assert "bert.pooler.dense.weight" not in s
+    torch.testing.assert_close(scores["hidden"][d], hidden)

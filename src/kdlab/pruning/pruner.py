@@ -153,14 +153,21 @@ class Pruner(nn.Module):
         self.importance.update(self.params)
 
     def structure_scores(self) -> dict[str, Tensor]:
-        """Summed importance of every structure: ``hidden [H]``, ``heads [L, A]``, ``ffn [L, I]``."""
+        """Summed importance of every structure: ``hidden [H]``, ``heads [L, A]``, ``ffn [L, I]``.
+
+        Each parameter entry counts once towards each structure it belongs to: an entry of
+        a hidden × hidden map (pooler, MLM head transform) lies in row i and column j, and
+        the diagonal entry ``[i, i]`` belongs to dimension i through both axes but is one
+        parameter, so it is not counted twice.
+        """
         m = self.masks
         scores = {k: torch.zeros_like(getattr(m, k)) for k in ("hidden", "heads", "ffn")}
         for name, _ in self.params:
             score = self.importance.score(name)
             if score is None:
                 continue
-            for axis, kind, layer in pruned_axes(name):
+            axes = pruned_axes(name)
+            for axis, kind, layer in axes:
                 other = [d for d in range(score.dim()) if d != axis]
                 per_index = score.sum(dim=other) if other else score
                 if kind == "hidden":
@@ -169,6 +176,8 @@ class Pruner(nn.Module):
                     scores["heads"][layer] += per_index.view(-1, m.head_dim).sum(-1)
                 else:
                     scores["ffn"][layer] += per_index
+            if [kind for _, kind, _ in axes] == ["hidden", "hidden"]:
+                scores["hidden"] -= score.diagonal()
         return scores
 
     # -------------------------------------------------------------------------- masks
