@@ -311,3 +311,28 @@ def test_two_process_ddp_ranks_hold_identical_masks(data, tmp_path):
     assert config.trainer.devices == 2
     student = AutoModelForMaskedLM.from_pretrained(tmp_path / "student")
     assert student.config.intermediate_size == 32
+
+
+def test_linear_hidden_projection_trains_with_the_student_and_stays_out_of_the_export(
+    data, tmp_path
+):
+    metrics = run(
+        [
+            *corpus_args(data),
+            "method=homodistil",
+            "method.hidden_projection=linear",
+            *HALF,
+            "trainer.max_epochs=1",
+            "pruning.update_interval=1",
+            "pruning.initial_warmup=0.0",
+            "pruning.final_warmup=0.0",
+            f"run_dir={tmp_path}",
+        ]
+    )
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    projection = state["projections.1.weight"]
+    assert projection.shape == (32, 32)  # the teacher's width, over the student's full width
+    assert not torch.equal(projection, torch.eye(32))  # trained
+    student = AutoModelForMaskedLM.from_pretrained(tmp_path / "student")
+    assert student.config.hidden_size == 16
+    assert metrics["student"]["params"] == sum(p.numel() for p in student.parameters())

@@ -2,7 +2,9 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
+from torch import Tensor
 from transformers import (
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
@@ -15,6 +17,8 @@ from transformers import (
 from kdlab.errors import ConfigError
 from kdlab.pruning import Pruner, StructuredMasks, compact, compact_parameter_count
 from kdlab.pruning.importance import PlatonImportance
+from kdlab.pruning.masks import MaskedLayerNorm
+from kdlab.pruning.pruner import _keep_top
 from kdlab.pruning.schedule import cubic_remaining, oneshot_remaining
 from kdlab.train import CONF_DIR
 from kdlab.validation import check_node
@@ -155,6 +159,7 @@ def random_masks(model) -> StructuredMasks:
     for layer in range(2):
         masks.heads[layer].zero_()[torch.randperm(4, generator=generator)[:2]] = 1
         masks.ffn[layer].zero_()[torch.randperm(64, generator=generator)[:24]] = 1
+    masks.refresh()  # written in place: rebuild the cached kept indices
     return masks
 
 
@@ -240,3 +245,226 @@ def test_minilm_half_preset_halves_every_width_and_keeps_the_head_size():
         768,
     )
     assert target.hidden_size == target.num_attention_heads * 32
+
+
+# ------------------------------------------------------------- precision and host syncs
+def _pruned_norm(width: int = 8, kept: int = 5) -> tuple[torch.nn.Module, StructuredMasks]:
+    """A MaskedLayerNorm of ``width`` dims keeping the first ``kept``, with random affine."""
+    masks = StructuredMasks(1, width, 1, 4)
+    masks.load_state_dict({**masks.state_dict(), "hidden": (torch.arange(width) < kept).float()})
+    norm = torch.nn.LayerNorm(width)
+    torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
+    return MaskedLayerNorm.wrap(norm, masks), masks
+
+
+def _kept_norm_reference(norm, x: Tensor, kept: int) -> Tensor:
+    """LayerNorm of the first ``kept`` dims in fp32, zeros after them."""
+    head = F.layer_norm(
+        x[..., :kept].float(), (kept,), norm.weight[:kept].float(), norm.bias[:kept].float()
+    )
+    return F.pad(head, (0, x.size(-1) - kept))
+
+
+def test_masked_layernorm_keeps_a_bf16_input_bf16_like_layernorm():
+    torch.manual_seed(0)
+    norm, _ = _pruned_norm()
+    x = torch.randn(2, 3, 8).bfloat16()  # fp32 weights, bf16 input: nn.LayerNorm gives bf16
+    out = norm(x)
+    assert out.dtype == torch.nn.functional.layer_norm(x, (8,), norm.weight, norm.bias).dtype
+    torch.testing.assert_close(out.float(), _kept_norm_reference(norm, x, 5), atol=2e-2, rtol=0)
+    assert out[..., 5:].abs().max() == 0
+
+
+def test_masked_layernorm_under_cpu_autocast_matches_layernorm_dtype():
+    torch.manual_seed(0)
+    norm, _ = _pruned_norm()
+    for x in (torch.randn(2, 3, 8), torch.randn(2, 3, 8).bfloat16()):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = norm(x)
+            expected = F.layer_norm(x, (8,), norm.weight, norm.bias).dtype
+        assert out.dtype == expected
+        torch.testing.assert_close(out.float(), _kept_norm_reference(norm, x, 5), atol=2e-2, rtol=0)
+
+
+def test_masked_layernorm_returns_fp32_when_layer_norm_upcasts(monkeypatch):
+    # CUDA autocast runs layer_norm in fp32 whatever the input (its fp32 op list); CPU
+    # autocast does not, so emulate that policy: every floating input cast to fp32.
+    torch.manual_seed(0)
+    norm, _ = _pruned_norm()
+    original = F.layer_norm
+
+    def fp32_layer_norm(x, shape, weight=None, bias=None, eps=1e-5):
+        as32 = [t.float() if t is not None else None for t in (x, weight, bias)]
+        return original(as32[0], shape, as32[1], as32[2], eps)
+
+    monkeypatch.setattr(F, "layer_norm", fp32_layer_norm)
+    x = torch.randn(2, 3, 8).bfloat16()
+    out = norm(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, _kept_norm_reference(norm, x, 5))
+
+
+def test_masked_forward_calls_no_nonzero(monkeypatch):
+    # nonzero() blocks the host until the device has caught up; the kept indices are
+    # cached when the masks change, so a forward pass must not need it.
+    torch.manual_seed(0)
+    model = BertForMaskedLM(tiny_config()).eval()
+    masks = random_masks(model)
+    calls = []
+    original = Tensor.nonzero
+
+    def counting_nonzero(self, *args, **kwargs):
+        calls.append(self.shape)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Tensor, "nonzero", counting_nonzero)
+    monkeypatch.setattr(torch, "nonzero", lambda t, *a, **k: counting_nonzero(t, *a, **k))
+    model(input_ids=torch.randint(5, 40, (2, 8)))
+    assert masks.counts() == {"hidden": 16, "heads": 2, "ffn": 24}
+    assert calls == []
+
+
+def test_counts_are_exact_and_masks_stay_fp32_when_cast_to_bf16():
+    # 2,999 ones out of 3,072 sum to 2,992 in bf16 (8 significant bits).
+    masks = StructuredMasks(1, 64, 4, 3072)
+    ffn = torch.ones(1, 3072)
+    ffn[0, 2999:] = 0
+    masks.load_state_dict({**masks.state_dict(), "ffn": ffn})
+    masks.bfloat16()
+    assert masks.counts()["ffn"] == 2999
+    assert masks.kept_indices("ffn", 0).numel() == 2999
+    assert masks.ffn.dtype == masks.hidden.dtype == masks.heads.dtype == torch.float32
+
+
+def test_bf16_cast_pruner_counts_finished_and_compaction_agree():
+    torch.manual_seed(0)
+    model = BertForMaskedLM(tiny_config(intermediate_size=3072))
+    target = {**TARGET, "intermediate_size": 2999}
+    pruner = Pruner(model, target=target, schedule="oneshot", initial_warmup=0.0, final_warmup=0.0)
+    model.bfloat16(), pruner.bfloat16()
+    pruner.structure_scores = lambda: {
+        "hidden": torch.rand(32),
+        "heads": torch.rand(2, 4),
+        "ffn": torch.rand(2, 3072),
+    }
+    assert pruner.update(step=1, total=10)
+    assert pruner.current_counts() == {"heads": 2, "ffn": 2999}
+    assert pruner.finished
+    small = compact(model, pruner.masks)
+    assert small.config.intermediate_size == 2999
+    assert sum(p.numel() for p in small.parameters()) == pruner.parameter_count()
+    assert pruner.masks.ffn.dtype == torch.float32
+
+
+def test_masks_cache_follows_load_state_dict():
+    model = BertForMaskedLM(tiny_config())
+    masks = StructuredMasks.for_model(model)
+    masks.install(model)
+    pruned = random_masks(BertForMaskedLM(tiny_config()))
+    masks.load_state_dict(pruned.state_dict())
+    assert masks.counts() == {"hidden": 16, "heads": 2, "ffn": 24}
+    torch.testing.assert_close(masks.kept_indices("hidden"), pruned.kept_indices("hidden"))
+
+
+# ----------------------------------------------------------------- non-finite gradients
+def _grad_steps(pruner: Pruner, steps: int, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for _, p in pruner.params:
+            p.grad = torch.randn(p.shape, generator=generator)
+        pruner.accumulate()
+
+
+def test_non_finite_gradients_skip_the_importance_update():
+    torch.manual_seed(0)
+    model = BertForMaskedLM(tiny_config())
+    reference = Pruner(model, target=TARGET)
+    _grad_steps(reference, 50)
+    expected = {n: reference.importance.score(n).clone() for n, _ in reference.params}
+
+    torch.manual_seed(0)
+    pruner = Pruner(BertForMaskedLM(tiny_config()), target=TARGET)
+    for i, (_, p) in enumerate(pruner.params):  # an overflowed fp16 step: one inf gradient
+        p.grad = torch.zeros_like(p)
+        if i == 3:
+            p.grad.view(-1)[0] = float("inf")
+    pruner.accumulate()
+    _grad_steps(pruner, 50)
+    for name, _ in pruner.params:
+        score = pruner.importance.score(name)
+        assert torch.isfinite(score).all()
+        torch.testing.assert_close(score, expected[name], rtol=0, atol=0)
+    assert pruner.skipped_updates == 1
+    state = pruner.extra_state()
+    again = Pruner(BertForMaskedLM(tiny_config()), target=TARGET)
+    again.load_extra_state(state)
+    assert again.skipped_updates == 1
+
+
+def test_nan_scores_never_outrank_finite_ones_nor_restore_pruned_entries():
+    mask = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0])
+    scores = torch.tensor([float("nan"), 2.0, 1.0, 3.0, 5.0])
+    _keep_top(mask, scores, 3)
+    assert mask.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+    scores = torch.full((5,), float("nan"))
+    _keep_top(mask, scores, 2)
+    assert mask.sum() == 2 and mask[0] == 0 and mask[4] == 0
+
+
+# --------------------------------------------------------------- windowed PLATON scores
+def test_windowed_scores_on_a_two_window_example():
+    param = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    importance = PlatonImportance(beta1=0.5, beta2=0.5, window=True)
+    # Window 1: s = [1, 2] and [3, 0], mean [2, 1]: Ī = [1, .5], Ū = |[2, 1] − Ī| / 2 = [.5, .25].
+    for grad in ([1.0, -1.0], [3.0, 0.0]):
+        param.grad = torch.tensor(grad)
+        importance.update([("w", param)])
+        assert importance.score("w") is None  # nothing folded inside a window
+    importance.end_window()
+    torch.testing.assert_close(importance.sensitivity["w"], torch.tensor([1.0, 0.5]))
+    torch.testing.assert_close(importance.uncertainty["w"], torch.tensor([0.5, 0.25]))
+    # Window 2: s = [0, 4] and [2, 2], mean [1, 3]: Ī = [1, 1.75],
+    # Ū = [.5, .25] / 2 + |[1, 3] − [1, 1.75]| / 2 = [.25, .75]; score = Ī · Ū.
+    for grad in ([0.0, -2.0], [2.0, 1.0]):
+        param.grad = torch.tensor(grad)
+        importance.update([("w", param)])
+    importance.end_window()
+    torch.testing.assert_close(importance.score("w"), torch.tensor([0.25, 1.3125]))
+    importance.end_window()  # an empty window changes nothing
+    torch.testing.assert_close(importance.score("w"), torch.tensor([0.25, 1.3125]))
+
+
+def test_pruner_closes_score_windows_at_mask_update_steps():
+    torch.manual_seed(0)
+    model = BertForMaskedLM(tiny_config())
+    pruner = Pruner(model, target=TARGET, update_interval=3, score_window=True)
+    by_hand = PlatonImportance(window=True)
+    generator = torch.Generator().manual_seed(0)
+    # Steps as the training hooks run them: gradients and accumulate() for step t, then
+    # update() with the step count after the optimizer step (t + 1).
+    for step in range(6):
+        for _, p in pruner.params:
+            p.grad = torch.randn(p.shape, generator=generator)
+        pruner.accumulate()
+        by_hand.update(pruner.params)
+        pruner.update(step + 1, 100)  # warm-up until step 10: no mask change
+        if (step + 1) % 3 == 0:
+            by_hand.end_window()
+        name = pruner.params[0][0]
+        assert (pruner.importance.score(name) is None) == (step < 2)
+    for name, _ in pruner.params:
+        torch.testing.assert_close(pruner.importance.score(name), by_hand.score(name))
+    # The open window travels with checkpoints.
+    pruner.accumulate()
+    again = Pruner(BertForMaskedLM(tiny_config()), target=TARGET, score_window=True)
+    again.load_extra_state(pruner.extra_state())
+    assert again.importance.window_steps == pruner.importance.window_steps
+    first = pruner.params[0][0]
+    torch.testing.assert_close(
+        again.importance.window_sum[first], pruner.importance.window_sum[first]
+    )
+
+
+def test_homotopic_config_carries_score_window_off():
+    conf = OmegaConf.load(f"{CONF_DIR}/pruning/homotopic.yaml")
+    assert conf.score_window is False

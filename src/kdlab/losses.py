@@ -215,18 +215,60 @@ def mixup_target_loss(logits: Tensor, labels: Tensor, perm: Tensor, lam: Tensor)
 
 
 def masked_mse(student: Tensor, teacher: Tensor, keep: Tensor) -> Tensor:
-    """Mean squared error over the kept entries only.
+    """Mean squared error over the selected entries only.
 
-    ``Σ keep·(s − t)² / Σ keep`` with ``keep`` broadcast to the inputs' shape: pruned hidden
-    dimensions or heads of the student carry no signal and are left out of the mean.
+    ``Σ_sel (s − t)² / |sel|`` where ``sel`` are the entries at which ``keep`` (broadcast
+    to the inputs' shape) is non-zero. Unselected entries do not enter the sum at all, so
+    even a non-finite value there cannot leak in. Computed in fp32 (as autocast runs
+    ``mse_loss``), with an integer count of the selected entries.
 
     Args:
         student: e.g. hidden states ``[B, T, H]`` or attention maps ``[B, A, T, T]``.
         teacher: same shape.
-        keep: 0/1 weights broadcastable to that shape (``[H]``, or ``[A, 1, 1]``).
+        keep: boolean or 0/1 tensor broadcastable to that shape, e.g. kept dimensions
+            ``[H]``, real tokens × kept dimensions ``[B, T, H]`` (see :func:`hidden_mse`
+            and :func:`attention_mse`). At least one entry must be selected.
 
     Returns:
-        Scalar tensor.
+        Scalar fp32 tensor.
     """
-    keep = keep.to(student.dtype).expand_as(student)
-    return ((student - teacher) ** 2 * keep).sum() / keep.sum()
+    selected = torch.broadcast_to(keep != 0, student.shape)
+    squares = (student.float() - teacher.float()).square()
+    return torch.where(selected, squares, 0.0).sum() / selected.sum()
+
+
+def hidden_mse(
+    student: Tensor, teacher: Tensor, tokens: Tensor, dims: Tensor | None = None
+) -> Tensor:
+    """MSE of hidden states over real tokens × kept dimensions.
+
+    Args:
+        student: ``[B, T, H]`` hidden states.
+        teacher: ``[B, T, H]``.
+        tokens: ``[B, T]`` attention mask, 1 on real tokens, 0 on padding.
+        dims: ``[H]`` 0/1 mask of the dimensions compared; None compares all of them.
+
+    Returns:
+        Scalar fp32 tensor: the mean over ``Σ_b n_b · |dims|`` entries.
+    """
+    keep = tokens[:, :, None] != 0
+    if dims is not None:
+        keep = keep & (dims != 0)
+    return masked_mse(student, teacher, keep)
+
+
+def attention_mse(student: Tensor, teacher: Tensor, tokens: Tensor, heads: Tensor) -> Tensor:
+    """MSE of attention maps over kept heads × real query rows × real key columns.
+
+    Args:
+        student: ``[B, A, T, T]`` attention probabilities (query rows, key columns).
+        teacher: ``[B, A, T, T]``.
+        tokens: ``[B, T]`` attention mask, 1 on real tokens, 0 on padding.
+        heads: ``[A]`` 0/1 mask of the heads compared.
+
+    Returns:
+        Scalar fp32 tensor: the mean over ``Σ_b n_b² · |heads|`` entries.
+    """
+    real = tokens != 0
+    keep = (heads != 0)[None, :, None, None] & real[:, None, :, None] & real[:, None, None, :]
+    return masked_mse(student, teacher, keep)

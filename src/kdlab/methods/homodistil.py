@@ -6,27 +6,118 @@ PLATON importance and a cubic schedule) while it is distilled on a masked-LM cor
 teacher–student discrepancy stays small throughout. Each step both see the same masked
 batch and::
 
-    L = α_mlm·L_MLM + α_kl·KL(p_t ‖ p_s)          (masked positions, temperature T)
-        + α_hidden·Σ_k MSE(H_t^k, H_s^k)         (k = 1..L, kept hidden dimensions)
-        + α_attn·Σ_k MSE(A_t^k, A_s^k)           (kept heads)
-        + α_emb·MSE(H_t^0, H_s^0)                (embedding output)
+    L = α_mlm·L_MLM + α_kl·KL(p_t ‖ p_s)          (masked positions, temperature T, ×T²)
+        + α_hidden·Σ_k MSE(H_t^k, H_s^k·W_k)     (k = 1..L, real tokens)
+        + α_attn·Σ_k MSE(A_t^k, A_s^k)           (kept heads, real query and key tokens)
+        + α_emb·MSE(H_t^0, H_s^0·W_0)            (embedding output, real tokens)
 
-The student's hidden states are compared with the teacher's through the kept-dimension
-selection (the student starts as the teacher, so dimension i is the same feature in both).
+Real tokens are those of the attention mask: padded positions carry no signal and would
+otherwise weigh in proportion to the padding of the batch.
+
+``W_k`` (``hidden_projection``):
+
+- ``select`` (default): the kept-dimension selection. The student starts as the teacher,
+  so its dimension i is the teacher's dimension i; the MSE runs over real tokens × the
+  student's kept dimensions.
+- ``linear``: a learnable map, one per compared layer, from the student's hidden states to
+  the teacher's full width, initialised to the selection (the identity) and trained with
+  the student; the MSE runs over real tokens × all teacher dimensions, so the map can
+  learn to reconstruct the teacher's pruned dimensions from the kept ones. It is an
+  H × H matrix over the student's *full* (unpruned) width rather than H' × H over the kept
+  dimensions: pruned dimensions of the student are exactly zero, so their columns do
+  nothing (and get no gradient) and the map equals an H' × H one on the kept dimensions,
+  while the kept set changes at every mask update without resizing a parameter or its
+  optimizer state. The maps belong to the method, not to the student: exports leave them
+  out.
+
+Attention maps are compared *before* attention dropout. ``transformers``' eager attention
+applies dropout functionally to the probabilities and returns the dropped ones (rows then
+sum to 0.7–1.1, and an MSE against them pulls the student towards flatter maps: the
+dropout noise adds ``p/(1−p)·A²`` to it in expectation). The student runs a registered copy
+of the eager attention (:data:`PRE_DROPOUT_ATTENTION`) that still mixes the values with the
+dropped probabilities but returns the undropped ones. That keeps the student's training
+exactly as it was (attention dropout is part of BERT's regularisation, and switching it
+off for the whole run would change what is trained, not only what is measured) at no
+extra cost. The implementation name is not serialised in ``config.json``, so exported
+students load with the stock defaults. The SDPA kernels return no probabilities at all.
 """
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
+import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
-from torch import Tensor
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from kdlab.errors import ConfigError
-from kdlab.losses import masked_mse, matching_loss, task_loss
+from kdlab.losses import attention_mse, hidden_mse, matching_loss, task_loss
 from kdlab.methods.base import BaseMethod, model_inputs
-from kdlab.pruning.masks import installed_masks
+from kdlab.pruning.masks import StructuredMasks, installed_masks
 from kdlab.validation import NonNegative, Positive
 
 _TERMS = ("mlm", "kl", "hidden", "attn", "emb")
+
+# Name of the attention implementation that returns probabilities before dropout.
+PRE_DROPOUT_ATTENTION = "kdlab_eager_pre_dropout"
+PROJECTIONS = ("select", "linear")
+
+
+def eager_attention_pre_dropout(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[Tensor, Tensor]:
+    """BERT's eager attention, returning the attention probabilities before dropout.
+
+    The same operations as ``transformers``' ``eager_attention_forward`` (so in eval mode,
+    or with ``dropout=0``, both give identical results); dropout still applies to the
+    probabilities that mix the values.
+
+    Args:
+        module: the self-attention module (its ``training`` flag switches dropout).
+        query: ``[B, A, T, d]``.
+        key: ``[B, A, S, d]``.
+        value: ``[B, A, S, d]``.
+        attention_mask: additive ``[B, 1, T, S]`` mask (``-inf``-like on padding) or None.
+        scaling: score scale, ``d^-1/2`` by default.
+        dropout: attention dropout probability (0 outside training).
+
+    Returns:
+        Context ``[B, T, A, d]`` and probabilities ``[B, A, T, S]`` before dropout.
+    """
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = F.softmax(scores, dim=-1)
+    mixing = F.dropout(probs, p=dropout, training=module.training)
+    context = torch.matmul(mixing, value).transpose(1, 2).contiguous()
+    return context, probs
+
+
+AttentionInterface.register(PRE_DROPOUT_ATTENTION, eager_attention_pre_dropout)
+# An implementation without a registered mask builder gets no attention mask at all
+# (padding would be attended to): it takes eager's additive mask.
+AttentionMaskInterface.register(PRE_DROPOUT_ATTENTION, eager_mask)
+
+
+def identity_projections(width: int, layers: list[int]) -> nn.ModuleDict:
+    """One bias-free ``width × width`` linear map per hidden-state index in ``layers``
+    (0 = embeddings), keyed by the index as a string, each initialised to the identity."""
+    projections = nn.ModuleDict()
+    for k in layers:
+        linear = nn.Linear(width, width, bias=False)
+        nn.init.eye_(linear.weight)
+        projections[str(k)] = linear
+    return projections
 
 
 class HomoDistil(BaseMethod):
@@ -39,6 +130,9 @@ class HomoDistil(BaseMethod):
         alpha_attn: weight of the per-layer attention-map MSE (summed over layers).
         alpha_emb: weight of the embedding-output MSE.
         temperature: softening temperature of the KL term.
+        hidden_projection: how student hidden states meet the teacher's: ``select`` (kept
+            dimensions) or ``linear`` (learnable maps to the teacher's width, initialised
+            to the selection; see the module docstring).
         **base: see :class:`~kdlab.methods.base.BaseMethod`; the student must be pruned
             (``pruning=``), so that its masks say which structures are kept.
     """
@@ -72,6 +166,7 @@ class HomoDistil(BaseMethod):
         alpha_attn: NonNegative = 1.0,
         alpha_emb: NonNegative = 1.0,
         temperature: Positive = 1.0,
+        hidden_projection: Literal[tuple(PROJECTIONS)] = "select",
         **base,
     ) -> None:
         super().__init__(**base)
@@ -84,19 +179,36 @@ class HomoDistil(BaseMethod):
             "emb": alpha_emb,
         }
         self.temperature = temperature
+        self._check_models(student, teacher)
+        self.projections = None
+        if hidden_projection == "linear":
+            # Only the maps a term uses: an unused parameter stalls DDP's gradient reduction.
+            layers = [0] if alpha_emb > 0 else []
+            if alpha_hidden > 0:
+                layers += list(range(1, student.config.num_hidden_layers + 1))
+            self.projections = identity_projections(student.config.hidden_size, layers)
+        if alpha_attn > 0:
+            # The SDPA kernels return no attention probabilities; the student's are read
+            # before dropout (module docstring), the teacher runs in eval mode.
+            student.set_attn_implementation(PRE_DROPOUT_ATTENTION)
+            teacher.set_attn_implementation("eager")
+
+    @property
+    def masks(self) -> StructuredMasks:
+        """The student's pruning masks (installed by the ``pruning`` component)."""
+        return installed_masks(self.student)
+
+    def _check_models(self, student, teacher) -> None:
         if installed_masks(student) is None:
             raise ConfigError(
                 "method=homodistil distils into a pruned student: set pruning=homotopic."
             )
-        if student.config.num_hidden_layers != teacher.config.num_hidden_layers:
+        s, t = student.config, teacher.config
+        if (s.num_hidden_layers, s.hidden_size) != (t.num_hidden_layers, t.hidden_size):
             raise ConfigError(
-                "method=homodistil: the student must be a copy of the teacher (same depth); "
-                "use a pruned preset (model=minilm_half, model=pruned, model=tiny|...)."
+                "method=homodistil: the student must be a copy of the teacher (same depth and "
+                "width); use a pruned preset (model=minilm_half, model=pruned, model=tiny|...)."
             )
-        if alpha_attn > 0:
-            # The SDPA kernels return no attention probabilities.
-            student.set_attn_implementation("eager")
-            teacher.set_attn_implementation("eager")
 
     def compute_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         inputs = model_inputs(batch)
@@ -107,7 +219,10 @@ class HomoDistil(BaseMethod):
         }
         teacher = self.teacher_outputs(inputs, **options)
         student = self.student(**inputs, **options)
-        masks = installed_masks(self.student)
+        # [B, T]: 1 on real tokens (a batch without a mask has no padding).
+        tokens = inputs.get("attention_mask")
+        if tokens is None:
+            tokens = torch.ones_like(inputs["input_ids"])
         terms: dict[str, Tensor] = {}
         if w["mlm"] > 0:
             terms["mlm"] = task_loss(self.logits(student), self.targets(batch))
@@ -115,19 +230,33 @@ class HomoDistil(BaseMethod):
             terms["kl"] = matching_loss(
                 self.logits(student), self.logits(teacher), self.targets(batch), self.temperature
             )
+        hidden_s, hidden_t = student.hidden_states, teacher.hidden_states
         if w["emb"] > 0:
-            terms["emb"] = masked_mse(
-                student.hidden_states[0], teacher.hidden_states[0], masks.hidden
-            )
+            terms["emb"] = self.hidden_term(0, hidden_s[0], hidden_t[0], tokens)
         if w["hidden"] > 0:
             terms["hidden"] = sum(
-                masked_mse(s, t, masks.hidden)
-                for s, t in zip(student.hidden_states[1:], teacher.hidden_states[1:], strict=True)
+                self.hidden_term(k, hidden_s[k], hidden_t[k], tokens)
+                for k in range(1, len(hidden_s))
             )
         if w["attn"] > 0:
+            heads = self.masks.heads
             terms["attn"] = sum(
-                masked_mse(s, t, masks.heads[k][:, None, None])
+                attention_mse(s, t, tokens, heads[k])
                 for k, (s, t) in enumerate(zip(student.attentions, teacher.attentions, strict=True))
             )
         loss = sum(w[name] * value for name, value in terms.items())
         return {"loss": loss, **terms}
+
+    def hidden_term(self, k: int, student: Tensor, teacher: Tensor, tokens: Tensor) -> Tensor:
+        """``MSE(H_t^k, H_s^k·W_k)`` over real tokens: the kept dimensions (``select``) or
+        the teacher's full width through the learnable map (``linear``).
+
+        Args:
+            k: hidden-state index, 0 for the embedding output.
+            student: ``[B, T, H]`` (zeros on pruned dimensions).
+            teacher: ``[B, T, H]``.
+            tokens: ``[B, T]`` attention mask.
+        """
+        if self.projections is None:
+            return hidden_mse(student, teacher, tokens, self.masks.hidden)
+        return hidden_mse(self.projections[str(k)](student), teacher, tokens)

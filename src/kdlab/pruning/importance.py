@@ -10,10 +10,41 @@ Per parameter, at each step t::
 
 With β2 = 1 the uncertainty never leaves zero, so the score falls back to Ī alone (plain
 smoothed sensitivity).
+
+Two ways of feeding the EMAs:
+
+- per step (the default, the formula above as the paper writes it): every training step
+  updates Ī and Ū with that step's s(t);
+- windowed (``window=True``, what the PLATON authors' code does): the sensitivity is
+  averaged over the ΔT steps between two mask updates, and Ī and Ū are updated once per
+  window from that mean, s̄ = (1/ΔT)·Σ s(t). Ī then smooths over windows rather than steps
+  (β1 = 0.85 remembers ~7 windows instead of ~7 steps), and Ū measures how much the window
+  means vary, which is less noisy than the per-step |s(t) − Ī(t)|. It costs one more
+  fp32 tensor per parameter (the running window sum).
+
+The EMAs are fp32 whatever the parameters' dtype.
 """
 
 import torch
 from torch import Tensor, nn
+
+
+def all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every entry of every tensor is finite.
+
+    One fused max-|x| per tensor (``torch._foreach_norm`` with ``ord=inf``, which
+    propagates NaN and, unlike the 2-norm, cannot overflow on finite values) and one
+    host sync for the whole list, rather than one per tensor.
+    """
+    if not tensors:
+        return True
+    peaks = torch._foreach_norm(tensors, float("inf"))
+    return bool(torch.stack([p.float() for p in peaks]).isfinite().all())
+
+
+def _sensitivity(param: nn.Parameter) -> Tensor:
+    """``|θ ⊙ ∇θ L|`` in fp32, as a new tensor (callers update it in place)."""
+    return param.detach().to(torch.float32, copy=True).mul_(param.grad.detach()).abs_()
 
 
 class PlatonImportance:
@@ -22,28 +53,54 @@ class PlatonImportance:
     Args:
         beta1: EMA factor of the sensitivity ``Ī``.
         beta2: EMA factor of the uncertainty ``Ū``; 1 switches the uncertainty off.
+        window: average the sensitivity over a window of steps and update the EMAs once per
+            window (:meth:`end_window`), instead of at every step (see module docstring).
     """
 
-    def __init__(self, beta1: float = 0.85, beta2: float = 0.95) -> None:
+    def __init__(self, beta1: float = 0.85, beta2: float = 0.95, window: bool = False) -> None:
         self.beta1 = beta1
         self.beta2 = beta2
+        self.window = window
         self.sensitivity: dict[str, Tensor] = {}
         self.uncertainty: dict[str, Tensor] = {}
+        # Window mode: Σ s(t) over the open window and the number of steps summed, per
+        # parameter (a parameter without a gradient in some step has fewer).
+        self.window_sum: dict[str, Tensor] = {}
+        self.window_steps: dict[str, int] = {}
 
     @torch.no_grad()
     def update(self, named_parameters: list[tuple[str, nn.Parameter]]) -> None:
-        """One EMA step from the current gradients (parameters without one are skipped)."""
+        """One step from the current gradients (parameters without one are skipped): an
+        EMA step, or in window mode one more term of the window's sum."""
         for name, param in named_parameters:
             if param.grad is None:
                 continue
-            # In-place steps and one temporary per parameter: this runs every training step
-            # over the whole model, so memory passes are what it costs.
-            s = torch.mul(param.detach(), param.grad.detach()).abs_()
-            if name not in self.sensitivity:
-                self.sensitivity[name] = torch.zeros_like(s)
-                self.uncertainty[name] = torch.zeros_like(s)
-            ema_i = self.sensitivity[name].lerp_(s, 1 - self.beta1)
-            self.uncertainty[name].lerp_(s.sub_(ema_i).abs_(), 1 - self.beta2)
+            # One temporary per parameter, updated in place: this runs every training
+            # step over the whole model, so memory passes are what it costs.
+            s = _sensitivity(param)
+            if not self.window:
+                self._ema_step(name, s)
+            elif name in self.window_sum:
+                self.window_sum[name].add_(s)
+                self.window_steps[name] += 1
+            else:
+                self.window_sum[name], self.window_steps[name] = s, 1
+
+    @torch.no_grad()
+    def end_window(self) -> None:
+        """Window mode: one EMA step from the window's mean sensitivity, then open a new
+        window. Nothing happens per step, or when no step was summed since the last call."""
+        for name, total in self.window_sum.items():
+            self._ema_step(name, total.div_(self.window_steps[name]))
+        self.window_sum, self.window_steps = {}, {}
+
+    def _ema_step(self, name: str, s: Tensor) -> None:
+        """``Ī ← β1·Ī + (1−β1)·s`` then ``Ū ← β2·Ū + (1−β2)·|s − Ī|``; overwrites ``s``."""
+        if name not in self.sensitivity:
+            self.sensitivity[name] = torch.zeros_like(s)
+            self.uncertainty[name] = torch.zeros_like(s)
+        ema_i = self.sensitivity[name].lerp_(s, 1 - self.beta1)
+        self.uncertainty[name].lerp_(s.sub_(ema_i).abs_(), 1 - self.beta2)
 
     def score(self, name: str) -> Tensor | None:
         """``Ī · Ū`` of one parameter (``Ī`` alone when ``β2 = 1``), or None before any update."""
@@ -54,13 +111,27 @@ class PlatonImportance:
         return self.sensitivity[name] * self.uncertainty[name]
 
     def apply(self, fn) -> None:
-        """Apply ``fn`` (e.g. a device move) to every average."""
+        """Apply ``fn`` (e.g. a device move) to every average and the open window's sums."""
         self.sensitivity = {k: fn(v) for k, v in self.sensitivity.items()}
         self.uncertainty = {k: fn(v) for k, v in self.uncertainty.items()}
+        self.window_sum = {k: fn(v) for k, v in self.window_sum.items()}
 
     def state_dict(self) -> dict:
-        return {"sensitivity": self.sensitivity, "uncertainty": self.uncertainty}
+        return {
+            "sensitivity": self.sensitivity,
+            "uncertainty": self.uncertainty,
+            "window_sum": self.window_sum,
+            "window_steps": self.window_steps,
+        }
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
-        self.sensitivity = {k: v.to(device) for k, v in state["sensitivity"].items()}
-        self.uncertainty = {k: v.to(device) for k, v in state["uncertainty"].items()}
+        """Restore :meth:`state_dict` on ``device`` (checkpoints without the window keys,
+        from before window mode existed, load with an empty window)."""
+
+        def to_device(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+            return {k: v.to(device, torch.float32) for k, v in tensors.items()}
+
+        self.sensitivity = to_device(state["sensitivity"])
+        self.uncertainty = to_device(state["uncertainty"])
+        self.window_sum = to_device(state.get("window_sum", {}))
+        self.window_steps = dict(state.get("window_steps", {}))

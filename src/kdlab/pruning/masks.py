@@ -27,6 +27,9 @@ from transformers import PretrainedConfig, PreTrainedModel
 from kdlab.errors import ConfigError
 from kdlab.validation import PositiveInt
 
+# The mask buffers of StructuredMasks.
+_KINDS = ("hidden", "heads", "ffn")
+
 _LAYER = r"encoder\.layer\.(\d+)\."
 # (name pattern, ((axis, kind), ...)); the first match wins. Kinds "heads" and "ffn" are per
 # layer: the layer index is the pattern's first group. Unmatched parameters (output biases
@@ -115,6 +118,16 @@ def pruned_axes(name: str) -> list[tuple[int, str, int | None]]:
 class StructuredMasks(nn.Module):
     """0/1 masks of one BERT encoder, kept as buffers so checkpoints carry them.
 
+    The masks stay fp32 whatever the module is cast to (``bf16-true`` precision casts
+    buffers): 0/1 values are exact in any dtype, but sums of them are not (2,999 ones sum
+    to 2,992 in bf16), and the EMAs and scores built from them are fp32 too.
+
+    The kept indices and counts are cached when the masks change, because ``nonzero()``
+    makes the host wait for the device: the forward pass (every masked LayerNorm) reads the
+    cache only. The cache is rebuilt on ``load_state_dict`` and on device moves; whoever
+    writes into the mask buffers in place (:meth:`Pruner.update`, tests) calls
+    :meth:`refresh` afterwards.
+
     Args:
         num_layers: encoder layers.
         hidden_size: width of the residual stream.
@@ -127,9 +140,11 @@ class StructuredMasks(nn.Module):
     ) -> None:
         super().__init__()
         self.head_dim = hidden_size // num_heads
-        self.register_buffer("hidden", torch.ones(hidden_size))
-        self.register_buffer("heads", torch.ones(num_layers, num_heads))
-        self.register_buffer("ffn", torch.ones(num_layers, intermediate_size))
+        fp32 = {"dtype": torch.float32}
+        self.register_buffer("hidden", torch.ones(hidden_size, **fp32))
+        self.register_buffer("heads", torch.ones(num_layers, num_heads, **fp32))
+        self.register_buffer("ffn", torch.ones(num_layers, intermediate_size, **fp32))
+        self.refresh()
 
     @classmethod
     def for_model(cls, model: PreTrainedModel) -> "StructuredMasks":
@@ -141,23 +156,61 @@ class StructuredMasks(nn.Module):
             )
         return cls(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size)
 
-    def counts(self) -> dict[str, int]:
-        """Kept hidden dims, heads per layer and FFN neurons per layer."""
-        return {
-            "hidden": int(self.hidden.sum()),
-            "heads": int(self.heads[0].sum()),
-            "ffn": int(self.ffn[0].sum()),
+    # ------------------------------------------------------------------------- cache
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Rebuild the cached kept indices and counts from the mask buffers (and cast the
+        buffers back to fp32 if something replaced them in another dtype)."""
+        for kind in _KINDS:
+            buffer = getattr(self, kind)
+            if buffer.dtype != torch.float32:
+                setattr(self, kind, buffer.float())
+        if self.hidden.is_meta:  # shapes only (models built on the meta device)
+            self._kept, self._counts = {}, {}
+            return
+        kept = self._kept_on_host()
+        self._kept = {key: index.to(self.hidden.device) for key, index in kept.items()}
+        # Integer counts, of the first layer: every layer keeps the same number.
+        self._counts = {
+            "hidden": kept["hidden", None].numel(),
+            "heads": kept["heads", 0].numel() // self.head_dim,
+            "ffn": kept["ffn", 0].numel(),
         }
 
+    def _kept_on_host(self) -> dict[tuple[str, int | None], Tensor]:
+        """Kept indices by ``(kind, layer)``, from one device→host copy of all masks (a
+        single sync instead of one per ``nonzero`` on the device)."""
+        buffers = [getattr(self, kind) for kind in _KINDS]
+        flat = torch.cat([b.detach().flatten() for b in buffers]).cpu()
+        parts = flat.split([b.numel() for b in buffers])
+        hidden, heads, ffn = (part.view_as(b) for part, b in zip(parts, buffers, strict=True))
+        kept = {("hidden", None): hidden.nonzero().squeeze(1)}
+        offsets = torch.arange(self.head_dim)
+        for layer in range(heads.size(0)):
+            head_index = heads[layer].nonzero().squeeze(1)
+            kept["heads", layer] = (head_index[:, None] * self.head_dim + offsets).flatten()
+            kept["ffn", layer] = ffn[layer].nonzero().squeeze(1)
+        return kept
+
+    def counts(self) -> dict[str, int]:
+        """Kept hidden dims, heads per layer and FFN neurons per layer (cached)."""
+        return dict(self._counts)
+
     def kept_indices(self, kind: str, layer: int | None = None) -> Tensor:
-        """Indices kept along an axis of that kind (head indices expanded to their dims)."""
-        if kind == "hidden":
-            return self.hidden.nonzero().squeeze(1)
-        if kind == "ffn":
-            return self.ffn[layer].nonzero().squeeze(1)
-        heads = self.heads[layer].nonzero().squeeze(1)
-        offsets = torch.arange(self.head_dim, device=heads.device)
-        return (heads[:, None] * self.head_dim + offsets).flatten()
+        """Indices kept along an axis of that kind (head indices expanded to their dims),
+        on the masks' device (cached)."""
+        return self._kept[kind, None if kind == "hidden" else layer]
+
+    def _apply(self, fn, recurse: bool = True):
+        # Device moves and dtype casts both come through here: follow the device, stay
+        # fp32 (refresh casts back), and rebuild the cache on the new device.
+        super()._apply(fn, recurse)
+        self.refresh()
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.refresh()
 
     def install(self, model: PreTrainedModel) -> None:
         """Make ``model`` apply these masks in its forward pass.
@@ -205,13 +258,21 @@ class MaskedLayerNorm(nn.LayerNorm):
         return masked
 
     def forward(self, x: Tensor) -> Tensor:
-        keep = self._kdlab_masks.kept_indices("hidden")
-        if keep.numel() == x.size(-1):
+        masks = self._kdlab_masks
+        count = masks.counts()["hidden"]
+        if count == x.size(-1):
             return super().forward(x)
+        keep = masks.kept_indices("hidden")
         kept = F.layer_norm(
-            x.index_select(-1, keep), (keep.numel(),), self.weight[keep], self.bias[keep], self.eps
+            x.index_select(-1, keep),
+            (count,),
+            self.weight.index_select(0, keep),
+            self.bias.index_select(0, keep),
+            self.eps,
         )
-        return x.new_zeros(x.shape).index_copy(-1, keep, kept)
+        # The output dtype is layer_norm's, as for nn.LayerNorm: under CUDA autocast that is
+        # fp32 for a bf16/fp16 input, so the zeros must be allocated after it, not from x.
+        return kept.new_zeros(x.shape).index_copy(-1, keep, kept)
 
 
 class _HeadMask:

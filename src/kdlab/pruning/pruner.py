@@ -1,9 +1,13 @@
 """The pruning component: importance, schedule and masks of one student, step by step.
 
 Scores follow PLATON (Zhang et al., ICML 2022): per parameter ``Ī · Ū`` with
-``Ī ← β1·Ī + (1−β1)·|θ ⊙ ∇θ L|`` and ``Ū ← β2·Ū + (1−β2)·|s − Ī|``; a structure's score is
-the sum over its parameters. The lowest-scoring structures are masked as the schedule
-lowers the kept fraction; pruned structures stay pruned.
+``Ī ← β1·Ī + (1−β1)·|θ ⊙ ∇θ L|`` and ``Ū ← β2·Ū + (1−β2)·|s − Ī|``, updated every step or
+once per mask-update window (``score_window``, see :mod:`kdlab.pruning.importance`); a
+structure's score is the sum over its parameters. The lowest-scoring structures are masked
+as the schedule lowers the kept fraction; pruned structures stay pruned.
+
+A step whose gradients are not finite (an overflowed fp16 step, which the grad scaler
+skips too) leaves the scores untouched and is counted in ``skipped_updates``.
 """
 
 from typing import Literal
@@ -15,7 +19,7 @@ from transformers import PreTrainedModel
 
 from kdlab.errors import ConfigError
 from kdlab.pruning.compaction import compact_parameter_count
-from kdlab.pruning.importance import PlatonImportance
+from kdlab.pruning.importance import PlatonImportance, all_finite
 from kdlab.pruning.masks import (
     NO_TARGET,
     PruneTarget,
@@ -44,7 +48,16 @@ class Pruner(nn.Module):
         update_interval: ``ΔT``, steps between mask updates.
         beta1: EMA factor of the sensitivity.
         beta2: EMA factor of the uncertainty (1 = plain sensitivity).
-        track_interval: steps between discrepancy measurements (0 switches them off).
+        track_interval: steps between teacher–student discrepancy measurements, 0 for
+            none. The Pruner only stores it: measuring is the training hooks' business
+            (they read it, call :meth:`record` and write the history), as is step 0's row,
+            which they record whatever the interval.
+        score_window: update the importance EMAs once per ``update_interval`` window from
+            the window's mean sensitivity (the PLATON authors' code) instead of every step.
+
+    Attributes:
+        skipped_updates: importance updates skipped for non-finite gradients (carried by
+            checkpoints through :meth:`extra_state`).
     """
 
     def __init__(
@@ -59,6 +72,7 @@ class Pruner(nn.Module):
         beta1: Probability = 0.85,
         beta2: Probability = 0.95,
         track_interval: NonNegativeInt = 50,
+        score_window: bool = False,
     ) -> None:
         super().__init__()
         self.masks = StructuredMasks.for_model(model)
@@ -69,7 +83,8 @@ class Pruner(nn.Module):
         self.final_warmup = final_warmup
         self.update_interval = update_interval
         self.track_interval = track_interval
-        self.importance = PlatonImportance(beta1, beta2)
+        self.importance = PlatonImportance(beta1, beta2, window=score_window)
+        self.skipped_updates = 0
         self.params = [(n, p) for n, p in model.named_parameters() if pruned_axes(n)]
         self.full_params = sum(p.numel() for p in model.parameters())
         # (step, kl or None, remaining parameter fraction, parameters) rows for the plot.
@@ -119,19 +134,35 @@ class Pruner(nn.Module):
 
     # --------------------------------------------------------------------- importance
     def accumulate(self) -> None:
-        """One PLATON step from the current gradients, while pruning is not finished."""
-        if not self.finished:
-            self.importance.update(self.params)
+        """One PLATON step from the current gradients, while pruning is not finished.
+
+        Skipped (and counted) when any gradient it would read is not finite: one inf would
+        make Ī inf and |s − Ī| NaN for good. The check costs one host sync per step.
+        """
+        if self.finished:
+            return
+        grads = [p.grad for _, p in self.params if p.grad is not None]
+        if not all_finite(grads):
+            self.skipped_updates += 1
+            return
+        self.importance.update(self.params)
 
     def structure_scores(self) -> dict[str, Tensor]:
-        """Summed importance of every structure: ``hidden [H]``, ``heads [L, A]``, ``ffn [L, I]``."""
+        """Summed importance of every structure: ``hidden [H]``, ``heads [L, A]``, ``ffn [L, I]``.
+
+        Each parameter entry counts once towards each structure it belongs to: an entry of
+        a hidden × hidden map (pooler, MLM head transform) lies in row i and column j, and
+        the diagonal entry ``[i, i]`` belongs to dimension i through both axes but is one
+        parameter, so it is not counted twice.
+        """
         m = self.masks
         scores = {k: torch.zeros_like(getattr(m, k)) for k in ("hidden", "heads", "ffn")}
         for name, _ in self.params:
             score = self.importance.score(name)
             if score is None:
                 continue
-            for axis, kind, layer in pruned_axes(name):
+            axes = pruned_axes(name)
+            for axis, kind, layer in axes:
                 other = [d for d in range(score.dim()) if d != axis]
                 per_index = score.sum(dim=other) if other else score
                 if kind == "hidden":
@@ -140,6 +171,8 @@ class Pruner(nn.Module):
                     scores["heads"][layer] += per_index.view(-1, m.head_dim).sum(-1)
                 else:
                     scores["ffn"][layer] += per_index
+            if [kind for _, kind, _ in axes] == ["hidden", "hidden"]:
+                scores["hidden"] -= score.diagonal()
         return scores
 
     # -------------------------------------------------------------------------- masks
@@ -148,18 +181,28 @@ class Pruner(nn.Module):
         """Prune to the scheduled counts if an update is due; returns whether masks changed.
 
         Updates happen every ``update_interval`` steps, and as soon as the schedule
-        reaches the target so that the final shape is never missed.
+        reaches the target so that the final shape is never missed. A due update closes
+        the importance window (``score_window``) whether or not the masks change.
         """
         counts = self.scheduled_counts(step, total)
         due = step % self.update_interval == 0 or counts == self.target
-        if not due or counts == self.current_counts():
+        if not due:
+            return False
+        self.importance.end_window()
+        if counts == self.current_counts():
             return False
         scores = self.structure_scores()
         m = self.masks
-        _keep_top(m.hidden, scores["hidden"], counts["heads"] * m.head_dim)
+        current = m.counts()
+        hidden = counts["heads"] * m.head_dim
+        if hidden != current["hidden"]:
+            _keep_top(m.hidden, scores["hidden"], hidden)
         for layer in range(m.heads.size(0)):
-            _keep_top(m.heads[layer], scores["heads"][layer], counts["heads"])
-            _keep_top(m.ffn[layer], scores["ffn"][layer], counts["ffn"])
+            if counts["heads"] != current["heads"]:
+                _keep_top(m.heads[layer], scores["heads"][layer], counts["heads"])
+            if counts["ffn"] != current["ffn"]:
+                _keep_top(m.ffn[layer], scores["ffn"][layer], counts["ffn"])
+        m.refresh()
         return True
 
     def parameter_count(self) -> int:
@@ -175,18 +218,27 @@ class Pruner(nn.Module):
 
     def extra_state(self) -> dict:
         """What checkpoints must carry besides the mask buffers."""
-        return {"importance": self.importance.state_dict(), "history": self.history}
+        return {
+            "importance": self.importance.state_dict(),
+            "history": self.history,
+            "skipped_updates": self.skipped_updates,
+        }
 
     def load_extra_state(self, state: dict) -> None:
         self.importance.load_state_dict(state["importance"], self.masks.hidden.device)
         self.history = list(state["history"])
+        self.skipped_updates = int(state.get("skipped_updates", 0))
 
 
 def _keep_top(mask: Tensor, scores: Tensor, count: int) -> None:
-    """Keep the ``count`` highest-scoring entries among those still kept, in place."""
-    if int(mask.sum()) == count:
-        return
-    candidates = scores.masked_fill(mask == 0, float("-inf"))
+    """Keep the ``count`` highest-scoring entries among those still kept, in place (the
+    caller refreshes the masks' cache).
+
+    NaN scores rank below every finite one and pruned entries below everything, so that
+    neither a NaN nor a tie can bring a pruned entry back.
+    """
+    lowest = torch.finfo(scores.dtype).min
+    candidates = scores.nan_to_num(nan=lowest, neginf=lowest).masked_fill(mask == 0, float("-inf"))
     keep = candidates.topk(count).indices
     mask.zero_()
     mask[keep] = 1.0
