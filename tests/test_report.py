@@ -1,4 +1,5 @@
-"""``kdlab.report`` on run directories written here (config.yaml + metrics.json)."""
+"""``kdlab.report`` on run directories written here (config.yaml + metrics.json), and a real
+multirun sweep with a failing job ending with its report and a non-zero exit."""
 
 import csv
 import json
@@ -10,10 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
 from kdlab import report
 from kdlab.rundir import RunDir
-from tests.conftest import REPO_ROOT, SUBPROCESS_ENV
+from kdlab.sweep import SweepSummary
+from tests.conftest import REPO_ROOT, SUBPROCESS_ENV, fast_overrides, run_cli
 
 SWEEP = "multirun/2026-01-01_00-00-00"
 # (task, method, alpha) -> validation accuracy of seeds 1, 2, 3; None: that seed's run did
@@ -394,3 +399,80 @@ def test_cli_writes_the_report_and_fails_without_runs(tmp_path, capsys):
     assert proc.returncode != 0
     assert "no runs under" in proc.stderr and "config.yaml" in proc.stderr
     assert report.main([str(tmp_path / "missing")]) != 0
+
+
+def _job_config(tmp_path: Path, mode: RunMode) -> DictConfig:
+    return OmegaConf.create(
+        {
+            "hydra": {
+                "mode": mode,
+                "runtime": {"output_dir": str(tmp_path)},
+                "job": {"num": 0},
+                "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"},
+            }
+        }
+    )
+
+
+@pytest.mark.parametrize("mode", [RunMode.RUN, RunMode.MULTIRUN])
+def test_failed_job_leaves_error_txt(tmp_path, mode):
+    """A failed single run stays failed for Hydra (which reports it and exits 1); a failed
+    sweep job is handed over to SweepSummary so that the sweep goes on."""
+    try:
+        raise ValueError("boom")
+    except ValueError as err:
+        error = err
+    job_return = JobReturn(overrides=["seed=3"], status=JobStatus.FAILED)
+    job_return.return_value = error
+    callback = SweepSummary()
+    callback.on_job_end(_job_config(tmp_path, mode), job_return)
+    text = RunDir(tmp_path).error.read_text()
+    assert text.startswith("overrides: seed=3") and "ValueError: boom" in text
+    if mode == RunMode.RUN:
+        assert job_return.status == JobStatus.FAILED
+    else:
+        assert job_return.status == JobStatus.COMPLETED and job_return.return_value is None
+    # A new attempt in the same directory starts without the old error.
+    callback.on_job_start(_job_config(tmp_path, mode), task_function=None)
+    assert not RunDir(tmp_path).error.exists()
+
+
+def test_multirun_names_failed_job_and_exits_non_zero(tmp_path, glue_root, teacher_dir):
+    """seed=1,2,3 where the seed=2 job raises: the sweep still runs seed 3, writes its report
+    and names the failed job; the process exits non-zero."""
+    sweep = tmp_path / "sweep"
+    overrides = [
+        o
+        for o in fast_overrides(tmp_path, glue_root, teacher_dir, "sst2", "kd")
+        if not o.startswith("run_dir=")
+    ]
+    proc = run_cli(
+        [
+            "-m",
+            *overrides,
+            "trainer.limit_train_batches=2",
+            "+callbacks.fail._target_=tests.helpers.FailForSeed",
+            "+callbacks.fail.seed=${seed}",
+            "+callbacks.fail.fail_seed=2",
+            "seed=1,2,3",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        timeout=300,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output[-3000:]
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == [f"{i}-sst2-kd-bert_L2_H128-seed{i + 1}" for i in range(3)]
+    assert RunDir(sweep / jobs[0]).finished and RunDir(sweep / jobs[2]).finished
+    failed = RunDir(sweep / jobs[1])
+    assert not failed.finished
+    assert "RuntimeError: simulated failure of the seed=2 job" in failed.error.read_text()
+    assert "1 of 3 jobs failed" in output
+    assert str(failed.path) in output and "seed=2" in output
+    assert "Traceback (most recent call last)" in failed.job_logs[0].read_text()
+
+    markdown = (sweep / "report.md").read_text()
+    assert "| sst2 | kd | bert_L2_H128 | accuracy |" in markdown
+    assert "| 2 |" in markdown  # seeds 1 and 3
+    assert "| failed | sst2 | kd | bert_L2_H128 | 2 | RuntimeError: simulated failure" in markdown
+    assert (sweep / "report.csv").is_file() and (sweep / "report.png").is_file()
