@@ -53,3 +53,16 @@ class RecordFinalWeights(L.Callback):
         type(self).weights[trainer.default_root_dir] = {
             k: v.detach().clone() for k, v in pl_module.student.state_dict().items()
         }
+
+
+class FailForSeed(L.Callback):
+    """Raise as soon as training is set up when the run's seed is ``fail_seed``: one job of a
+    multirun sweep (``seed=1,2,3``) fails fast while the others finish."""
+
+    def __init__(self, seed: int, fail_seed: int) -> None:
+        self.seed = seed
+        self.fail_seed = fail_seed
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.seed == self.fail_seed:
+            raise RuntimeError(f"simulated failure of the seed={self.seed} job")

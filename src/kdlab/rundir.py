@@ -16,6 +16,15 @@ BEST_CHECKPOINT = "best.ckpt"
 PRUNING_HISTORY = "pruning_history.json"
 PRUNING_PLOT = "pruning_history.png"
 PIPELINE_SUMMARY = "summary.json"
+# Written by kdlab.sweep.SweepSummary when the job raised: its overrides and traceback.
+ERROR = "error.txt"
+# Hydra's own files in every job directory (hydra.output_subdir): the composed, unresolved
+# config and the command-line overrides of the job.
+HYDRA_DIR = ".hydra"
+HYDRA_CONFIG = "config.yaml"
+HYDRA_OVERRIDES = "overrides.yaml"
+# Hydra's job log (hydra/job_logging default): ${hydra.job.name}.log, e.g. train.log.
+JOB_LOG_GLOB = "*.log"
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,31 @@ class RunDir:
     @property
     def pipeline_summary(self) -> Path:
         return self.path / PIPELINE_SUMMARY
+
+    @property
+    def error(self) -> Path:
+        """The traceback of a job that raised (written by ``kdlab.sweep.SweepSummary``)."""
+        return self.path / ERROR
+
+    @property
+    def hydra_dir(self) -> Path:
+        """Hydra's record of the job; present in job directories, absent in pipeline stages."""
+        return self.path / HYDRA_DIR
+
+    @property
+    def hydra_config(self) -> Path:
+        """The composed config before interpolation (written before the job starts)."""
+        return self.hydra_dir / HYDRA_CONFIG
+
+    @property
+    def hydra_overrides(self) -> Path:
+        """The job's command-line overrides, one list item each."""
+        return self.hydra_dir / HYDRA_OVERRIDES
+
+    @property
+    def job_logs(self) -> list[Path]:
+        """Hydra's job log(s) in this directory."""
+        return sorted(self.path.glob(JOB_LOG_GLOB))
 
     @property
     def finished(self) -> bool:

@@ -1,0 +1,128 @@
+"""A multirun sweep ends with its report, names its failed jobs and exits non-zero.
+
+What Hydra 1.3 does by itself when a job of ``python -m kdlab.train -m ...`` raises: the job's
+exception is caught and stored in its ``JobReturn``; the basic launcher goes on with the other
+jobs of the batch; once the batch is over, the basic sweeper re-raises the *first* failed
+job's exception, after writing only that job's overrides ("Error executing job with
+overrides: ..."). The process exits with status 1, but ``on_multirun_end`` is never called,
+any later batch (``hydra.sweeper.max_batch_size``) never runs, and the other failed jobs are
+not named. By default the whole sweep is one batch, so every job does run.
+
+:class:`SweepSummary` (registered in ``conf/hydra/default.yaml``) takes the failures over:
+
+* every job that raises, single run or sweep job, leaves its overrides and traceback in
+  ``error.txt`` in its directory, where ``kdlab.report`` finds it;
+* in a sweep with the basic sweeper, the failure is logged (traceback included, into the
+  job's log) and marked handled, so that the sweep runs to its end;
+* at the end of the sweep it prints and writes the report of the sweep directory
+  (``report.md``, ``report.csv``, ``report.png``), lists the failed jobs with their
+  directory and the command that re-runs each, and exits with status 1 if any failed.
+
+Other sweepers (Optuna, Ax, ...) read the jobs' return values, so their failures are left to
+Hydra as they are. Single runs are unchanged apart from ``error.txt``: Hydra still prints the
+traceback and exits 1.
+"""
+
+import logging
+import shlex
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+from kdlab import report
+from kdlab.rundir import RunDir
+
+log = logging.getLogger("kdlab.sweep")
+
+_BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+class SweepSummary(Callback):
+    """Hydra callback: failed jobs are recorded, the sweep finishes, is reported, and exits 1
+    if any job failed.
+
+    Args:
+        write_report: write and print the sweep directory's report at the end of a sweep.
+    """
+
+    def __init__(self, write_report: bool = True) -> None:
+        self.write_report = write_report
+        # Failures seen in this process; the sweep directory's error.txt files add those of
+        # jobs run elsewhere (launchers that run jobs in other processes).
+        self._failed: dict[Path, list[str]] = {}
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Drops the ``error.txt`` of an earlier attempt in the same directory (a resumed run)."""
+        job_dir = _job_dir(config)
+        if job_dir is not None:
+            RunDir(job_dir).error.unlink(missing_ok=True)
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        """Records a failed job; in a basic sweep, logs it and lets the sweep go on."""
+        if job_return.status != JobStatus.FAILED:
+            return
+        # The public `return_value` re-raises the exception; the attribute holds it.
+        error = getattr(job_return, "_return_value", None)
+        overrides = [str(o) for o in (job_return.overrides or [])]
+        job_dir = _job_dir(config)
+        if job_dir is not None:
+            text = "".join(traceback.format_exception(error)) if error is not None else ""
+            RunDir(job_dir).error.write_text(f"overrides: {shlex.join(overrides)}\n\n{text}")
+        if OmegaConf.select(config, "hydra.mode") != RunMode.MULTIRUN:
+            return
+        if job_dir is not None:
+            self._failed[job_dir] = overrides
+        log.error(
+            "Job #%s failed (%s): %s",
+            OmegaConf.select(config, "hydra.job.num", default="?"),
+            job_dir,
+            error,
+            exc_info=error if isinstance(error, BaseException) else None,
+        )
+        if OmegaConf.select(config, "hydra.sweeper._target_") == _BASIC_SWEEPER:
+            # The basic sweeper only reads the return value to re-raise the failure, which
+            # would skip on_multirun_end; the failure is reported there instead.
+            job_return.status = JobStatus.COMPLETED
+            job_return.return_value = None
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """Prints and writes the sweep's report, lists its failed jobs, exits 1 if any."""
+        # Hydra caches ${now:...} on this config: the same directory the jobs went to.
+        sweep_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir")))
+        records = report.collect_runs(sweep_dir) if sweep_dir.is_dir() else []
+        failed = dict(self._failed)
+        for record in records:
+            if record.status == report.FAILED:
+                failed.setdefault(record.job_dir or record.path, record.overrides)
+        if self.write_report and records:
+            try:
+                summary = report.build_report(sweep_dir)
+                written = report.write_report(summary, sweep_dir)
+                console = Console()
+                for table in report.report_tables(summary):
+                    console.print(table)
+                log.info("Sweep report: %s", ", ".join(str(p) for p in written.values()))
+            except Exception:  # the report is a convenience; the failure list is not
+                log.exception("The report of %s could not be written", sweep_dir)
+        if not failed:
+            return
+        jobs = len({r.job_dir or r.path for r in records}) or len(failed)
+        lines = [f"{len(failed)} of {jobs} jobs failed:"]
+        for job_dir, overrides in sorted(failed.items(), key=lambda kv: str(kv[0])):
+            lines += [f"  {job_dir}", f"    python -m kdlab.train {shlex.join(overrides)}"]
+        log.error("\n".join(lines))
+        # SystemExit passes through Hydra's callback wrapper, which turns exceptions into
+        # warnings.
+        sys.exit(1)
+
+
+def _job_dir(config: DictConfig) -> Path | None:
+    output_dir = OmegaConf.select(config, "hydra.runtime.output_dir")
+    return Path(output_dir) if output_dir else None

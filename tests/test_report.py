@@ -1,0 +1,478 @@
+"""``kdlab.report`` on run directories written here (config.yaml + metrics.json), and a real
+multirun sweep with a failing job ending with its report and a non-zero exit."""
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from kdlab import report
+from kdlab.rundir import RunDir
+from kdlab.sweep import SweepSummary
+from tests.conftest import REPO_ROOT, SUBPROCESS_ENV, fast_overrides, run_cli
+
+SWEEP = "multirun/2026-01-01_00-00-00"
+# (task, method, alpha) -> validation accuracy of seeds 1, 2, 3; None: that seed's run did
+# not finish (see _write_sweep).
+VAL = {
+    ("sst2", "finetune", None): [0.80, 0.82, 0.84],
+    ("sst2", "kd", 0.5): [0.85, 0.86, 0.90],
+    ("sst2", "kd", 0.9): [0.88, 0.88, 0.88],
+    ("rte", "finetune", None): [0.60, 0.64, 0.62],
+    ("rte", "kd", 0.5): [0.66, 0.70, 0.68],
+    ("rte", "kd", 0.9): [0.61, None, None],
+}
+# SST-2 runs also have a test split: test accuracy of seeds 1, 2, 3.
+TEST = {
+    ("sst2", "finetune", None): [0.79, 0.81, 0.86],
+    ("sst2", "kd", 0.5): [0.84, 0.85, 0.89],
+    ("sst2", "kd", 0.9): [0.87, 0.87, 0.87],
+}
+SPEEDUP = [2.0, 2.2, 2.4]
+
+
+def _write_run(
+    run_dir: Path,
+    task: str,
+    method: str,
+    seed: int,
+    student: dict | None,
+    model: str = "bert3",
+    main_metric: str = "accuracy",
+    alpha: float | None = None,
+    teacher_path: str = "/teachers/minilm",
+    overrides: list[str] | None = None,
+) -> Path:
+    """A run directory as kdlab.train leaves it: the resolved config, and metrics.json when
+    ``student`` (the student's metrics) is given."""
+    run_dir.mkdir(parents=True)
+    method_cfg = {"_target_": f"kdlab.methods.{method}", "name": method}
+    if alpha is not None:
+        method_cfg |= {"alpha": alpha, "temperature": 2.0}
+    config = {
+        "seed": seed,
+        "run_dir": str(run_dir),
+        "ckpt_path": None,
+        "task": {
+            "name": task,
+            "main_metric": main_metric,
+            "metrics": [main_metric],
+            "train_fraction": 1.0,
+        },
+        "method": method_cfg,
+        "model": {"name": model, "num_layers": 3},
+        "teacher": {"name": "minilm", "path": teacher_path},
+        "optim": {"lr": 5e-5, "betas": [0.9, 0.999]},
+        # Per-run values that must not become columns.
+        "logger": {"name": f"{task}-{method}-{model}-seed{seed}", "save_dir": str(run_dir)},
+        "callbacks": {"last_checkpoint": {"dirpath": f"{run_dir}/checkpoints"}},
+    }
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    if overrides is not None:
+        RunDir(run_dir).hydra_dir.mkdir()
+        RunDir(run_dir).hydra_overrides.write_text(yaml.safe_dump(overrides))
+    if student is not None:
+        metrics = {
+            "task": task,
+            "method": method,
+            "main_metric": main_metric,
+            "student": {"name": model, "path": str(run_dir / "student"), **student},
+            "teacher": None,
+            "wall_time_s": 1.0,
+        }
+        if method == "kd":
+            metrics["teacher"] = {"name": "minilm", "params": 2_000_000}
+            metrics["inference"] = {"speedup": SPEEDUP[seed - 1]}
+        (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    return run_dir
+
+
+def _write_sweep(root: Path) -> Path:
+    """2 tasks x 2 methods x 3 seeds, kd swept over method.alpha; of rte/kd/alpha=0.9, seed 2
+    is unfinished (a checkpoint at step 7) and seed 3 failed (a traceback in its job log)."""
+    sweep = root / SWEEP
+    num = 0
+    for (task, method, alpha), values in VAL.items():
+        for seed, val in enumerate(values, start=1):
+            job = sweep / f"{num}-{task}-{method}-bert3-seed{seed}"
+            overrides = [f"task={task}", f"method={method}", f"seed={seed}"]
+            if alpha is not None:
+                overrides.append(f"method.alpha={alpha}")
+            student = None
+            if val is not None:
+                student = {"params": 1_000_000 if method == "finetune" else 500_000}
+                student["val/accuracy"] = val
+                student["val/loss"] = 0.5
+                if (task, method, alpha) in TEST:
+                    student["test/accuracy"] = TEST[(task, method, alpha)][seed - 1]
+            _write_run(job, task, method, seed, student, alpha=alpha, overrides=overrides)
+            if val is None and seed == 2:
+                RunDir(job).checkpoints.mkdir()
+                torch.save(
+                    {"global_step": 7, "epoch": 0, "state_dict": {}}, RunDir(job).last_checkpoint
+                )
+            if val is None and seed == 3:
+                (job / "train.log").write_text(
+                    "[2026-01-01 00:00:01][kdlab][INFO] - Task rte: train 48\n"
+                    "Traceback (most recent call last):\n"
+                    '  File "kdlab/train.py", line 101, in run\n'
+                    "    trainer.fit(module)\n"
+                    "RuntimeError: CUDA out of memory\n"
+                )
+            num += 1
+    return sweep
+
+
+@pytest.fixture
+def sweep_report(tmp_path) -> report.Report:
+    _write_sweep(tmp_path)
+    return report.build_report(tmp_path)
+
+
+def _row(rows, task, method, alpha) -> report.Row:
+    alpha_text = "-" if alpha is None else str(alpha)
+    (row,) = [
+        r
+        for r in rows
+        if (r.task, r.method, r.extra.get("method.alpha")) == (task, method, alpha_text)
+    ]
+    return row
+
+
+def test_collect_runs_finds_every_run_and_its_status(tmp_path):
+    _write_sweep(tmp_path)
+    records = report.collect_runs(tmp_path)
+    assert len(records) == 18
+    # Job directories in job order (10 after 9), whatever their depth under the root.
+    assert [int(r.path.name.split("-")[0]) for r in records] == list(range(18))
+    by_status = {
+        s: [r for r in records if r.status == s] for s in ("finished", "failed", "unfinished")
+    }
+    assert len(by_status["finished"]) == 16
+    (failed,) = by_status["failed"]
+    assert (failed.task, failed.method, failed.seed) == ("rte", "kd", 3)
+    assert failed.detail == "RuntimeError: CUDA out of memory"
+    (unfinished,) = by_status["unfinished"]
+    assert (unfinished.task, unfinished.seed, unfinished.last_step) == ("rte", 2, 7)
+    assert "step 7" in unfinished.detail
+    assert unfinished.overrides == ["task=rte", "method=kd", "seed=2", "method.alpha=0.9"]
+
+
+def test_varying_key_is_the_swept_one(sweep_report):
+    # Not the seed, not per-run paths or names (run_dir, logger.*, callbacks.*.dirpath), not
+    # what follows the method (method._target_, method.temperature exist for kd only).
+    assert sweep_report.keys == ["method.alpha"]
+
+
+def test_means_stds_and_counts(sweep_report):
+    rows = [r for r in sweep_report.rows if r.task != report.GLUE_ROW]
+    assert len(rows) == 6
+    assert [(r.task, r.method, r.extra["method.alpha"]) for r in rows] == [
+        ("sst2", "finetune", "-"),
+        ("sst2", "kd", "0.5"),
+        ("sst2", "kd", "0.9"),
+        ("rte", "finetune", "-"),
+        ("rte", "kd", "0.5"),
+        ("rte", "kd", "0.9"),
+    ]
+    # By hand: mean, then sample std sqrt(sum of squared deviations / (n - 1)).
+    expected = {
+        ("sst2", "finetune", None): (0.82, math.sqrt((0.02**2 + 0 + 0.02**2) / 2), 3),
+        ("sst2", "kd", 0.5): (0.87, math.sqrt((0.02**2 + 0.01**2 + 0.03**2) / 2), 3),
+        ("sst2", "kd", 0.9): (0.88, 0.0, 3),
+        ("rte", "finetune", None): (0.62, math.sqrt((0.02**2 + 0.02**2 + 0) / 2), 3),
+        ("rte", "kd", 0.5): (0.68, 0.02, 3),
+        ("rte", "kd", 0.9): (0.61, None, 1),  # seed 2 unfinished, seed 3 failed
+    }
+    for (task, method, alpha), (mean, std, n) in expected.items():
+        row = _row(rows, task, method, alpha)
+        assert row.metric == "accuracy"
+        assert row.val.mean == pytest.approx(mean)
+        assert row.val.n == n
+        if std is None:
+            assert row.val.std is None
+        else:
+            assert row.val.std == pytest.approx(std, abs=1e-12)
+    test = _row(rows, "sst2", "finetune", None).test
+    assert test.mean == pytest.approx(0.82)
+    assert test.std == pytest.approx(math.sqrt((0.03**2 + 0.01**2 + 0.04**2) / 2))
+    assert test.n == 3
+    assert _row(rows, "rte", "kd", 0.5).test is None
+    kd = _row(rows, "sst2", "kd", 0.5)
+    assert kd.params == 500_000 and kd.speedup == pytest.approx(2.2)
+    assert kd.seeds == [1, 2, 3]
+    assert _row(rows, "sst2", "finetune", None).speedup is None
+    # Two tasks are no GLUE.
+    assert not [r for r in sweep_report.rows if r.task == report.GLUE_ROW]
+
+
+def test_metric_option_reports_another_metric(tmp_path):
+    _write_sweep(tmp_path)
+    rows = report.build_report(tmp_path, metric="loss").rows
+    assert {r.metric for r in rows} == {"loss"}
+    assert _row(rows, "sst2", "kd", 0.5).val.mean == pytest.approx(0.5)
+    assert _row(rows, "sst2", "kd", 0.5).test is None
+
+
+def test_markdown_csv_and_png(sweep_report, tmp_path):
+    out = tmp_path / "out"
+    written = report.write_report(sweep_report, out)
+    assert written == {
+        "markdown": out / "report.md",
+        "csv": out / "report.csv",
+        "plot": out / "report.png",
+    }
+
+    markdown = (out / "report.md").read_text()
+    assert "| task | method | model | method.alpha | metric | val | n | test |" in markdown
+    assert (
+        "| sst2 | finetune | bert3 | - | accuracy | 0.8200 ± 0.0200 | 3 | 0.8200 ± 0.0361 |"
+        in markdown
+    )
+    assert "| rte | kd | bert3 | 0.9 | accuracy | 0.6100 | 1 | - |" in markdown
+    incomplete = markdown.split("## Failed and unfinished runs")[1]
+    assert (
+        "| failed | rte | kd | bert3 | 3 | 0.9 | RuntimeError: CUDA out of memory |" in incomplete
+    )
+    assert "| unfinished | rte | kd | bert3 | 2 | 0.9 | last checkpoint at step 7 |" in incomplete
+    assert f"{SWEEP}/16-rte-kd-bert3-seed2" in incomplete
+
+    with (out / "report.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6
+    kd = next(
+        r for r in rows if (r["task"], r["method"], r["method.alpha"]) == ("sst2", "kd", "0.5")
+    )
+    assert float(kd["val_mean"]) == pytest.approx(0.87)
+    assert float(kd["val_std"]) == pytest.approx(math.sqrt(0.0014 / 2))
+    assert int(kd["val_n"]) == 3 and float(kd["speedup"]) == pytest.approx(2.2)
+    one = next(
+        r for r in rows if (r["task"], r["method"], r["method.alpha"]) == ("rte", "kd", "0.9")
+    )
+    assert one["val_std"] == "" and one["val_n"] == "1" and one["test_mean"] == ""
+
+    png = (out / "report.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+GLUE_SEED1 = {
+    # task: (main metric, metrics of seed 1) and the task's GLUE score by hand
+    "cola": ("matthews", {"val/matthews": 0.50, "val/accuracy": 0.80}),  # 0.50
+    "sst2": ("accuracy", {"val/accuracy": 0.90}),  # 0.90
+    "mrpc": ("f1", {"val/f1": 0.88, "val/accuracy": 0.84}),  # 0.86
+    "qqp": ("f1", {"val/f1": 0.80, "val/accuracy": 0.86}),  # 0.83
+    "stsb": ("pearson", {"val/pearson": 0.85, "val/spearman": 0.83}),  # 0.84
+    "mnli": ("accuracy", {"val/accuracy": 0.80, "val_mm/accuracy": 0.82}),  # 0.81
+    "qnli": ("accuracy", {"val/accuracy": 0.87}),  # 0.87
+    "rte": ("accuracy", {"val/accuracy": 0.65}),  # 0.65
+    "wnli": ("accuracy", {"val/accuracy": 0.56}),  # 0.56
+}
+
+
+def test_glue_average_over_nine_tasks(tmp_path):
+    for task, (main, metrics) in GLUE_SEED1.items():
+        for seed in (1, 2):
+            # Seed 2 scores 0.02 higher on every metric.
+            student = {k: v + 0.02 * (seed - 1) for k, v in metrics.items()} | {"params": 10}
+            _write_run(
+                tmp_path / "kd" / f"{task}-{seed}", task, "kd", seed, student, main_metric=main
+            )
+            # finetune has eight tasks only: no GLUE row.
+            if task != "wnli":
+                _write_run(
+                    tmp_path / "ft" / f"{task}-{seed}",
+                    task,
+                    "finetune",
+                    seed,
+                    student,
+                    main_metric=main,
+                )
+    rows = report.build_report(tmp_path).rows
+    (glue,) = [r for r in rows if r.task == report.GLUE_ROW]
+    assert (glue.method, glue.model, glue.metric) == ("kd", "bert3", report.GLUE_METRIC)
+    seed1 = (0.50 + 0.90 + 0.86 + 0.83 + 0.84 + 0.81 + 0.87 + 0.65 + 0.56) / 9
+    seed2 = seed1 + 0.02
+    assert glue.val.mean == pytest.approx((seed1 + seed2) / 2)
+    assert glue.val.std == pytest.approx(0.02 / math.sqrt(2))
+    assert glue.val.n == 2 and glue.test is None
+    assert glue.speedup == pytest.approx(2.1) and glue.params == 10
+    assert rows[-1] is glue
+    # The per-task rows keep each task's main metric.
+    mrpc = next(r for r in rows if (r.task, r.method) == ("mrpc", "kd"))
+    assert mrpc.metric == "f1" and mrpc.val.mean == pytest.approx(0.89)
+    markdown = report.write_markdown(report.build_report(tmp_path), tmp_path / "r.md").read_text()
+    assert f"| GLUE | kd | bert3 | GLUE score | {seed1 + 0.01:.4f} ± 0.0141 | 2 |" in markdown
+
+
+def test_pipeline_stages_at_depth_and_their_own_teacher(tmp_path):
+    """A pipeline's stages are runs; each student's teacher.path is its own pipeline's
+    teacher stage, which is no varying key."""
+    for seed, (teacher_acc, student_acc) in enumerate([(0.80, 0.76), (0.82, 0.78)], start=1):
+        root = tmp_path / "outputs" / "rotten_tomatoes" / f"demo-{seed}"
+        RunDir(root).hydra_dir.mkdir(parents=True)
+        RunDir(root).hydra_overrides.write_text(yaml.safe_dump(["experiment=demo", f"seed={seed}"]))
+        _write_run(
+            root / "teacher",
+            "rotten_tomatoes",
+            "finetune",
+            seed,
+            {"val/accuracy": teacher_acc, "params": 9},
+            model="minilm",
+        )
+        _write_run(
+            root / "student",
+            "rotten_tomatoes",
+            "kd",
+            seed,
+            {"val/accuracy": student_acc, "params": 5},
+            teacher_path=str(root / "teacher" / "student"),
+        )
+    rep = report.build_report(tmp_path)
+    assert rep.keys == []
+    assert [(r.method, r.model, round(r.val.mean, 6), r.val.n) for r in rep.rows] == [
+        ("finetune", "minilm", 0.81, 2),
+        ("kd", "bert3", 0.77, 2),
+    ]
+    assert rep.records[0].overrides == ["experiment=demo", "seed=1"]
+
+
+def test_failed_pipeline_stage_and_job_that_never_wrote_its_config(tmp_path):
+    job = tmp_path / "0-sst2-kd-bert3-seed1"
+    RunDir(job).hydra_dir.mkdir(parents=True)
+    RunDir(job).hydra_overrides.write_text(yaml.safe_dump(["seed=1"]))
+    _write_run(job / "teacher", "sst2", "finetune", 1, {"val/accuracy": 0.8, "params": 9})
+    _write_run(job / "student", "sst2", "kd", 1, None)
+    RunDir(job).error.write_text(
+        "overrides: seed=1\n\nTraceback (most recent call last):\n  x\nValueError: bad\n"
+    )
+    never = tmp_path / "1-sst2-kd-bert3-seed2"
+    RunDir(never).hydra_dir.mkdir(parents=True)
+    RunDir(never).hydra_config.write_text(
+        yaml.safe_dump(
+            {
+                "seed": 2,
+                "run_dir": "${hydra:runtime.output_dir}",
+                "task": {"name": "sst2"},
+                "method": {"name": "kd"},
+                "model": {"name": "bert3"},
+            }
+        )
+    )
+    records = report.collect_runs(tmp_path)
+    assert [(r.path.relative_to(tmp_path).as_posix(), r.status) for r in records] == [
+        ("0-sst2-kd-bert3-seed1/student", "failed"),
+        ("0-sst2-kd-bert3-seed1/teacher", "finished"),
+        ("1-sst2-kd-bert3-seed2", "unfinished"),
+    ]
+    assert records[0].detail == "ValueError: bad"
+    assert (records[2].task, records[2].seed, records[2].resolved) == ("sst2", 2, False)
+
+
+def test_cli_writes_the_report_and_fails_without_runs(tmp_path, capsys):
+    _write_sweep(tmp_path / "runs")
+    assert report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {
+        "report.md",
+        "report.csv",
+        "report.png",
+    }
+    assert "failed and unfinished runs" in capsys.readouterr().out
+
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdlab.report", str(tmp_path / "empty")],
+        cwd=REPO_ROOT,
+        env=SUBPROCESS_ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "no runs under" in proc.stderr and "config.yaml" in proc.stderr
+    assert report.main([str(tmp_path / "missing")]) != 0
+
+
+def _job_config(tmp_path: Path, mode: RunMode) -> DictConfig:
+    return OmegaConf.create(
+        {
+            "hydra": {
+                "mode": mode,
+                "runtime": {"output_dir": str(tmp_path)},
+                "job": {"num": 0},
+                "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"},
+            }
+        }
+    )
+
+
+@pytest.mark.parametrize("mode", [RunMode.RUN, RunMode.MULTIRUN])
+def test_failed_job_leaves_error_txt(tmp_path, mode):
+    """A failed single run stays failed for Hydra (which reports it and exits 1); a failed
+    sweep job is handed over to SweepSummary so that the sweep goes on."""
+    try:
+        raise ValueError("boom")
+    except ValueError as err:
+        error = err
+    job_return = JobReturn(overrides=["seed=3"], status=JobStatus.FAILED)
+    job_return.return_value = error
+    callback = SweepSummary()
+    callback.on_job_end(_job_config(tmp_path, mode), job_return)
+    text = RunDir(tmp_path).error.read_text()
+    assert text.startswith("overrides: seed=3") and "ValueError: boom" in text
+    if mode == RunMode.RUN:
+        assert job_return.status == JobStatus.FAILED
+    else:
+        assert job_return.status == JobStatus.COMPLETED and job_return.return_value is None
+    # A new attempt in the same directory starts without the old error.
+    callback.on_job_start(_job_config(tmp_path, mode), task_function=None)
+    assert not RunDir(tmp_path).error.exists()
+
+
+def test_multirun_names_failed_job_and_exits_non_zero(tmp_path, glue_root, teacher_dir):
+    """seed=1,2,3 where the seed=2 job raises: the sweep still runs seed 3, writes its report
+    and names the failed job; the process exits non-zero."""
+    sweep = tmp_path / "sweep"
+    overrides = [
+        o
+        for o in fast_overrides(tmp_path, glue_root, teacher_dir, "sst2", "kd")
+        if not o.startswith("run_dir=")
+    ]
+    proc = run_cli(
+        [
+            "-m",
+            *overrides,
+            "trainer.limit_train_batches=2",
+            "+callbacks.fail._target_=tests.helpers.FailForSeed",
+            "+callbacks.fail.seed=${seed}",
+            "+callbacks.fail.fail_seed=2",
+            "seed=1,2,3",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        timeout=300,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output[-3000:]
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == [f"{i}-sst2-kd-bert_L2_H128-seed{i + 1}" for i in range(3)]
+    assert RunDir(sweep / jobs[0]).finished and RunDir(sweep / jobs[2]).finished
+    failed = RunDir(sweep / jobs[1])
+    assert not failed.finished
+    assert "RuntimeError: simulated failure of the seed=2 job" in failed.error.read_text()
+    assert "1 of 3 jobs failed" in output
+    assert str(failed.path) in output and "seed=2" in output
+    assert "Traceback (most recent call last)" in failed.job_logs[0].read_text()
+
+    markdown = (sweep / "report.md").read_text()
+    assert "| sst2 | kd | bert_L2_H128 | accuracy |" in markdown
+    assert "| 2 |" in markdown  # seeds 1 and 3
+    assert "| failed | sst2 | kd | bert_L2_H128 | 2 | RuntimeError: simulated failure" in markdown
+    assert (sweep / "report.csv").is_file() and (sweep / "report.png").is_file()
