@@ -108,21 +108,29 @@ def fast_overrides(
     task: str = "sst2",
     method: str = "kd",
     run_dir: Path | None = None,
+    model: str | None = None,
 ) -> list[str]:
-    """Overrides for a quick CPU run: tiny teacher, a one-layer 64-wide random student,
-    the task's TSV fixture, CSV logger, no progress bar, caches in ``tmp``."""
+    """Overrides for a quick CPU run: tiny teacher, a one-layer 64-wide random student
+    (or ``model``), the task's TSV fixture, CSV logger, no progress bar, caches in ``tmp``."""
     from tests.fixtures import GLUE_DIRS
 
+    student = (
+        [f"model={model}"]
+        if model
+        else [
+            "model=bert_L2_H128",
+            "model.num_layers=1",
+            "model.hidden_size=64",
+        ]
+    )
     return [
         f"method={method}",
         "teacher=local",
         f"teacher.path={teacher}",
         "teacher.name=tiny",
-        "model=bert_L2_H128",
-        "model.num_layers=1",
-        "model.hidden_size=64",
+        *student,
         f"task={task}",
-        f"task.data_dir={glue_root / GLUE_DIRS[task]}",
+        *([f"task.data_dir={glue_root / GLUE_DIRS[task]}"] if task in GLUE_DIRS else []),
         f"task.cache_dir={tmp / 'cache'}",
         "task.batch_size=8",
         "task.eval_batch_size=16",
@@ -142,12 +150,14 @@ def fast_overrides(
 
 @pytest.fixture
 def make_cfg(tmp_path, glue_root, teacher_dirs):
-    """``make_cfg(task=..., method=..., extra=[...])`` composes a fast test config."""
+    """``make_cfg(task=..., method=..., model=..., extra=[...])`` composes a fast test config."""
 
-    def make(task: str = "sst2", method: str = "kd", extra=(), run_dir=None) -> DictConfig:
+    def make(
+        task: str = "sst2", method: str = "kd", extra=(), run_dir=None, model=None
+    ) -> DictConfig:
         num_labels = {"stsb": 1, "mnli": 3}.get(task, 2)
         base = fast_overrides(
-            tmp_path, glue_root, teacher_dirs[num_labels], task, method, run_dir=run_dir
+            tmp_path, glue_root, teacher_dirs[num_labels], task, method, run_dir, model
         )
         return compose([*base, *extra])
 

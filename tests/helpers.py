@@ -3,7 +3,9 @@
 import lightning as L
 import torch
 
-from kdlab.methods import FineTune
+from kdlab.losses import matching_loss
+from kdlab.methods import BaseMethod, FineTune
+from kdlab.models.build import model_inputs
 
 
 class Interrupted(RuntimeError):
@@ -66,3 +68,15 @@ class FailForSeed(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.seed == self.fail_seed:
             raise RuntimeError(f"simulated failure of the seed={self.seed} job")
+
+
+class MatchLogits(BaseMethod):
+    """A method that exists only in the tests: the student matches the teacher's output
+    distribution (``matching_loss``) and nothing else. It has no pruning code at all, so a
+    run with ``pruning=homotopic`` shows that pruning is a component beside the method."""
+
+    def compute_losses(self, batch):
+        inputs = model_inputs(batch)
+        student = self.logits(self.student(**inputs))
+        teacher = self.logits(self.teacher_outputs(inputs))
+        return {"loss": matching_loss(student, teacher, self.targets(batch))}

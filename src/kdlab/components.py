@@ -18,6 +18,7 @@ from typing import Any, TypedDict
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from kdlab.errors import ConfigError
 from kdlab.validation import NonNegativeInt, check_node, check_value, closest, missing_keys
@@ -110,6 +111,14 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
     Raises:
         ConfigError: naming the key, the value and what is allowed.
     """
+    try:
+        _validate(cfg, check_files)
+    except InterpolationResolutionError as err:
+        cause = err.__cause__ if isinstance(err.__cause__, ConfigError) else err
+        raise ConfigError(f"{err.full_key} cannot be resolved: {cause}") from None
+
+
+def _validate(cfg: DictConfig, check_files: bool) -> None:
     _check_root(cfg)
     keys = used_components(cfg)
     groups = {k.split(".")[0] for k in keys}
@@ -129,7 +138,8 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
             RUNTIME.get(key.split(".")[0], ()),
             check_files=check_files,
         )
-    for key in keys:
+    # The method's rules first: a task it cannot do is the most basic mismatch.
+    for key in sorted(keys, key=lambda k: k != "method"):
         check = getattr(target_of(cfg, key), "check_config", None)
         if check is not None:
             check(cfg)

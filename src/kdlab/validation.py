@@ -214,6 +214,9 @@ def check_value(value: Any, annotation: Any, *, check_files: bool = True) -> str
                 return problem
         return None
     if origin in (Union, types.UnionType):
+        members = [a for a in args if a is not type(None)] if value is not None else args
+        if len(members) == 1:  # `X | None` holding a value: say what is wrong with it as X
+            return check_value(value, members[0], check_files=check_files)
         problems = [check_value(value, a, check_files=check_files) for a in args]
         if any(p is None for p in problems):
             return None

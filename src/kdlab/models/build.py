@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Annotated
 
 import torch
+from omegaconf import DictConfig
 from torch import Tensor
 from transformers import (
     AutoConfig,
@@ -292,6 +293,35 @@ def teacher_copy(
     return model
 
 
+# The route that works without the hub, for errors about HomoBERT shapes.
+OFFLINE_HOMODISTIL = (
+    "The presets model=tiny|xsmall|small|base are HomoBERT's shapes for a BERT-base teacher "
+    "(teacher=bert_base, from the hub). Offline, distil the bundled MiniLM: first train its "
+    "MLM head, `python -m kdlab.train method=mlm model=minilm task=corpus/local "
+    "task.files=[<text files>]`, then `python -m kdlab.train method=homodistil "
+    "model=minilm_half teacher=local teacher.path=<that run>/student task=corpus/local "
+    "task.files=[<text files>]` (or model=pruned with model.target.* for another shape of "
+    "MiniLM's heads of 32)."
+)
+
+
+def _check_teacher_copy(cfg: DictConfig) -> None:
+    """Before anything loads: the target must fit the saved model's shape (read from its
+    ``config.json`` when it is local; a hub model is checked when it loads)."""
+    model = cfg.model
+    if not (Path(str(model.path)).expanduser() / "config.json").is_file():
+        return
+    try:
+        check_target(_load_config(model.path, "model.path"), model.target)
+    except ConfigError as err:
+        raise ConfigError(
+            f"model={model.name} does not fit model.path={model.path}: {err} {OFFLINE_HOMODISTIL}"
+        ) from None
+
+
+teacher_copy.check_config = _check_teacher_copy
+
+
 def teacher(
     *,
     name: str,
@@ -308,7 +338,7 @@ def teacher(
 
     A teacher must come with a trained head when the method reads it: distilling from a
     freshly initialised classifier (or MLM head) would teach noise. The saved config is
-    read first, so a head of the wrong size fails before any weights load.
+    read first, so a missing head or a head of the wrong size fails before weights load.
 
     Args:
         name: the preset's name.
@@ -325,6 +355,25 @@ def teacher(
         hint: a method-specific way out, appended to the missing-head error.
     """
     config = _load_config(path, "teacher.path")
+    _check_teacher_task(config, path, head, labels, task)
+    must_have_head = needs_head and require_trained_head
+    saved = config.architectures or []
+    if must_have_head and saved and not any(a.endswith(_HEAD_ARCHITECTURE[head]) for a in saved):
+        raise ConfigError(_no_head(path, head, task, f"it was saved as {saved[0]}", hint))
+    model, info = _load_model(
+        path, head, "teacher.path", **_options(head, labels, attn_implementation)
+    )
+    new_head = [k for k in info["missing_keys"] if not k.startswith(model.base_model_prefix)]
+    if must_have_head and new_head:
+        raise ConfigError(_no_head(path, head, task, f"missing {new_head[:3]}", hint))
+    log.info("Teacher %s: %s", name, path)
+    return model.eval().requires_grad_(False)
+
+
+def _check_teacher_task(
+    config: PretrainedConfig, path: str, head: str, labels: list[str] | None, task: str
+) -> None:
+    """Refuse a head of the wrong size; warn when the teacher was trained for another task."""
     trained_for = getattr(config, TASK_ATTRIBUTE, None)
     if trained_for is not None and trained_for != task:
         log.warning(
@@ -333,26 +382,32 @@ def teacher(
             trained_for,
             task,
         )
-    wanted = head_kwargs(head, labels).get("num_labels")
     has_head = any(a.endswith(_HEAD_ARCHITECTURE[head]) for a in config.architectures or ())
-    if wanted is not None and has_head and config.num_labels != wanted:
+    wanted = head_kwargs(head, labels).get("num_labels")
+    if wanted is None or not has_head:
+        return
+    if config.num_labels != wanted:
         raise ConfigError(
             f"teacher.path={path} has a head with {config.num_labels} output(s) but task "
             f"'{task}' has {wanted} ({labels or 'regression'}): use a teacher fine-tuned on "
             f"'{task}'."
         )
-    model, info = _load_model(
-        path, head, "teacher.path", **_options(head, labels, attn_implementation)
-    )
-    new_head = [k for k in info["missing_keys"] if not k.startswith(model.base_model_prefix)]
-    if needs_head and require_trained_head and new_head:
-        raise ConfigError(
-            f"teacher.path={path} has no trained {head} head for task '{task}' (missing "
-            f"{new_head[:3]}). {_train_head_first(head, path, task)}"
-            + (f"; {hint}." if hint else ".")
+    names = [config.id2label[i] for i in range(wanted)] if labels else []
+    if names and names != labels and not all(n == f"LABEL_{i}" for i, n in enumerate(names)):
+        log.warning(
+            "teacher.path=%s predicts the labels %s, but task '%s' has %s.",
+            path,
+            names,
+            task,
+            labels,
         )
-    log.info("Teacher %s: %s", name, path)
-    return model.eval().requires_grad_(False)
+
+
+def _no_head(path: str, head: str, task: str, why: str, hint: str) -> str:
+    return (
+        f"teacher.path={path} has no trained {head} head for task '{task}' ({why}). "
+        f"{_train_head_first(head, path, task)}" + (f"; {hint}." if hint else ".")
+    )
 
 
 def _train_head_first(head: str, path: str, task: str) -> str:
