@@ -5,7 +5,6 @@ import torch
 
 from kdlab.losses import matching_loss
 from kdlab.methods import BaseMethod, FineTune
-from kdlab.models.build import model_inputs
 
 
 class Interrupted(RuntimeError):
@@ -76,7 +75,6 @@ class MatchLogits(BaseMethod):
     run with ``pruning=homotopic`` shows that pruning is a component beside the method."""
 
     def compute_losses(self, batch):
-        inputs = model_inputs(batch)
-        student = self.logits(self.student(**inputs))
-        teacher = self.logits(self.teacher_outputs(inputs))
-        return {"loss": matching_loss(student, teacher, self.targets(batch))}
+        student = self.logits(self.forward_model(self.student, batch))
+        teacher = self.logits(self.teacher_outputs(batch))
+        return {"loss": matching_loss(student, teacher)}

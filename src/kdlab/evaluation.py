@@ -9,7 +9,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from kdlab.methods.base import BaseMethod, model_inputs
+from kdlab.methods.base import BaseMethod
+from kdlab.models.build import model_inputs
 
 
 def evaluation_trainer(trainer_cfg: DictConfig) -> L.Trainer:

@@ -5,7 +5,9 @@ reductions are means over the batch so that loss scales do not depend on the bat
 Functions taking mappings work on every output of a task head (see
 ``kdlab.models.build.HEAD_TARGETS``): one for classification, start and end for spans.
 Token-level targets (masked-LM) use ``-100`` for positions without a target, the
-convention of ``transformers``' data collators; those positions are left out everywhere.
+convention of ``transformers``' data collators; models are scored at the other positions
+only (``kdlab.models.build.forward``), so the losses see ``[N, V]`` logits and ``[N]``
+targets there.
 """
 
 from collections.abc import Mapping
@@ -68,20 +70,6 @@ def supervised_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
-def target_rows(logits: Tensor, labels: Tensor) -> Tensor:
-    """The rows of ``logits`` that carry a target: every example for classification and
-    spans, the masked positions (``labels != IGNORE_INDEX``) for token-level targets.
-
-    Args:
-        logits: ``[B, C]`` (``labels`` ``[B]``) or ``[B, T, V]`` (``labels`` ``[B, T]``).
-        labels: gold targets.
-
-    Returns:
-        ``[N, C]`` logits.
-    """
-    return logits[labels != IGNORE_INDEX]
-
-
 def distillation_loss(
     student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0
 ) -> Tensor:
@@ -117,24 +105,20 @@ def task_loss(logits: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> Te
 def matching_loss(
     student_logits: Mapping[str, Tensor],
     teacher_logits: Mapping[str, Tensor],
-    targets: Mapping[str, Tensor],
     temperature: float = 1.0,
 ) -> Tensor:
-    """``distillation_loss`` of each output, summed over outputs (start + end for spans),
-    on the rows that carry a target (:func:`target_rows`: masked positions for MLM).
+    """``distillation_loss`` of each output, summed over outputs (start + end for spans).
+
+    Masked-LM logits arrive at the graded positions only (``kdlab.models.build.forward``),
+    so every row carries a target.
 
     Args:
         student_logits: output logits keyed by target name.
         teacher_logits: the teacher's, with the same keys.
-        targets: gold targets with the same keys (they select the rows).
         temperature: softening temperature of the classification terms.
     """
     losses = [
-        distillation_loss(
-            target_rows(student_logits[name], targets[name]),
-            target_rows(teacher_logits[name], targets[name]),
-            temperature,
-        )
+        distillation_loss(student_logits[name], teacher_logits[name], temperature)
         for name in student_logits
     ]
     return torch.stack(losses).sum()
@@ -170,7 +154,7 @@ def kd_loss(
             {"labels": x} for x in (student_logits, teacher_logits, targets)
         )
     ce = task_loss(student_logits, targets)
-    kd = matching_loss(student_logits, teacher_logits, targets, temperature)
+    kd = matching_loss(student_logits, teacher_logits, temperature)
     return {"loss": (1.0 - alpha) * ce + alpha * kd, "ce": ce, "kd": kd}
 
 

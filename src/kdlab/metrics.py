@@ -16,7 +16,7 @@ from torchmetrics.text import Perplexity
 from transformers.utils import ModelOutput
 
 from kdlab.errors import ConfigError
-from kdlab.losses import IGNORE_INDEX, target_rows
+from kdlab.losses import IGNORE_INDEX
 
 # Metric names a classification task may list in ``task.metrics``, and how each is built.
 METRICS: dict[str, Callable[[int], Metric]] = {
@@ -76,7 +76,8 @@ class ClassificationEvaluator(Evaluator):
 
 class MaskedLMEvaluator(Evaluator):
     """Perplexity of a masked-LM head: ``exp`` of the mean cross-entropy over the masked
-    positions (targets ``IGNORE_INDEX`` elsewhere)."""
+    positions. The outputs carry logits ``[N, V]`` at the batch's graded positions only
+    (``kdlab.models.build.forward``)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -84,9 +85,8 @@ class MaskedLMEvaluator(Evaluator):
 
     def update(self, outputs: ModelOutput, batch: dict[str, Tensor]) -> None:
         labels = batch["labels"]
-        # Scoring only the ~15 % masked positions keeps the softmax over the vocabulary small.
-        rows = target_rows(outputs.logits, labels)
-        self.perplexity.update(rows.unsqueeze(0), labels[labels != IGNORE_INDEX].unsqueeze(0))
+        graded = labels[labels != IGNORE_INDEX]
+        self.perplexity.update(outputs.logits.unsqueeze(0), graded.unsqueeze(0))
 
     def compute(self) -> dict[str, Tensor]:
         return {"perplexity": self.perplexity.compute()}

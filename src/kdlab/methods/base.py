@@ -11,7 +11,7 @@ optimizer.
 import abc
 import logging
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import lightning as L
 import torch
@@ -24,7 +24,7 @@ from transformers.utils import ModelOutput
 from kdlab.errors import ConfigError, NonFiniteLossError
 from kdlab.losses import task_loss
 from kdlab.metrics import Evaluator
-from kdlab.models.build import HEAD_TARGETS, model_inputs
+from kdlab.models.build import HEAD_TARGETS, forward, targets
 from kdlab.optim import Optim
 from kdlab.rng import collect_rng_states, restore_rng_states
 
@@ -46,6 +46,10 @@ class BaseMethod(L.LightningModule, abc.ABC):
             dataloaders in order (``val``, and ``val_mm`` for MNLI), then ``test`` where the
             task has labelled test data. The datamodule provides them.
         optim: the optimizer and schedule (the ``optim`` config).
+        trainable: ``all`` trains the whole student; ``head`` only its task head, on a
+            frozen encoder kept in eval mode (a linear probe, or giving a pre-trained
+            encoder a trained MLM head before it teaches). Parameters tied to the encoder
+            (BERT's MLM decoder is the word-embedding matrix) stay frozen with it.
     """
 
     requires_teacher: ClassVar[bool] = True
@@ -90,6 +94,7 @@ class BaseMethod(L.LightningModule, abc.ABC):
         head: str,
         evaluators: Mapping[str, Evaluator],
         optim: Optim,
+        trainable: Literal["all", "head"] = "all",
     ) -> None:
         super().__init__()
         self.check_head(head)
@@ -97,10 +102,14 @@ class BaseMethod(L.LightningModule, abc.ABC):
             raise ValueError(f"{type(self).__name__} needs a teacher.")
         self.name = name
         self.student = student
+        self.trainable = trainable
+        if trainable == "head":
+            student.base_model.requires_grad_(False)
         self.teacher = teacher
         if teacher is not None:
             teacher.eval().requires_grad_(False)
         self.optim = optim
+        self.head = head
         self.head_targets = HEAD_TARGETS[head]
         self.eval_prefixes = [p for p in evaluators if p != "test"]
         self.evaluators = nn.ModuleDict(evaluators)
@@ -124,13 +133,18 @@ class BaseMethod(L.LightningModule, abc.ABC):
         """Training losses of one batch: ``{"loss": total, <term>: value, ...}``."""
 
     # ------------------------------------------------------------------ head's outputs
+    def forward_model(self, model: PreTrainedModel, batch: dict[str, Tensor], **options):
+        """``model`` on the batch (a masked-LM head only at graded positions: see
+        :func:`kdlab.models.build.forward`)."""
+        return forward(model, batch, self.head, **options)
+
     def logits(self, outputs: ModelOutput) -> dict[str, Tensor]:
         """A model's output logits keyed by the gold target each predicts."""
         return {target: outputs[name] for target, name in self.head_targets.items()}
 
     def targets(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The batch's gold targets (``labels``, or ``start_positions``/``end_positions``)."""
-        return {target: batch[target] for target in self.head_targets}
+        """The batch's gold targets, as :meth:`forward_model`'s logits meet them."""
+        return targets(batch, self.head)
 
     # ------------------------------------------------------------------------- teacher
     def on_train_epoch_start(self) -> None:
@@ -138,13 +152,15 @@ class BaseMethod(L.LightningModule, abc.ABC):
         # as it finds them, so set them explicitly: student trains (dropout on), teacher
         # never does.
         self.student.train()
+        if self.trainable == "head":
+            self.student.base_model.eval()
         if self.teacher is not None:
             self.teacher.eval()
 
     @torch.no_grad()
-    def teacher_outputs(self, inputs: dict[str, Tensor], **kwargs):
-        """The teacher's outputs on the same inputs as the student, without gradients."""
-        return self.teacher(**inputs, **kwargs)
+    def teacher_outputs(self, batch: dict[str, Tensor], **options):
+        """The teacher's outputs on the same batch as the student, without gradients."""
+        return self.forward_model(self.teacher, batch, **options)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The teacher is fixed and reloaded from teacher.path; keeping it out of checkpoints
@@ -199,7 +215,7 @@ class BaseMethod(L.LightningModule, abc.ABC):
 
     # ---------------------------------------------------------------------- evaluation
     def _evaluate(self, batch: dict[str, Tensor], prefix: str) -> None:
-        outputs = self.student(**model_inputs(batch))
+        outputs = self.forward_model(self.student, batch)
         loss = task_loss(self.logits(outputs), self.targets(batch))
         batch_size = batch["input_ids"].size(0)
         self.log(f"{prefix}/loss", loss, batch_size=batch_size, add_dataloader_idx=False)

@@ -7,7 +7,7 @@ of the start and end cross-entropies.
 from torch import Tensor
 
 from kdlab.losses import task_loss
-from kdlab.methods.base import BaseMethod, model_inputs
+from kdlab.methods.base import BaseMethod
 
 
 class FineTune(BaseMethod):
@@ -16,5 +16,5 @@ class FineTune(BaseMethod):
     requires_teacher = False
 
     def compute_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        outputs = self.student(**model_inputs(batch))
+        outputs = self.forward_model(self.student, batch)
         return {"loss": task_loss(self.logits(outputs), self.targets(batch))}

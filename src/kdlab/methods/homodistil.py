@@ -53,7 +53,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from kdlab.errors import ConfigError
 from kdlab.losses import attention_mse, hidden_mse, matching_loss, task_loss
-from kdlab.methods.base import BaseMethod, model_inputs
+from kdlab.methods.base import BaseMethod
 from kdlab.pruning.masks import StructuredMasks, installed_masks
 from kdlab.validation import NonNegative, Positive
 
@@ -211,24 +211,23 @@ class HomoDistil(BaseMethod):
             )
 
     def compute_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        inputs = model_inputs(batch)
         w = self.weights
         options = {
             "output_hidden_states": w["hidden"] > 0 or w["emb"] > 0,
             "output_attentions": w["attn"] > 0,
         }
-        teacher = self.teacher_outputs(inputs, **options)
-        student = self.student(**inputs, **options)
+        teacher = self.teacher_outputs(batch, **options)
+        student = self.forward_model(self.student, batch, **options)
         # [B, T]: 1 on real tokens (a batch without a mask has no padding).
-        tokens = inputs.get("attention_mask")
+        tokens = batch.get("attention_mask")
         if tokens is None:
-            tokens = torch.ones_like(inputs["input_ids"])
+            tokens = torch.ones_like(batch["input_ids"])
         terms: dict[str, Tensor] = {}
         if w["mlm"] > 0:
             terms["mlm"] = task_loss(self.logits(student), self.targets(batch))
         if w["kl"] > 0:
             terms["kl"] = matching_loss(
-                self.logits(student), self.logits(teacher), self.targets(batch), self.temperature
+                self.logits(student), self.logits(teacher), self.temperature
             )
         hidden_s, hidden_t = student.hidden_states, teacher.hidden_states
         if w["emb"] > 0:

@@ -11,7 +11,7 @@ of the start and end cross-entropies.
 from torch import Tensor
 
 from kdlab.losses import kd_loss
-from kdlab.methods.base import BaseMethod, model_inputs
+from kdlab.methods.base import BaseMethod
 from kdlab.validation import Positive, Probability
 
 
@@ -30,9 +30,8 @@ class KnowledgeDistillation(BaseMethod):
         self.temperature = temperature
 
     def compute_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        inputs = model_inputs(batch)
-        teacher_logits = self.logits(self.teacher_outputs(inputs))
-        student_logits = self.logits(self.student(**inputs))
+        teacher_logits = self.logits(self.teacher_outputs(batch))
+        student_logits = self.logits(self.forward_model(self.student, batch))
         return kd_loss(
             student_logits, teacher_logits, self.targets(batch), self.alpha, self.temperature
         )

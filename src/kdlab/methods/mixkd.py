@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from kdlab.losses import distillation_loss, kd_loss, mixup, mixup_target_loss, supervised_loss
-from kdlab.methods.base import BaseMethod, model_inputs
+from kdlab.methods.base import BaseMethod
+from kdlab.models.build import model_inputs
 from kdlab.validation import NonNegative, Positive, Probability
 
 
@@ -86,7 +87,7 @@ class MixKD(BaseMethod):
         labels = batch["labels"]
         student_logits = self.student(**inputs).logits
         if self.kd_alpha > 0:
-            teacher_logits = self.teacher_outputs(inputs).logits
+            teacher_logits = self.teacher_outputs(batch).logits
             losses = kd_loss(
                 student_logits, teacher_logits, labels, self.kd_alpha, self.temperature
             )

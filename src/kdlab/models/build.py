@@ -33,8 +33,11 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.modeling_outputs import MaskedLMOutput
+from transformers.utils import ModelOutput
 
 from kdlab.errors import ConfigError
+from kdlab.losses import IGNORE_INDEX
 from kdlab.pruning.masks import PruneTarget, check_target
 from kdlab.rundir import RunDir
 from kdlab.validation import PositiveInt
@@ -73,6 +76,53 @@ TASK_ATTRIBUTE = "kdlab_task"
 def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """The batch without its targets and bookkeeping, ready for ``model(**inputs)``."""
     return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+
+
+def forward(model: PreTrainedModel, batch: dict[str, Tensor], head: str, **options) -> ModelOutput:
+    """``model``'s outputs on ``batch``, with a masked-LM head scored only where it is graded.
+
+    Masked-LM batches have a target at about 15 % of the positions (``labels`` is
+    ``IGNORE_INDEX`` elsewhere), and the vocabulary projection is the largest matrix of a
+    small BERT: scoring the other positions would cost most of the step for nothing. So for
+    ``head == "masked_lm"`` the logits are ``[N, V]``, one row per target in the batch's
+    row-major order, and :func:`targets` returns the ``[N]`` targets they go with. Models
+    without a separable head (``model.cls``) are run whole and their rows selected.
+
+    Args:
+        model: a ``transformers`` model with the task's head.
+        batch: inputs and targets (``model_inputs`` picks the inputs).
+        head: the task's head (``HEAD_TARGETS`` key).
+        **options: forwarded to the model (``output_hidden_states``, ``output_attentions``).
+    """
+    inputs = model_inputs(batch)
+    if head != "masked_lm":
+        return model(**inputs, **options)
+    rows = batch["labels"] != IGNORE_INDEX
+    mlm_head = getattr(model, "cls", None)
+    if mlm_head is None:
+        outputs = model(**inputs, **options)
+        return MaskedLMOutput(
+            logits=outputs.logits[rows],
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+    encoded = model.base_model(**inputs, **options)
+    return MaskedLMOutput(
+        logits=mlm_head(encoded.last_hidden_state[rows]),
+        hidden_states=encoded.hidden_states,
+        attentions=encoded.attentions,
+    )
+
+
+def targets(batch: dict[str, Tensor], head: str) -> dict[str, Tensor]:
+    """The batch's gold targets keyed by batch key, as :func:`forward`'s logits meet them:
+    ``labels`` (``[N]`` graded positions for masked-LM), or ``start_positions`` and
+    ``end_positions``."""
+    found = {key: batch[key] for key in HEAD_TARGETS[head]}
+    if head == "masked_lm":
+        labels = found["labels"]
+        found["labels"] = labels[labels != IGNORE_INDEX]
+    return found
 
 
 class ModelSource:

@@ -16,7 +16,6 @@ import torch
 from torch import Tensor
 
 from kdlab.losses import matching_loss
-from kdlab.models.build import model_inputs
 from kdlab.pruning.pruner import Pruner
 from kdlab.pruning.tracking import write_history
 
@@ -93,14 +92,13 @@ class PruningCallback(L.Callback):
         kl = None
         if pl_module.teacher is not None:
             batch = {k: v.to(pl_module.device) for k, v in self.batch.items()}
-            inputs = model_inputs(batch)
             student = pl_module.student
             was_training = student.training
             student.eval()
-            student_logits = pl_module.logits(student(**inputs))
+            student_logits = pl_module.logits(pl_module.forward_model(student, batch))
             student.train(was_training)
-            teacher_logits = pl_module.logits(pl_module.teacher(**inputs))
-            kl = float(matching_loss(student_logits, teacher_logits, pl_module.targets(batch)))
+            teacher_logits = pl_module.logits(pl_module.teacher_outputs(batch))
+            kl = float(matching_loss(student_logits, teacher_logits))
         row = self.pruner.record(step, kl)
         metrics = {"prune/remaining": row["remaining"], "prune/params": float(row["params"])}
         if kl is not None:
