@@ -286,7 +286,12 @@ def test_resume_mid_pruning_ends_with_the_same_masks(data, tmp_path):
     assert resumed["history"] == full["history"]
 
 
-def test_two_process_ddp_ranks_hold_identical_masks(data, tmp_path):
+@pytest.mark.parametrize(
+    "weights",
+    [[], ["method.alpha_mlm=0", "method.alpha_kl=0"]],
+    ids=["all terms", "representations only"],
+)
+def test_two_process_ddp_ranks_hold_identical_masks(data, tmp_path, weights):
     # Every mask update all-gathers the masks and fails if any rank differs
     # (PruningCallback._check_masks_agree); the run succeeding on 2 gloo processes is the check.
     overrides = [
@@ -304,6 +309,7 @@ def test_two_process_ddp_ranks_hold_identical_masks(data, tmp_path):
         "eval.speed_batches=0",
         f"run_dir={tmp_path}",
         f"hydra.run.dir={tmp_path}",
+        *weights,
     ]
     result = run_cli(overrides)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -311,6 +317,8 @@ def test_two_process_ddp_ranks_hold_identical_masks(data, tmp_path):
     assert config.trainer.devices == 2
     student = AutoModelForMaskedLM.from_pretrained(tmp_path / "student")
     assert student.config.intermediate_size == 32
+    frozen = "Frozen (no loss term reaches them): student.cls.predictions"
+    assert (frozen in result.stdout + result.stderr) == bool(weights)
 
 
 def test_linear_hidden_projection_trains_with_the_student_and_stays_out_of_the_export(

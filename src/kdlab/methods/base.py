@@ -146,6 +146,36 @@ class BaseMethod(L.LightningModule, abc.ABC):
         """The batch's gold targets, as :meth:`forward_model`'s logits meet them."""
         return targets(batch, self.head)
 
+    # --------------------------------------------------------------- DDP: unused weights
+    def setup(self, stage: str) -> None:
+        # Before DDP wraps the module: its reducer waits for a gradient of every trainable
+        # parameter, and a configuration whose losses leave some unreached (HomoDistil
+        # without its MLM and KL terms leaves the MLM head) would stall or fail.
+        if stage == "fit" and self.trainer.world_size > 1:
+            self.freeze_unreached(next(iter(self.trainer.datamodule.train_dataloader())))
+
+    def freeze_unreached(self, batch: dict[str, Tensor]) -> list[str]:
+        """Freeze the trainable parameters that no loss term reaches on ``batch``.
+
+        One forward and backward pass on a probe batch, in forked RNG streams so training
+        randomness is untouched; every rank runs it on the same batch and weights, so all
+        ranks freeze the same parameters (and prune from the same gradients).
+
+        Returns:
+            The names of the frozen parameters.
+        """
+        trainable = self.trainable_parameters()
+        with torch.random.fork_rng(devices=[]):
+            self.compute_losses(batch)["loss"].backward()
+        frozen = [name for name, p in trainable if p.grad is None]
+        for name, param in trainable:
+            param.grad = None
+            if name in frozen:
+                param.requires_grad_(False)
+        if frozen:
+            log.info("Frozen (no loss term reaches them): %s", ", ".join(frozen))
+        return frozen
+
     # ------------------------------------------------------------------------- teacher
     def on_train_epoch_start(self) -> None:
         # `from_pretrained` returns models in eval mode and Lightning keeps sub-module modes

@@ -54,6 +54,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from kdlab.errors import ConfigError
 from kdlab.losses import attention_mse, hidden_mse, matching_loss, task_loss
 from kdlab.methods.base import BaseMethod
+from kdlab.models.build import model_inputs
 from kdlab.pruning.masks import StructuredMasks, installed_masks
 from kdlab.validation import NonNegative, Positive
 
@@ -216,8 +217,13 @@ class HomoDistil(BaseMethod):
             "output_hidden_states": w["hidden"] > 0 or w["emb"] > 0,
             "output_attentions": w["attn"] > 0,
         }
-        teacher = self.teacher_outputs(batch, **options)
-        student = self.forward_model(self.student, batch, **options)
+        if w["mlm"] > 0 or w["kl"] > 0:
+            teacher = self.teacher_outputs(batch, **options)
+            student = self.forward_model(self.student, batch, **options)
+        else:  # representations only: the MLM heads are not run at all
+            with torch.no_grad():
+                teacher = self.teacher.base_model(**model_inputs(batch), **options)
+            student = self.student.base_model(**model_inputs(batch), **options)
         # [B, T]: 1 on real tokens (a batch without a mask has no padding).
         tokens = batch.get("attention_mask")
         if tokens is None:
