@@ -15,7 +15,7 @@ import kdlab.train
 from kdlab.compact import main as compact_main
 from kdlab.errors import ConfigError
 from kdlab.pruning.callback import PruningCallback
-from tests.conftest import build_task, run_cli
+from tests.conftest import build_student, build_task, run_cli
 from tests.fixtures import (
     write_corpus,
     write_glue,
@@ -344,3 +344,17 @@ def test_linear_hidden_projection_trains_with_the_student_and_stays_out_of_the_e
     student = AutoModelForMaskedLM.from_pretrained(tmp_path / "student")
     assert student.config.hidden_size == 16
     assert metrics["student"]["params"] == sum(p.numel() for p in student.parameters())
+
+
+def test_random_init_copy_keeps_the_teachers_shape_not_its_weights(data):
+    cfg = compose(
+        [*corpus_args(data), "method=homodistil", *HALF, "model.random_init=true"]
+        + ["model.init_seed=7", "run_dir=x"]  # seed 0 would redraw the fixture teacher itself
+    )
+    student = build_student(cfg)
+    teacher = AutoModelForMaskedLM.from_pretrained(data["teacher"])
+    assert student.config.to_dict() == teacher.config.to_dict()
+    weights = teacher.state_dict()
+    matrices = [k for k, v in student.state_dict().items() if v.dim() == 2]
+    assert matrices and not any(torch.equal(student.state_dict()[k], weights[k]) for k in matrices)
+    assert student.cls.predictions.decoder.weight is student.bert.embeddings.word_embeddings.weight

@@ -320,6 +320,8 @@ def teacher_copy(
     path: ModelPath,
     tokenizer: ModelPath,
     target: PruneTarget,
+    random_init: bool = False,
+    init_seed: int = 0,
     attn_implementation: str | None = None,
     head: str,
     labels: list[str] | None,
@@ -329,6 +331,9 @@ def teacher_copy(
     Args:
         target: the shape ``pruning=`` prunes to (``pruning.target`` reads it); it must
             keep the model's head size.
+        random_init: re-initialise every weight at random: the teacher's shape without its
+            knowledge (the non-teacher-initialisation baseline of HomoDistil's Figure 1).
+        init_seed: seed of that initialisation.
         others: as :func:`pretrained`.
     """
     model = pretrained(
@@ -340,6 +345,12 @@ def teacher_copy(
         labels=labels,
     )
     check_target(model.config, target)
+    if random_init:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            fresh = type(model)(model.config)
+        model.load_state_dict(fresh.state_dict())
+        log.info("Student %s: re-initialised at random (seed %d)", name, init_seed)
     return model
 
 
