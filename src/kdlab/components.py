@@ -49,8 +49,9 @@ class RootOptions(TypedDict):
     run_dir: str
     ckpt_path: str | None
     eval: EvalOptions
-    pipeline: dict[str, list[str]] | None
+    pipeline: dict[str, list[str | list[str]]] | None
     stage_dirs: dict[str, str]
+    vars: dict[str, Any]  # an experiment's own values, referred to as ${vars.NAME}
 
 
 def build(cfg: DictConfig, key: str, **runtime: Any) -> Any:

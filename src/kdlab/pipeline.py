@@ -1,7 +1,10 @@
 """Multi-stage runs: each stage is a full training run in ``run_dir/<stage>``.
 
-A pipeline (the root ``pipeline`` key) maps stage names to override lists, e.g. fine-tune a
-teacher, then distil it (``teacher.path=${stage:teacher}/student``). Every stage's config is
+A pipeline (the root ``pipeline`` key) maps stage names to override lists (which may nest
+lists, e.g. YAML anchors of overrides shared by stages), e.g. fine-tune a teacher, then
+distil it (``teacher.path=${stage:teacher}/student``). Values an experiment's stages share
+live under the root ``vars`` and are referred to as ``${vars.NAME}``, so that a command line
+can change them for every stage (``vars.steps=10``). Every stage's config is
 composed and checked before the first stage starts. A stage whose ``metrics.json`` exists is
 finished and skipped; one with ``checkpoints/last.ckpt`` resumes from it. So re-running an
 interrupted pipeline continues at its first unfinished stage.
@@ -9,7 +12,7 @@ interrupted pipeline continues at its first unfinished stage.
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from hydra import compose
@@ -27,7 +30,10 @@ def run_pipeline(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> list[tup
 
     The command line's own overrides apply to every stage, under the stage's overrides.
     """
-    stages: dict[str, list[str]] = OmegaConf.to_container(cfg.pipeline, resolve=False)
+    stages = {
+        name: list(_flatten(overrides))
+        for name, overrides in OmegaConf.to_container(cfg.pipeline, resolve=False).items()
+    }
     root = Path(cfg.run_dir)
     dirs = {name: str(root / name) for name in stages}
     user_overrides = list(HydraConfig.get().overrides.task)
@@ -52,6 +58,15 @@ def run_pipeline(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> list[tup
         log.info("Stage '%s': %s", name, " ".join(stages[name]))
         results.append((name, run(stage_cfg)))
     return results
+
+
+def _flatten(overrides: list) -> Iterator[str]:
+    # A stage may nest lists: YAML anchors then share groups of overrides between stages.
+    for item in overrides:
+        if isinstance(item, list):
+            yield from _flatten(item)
+        else:
+            yield item
 
 
 def stage_config(overrides: list[str], run_dir: str, stage_dirs: dict[str, str]) -> DictConfig:
