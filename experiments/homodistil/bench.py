@@ -7,34 +7,37 @@
 2. Inference: the teacher against its compacted half-width copy (BertModel forward), timed
    alternately, next to the ratio of their forward FLOPs.
 
+Teacher, students, pruner and method are what ``kdlab.train.assemble`` (and
+``kdlab.components.build``) make of a ``method=homodistil model=minilm_half`` config: the
+teacher is a random MiniLM-shaped masked LM written to a temporary directory with a
+word-level vocabulary of BERT's size, and the batch comes from a corpus of random words of
+that vocabulary.
+
 Usage: python experiments/homodistil/bench.py [--steps 12] [--batch 16] [--seq 64]
 """
 
 import argparse
 import json
+import random
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
-from transformers import BertConfig, BertForMaskedLM, BertModel
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
 
-from kdlab.methods import HomoDistil
-from kdlab.pruning import compact
+from kdlab.components import build, validate
+from kdlab.methods import BaseMethod
+from kdlab.pruning import StructuredMasks, compact
+from kdlab.pruning.masks import _masks_ref
+from kdlab.train import CONF_DIR, Assembly, assemble
 
 MINILM = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
-HALF = {"hidden_size": 192, "num_attention_heads": 6, "intermediate_size": 768}
-OPTIM = OmegaConf.create(
-    dict(
-        lr=1e-4,
-        weight_decay=0.01,
-        betas=[0.9, 0.999],
-        eps=1e-8,
-        scheduler="constant",
-        warmup_ratio=0.0,
-        warmup_steps=0,
-    )
-)
+VOCAB_SIZE = 30522  # BERT's (and MiniLM's) vocabulary
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def encoder_flops(config: BertConfig, seq: int) -> int:
@@ -45,62 +48,104 @@ def encoder_flops(config: BertConfig, seq: int) -> int:
     return config.num_hidden_layers * per_layer
 
 
-def method(student, teacher, pruning):
-    return HomoDistil(
-        student,
-        teacher,
-        num_labels=2,
-        metrics=["perplexity"],
-        optim=OPTIM,
-        head="masked_lm",
-        pruning=pruning,
-    )
-
-
-def step_overhead(args) -> dict:
+def write_inputs(directory: Path, args: argparse.Namespace) -> tuple[Path, Path]:
+    """A random MiniLM-shaped masked LM with its tokenizer, and a corpus of random words
+    long enough for one training batch of ``--batch`` × ``--seq`` tokens and a held-out
+    share; returns (teacher directory, corpus file)."""
     torch.manual_seed(0)
-    config = BertConfig(**MINILM, attn_implementation="eager")
-    teacher = BertForMaskedLM(config).eval()
-    pruning = OmegaConf.create(
-        dict(
-            target=HALF,
-            schedule="cubic",
-            initial_warmup=0.0,
-            final_warmup=0.0,
-            update_interval=args.interval,
-            track_interval=0,
-        )
+    teacher = directory / "teacher"
+    teacher.mkdir(parents=True)
+    words = [f"w{i}" for i in range(VOCAB_SIZE - len(SPECIAL))]
+    (teacher / "vocab.txt").write_text("\n".join(SPECIAL + words) + "\n")
+    BertTokenizerFast(vocab=str(teacher / "vocab.txt")).save_pretrained(teacher)
+    BertForMaskedLM(BertConfig(vocab_size=VOCAB_SIZE, **MINILM)).save_pretrained(teacher)
+    # Twice the chunks one batch needs: the validation share (2 %) is held out of them.
+    rng = random.Random(0)
+    corpus = directory / "corpus.txt"
+    lines = [" ".join(rng.choices(words, k=args.seq)) for _ in range(2 * args.batch)]
+    corpus.write_text("\n".join(lines) + "\n")
+    return teacher, corpus
+
+
+def homodistil_config(args: argparse.Namespace, directory: Path) -> DictConfig:
+    """The composed, validated config: HomoDistil to half width from the random teacher,
+    pruning from the first step (cubic), no discrepancy tracking."""
+    teacher, corpus = write_inputs(directory, args)
+    overrides = [
+        "method=homodistil",
+        "model=minilm_half",
+        "teacher=local",
+        f"teacher.path={teacher}",
+        "task=corpus/local",
+        f"task.files=[{corpus}]",
+        f"task.max_seq_length={args.seq}",
+        f"task.batch_size={args.batch}",
+        "task.cache_dir=null",
+        "pruning.initial_warmup=0",
+        "pruning.final_warmup=0",
+        f"pruning.update_interval={args.interval}",
+        "pruning.track_interval=0",
+        "optim.lr=1e-4",
+        "trainer=cpu",
+        "~logger",
+        "callbacks=quiet",
+        f"run_dir={directory / 'run'}",
+    ]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    validate(cfg)
+    return cfg
+
+
+def teacher_copy(cfg: DictConfig, parts: Assembly):
+    """A fresh student as the run builds it: a copy of the teacher, no masks installed, the
+    library's default attention."""
+    return build(cfg, "model", head=parts.datamodule.head, labels=parts.datamodule.labels)
+
+
+def unpruned_method(cfg: DictConfig, parts: Assembly) -> BaseMethod:
+    """The baseline: the run's HomoDistil module on a student without masks in its forward
+    pass, sharing the run's teacher. HomoDistil compares hidden states over the kept
+    dimensions of the masks its student carries; this student carries all-ones masks that
+    nothing updates, so the loss selects every dimension."""
+    plain = teacher_copy(cfg, parts)
+    _masks_ref(plain, StructuredMasks.for_model(plain))  # a reference, not installed
+    return build(
+        cfg,
+        "method",
+        student=plain,
+        teacher=parts.teacher,
+        head=parts.datamodule.head,
+        evaluators=parts.datamodule.evaluators(),
+        optim=build(cfg, "optim"),
     )
-    pruned = method(BertForMaskedLM(config), teacher, pruning)
-    # Baseline: the same loss on a student without masks in its forward pass, no importance
-    # and no mask updates (its pruner's masks stay all ones, so the loss selects every dim).
-    plain = method(BertForMaskedLM(config), teacher, pruning)
-    plain.student = BertForMaskedLM(config)
+
+
+def step_overhead(args, cfg: DictConfig, parts: Assembly) -> dict:
     # The pruned run's masks never finish within the benchmark: the total is set beyond it.
     total = 10 * args.steps
-    ids = torch.randint(1000, 30000, (args.batch, args.seq))
-    labels = torch.full_like(ids, -100)
-    chosen = torch.rand(ids.shape) < 0.15
-    labels[chosen] = ids[chosen]
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    modules = {"plain": unpruned_method(cfg, parts), "pruned": parts.method}
+    pruner = parts.pruner
+    batch = next(iter(parts.datamodule.train_dataloader()))
     optimizers = {}
-    for name, module in (("plain", plain), ("pruned", pruned)):
-        module.student.train()
-        params = [p for _, p in module.trainable_parameters()]
-        optimizers[name] = torch.optim.AdamW(params, lr=1e-4)
+    for name, module in modules.items():
+        module.on_train_epoch_start()  # student in training mode, teacher in eval mode
+        optimization = module.optim.configure(module.trainable_parameters(), total)
+        optimizers[name] = optimization["optimizer"]
     times = {"plain": [], "pruned": []}
     for step in range(1, args.steps + 2):
-        for name, module in (("plain", plain), ("pruned", pruned)):
+        for name, module in modules.items():
             opt = optimizers[name]
             start = time.perf_counter()
             loss = module.compute_losses(batch)["loss"]
             loss.backward()
+            # What PruningCallback does around each optimizer step.
             if name == "pruned":
-                module.pruner.accumulate()
+                pruner.accumulate()
             opt.step()
             opt.zero_grad(set_to_none=True)
             if name == "pruned":
-                module.pruner.update(step, total)
+                pruner.update(step, total)
             if step > 1:  # the first step warms up allocations
                 times[name].append(time.perf_counter() - start)
     medians = {k: statistics.median(v) for k, v in times.items()}
@@ -108,49 +153,41 @@ def step_overhead(args) -> dict:
         "plain_s": medians["plain"],
         "pruned_s": medians["pruned"],
         "ratio": medians["pruned"] / medians["plain"],
-        "final_counts": pruned.pruner.masks.counts(),
+        "final_counts": pruner.masks.counts(),
         "steps": args.steps,
         "batch": [args.batch, args.seq],
     }
 
 
 @torch.no_grad()
-def inference(args) -> dict:
+def inference(args, cfg: DictConfig, parts: Assembly) -> dict:
+    # Both on the default attention (the run's teacher was switched to eager for HomoDistil).
+    teacher = teacher_copy(cfg, parts).bert.eval()
+    masked = teacher_copy(cfg, parts)
+    pruner = build(cfg, "pruning", model=masked)
+    # Straight to the target shape. No importance has been gathered, so the kept structures
+    # are arbitrary: which ones are kept changes neither the compacted shape nor its speed.
+    pruner.update(step=10**6, total=10**6)
+    compacted = compact(masked, pruner.masks).bert.eval()
     torch.manual_seed(0)
-    config = BertConfig(**MINILM)
-    teacher = BertModel(config, add_pooling_layer=False).eval()
-    masked = BertForMaskedLM(config)
-    pruner_method = method(
-        masked,
-        BertForMaskedLM(config).eval(),
-        OmegaConf.create(dict(target=HALF, track_interval=0)),
-    )
-    pruner = pruner_method.pruner
-    pruner.structure_scores = lambda: {
-        "hidden": torch.rand(384),
-        "heads": torch.rand(6, 12),
-        "ffn": torch.rand(6, 1536),
-    }
-    pruner.update(step=10**6, total=10**6)  # straight to the target shape
-    student = compact(masked, pruner.masks).bert.eval()
     ids = torch.randint(1000, 30000, (args.infer_batch, args.infer_seq))
     times = {"teacher": [], "student": []}
     for i in range(args.infer_rounds + 1):
-        for name, model in (("teacher", teacher), ("student", student)):
+        for name, model in (("teacher", teacher), ("student", compacted)):
             start = time.perf_counter()
             model(input_ids=ids)
             if i:
                 times[name].append(time.perf_counter() - start)
     medians = {k: statistics.median(v) for k, v in times.items()}
     flops_t = encoder_flops(teacher.config, args.infer_seq)
-    flops_s = encoder_flops(student.config, args.infer_seq)
+    flops_s = encoder_flops(compacted.config, args.infer_seq)
     return {
         "teacher_ms": 1000 * medians["teacher"],
         "student_ms": 1000 * medians["student"],
         "speedup": medians["teacher"] / medians["student"],
         "flops_ratio": flops_t / flops_s,
         "teacher_params": sum(p.numel() for p in teacher.parameters()),
-        "student_params": sum(p.numel() for p in student.parameters()),
+        "student_params": sum(p.numel() for p in compacted.parameters()),
         "batch": [args.infer_batch, args.infer_seq],
     }
 
@@ -165,11 +202,15 @@ def main() -> None:
     parser.add_argument("--infer-seq", type=int, default=128)
     parser.add_argument("--infer-rounds", type=int, default=10)
     args = parser.parse_args()
-    results = {
-        "threads": torch.get_num_threads(),
-        "step": step_overhead(args),
-        "inference": inference(args),
-    }
+    with tempfile.TemporaryDirectory(prefix="kdlab-homodistil-bench-") as tmp:
+        cfg = homodistil_config(args, Path(tmp))
+        torch.manual_seed(0)
+        parts = assemble(cfg)
+        results = {
+            "threads": torch.get_num_threads(),
+            "step": step_overhead(args, cfg, parts),
+            "inference": inference(args, cfg, parts),
+        }
     print(json.dumps(results, indent=2))  # noqa: T201 - a script's report
 
 

@@ -13,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from kdlab.rundir import RunDir  # noqa: E402
+
 HERE = Path(__file__).parent
 ROWS = [
     ("ft_teacher", "MiniLM-L6 (reference, fine-tuned)"),
@@ -31,7 +33,7 @@ def main() -> None:
     print("| student | SST-2 dev accuracy | parameters | CPU speed-up vs MiniLM |")  # noqa: T201
     print("|---|---|---|---|")  # noqa: T201
     for run, label in ROWS:
-        metrics = load(root / run / "metrics.json")
+        metrics = load(RunDir(root / run).metrics)
         if metrics is None:
             print(f"| {label} | not run | | |")  # noqa: T201
             continue
@@ -40,7 +42,7 @@ def main() -> None:
         speed = f"{speed:.2f}×" if speed else "—"
         print(f"| {label} | {s['val/accuracy']:.3f} | {s['params'] / 1e6:.2f}M | {speed} |")  # noqa: T201
     for run in ("mlm", "homo", "oneshot"):
-        metrics = load(root / run / "metrics.json")
+        metrics = load(RunDir(root / run).metrics)
         if metrics:
             s = metrics["student"]
             print(  # noqa: T201
@@ -50,7 +52,7 @@ def main() -> None:
     fig, left = plt.subplots(figsize=(6.5, 3.8))
     right = left.twinx()
     for run, color in (("homo", "C0"), ("oneshot", "C3")):
-        history = load(root / run / "pruning_history.json")
+        history = load(RunDir(root / run).pruning_history)
         if not history:
             continue
         rows = [r for r in history if r["kl"] is not None]

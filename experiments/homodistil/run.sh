@@ -33,15 +33,15 @@ train() { python -m kdlab.train $COMMON "$@"; }
 
 stage() {
   case $1 in
-    ft_bert3) train method=finetune model=bert3 $SST2 run_dir=$OUT/ft_bert3 ;;
-    ft_teacher) train method=finetune model=minilm $SST2 run_dir=$OUT/ft_teacher ;;
-    mlm) train method=mlm model=minilm $CORPUS_RUN optim.lr=5e-4 eval.speed_batches=0 run_dir=$OUT/mlm ;;
-    homo) train method=homodistil $PRUNE $TRAINED_TEACHER $CORPUS_RUN run_dir=$OUT/homo ;;
-    oneshot) train method=homodistil $PRUNE $TRAINED_TEACHER pruning=oneshot $CORPUS_RUN run_dir=$OUT/oneshot ;;
+    ft_bert3) train method=finetune model=bert3 $SST2 hydra.run.dir=$OUT/ft_bert3 ;;
+    ft_teacher) train method=finetune model=minilm $SST2 hydra.run.dir=$OUT/ft_teacher ;;
+    mlm) train method=mlm model=minilm $CORPUS_RUN optim.lr=5e-4 eval.speed_batches=0 hydra.run.dir=$OUT/mlm ;;
+    homo) train method=homodistil $PRUNE $TRAINED_TEACHER $CORPUS_RUN hydra.run.dir=$OUT/homo ;;
+    oneshot) train method=homodistil $PRUNE $TRAINED_TEACHER pruning=oneshot $CORPUS_RUN hydra.run.dir=$OUT/oneshot ;;
     # Representation-only HomoDistil (no MLM/KL terms): needs no trained MLM head.
-    homo_repr) train method=homodistil $PRUNE $REPR $CORPUS_RUN run_dir=$OUT/homo_repr ;;
-    oneshot_repr) train method=homodistil $PRUNE $REPR pruning=oneshot $CORPUS_RUN run_dir=$OUT/oneshot_repr ;;
-    ft_*) train method=finetune model=pretrained model.path=$OUT/${1#ft_}/student $SST2 run_dir=$OUT/$1 ;;
+    homo_repr) train method=homodistil $PRUNE $REPR $CORPUS_RUN hydra.run.dir=$OUT/homo_repr ;;
+    oneshot_repr) train method=homodistil $PRUNE $REPR pruning=oneshot $CORPUS_RUN hydra.run.dir=$OUT/oneshot_repr ;;
+    ft_*) train method=finetune model=pretrained model.path=$OUT/${1#ft_}/student $SST2 hydra.run.dir=$OUT/$1 ;;
     *) echo "unknown stage $1" >&2; exit 2 ;;
   esac
 }

@@ -27,6 +27,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from kdlab.rundir import RunDir
+
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "outputs"
 TASKS = {
@@ -95,7 +97,7 @@ def student_command(
     task: str, fraction: float, method: str, seed: int, steps: int, batch: int, lr: float
 ) -> tuple[Path, list[str]]:
     run_dir = OUT / task / f"frac{fraction:g}" / f"{method}-seed{seed}"
-    teacher = OUT / f"teacher-{task}" / "student"
+    teacher = RunDir(OUT / f"teacher-{task}").student
     return run_dir, [
         *METHODS[method],
         "model=bert3",
@@ -117,7 +119,7 @@ def student_command(
 
 
 def launch(run_dir: Path, overrides: list[str], threads: int) -> None:
-    if (run_dir / "metrics.json").is_file():
+    if RunDir(run_dir).finished:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     # The lock lets several run.py processes share the runs (one per free core). A killed
@@ -162,7 +164,7 @@ def aggregate(seeds: list[int]) -> str:
     (the median ``train/step_time_s`` of each run, averaged over the task's runs)."""
     sections = []
     for task in TASKS:
-        teacher_metrics = OUT / f"teacher-{task}" / "metrics.json"
+        teacher_metrics = RunDir(OUT / f"teacher-{task}").metrics
         teacher = (
             f"{json.loads(teacher_metrics.read_text())['student']['val/accuracy']:.3f}"
             if teacher_metrics.is_file()
@@ -181,7 +183,7 @@ def aggregate(seeds: list[int]) -> str:
                 accs = []
                 for seed in seeds:
                     run_dir = OUT / task / f"frac{fraction:g}" / f"{method}-seed{seed}"
-                    metrics = run_dir / "metrics.json"
+                    metrics = RunDir(run_dir).metrics
                     if not metrics.is_file():
                         continue
                     accs.append(json.loads(metrics.read_text())["student"]["val/accuracy"])

@@ -19,13 +19,42 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import get_class
-from run import METHODS, TASKS  # the experiment's method variants (run.py, same folder)
+from omegaconf import DictConfig
+from run import COMMON, METHODS, TASKS  # the experiment's method variants (run.py, same folder)
 
-from kdlab import train
-from kdlab.models import build_student, build_teacher
+from kdlab.components import validate
+from kdlab.rundir import RunDir
+from kdlab.train import CONF_DIR, Assembly, assemble
 
 HERE = Path(__file__).resolve().parent
+
+
+def method_config(method: str, args: argparse.Namespace, teacher_dir: Path) -> DictConfig:
+    """The composed config of one method variant on ``run.py``'s student setup."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(
+            "train",
+            overrides=[
+                *METHODS[method],
+                "model=bert3",
+                "teacher=local",
+                f"teacher.path={teacher_dir}",
+                f"task={args.task}",
+                f"task.max_seq_length={args.seq}",
+                f"task.batch_size={args.batch_size}",
+                "seed=1",  # the training order of the timed batches
+                *COMMON,
+                "run_dir=/tmp/kdlab-step-time",
+            ],
+        )
+
+
+def training_module(parts: Assembly):
+    """The run's method module, in training mode as at the start of an epoch."""
+    module = parts.method
+    module.train()
+    module.on_train_epoch_start()
+    return module
 
 
 def main() -> None:
@@ -38,37 +67,15 @@ def main() -> None:
     args = parser.parse_args()
     args.seq = args.seq or TASKS[args.task]["seq"]
 
-    teacher_dir = args.teacher or HERE / "outputs" / f"teacher-{args.task}" / "student"
+    teacher_dir = args.teacher or RunDir(HERE / "outputs" / f"teacher-{args.task}").student
     modules, datamodule = {}, None
-    teacher = None
     for method in METHODS:
-        with initialize_config_dir(config_dir=train.CONF_DIR, version_base="1.3"):
-            cfg = compose(
-                "train",
-                overrides=[
-                    *METHODS[method],
-                    "model=bert3",
-                    "teacher=local",
-                    f"teacher.path={teacher_dir}",
-                    f"task={args.task}",
-                    f"task.max_seq_length={args.seq}",
-                    f"task.batch_size={args.batch_size}",
-                    "run_dir=/tmp/kdlab-step-time",
-                ],
-            )
-        if teacher is None:
-            teacher, tokenizer = build_teacher(cfg, cfg.task)
-            datamodule = get_class(cfg.task.datamodule)(
-                cfg.task, tokenizer, batch_size=args.batch_size, seed=1
-            )
-            datamodule.setup()
-        student, _ = build_student(cfg, cfg.task, tokenizer)
-        task_args = {"head": cfg.task.head, "optim": cfg.optim, "evaluators": {}}
-        method_cls = get_class(cfg.method._target_)
-        module = train._build_method(method_cls, cfg.method, student, teacher, task_args)
-        module.train()
-        module.on_train_epoch_start()
-        modules[method] = module
+        cfg = method_config(method, args, teacher_dir)
+        validate(cfg)
+        parts = assemble(cfg)
+        if datamodule is None:  # every variant's serves the same batches (data, seed, size)
+            datamodule = parts.datamodule
+        modules[method] = training_module(parts)
 
     batches = list(itertools.islice(datamodule.train_dataloader(), args.batches + 1))
     times: dict[str, list[float]] = {m: [] for m in METHODS}

