@@ -30,7 +30,9 @@ def run_pipeline(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> list[tup
     stages: dict[str, list[str]] = OmegaConf.to_container(cfg.pipeline, resolve=False)
     root = Path(cfg.run_dir)
     dirs = {name: str(root / name) for name in stages}
-    user_overrides = list(HydraConfig.get().overrides.task)
+    # Unresolved: a pipeline given on the command line holds ${stage:...} interpolations,
+    # which only resolve inside a stage.
+    user_overrides = OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)
     configs = {
         name: stage_config([*user_overrides, *overrides], dirs[name], dirs)
         for name, overrides in stages.items()
