@@ -111,7 +111,6 @@ def student_command(
         f"seed={seed}",
         f"trainer.max_steps={steps}",
         f"trainer.val_check_interval={steps}",
-        "+callbacks.step_timer._target_=kdlab.callbacks.StepTimer",
         *COMMON,
         *STEP_BUDGET,
         f"hydra.run.dir={run_dir}",

@@ -47,6 +47,9 @@ class RootOptions(TypedDict):
 
     seed: int
     run_dir: str
+    run_id: str | None
+    run_group: str | None
+    job_type: str
     ckpt_path: str | None
     eval: EvalOptions
     pipeline: dict[str, list[str | list[str]]] | None

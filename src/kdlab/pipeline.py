@@ -8,6 +8,10 @@ can change them for every stage (``vars.steps=10``). Every stage's config is
 composed and checked before the first stage starts. A stage whose ``metrics.json`` exists is
 finished and skipped; one with ``checkpoints/last.ckpt`` resumes from it. So re-running an
 interrupted pipeline continues at its first unfinished stage.
+
+The stages of one pipeline are one group of W&B runs (``run_group``: the pipeline's run
+directory name, after the sweep's when the pipeline is a sweep job), each typed by its stage
+name (``job_type``).
 """
 
 import json
@@ -36,9 +40,12 @@ def run_pipeline(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> list[tup
     }
     root = Path(cfg.run_dir)
     dirs = {name: str(root / name) for name in stages}
-    user_overrides = list(HydraConfig.get().overrides.task)
+    # Unresolved: a pipeline given on the command line holds ${stage:...} interpolations,
+    # which only resolve inside a stage.
+    user_overrides = OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)
+    group = "/".join(g for g in (cfg.run_group, root.name) if g)
     configs = {
-        name: stage_config([*user_overrides, *overrides], dirs[name], dirs)
+        name: stage_config([*user_overrides, *overrides], dirs[name], dirs, group, name)
         for name, overrides in stages.items()
     }
     for stage_cfg in configs.values():
@@ -69,11 +76,16 @@ def _flatten(overrides: list) -> Iterator[str]:
             yield item
 
 
-def stage_config(overrides: list[str], run_dir: str, stage_dirs: dict[str, str]) -> DictConfig:
+def stage_config(
+    overrides: list[str], run_dir: str, stage_dirs: dict[str, str], group: str, stage: str
+) -> DictConfig:
     """The config of one stage: ``train.yaml`` with ``overrides``, in ``run_dir``, with
-    ``${stage:NAME}`` resolving to ``stage_dirs[NAME]``."""
+    ``${stage:NAME}`` resolving to ``stage_dirs[NAME]``, filed under ``group`` as ``stage``
+    (``run_group``, ``job_type``)."""
     cfg = compose(
         config_name="train", overrides=[*overrides, "pipeline=null", f"run_dir='{run_dir}'"]
     )
     cfg.stage_dirs = stage_dirs
+    cfg.run_group = group
+    cfg.job_type = stage
     return cfg

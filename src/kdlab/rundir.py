@@ -16,6 +16,10 @@ BEST_CHECKPOINT = "best.ckpt"
 PRUNING_HISTORY = "pruning_history.json"
 PRUNING_PLOT = "pruning_history.png"
 PIPELINE_SUMMARY = "summary.json"
+# The run's id (config key run_id, the W&B run id), kept so that a resumed run continues it.
+RUN_ID = "run_id.txt"
+# W&B's own folder (wandb.init(dir=<run dir>)): offline-run-<time>-<id>/ per start of the run.
+WANDB_DIR = "wandb"
 # Written by kdlab.sweep.SweepSummary when the job raised: its overrides and traceback.
 ERROR = "error.txt"
 # Hydra's own files in every job directory (hydra.output_subdir): the composed, unresolved
@@ -75,6 +79,17 @@ class RunDir:
     @property
     def pruning_plot(self) -> Path:
         return self.path / PRUNING_PLOT
+
+    @property
+    def run_id(self) -> Path:
+        """The run's id, written when it starts afresh and read back when it resumes."""
+        return self.path / RUN_ID
+
+    @property
+    def wandb_dir(self) -> Path:
+        """W&B's files of the run: one ``offline-run-<time>-<id>`` folder per start offline
+        (a resumed run adds one with the same id); ``wandb sync`` uploads them."""
+        return self.path / WANDB_DIR
 
     @property
     def pipeline_summary(self) -> Path:

@@ -7,14 +7,17 @@ Examples::
     python -m kdlab.train experiment=demo
 
 Each run directory (:class:`kdlab.rundir.RunDir`) holds the composed ``config.yaml``,
-``checkpoints/`` (``last.ckpt`` and the best by the task's main metric, teacher weights
-excluded), ``metrics.json``, ``student/`` (``save_pretrained`` output that stock
-``transformers`` loads) and the student's per-example outputs where the task has them
-(SQuAD: ``predictions.json``, and ``null_odds.json`` for v2.0).
+``run_id.txt`` (the run's id, its W&B run id, kept when it resumes), ``checkpoints/``
+(``last.ckpt`` and the best by the task's main metric, teacher weights excluded),
+``metrics.json``, ``student/`` (``save_pretrained`` output that stock ``transformers``
+loads), the logger's files (``wandb/``, one W&B run per training run, or ``csv/``) and the
+student's per-example outputs where the task has them (SQuAD: ``predictions.json``, and
+``null_odds.json`` for v2.0).
 """
 
 import json
 import logging
+import secrets
 import time
 import warnings
 from dataclasses import dataclass
@@ -23,6 +26,9 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -32,6 +38,7 @@ from kdlab.components import build, target_of, validate
 from kdlab.data import TokenizedDataModule
 from kdlab.errors import ConfigError, NonFiniteLossError
 from kdlab.evaluation import evaluate, evaluation_trainer, time_inference
+from kdlab.loggers import logger_run
 from kdlab.methods import BaseMethod, FineTune
 from kdlab.models.build import (
     TASK_ATTRIBUTE,
@@ -130,9 +137,29 @@ def run(cfg: DictConfig) -> dict:
     files = RunDir(cfg.run_dir)
     ckpt_path = _checkpoint_to_resume(cfg, files)
     files.path.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, files.config, resolve=True)
+    cfg.run_id = _run_id(files, resuming=ckpt_path is not None)
+    if rank_zero_only.rank == 0:
+        OmegaConf.save(cfg, files.config, resolve=True)
     L.seed_everything(cfg.seed, workers=True)
     parts = assemble(cfg)
+    trainer = parts.trainer
+    # The logger's run (W&B) ends with this block, failed if it raises: a later run in the
+    # same process (the next sweep job or pipeline stage) must not log into it.
+    with logger_run(trainer.logger):
+        metrics = _fit_and_export(cfg, parts, files, ckpt_path)
+    if metrics:
+        metrics["wall_time_s"] = round(time.perf_counter() - start, 1)
+        files.metrics.write_text(json.dumps(metrics, indent=2))
+        log.info("Run finished in %.0f s: %s", metrics["wall_time_s"], files.path)
+    return metrics
+
+
+def _fit_and_export(cfg: DictConfig, parts: Assembly, files: RunDir, ckpt_path: str | None) -> dict:
+    """Log the config, fit, then (rank zero) evaluate, export and log the best metrics.
+
+    Returns:
+        ``metrics.json``'s content but the wall time; empty on ranks other than zero.
+    """
     trainer = parts.trainer
     if trainer.logger is not None:
         params = {"student": count_parameters(parts.student)}
@@ -155,16 +182,28 @@ def run(cfg: DictConfig) -> dict:
     if not trainer.is_global_zero:
         return {}
     metrics = evaluate_and_export(cfg, parts, files)
-    metrics["wall_time_s"] = round(time.perf_counter() - start, 1)
-    files.metrics.write_text(json.dumps(metrics, indent=2))
     if trainer.logger is not None:
+        # Logged last, these are the values W&B keeps in the run's summary.
         flat = {f"best/{k}": v for k, v in metrics["student"].items() if "/" in k}
         if metrics["teacher"]:
             flat.update({f"teacher/{k}": v for k, v in metrics["teacher"].items() if "/" in k})
         trainer.logger.log_metrics(flat, step=trainer.global_step)
-        trainer.logger.finalize("success")
-    log.info("Run finished in %.0f s: %s", metrics["wall_time_s"], files.path)
     return metrics
+
+
+def _run_id(files: RunDir, resuming: bool) -> str | None:
+    """The run's id (``run_id``, the W&B run id): the one stored in its directory when it
+    resumes, else a new one, stored there for a later resume.
+
+    Only rank zero chooses: the other DDP ranks read what it stored (it wrote the file before
+    ``fit`` launched them), and their loggers log nothing.
+    """
+    stored = files.run_id.read_text().strip() if files.run_id.is_file() else None
+    if rank_zero_only.rank != 0 or (resuming and stored):
+        return stored
+    run_id = secrets.token_hex(6)  # 12 characters of [0-9a-f]: W&B accepts it as a run id
+    files.run_id.write_text(run_id + "\n")
+    return run_id
 
 
 def evaluate_and_export(cfg: DictConfig, parts: Assembly, files: RunDir) -> dict:
@@ -256,6 +295,10 @@ def _best_checkpoint(trainer: L.Trainer) -> str | None:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the main validation metric (for sweepers)."""
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN and cfg.run_group is None:
+        # The jobs of a sweep are one group of W&B runs.
+        cfg.run_group = Path(hydra_cfg.sweep.dir).name
     if cfg.get("pipeline"):
         results = run_pipeline(cfg, run)
     else:

@@ -4,7 +4,9 @@ With a ``pruning`` config the run builds a :class:`~kdlab.pruning.Pruner` for th
 (its masks go into the student's forward pass) and hands it to :class:`PruningCallback`,
 which feeds it the complete gradients before every optimizer step, updates the masks after
 it, measures the teacher–student discrepancy on a fixed held-out batch every
-``pruning.track_interval`` optimizer steps and, at the end, writes the history and its plot.
+``pruning.track_interval`` optimizer steps (logged as ``prune/kl``, ``prune/remaining``,
+``prune/params``, ``prune/skipped_updates``) and, at the end, writes the history and its
+plot, which it also logs as an image (``prune/history``) where the logger keeps images.
 The method knows nothing about any of this; compaction happens where the student is
 exported.
 """
@@ -15,6 +17,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from kdlab.loggers import log_image
 from kdlab.losses import matching_loss
 from kdlab.pruning.pruner import Pruner
 from kdlab.pruning.tracking import write_history
@@ -83,12 +86,14 @@ class PruningCallback(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero and self.pruner.history:
-            write_history(self.pruner.history, self.directory)
+            plot = write_history(self.pruner.history, self.directory)
+            log_image(trainer.logger, "prune/history", plot, step=trainer.global_step)
 
     # ---------------------------------------------------------------------- internals
     @torch.no_grad()
     def _track(self, trainer: L.Trainer, pl_module, step: int) -> None:
-        """Log KL(teacher ‖ student) on the fixed batch, the remaining fraction, parameters."""
+        """Log KL(teacher ‖ student) on the fixed batch, the remaining fraction, parameters
+        and the importance updates skipped so far for non-finite gradients."""
         kl = None
         if pl_module.teacher is not None:
             batch = {k: v.to(pl_module.device) for k, v in self.batch.items()}
@@ -100,7 +105,11 @@ class PruningCallback(L.Callback):
             teacher_logits = pl_module.logits(pl_module.teacher_outputs(batch))
             kl = float(matching_loss(student_logits, teacher_logits))
         row = self.pruner.record(step, kl)
-        metrics = {"prune/remaining": row["remaining"], "prune/params": float(row["params"])}
+        metrics = {
+            "prune/remaining": row["remaining"],
+            "prune/params": float(row["params"]),
+            "prune/skipped_updates": float(self.pruner.skipped_updates),
+        }
         if kl is not None:
             metrics["prune/kl"] = kl
         if trainer.logger is not None:
