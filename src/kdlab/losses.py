@@ -124,6 +124,43 @@ def matching_loss(
     return torch.stack(losses).sum()
 
 
+def soft_target_loss(
+    student_logits: Mapping[str, Tensor], teacher_logits: Mapping[str, Tensor], temperature: float
+) -> dict[str, Tensor]:
+    """Pre-trained Distillation's objective (Turc et al. 2019): the cross-entropy of the
+    student's softened distribution against the teacher's, with no label term.
+
+    ``soft_ce = −T² · Σ_y p_t(y|x; T) · log p_s(y|x; T)`` averaged over the batch and summed
+    over outputs (start + end for spans). It equals ``T²·KL(p_t ‖ p_s) + T²·H(p_t)``: the
+    teacher's entropy does not depend on the student, so both have the same gradient, and
+    ``kl = soft_ce − T²·H(p_t)`` is logged to read like KD's curves. Regression outputs
+    (``C == 1``) use the MSE to the teacher's prediction instead (``mse``).
+
+    Args:
+        student_logits: output logits keyed by target name, ``[B, C]`` each.
+        teacher_logits: the teacher's, with the same keys.
+        temperature: softening temperature ``T > 0``.
+
+    Returns:
+        ``{"loss", "soft_ce", "kl"}`` (classification and spans) or ``{"loss", "mse"}``.
+    """
+    terms: dict[str, Tensor] = {}
+    for name, student in student_logits.items():
+        teacher = teacher_logits[name]
+        if student.size(-1) == 1:
+            terms["mse"] = terms.get("mse", 0) + F.mse_loss(student, teacher.to(student.dtype))
+            continue
+        log_p_t = F.log_softmax(teacher.float() / temperature, dim=-1)
+        log_p_s = F.log_softmax(student / temperature, dim=-1)
+        p_t = log_p_t.exp()
+        soft_ce = -(p_t * log_p_s).sum(-1).mean() * temperature**2
+        entropy = -(p_t * log_p_t).sum(-1).mean() * temperature**2
+        terms["soft_ce"] = terms.get("soft_ce", 0) + soft_ce
+        terms["kl"] = terms.get("kl", 0) + soft_ce - entropy
+    loss = terms.get("soft_ce", 0) + terms.get("mse", 0)
+    return {"loss": loss, **terms}
+
+
 def kd_loss(
     student_logits: Tensor | Mapping[str, Tensor],
     teacher_logits: Tensor | Mapping[str, Tensor],

@@ -37,6 +37,7 @@ def run_pipeline(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> list[tup
     stages = {
         name: list(_flatten(overrides))
         for name, overrides in OmegaConf.to_container(cfg.pipeline, resolve=False).items()
+        if overrides is not None  # `pipeline.<stage>=null` leaves a stage out
     }
     root = Path(cfg.run_dir)
     dirs = {name: str(root / name) for name in stages}
@@ -52,7 +53,7 @@ def run_pipeline(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> list[tup
         # Inputs written by earlier stages do not exist yet: their paths are checked when
         # the stage starts.
         validate(stage_cfg, check_files=False)
-    results = []
+    results, ran = [], []
     for name, stage_cfg in configs.items():
         files = RunDir(dirs[name])
         if files.finished:
@@ -64,7 +65,34 @@ def run_pipeline(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> list[tup
             stage_cfg.ckpt_path = "last"
         log.info("Stage '%s': %s", name, " ".join(stages[name]))
         results.append((name, run(stage_cfg)))
+        ran.append(name)
+    if all(metrics for _, metrics in results):  # DDP ranks other than 0 return no metrics
+        summary = pipeline_summary(results, ran)
+        RunDir(root).pipeline_summary.write_text(json.dumps(summary, indent=2))
     return results
+
+
+def pipeline_summary(results: list[tuple[str, dict]], ran: list[str]) -> list[dict]:
+    """One row per stage: method, student, main metric on validation (and test),
+    parameters, wall time, and whether this invocation ran it or found it finished."""
+    rows = []
+    for name, metrics in results:
+        main = metrics["main_metric"]
+        student = metrics["student"]
+        rows.append(
+            {
+                "stage": name,
+                "method": metrics["method"],
+                "model": student["name"],
+                "main_metric": main,
+                "val": student.get(f"val/{main}"),
+                "test": student.get(f"test/{main}"),
+                "params": student["params"],
+                "wall_time_s": metrics.get("wall_time_s"),
+                "ran": name in ran,
+            }
+        )
+    return rows
 
 
 def _flatten(overrides: list) -> Iterator[str]:

@@ -330,6 +330,25 @@ def summary_table(title: str, metrics: dict) -> Table:
 # Collecting runs
 
 
+def pipeline_table(title: str, rows: list[dict]) -> Table:
+    """The stages of a pipeline (``kdlab.pipeline.pipeline_summary``) in one table."""
+    table = Table(title=title)
+    for column in ("stage", "method", "student", "metric", "val", "test", "parameters", "time"):
+        table.add_column(column, justify="left" if column in ("stage", "method") else "right")
+    for row in rows:
+        table.add_row(
+            row["stage"] + ("" if row["ran"] else " (done before)"),
+            row["method"],
+            row["model"],
+            row["main_metric"],
+            _fmt(row["val"]),
+            _fmt(row["test"]),
+            _count(row["params"]),
+            "-" if row["wall_time_s"] is None else f"{row['wall_time_s']:.0f} s",
+        )
+    return table
+
+
 def collect_runs(root: str | Path) -> list[RunRecord]:
     """Every run under ``root`` (``root`` itself included), in directory order.
 

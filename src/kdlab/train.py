@@ -49,7 +49,7 @@ from kdlab.models.build import (
 from kdlab.pipeline import run_pipeline
 from kdlab.pruning import Pruner, compact
 from kdlab.pruning.callback import PruningCallback
-from kdlab.report import summary_table
+from kdlab.report import pipeline_table, summary_table
 from kdlab.rundir import RunDir
 
 log = logging.getLogger("kdlab")
@@ -307,6 +307,9 @@ def main(cfg: DictConfig) -> float | None:
     for name, metrics in results:
         if metrics:
             console.print(summary_table(name, metrics))
+    summary = RunDir(cfg.run_dir).pipeline_summary
+    if cfg.get("pipeline") and summary.is_file():
+        console.print(pipeline_table(f"pipeline {cfg.run_dir}", json.loads(summary.read_text())))
     last = results[-1][1]
     return last.get("student", {}).get(f"val/{last.get('main_metric')}") if last else None
 

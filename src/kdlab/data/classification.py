@@ -14,6 +14,7 @@ from typing_extensions import Unpack
 from kdlab.augment import EXAMPLE_INDEX, BackTranslationOptions, add_paraphrases
 from kdlab.data.base import TaskOptions, TokenizedDataModule, train_subset
 from kdlab.data.sources import GlueHub, TsvLayout, load_glue, load_rotten_tomatoes
+from kdlab.data.transfer import TransferOptions, transfer_set
 from kdlab.errors import ConfigError
 from kdlab.metrics import METRICS, ClassificationEvaluator
 from kdlab.validation import Range
@@ -31,6 +32,7 @@ class ClassificationOptions(TaskOptions):
     metrics: list[Literal[tuple(METRICS)]]  # logged as val/<name>
     train_fraction: Annotated[float, Range(gt=0, le=1)] | None
     augment: NotRequired[BackTranslationOptions | None]  # set by augment=backtranslation
+    transfer: NotRequired[TransferOptions | None]  # set by transfer=...: unlabelled training
 
 
 class TextClassificationDataModule(TokenizedDataModule, abc.ABC):
@@ -94,6 +96,10 @@ class TextClassificationDataModule(TokenizedDataModule, abc.ABC):
         raw["train"] = train_subset(raw["train"], self.task)
         if augment:
             raw["train"] = add_paraphrases(raw["train"], augment)
+        transfer = self.task.get("transfer")
+        if transfer:
+            text_columns = [c for c in ("text_a", "text_b") if c in raw["train"].column_names]
+            raw["train"] = transfer_set(raw["train"], transfer, text_columns)
         self.splits = datasets.DatasetDict(
             {name: self._tokenize(name, split) for name, split in raw.items()}
         )
@@ -118,7 +124,10 @@ class TextClassificationDataModule(TokenizedDataModule, abc.ABC):
             cache_file_name=self.cache_file(name, split, max_len),
             desc=f"Tokenising {self.task.name}/{name}",
         )
-        return encoded.rename_column("label", "labels")
+        # A transfer set has no labels.
+        return (
+            encoded.rename_column("label", "labels") if "label" in encoded.column_names else encoded
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self.train_loader(self.splits["train"])

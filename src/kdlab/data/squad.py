@@ -12,7 +12,7 @@ of their context tokens and their CLS position, for post-processing.
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypedDict
+from typing import Annotated, NotRequired, TypedDict
 
 import datasets
 from omegaconf import DictConfig
@@ -22,6 +22,7 @@ from typing_extensions import Unpack
 
 from kdlab.data.base import TaskOptions, TokenizedDataModule, train_subset
 from kdlab.data.squad_json import COLUMNS, AnswerCheck, read_squad_json
+from kdlab.data.transfer import TransferOptions, sized
 from kdlab.errors import ConfigError
 from kdlab.qa.evaluator import SquadEvaluator
 from kdlab.validation import NonNegativeInt, PositiveInt, Range
@@ -246,6 +247,7 @@ class SquadOptions(TaskOptions):
     max_answer_length: PositiveInt
     null_score_diff_threshold: float
     train_fraction: Annotated[float, Range(gt=0, le=1)] | None
+    transfer: NotRequired[TransferOptions | None]  # set by transfer=...: unlabelled training
 
 
 class SquadDataModule(TokenizedDataModule):
@@ -274,6 +276,13 @@ class SquadDataModule(TokenizedDataModule):
     def check_config(cls, cfg: DictConfig) -> None:
         """``task.doc_stride`` must leave room for new tokens in each window."""
         task = cfg.task
+        transfer = task.get("transfer")
+        if transfer and (transfer.get("files") or transfer.get("corpus")):
+            raise ConfigError(
+                f"task={task.name}: a SQuAD transfer set is the task's own training questions "
+                "(task.transfer.task_inputs=true); task.transfer.files and task.transfer.corpus "
+                "take single texts or pairs, not question-context windows."
+            )
         if task.doc_stride >= task.max_seq_length:
             raise ConfigError(
                 f"task.doc_stride={task.doc_stride} must be less than task.max_seq_length="
@@ -285,11 +294,18 @@ class SquadDataModule(TokenizedDataModule):
             return
         raw = load_squad(self.task)
         raw["train"] = train_subset(raw["train"], self.task)
+        transfer = self.task.get("transfer")
+        if transfer:
+            raw["train"] = sized(raw["train"], transfer)
         self.examples = raw
         self.features = {
             "train": self._windows("train", raw["train"], for_evaluation=False),
             "validation": self._windows("validation", raw["validation"], for_evaluation=True),
         }
+        if transfer:  # a transfer set: the windows of the questions, not their answers
+            self.features["train"] = self.features["train"].remove_columns(
+                ["start_positions", "end_positions"]
+            )
         log.info(
             "Task %s: %s",
             self.task.name,

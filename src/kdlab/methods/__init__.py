@@ -6,6 +6,7 @@ from kdlab.methods.homodistil import HomoDistil
 from kdlab.methods.kd import KnowledgeDistillation
 from kdlab.methods.mixkd import MixKD
 from kdlab.methods.mlm import MaskedLanguageModeling
+from kdlab.methods.pd import PreTrainedDistillation
 
 __all__ = [
     "BaseMethod",
@@ -14,4 +15,5 @@ __all__ = [
     "KnowledgeDistillation",
     "MaskedLanguageModeling",
     "MixKD",
+    "PreTrainedDistillation",
 ]

@@ -53,6 +53,9 @@ class BaseMethod(L.LightningModule, abc.ABC):
     """
 
     requires_teacher: ClassVar[bool] = True
+    # Whether the training losses read the batch's labels; methods that do cannot train on
+    # a transfer set (task.transfer: unlabelled inputs).
+    reads_labels: ClassVar[bool] = True
     # Whether the method only makes sense while the student is pruned (pruning=...).
     requires_pruning: ClassVar[bool] = False
     # Task heads the method has a sound definition for; a method that cannot handle, e.g.,
@@ -78,6 +81,12 @@ class BaseMethod(L.LightningModule, abc.ABC):
             ConfigError: naming the setting to change.
         """
         cls.check_head(get_class(cfg.task._target_).head, cfg.task.name)
+        if cls.reads_labels and cfg.task.get("transfer"):
+            raise ConfigError(
+                f"method={cfg.method.name} trains on labels, but task.transfer makes the training "
+                "set unlabelled inputs: use method=pd there, or drop the transfer set "
+                "(leave transfer= unset)."
+            )
         if cls.requires_pruning and cfg.get("pruning") is None:
             raise ConfigError(
                 f"method={cfg.method.name} prunes while it trains: set pruning=homotopic (or "

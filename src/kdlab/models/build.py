@@ -278,11 +278,13 @@ def random_bert(
     intermediate_size: PositiveInt | None = None,
     tokenizer: ModelPath,
     init_seed: int = 0,
+    pretrained: bool = False,
     attn_implementation: str | None = None,
     head: str,
     labels: list[str] | None,
 ) -> PreTrainedModel:
-    """A randomly initialised BERT of the given shape.
+    """A BERT of the given shape, randomly initialised or (``pretrained``) the released
+    pre-trained miniature of that shape.
 
     Args:
         num_layers: encoder layers.
@@ -291,12 +293,18 @@ def random_bert(
         intermediate_size: FFN width (None: 4 × hidden).
         tokenizer: hub id or directory of the tokenizer whose vocabulary the model embeds.
         init_seed: seed of the initialisation (the same student for every training seed).
+        pretrained: load ``google/bert_uncased_L-{L}_H-{H}_A-{H/64}`` from the hub (Turc et
+            al.'s 24 miniatures, pre-trained with MLM) instead of initialising at random.
         others: as :func:`pretrained`.
     """
     if hidden_size % head_dim:
         raise ConfigError(
             f"model.hidden_size={hidden_size} is not a multiple of model.head_dim={head_dim}."
         )
+    if pretrained:
+        options = _options(head, labels, attn_implementation)
+        heads = hidden_size // head_dim
+        return _released_miniature(num_layers, hidden_size, heads, tokenizer, head, options)
     vocabulary = load_tokenizer(tokenizer, "model.tokenizer")
     config = BertConfig(
         vocab_size=len(vocabulary),
@@ -311,6 +319,24 @@ def random_bert(
         torch.manual_seed(init_seed)
         model = HEADS[head].from_config(config)
     log.info("Student %s: random BERT L%d H%d", name, num_layers, hidden_size)
+    return model
+
+
+def _released_miniature(
+    layers: int, hidden: int, heads: int, tokenizer: str, head: str, options: dict
+) -> PreTrainedModel:
+    hub_id = f"google/bert_uncased_L-{layers}_H-{hidden}_A-{heads}"
+    try:
+        model = HEADS[head].from_pretrained(hub_id, **options)
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"Could not load the released miniature {hub_id} (model.pretrained=true): {err}. "
+            "Without the hub, use a saved copy or a miniature kdlab pre-trained itself: "
+            "model=pretrained model.path=<directory> (e.g. the student/ of a "
+            f"`method=mlm model=bert_L{layers}_H{hidden}` run)."
+        ) from err
+    _check_vocabulary(model, tokenizer)
+    log.info("Student: the released miniature %s", hub_id)
     return model
 
 
