@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForMaskedLM
 
@@ -75,3 +76,15 @@ def test_masks_update_once_per_optimizer_step_under_accumulation(data, tmp_path,
     pruned_run(data, tmp_path, "trainer.accumulate_grad_batches=2")
     assert calls["accumulate"] == 4
     assert calls["update"] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+# (16-mixed falls back to bf16-mixed on CPU; its grad-scaler overflows are unit-tested.)
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true", "32-true"])
+def test_pruning_in_reduced_precision_reaches_the_exact_target(data, tmp_path, precision):  # noqa: F811
+    pruned_run(data, tmp_path, f"trainer.precision={precision}")
+    files = RunDir(tmp_path)
+    state = torch.load(files.last_checkpoint, weights_only=True)["callbacks"]["PruningCallback"]
+    assert state["masks"]["ffn"].dtype == torch.float32
+    assert int(state["masks"]["hidden"].sum()) == 16
+    c = AutoModelForMaskedLM.from_pretrained(files.student).config
+    assert (c.hidden_size, c.num_attention_heads, c.intermediate_size) == (16, 2, 32)
