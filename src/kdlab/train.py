@@ -28,6 +28,7 @@ from rich.console import Console
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kdlab import resolvers
+from kdlab.callbacks import RestoreLoaderPosition
 from kdlab.components import build, target_of, validate
 from kdlab.data import TokenizedDataModule
 from kdlab.errors import ConfigError, NonFiniteLossError
@@ -54,6 +55,8 @@ resolvers.register()
 # only, so the checkpoint callbacks it warns about are not needed.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`")
+# torchdata's StatefulDataLoader still calls an API newer torch releases deprecate.
+warnings.filterwarnings("ignore", message=r"'set_vital' is deprecated")
 
 
 @dataclass
@@ -103,6 +106,7 @@ def assemble(cfg: DictConfig) -> Assembly:
         optim=build(cfg, "optim"),
     )
     callbacks = [build(cfg, f"callbacks.{name}") for name, c in cfg.callbacks.items() if c]
+    callbacks.append(RestoreLoaderPosition())
     if pruner is not None:
         fixed_batch = next(iter(datamodule.val_dataloader()[0]))
         callbacks.append(PruningCallback(pruner, fixed_batch, files.path))
