@@ -163,8 +163,9 @@ def test_homodistil_refuses_an_untrained_mlm_head_with_both_ways_out(data, tmp_p
         run(overrides)
     assert "method=mlm" in str(err.value)
     assert "method.alpha_mlm=0 method.alpha_kl=0" in str(err.value)
-    # The second way out: representation-only distillation runs.
-    metrics = run([*overrides, "method.alpha_mlm=0", "method.alpha_kl=0"])
+    # The second way out: representation-only distillation runs (in the same directory,
+    # which holds the refused run's config.yaml).
+    metrics = run([*overrides, "method.alpha_mlm=0", "method.alpha_kl=0", "overwrite=true"])
     assert metrics["student"]["params"] < metrics["teacher"]["params"]
 
 

@@ -20,6 +20,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
+from kdlab.batching import accumulate_grad_batches
 from kdlab.errors import ConfigError
 from kdlab.validation import NonNegativeInt, check_node, check_value, closest, missing_keys
 

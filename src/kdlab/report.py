@@ -28,8 +28,9 @@ Rows: one per task x method x model x varying config keys
     task x method x model (so keys that only follow the task, method or model, such as
     ``task.metrics`` or ``method._target_``, do not), after leaving out
 
-    * ``seed`` (the rows average over it), ``run_dir``, ``ckpt_path`` (resuming is no
-      experimental factor), ``pipeline`` and anything under ``hydra``;
+    * ``seed`` (the rows average over it), ``run_dir``, ``ckpt_path`` and ``overwrite``
+      (resuming or replacing is no experimental factor), ``pipeline`` and anything under
+      ``hydra``;
     * the run's own directory inside string values: ``<run>/checkpoints`` and
       ``<run>/teacher/student`` (a pipeline's own teacher) are the same in every run;
     * keys that follow the seed: every seed of the task x method x model has a single value
@@ -103,7 +104,7 @@ GLUE_METRICS: dict[str, tuple[str, ...]] = {
 
 # Config keys that never make a row: the seed is averaged over, the others name where and how
 # a run ran rather than what it ran.
-_IGNORED_KEYS = frozenset({"seed", "run_dir", "ckpt_path", "pipeline"})
+_IGNORED_KEYS = frozenset({"seed", "run_dir", "ckpt_path", "overwrite", "pipeline"})
 _IGNORED_PREFIXES = ("hydra.",)
 # The row's own columns.
 _IDENTITY_KEYS = frozenset({"task.name", "method.name", "model.name"})
