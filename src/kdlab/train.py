@@ -29,6 +29,7 @@ from rich.console import Console
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kdlab import resolvers
+from kdlab.batching import accumulate_grad_batches
 from kdlab.callbacks import RestoreLoaderPosition
 from kdlab.components import build, target_of, validate
 from kdlab.data import TokenizedDataModule
@@ -132,6 +133,8 @@ def run(cfg: DictConfig) -> dict:
     """
     start = time.perf_counter()
     validate(cfg)
+    # Derived before config.yaml is written, so that it records what the trainer does.
+    cfg.trainer.accumulate_grad_batches = accumulate_grad_batches(cfg)
     files = RunDir(cfg.run_dir)
     if rank_zero_only.rank == 0:
         ckpt_path = claim_run_dir(cfg, files)

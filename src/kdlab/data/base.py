@@ -104,7 +104,10 @@ class TaskOptions(TypedDict):
     main_metric: str  # val/<main_metric> picks the best checkpoint
     main_metric_mode: Literal["max", "min"]
     max_seq_length: PositiveInt
-    batch_size: PositiveInt
+    batch_size: PositiveInt  # per device: the batch of one forward pass
+    # Examples per optimizer step over all devices; derives trainer.accumulate_grad_batches
+    # (kdlab.batching). None: accumulate_grad_batches as the trainer config sets it.
+    global_batch_size: PositiveInt | None
     eval_batch_size: PositiveInt
     num_workers: NonNegativeInt
     cache_dir: str | None  # tokenised splits, keyed by content, tokenizer and settings
