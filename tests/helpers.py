@@ -8,7 +8,7 @@ from kdlab.methods import BaseMethod, FineTune
 
 
 class Interrupted(RuntimeError):
-    """Raised by :class:`StopAfterEpoch` to simulate a killed run."""
+    """Raised by :class:`StopAfterEpoch` and :class:`StopAtStep` to simulate a killed run."""
 
 
 class StopAfterEpoch(L.Callback):
@@ -25,6 +25,21 @@ class StopAfterEpoch(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.current_epoch == self.epoch + 1:
             raise Interrupted(f"simulated interruption after epoch {self.epoch}")
+
+
+class StopAtStep(L.Callback):
+    """Raise before the first training batch after optimizer step ``step``.
+
+    With validation at that step (``trainer.val_check_interval``), ``ModelCheckpoint`` has
+    written its checkpoints by then: a run killed right after a mid-epoch checkpoint.
+    """
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            raise Interrupted(f"simulated interruption after step {self.step}")
 
 
 class NaNAfter(FineTune):

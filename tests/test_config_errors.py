@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 import kdlab.train
 from kdlab.errors import ConfigError, DataFormatError
+from kdlab.rundir import RunDir
 from tests.conftest import compose, run_cli
 from tests.fixtures import (
     GLUE_DIRS,
@@ -74,6 +75,42 @@ def latin1_byte_in_tsv(glue_root, tmp):
 
 def checkpoint_to_resume_missing(glue_root, tmp):
     return ["ckpt_path=last"], [f"{tmp / 'run'}", "checkpoints/last.ckpt", "leave ckpt_path unset"]
+
+
+def _earlier_run(tmp: Path, *marks: str) -> RunDir:
+    """``tmp/run`` as an earlier run left it: ``config.yaml`` and the other ``marks``."""
+    files = RunDir(tmp / "run")
+    files.path.mkdir(parents=True)
+    files.config.write_text("seed: 1\n")
+    if "student" in marks:
+        files.student.mkdir()
+    if "metrics" in marks:
+        files.metrics.write_text("{}")
+    return files
+
+
+def run_dir_holds_a_run(glue_root, tmp):
+    files = _earlier_run(tmp, "student")
+    return [], [
+        f"run_dir {files.path} already holds a run (config.yaml, student)",
+        "ckpt_path=last",
+        "overwrite=true",
+        "hydra.run.dir",
+    ]
+
+
+def run_dir_of_a_run_stopped_before_its_first_checkpoint(glue_root, tmp):
+    _earlier_run(tmp)
+    return [], ["already holds a run (config.yaml)", "ckpt_path=last", "overwrite=true"]
+
+
+def resuming_a_finished_run(glue_root, tmp):
+    files = _earlier_run(tmp, "metrics")
+    return ["ckpt_path=last"], [
+        f"the run in {files.path} is finished",
+        "overwrite=true",
+        f"another hydra.run.dir with ckpt_path={files.last_checkpoint}",
+    ]
 
 
 def teacher_with_three_labels(glue_root, tmp):
@@ -277,6 +314,18 @@ CASES: dict[str, tuple[list[str] | Setup, type, list[str]]] = {
     "header-only train.tsv": (header_only_train, DataFormatError, []),
     "non-UTF-8 byte in a TSV": (latin1_byte_in_tsv, DataFormatError, []),
     "ckpt_path=last without last.ckpt": (checkpoint_to_resume_missing, ConfigError, []),
+    "run_dir holds a run": (run_dir_holds_a_run, ConfigError, []),
+    "run_dir holds a run stopped before its first checkpoint": (
+        run_dir_of_a_run_stopped_before_its_first_checkpoint,
+        ConfigError,
+        [],
+    ),
+    "ckpt_path=last on a finished run": (resuming_a_finished_run, ConfigError, []),
+    "overwrite=true with ckpt_path=last": (
+        ["overwrite=true", "ckpt_path=last"],
+        ConfigError,
+        ["overwrite=true would delete the checkpoint ckpt_path=last resumes from"],
+    ),
     "teacher with another label count": (teacher_with_three_labels, ConfigError, []),
     "teacher without a trained head": (teacher_without_head, ConfigError, []),
     "teacher.path is a run directory": (teacher_is_a_run_directory, ConfigError, []),

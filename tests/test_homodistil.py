@@ -23,6 +23,7 @@ from tests.fixtures import (
     write_tiny_bert,
     write_tiny_mlm_bert,
 )
+from tests.helpers import Interrupted, RecordFinalWeights
 
 COMMON = [
     "logger=csv",
@@ -162,8 +163,9 @@ def test_homodistil_refuses_an_untrained_mlm_head_with_both_ways_out(data, tmp_p
         run(overrides)
     assert "method=mlm" in str(err.value)
     assert "method.alpha_mlm=0 method.alpha_kl=0" in str(err.value)
-    # The second way out: representation-only distillation runs.
-    metrics = run([*overrides, "method.alpha_mlm=0", "method.alpha_kl=0"])
+    # The second way out: representation-only distillation runs (in the same directory,
+    # which holds the refused run's config.yaml).
+    metrics = run([*overrides, "method.alpha_mlm=0", "method.alpha_kl=0", "overwrite=true"])
     assert metrics["student"]["params"] < metrics["teacher"]["params"]
 
 
@@ -284,6 +286,48 @@ def test_resume_mid_pruning_ends_with_the_same_masks(data, tmp_path):
     for name, value in ema_full.items():
         torch.testing.assert_close(ema_resumed[name], value)
     assert resumed["history"] == full["history"]
+
+
+def test_resume_right_after_a_mid_epoch_checkpoint_prunes_as_if_uninterrupted(data, tmp_path):
+    # 4 batches an epoch, validation (and checkpoints) after batches 2 and 4; the run is
+    # killed after step 6, in its second epoch, while the masks are shrinking. The MLM
+    # masks of the training batches are drawn from the global RNG, so the restored RNG
+    # states matter as well as the loader position.
+    overrides = [
+        *corpus_args(data),
+        "method=homodistil",
+        *HALF,
+        "trainer.max_epochs=2",
+        "trainer.val_check_interval=0.5",
+        "pruning.update_interval=1",
+        "pruning.initial_warmup=0.1",
+        "pruning.final_warmup=0.2",
+        "pruning.track_interval=1",
+        "+callbacks.record._target_=tests.helpers.RecordFinalWeights",
+    ]
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    full_metrics = run([*overrides, f"run_dir={full_dir}"])
+    interrupt = ["+callbacks.stop._target_=tests.helpers.StopAtStep", "+callbacks.stop.step=6"]
+    with pytest.raises(Interrupted):
+        run([*overrides, *interrupt, f"run_dir={cut_dir}"])
+    cut = _pruning_state(cut_dir / "checkpoints" / "last.ckpt")
+    assert 0 < cut["masks"]["ffn"].mean() < 1
+    resumed_metrics = run([*overrides, "ckpt_path=last", f"run_dir={cut_dir}"])
+
+    full = _pruning_state(full_dir / "checkpoints" / "last.ckpt")
+    resumed = _pruning_state(cut_dir / "checkpoints" / "last.ckpt")
+    for kind in ("hidden", "heads", "ffn"):
+        torch.testing.assert_close(resumed["masks"][kind], full["masks"][kind], rtol=0, atol=0)
+    for name, value in full["importance"]["sensitivity"].items():
+        torch.testing.assert_close(
+            resumed["importance"]["sensitivity"][name], value, rtol=0, atol=0
+        )
+    assert [row["step"] for row in resumed["history"]] == list(range(9))
+    assert resumed["history"] == full["history"]
+    weights = RecordFinalWeights.weights
+    for name, value in weights[str(full_dir)].items():
+        torch.testing.assert_close(weights[str(cut_dir)][name], value, rtol=0, atol=0)
+    assert resumed_metrics["student"]["val/perplexity"] == full_metrics["student"]["val/perplexity"]
 
 
 @pytest.mark.parametrize(

@@ -229,7 +229,7 @@ def test_token_types_of_pairs_are_mixed(tiny_dirs):
 
 def test_teacher_gets_no_gradients(tiny_dirs):
     module = make_module(tiny_dirs, 2, kd_alpha=0.5).train()
-    module.on_train_epoch_start()  # as Lightning does: student trains, teacher stays in eval
+    module.on_train_start()  # as Lightning does: student trains, teacher stays in eval
     losses = module.compute_losses(make_batch(tiny_dirs, MIXED_LENGTH, 2))
     losses["loss"].backward()
     assert not module.teacher.training

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from transformers import AutoModelForMaskedLM
 
 import kdlab.train
@@ -57,7 +58,16 @@ def test_no_tracking_with_track_interval_zero(data, tmp_path):  # noqa: F811
     assert "prune/kl" not in header
 
 
-def test_masks_update_once_per_optimizer_step_under_accumulation(data, tmp_path, monkeypatch):  # noqa: F811
+# A global batch of 16 on one CPU device with batch 8 derives the same accumulation of 2.
+@pytest.mark.parametrize(
+    "accumulation", ["trainer.accumulate_grad_batches=2", "task.global_batch_size=16"]
+)
+def test_masks_update_once_per_optimizer_step_under_accumulation(
+    data,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+    accumulation,
+):
     # 32 chunks / batch 8 = 4 micro-batches an epoch, accumulated by 2: 2 optimizer steps an
     # epoch, 4 in all. Importance and mask updates follow the optimizer steps.
     calls = {"accumulate": 0, "update": []}
@@ -73,7 +83,8 @@ def test_masks_update_once_per_optimizer_step_under_accumulation(data, tmp_path,
 
     monkeypatch.setattr(PruningCallback, "on_before_optimizer_step", counting_accumulate)
     monkeypatch.setattr(Pruner, "update", recording_update)
-    pruned_run(data, tmp_path, "trainer.accumulate_grad_batches=2")
+    pruned_run(data, tmp_path, accumulation)
+    assert OmegaConf.load(RunDir(tmp_path).config).trainer.accumulate_grad_batches == 2
     assert calls["accumulate"] == 4
     assert calls["update"] == [(1, 4), (2, 4), (3, 4), (4, 4)]
 

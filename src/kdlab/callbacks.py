@@ -36,3 +36,25 @@ class StepTimer(L.Callback):
             mean = self._elapsed / self._batches
             trainer.logger.log_metrics({"train/step_time_s": mean}, step=step)
         self._elapsed, self._batches, self._logged_step = 0.0, 0, step
+
+
+class RestoreLoaderPosition(L.Callback):
+    """Puts the training loader back where a mid-epoch checkpoint left it.
+
+    Lightning saves the position of a stateful training loader in every checkpoint and
+    loads it when it first sets up the training data after the restore. A method whose
+    ``configure_optimizers`` reads ``trainer.estimated_stepping_batches`` (every kdlab
+    method: the learning-rate schedule needs it) makes Lightning set that data up earlier,
+    before the restore, and the saved position is then never loaded (Lightning issue
+    #20550, open for 2.6). This callback loads it as training starts and rebuilds the
+    iterator from it; where Lightning has loaded the position itself, nothing is pending
+    and it does nothing. ``kdlab.train`` adds it to every run.
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        fit_loop = trainer.fit_loop
+        if not (fit_loop.restarting and fit_loop._combined_loader_states_to_load):
+            return
+        fit_loop._load_combined_loader_states()
+        # The iterator built before the restore started at the epoch's first batch.
+        iter(fit_loop._data_fetcher)

@@ -5,10 +5,15 @@ checkpoint, compacted to a smaller stock ``transformers`` model and saved with
 The checkpoint carries the student's class and config (``kdlab_student``), its weights
 (``student.*``) and, from a pruning run, the masks in the state of the pruning callback; a
 checkpoint of an unpruned run is exported as it is.
+
+A non-empty output directory (another model, say a fine-tuned one) is refused unless
+``--overwrite`` is given; the directory is then removed before the export, so no file of
+the model it held remains.
 """
 
 import argparse
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -55,14 +60,43 @@ def _run_tokenizer(checkpoint_path: Path) -> str | None:
     return model_cfg.get("tokenizer") or model_cfg.get("path")
 
 
+def check_output_dir(out_dir: Path, checkpoint: Path, overwrite: bool) -> bool:
+    """Whether ``out_dir`` holds something the export must remove first.
+
+    Raises:
+        ConfigError: for a non-empty ``out_dir`` without ``overwrite``, or one that holds
+            the checkpoint being exported.
+    """
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return False
+    if not overwrite:
+        raise ConfigError(
+            f"{out_dir} is not empty: pass --overwrite to replace what it holds, or choose "
+            "another output directory."
+        )
+    if checkpoint.resolve().is_relative_to(out_dir.resolve()):
+        raise ConfigError(
+            f"{out_dir} holds the checkpoint {checkpoint}: --overwrite would delete it first; "
+            "choose another output directory."
+        )
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m kdlab.compact", description=__doc__)
     parser.add_argument("checkpoint", type=Path, help="a .ckpt of a kdlab run")
     parser.add_argument("out_dir", type=Path, help="where save_pretrained writes the model")
     parser.add_argument("--tokenizer", help="tokenizer to save alongside (default: the run's)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a non-empty out_dir (removed first)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    replace = check_output_dir(args.out_dir, args.checkpoint, args.overwrite)
     model = load_student(args.checkpoint)
+    if replace:  # only once the checkpoint has loaded: a bad one leaves out_dir as it was
+        log.info("--overwrite: removing %s", args.out_dir)
+        shutil.rmtree(args.out_dir)
     model.save_pretrained(args.out_dir)
     tokenizer = args.tokenizer or _run_tokenizer(args.checkpoint)
     if tokenizer:

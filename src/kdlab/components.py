@@ -9,7 +9,7 @@ one module and one YAML file; adding a model builder is one function and one YAM
 (``???``) values, then every component against its target's signature
 (:func:`kdlab.validation.check_node`), then each target's ``check_config(cfg)`` rules across
 keys (a classmethod, or an attribute of a builder function), then the trainer's and the
-root's keys.
+root's keys, and the global batch (:mod:`kdlab.batching`).
 """
 
 from collections.abc import Callable, Iterator
@@ -20,6 +20,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
+from kdlab.batching import accumulate_grad_batches
 from kdlab.errors import ConfigError
 from kdlab.validation import NonNegativeInt, check_node, check_value, closest, missing_keys
 
@@ -51,6 +52,7 @@ class RootOptions(TypedDict):
     run_group: str | None
     job_type: str
     ckpt_path: str | None
+    overwrite: bool  # replace the run already in run_dir (kdlab.train.claim_run_dir)
     eval: EvalOptions
     pipeline: dict[str, list[str | list[str]]] | None
     stage_dirs: dict[str, str]
@@ -148,6 +150,7 @@ def _validate(cfg: DictConfig, check_files: bool) -> None:
         if check is not None:
             check(cfg)
     _check_trainer(cfg.trainer)
+    accumulate_grad_batches(cfg)  # a global batch the devices do not divide fails here
 
 
 def _check_root(cfg: DictConfig) -> None:

@@ -6,8 +6,11 @@ distil it (``teacher.path=${stage:teacher}/student``). Values an experiment's st
 live under the root ``vars`` and are referred to as ``${vars.NAME}``, so that a command line
 can change them for every stage (``vars.steps=10``). Every stage's config is
 composed and checked before the first stage starts. A stage whose ``metrics.json`` exists is
-finished and skipped; one with ``checkpoints/last.ckpt`` resumes from it. So re-running an
-interrupted pipeline continues at its first unfinished stage.
+finished and skipped; one with ``checkpoints/last.ckpt`` resumes from it; one that stopped
+before its first checkpoint (its directory holds its ``config.yaml`` and logs, nothing to
+resume from) starts again from scratch, its remains removed. So re-running an interrupted
+pipeline continues at its first unfinished stage. With ``overwrite=true`` on the command
+line every stage starts afresh, finished or not.
 
 The stages of one pipeline are one group of W&B runs (``run_group``: the pipeline's run
 directory name, after the sweep's when the pipeline is a sweep job), each typed by its stage
@@ -56,13 +59,11 @@ def run_pipeline(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> list[tup
     results, ran = [], []
     for name, stage_cfg in configs.items():
         files = RunDir(dirs[name])
-        if files.finished:
+        if files.finished and not stage_cfg.overwrite:
             log.info("Stage '%s' already finished (%s): skipping it.", name, files.metrics)
             results.append((name, json.loads(files.metrics.read_text())))
             continue
-        if files.last_checkpoint.is_file():
-            log.info("Stage '%s' resumes from its last checkpoint.", name)
-            stage_cfg.ckpt_path = "last"
+        _continue_or_restart(name, stage_cfg, files)
         log.info("Stage '%s': %s", name, " ".join(stages[name]))
         results.append((name, run(stage_cfg)))
         ran.append(name)
@@ -102,6 +103,19 @@ def _flatten(overrides: list) -> Iterator[str]:
             yield from _flatten(item)
         else:
             yield item
+
+
+def _continue_or_restart(name: str, stage_cfg: DictConfig, files: RunDir) -> None:
+    """Set how an unfinished stage uses what an earlier attempt left in its directory."""
+    if stage_cfg.overwrite or not files.run_outputs:
+        return
+    if files.last_checkpoint.is_file():
+        log.info("Stage '%s' resumes from its last checkpoint.", name)
+        stage_cfg.ckpt_path = "last"
+    else:
+        # Stopped before its first checkpoint: nothing to resume, nothing of value to keep.
+        log.info("Stage '%s' left no checkpoint: it starts again from scratch.", name)
+        stage_cfg.overwrite = True
 
 
 def stage_config(

@@ -28,9 +28,10 @@ Rows: one per task x method x model x varying config keys
     task x method x model (so keys that only follow the task, method or model, such as
     ``task.metrics`` or ``method._target_``, do not), after leaving out
 
-    * ``seed`` (the rows average over it), ``run_dir``, ``ckpt_path`` (resuming is no
-      experimental factor), ``pipeline``, the logger's filing of the run (``run_id``,
-      ``run_group``, ``job_type``) and anything under ``hydra`` or ``logger``;
+    * ``seed`` (the rows average over it), ``run_dir``, ``ckpt_path`` and ``overwrite``
+      (resuming or replacing is no experimental factor), ``pipeline``, the logger's filing
+      of the run (``run_id``, ``run_group``, ``job_type``) and anything under ``hydra`` or
+      ``logger``;
     * the run's own directory inside string values: ``<run>/checkpoints`` and
       ``<run>/teacher/student`` (a pipeline's own teacher) are the same in every run;
     * keys that follow the seed: every seed of the task x method x model has a single value
@@ -105,7 +106,7 @@ GLUE_METRICS: dict[str, tuple[str, ...]] = {
 # Config keys that never make a row: the seed is averaged over, the others name where and how
 # a run ran rather than what it ran.
 _IGNORED_KEYS = frozenset(
-    {"seed", "run_dir", "ckpt_path", "pipeline", "run_id", "run_group", "job_type"}
+    {"seed", "run_dir", "ckpt_path", "overwrite", "pipeline", "run_id", "run_group", "job_type"}
 )
 _IGNORED_PREFIXES = ("hydra.", "logger.")
 # The row's own columns.

@@ -4,6 +4,7 @@
 ``kdlab.compact`` and ``kdlab.report`` read them back, and the tests check them.
 """
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,3 +125,32 @@ class RunDir:
     def finished(self) -> bool:
         """Whether the run wrote its metrics (the last thing a run does)."""
         return self.metrics.is_file()
+
+    @property
+    def run_outputs(self) -> list[Path]:
+        """What of a run is here: its config, checkpoints, metrics or exported student.
+
+        A directory with any of them holds a run, which a new run may not silently replace
+        (``kdlab.train.claim_run_dir``); Hydra's own files do not count, since Hydra writes
+        them for every job before it starts.
+        """
+        marks = (self.config, self.checkpoints, self.metrics, self.student)
+        return [path for path in marks if path.exists()]
+
+    def clear(self) -> list[Path]:
+        """Remove everything in the directory but Hydra's record of the job about to run
+        (``.hydra/`` and the job log, which Hydra has just rewritten): the earlier run's
+        config, checkpoints (no stale ``best.ckpt`` beside a new one), metrics, student,
+        logs, evaluation outputs and pruning history.
+
+        Returns:
+            The entries removed.
+        """
+        kept = {self.hydra_dir, *self.job_logs}
+        removed = [entry for entry in sorted(self.path.iterdir()) if entry not in kept]
+        for entry in removed:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        return removed

@@ -34,6 +34,8 @@ from rich.console import Console
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kdlab import resolvers
+from kdlab.batching import accumulate_grad_batches
+from kdlab.callbacks import RestoreLoaderPosition
 from kdlab.components import build, target_of, validate
 from kdlab.data import TokenizedDataModule
 from kdlab.errors import ConfigError, NonFiniteLossError
@@ -61,6 +63,8 @@ resolvers.register()
 # only, so the checkpoint callbacks it warns about are not needed.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`")
+# torchdata's StatefulDataLoader still calls an API newer torch releases deprecate.
+warnings.filterwarnings("ignore", message=r"'set_vital' is deprecated")
 
 
 @dataclass
@@ -110,6 +114,7 @@ def assemble(cfg: DictConfig) -> Assembly:
         optim=build(cfg, "optim"),
     )
     callbacks = [build(cfg, f"callbacks.{name}") for name, c in cfg.callbacks.items() if c]
+    callbacks.append(RestoreLoaderPosition())
     if pruner is not None:
         fixed_batch = next(iter(datamodule.val_dataloader()[0]))
         callbacks.append(PruningCallback(pruner, fixed_batch, files.path))
@@ -134,9 +139,16 @@ def run(cfg: DictConfig) -> dict:
     """
     start = time.perf_counter()
     validate(cfg)
+    # Derived before config.yaml is written, so that it records what the trainer does.
+    cfg.trainer.accumulate_grad_batches = accumulate_grad_batches(cfg)
     files = RunDir(cfg.run_dir)
-    ckpt_path = _checkpoint_to_resume(cfg, files)
-    files.path.mkdir(parents=True, exist_ok=True)
+    if rank_zero_only.rank == 0:
+        ckpt_path = claim_run_dir(cfg, files)
+        files.path.mkdir(parents=True, exist_ok=True)
+    else:
+        # A DDP process that rank 0 launched once it had claimed the directory (and written
+        # config.yaml there): it only needs the checkpoint to resume from.
+        ckpt_path = _checkpoint_to_resume(cfg, files)
     cfg.run_id = _run_id(files, resuming=ckpt_path is not None)
     if rank_zero_only.rank == 0:
         OmegaConf.save(cfg, files.config, resolve=True)
@@ -263,6 +275,52 @@ def evaluate_and_export(cfg: DictConfig, parts: Assembly, files: RunDir) -> dict
         timing["device"] = str(next(exported.parameters()).device)
         metrics["inference"] = timing
     return metrics
+
+
+def claim_run_dir(cfg: DictConfig, files: RunDir) -> str | None:
+    """What this run may do with its directory; returns the checkpoint it resumes from.
+
+    A directory that already holds a run (:attr:`RunDir.run_outputs`) is never silently
+    reused. It is resumed with ``ckpt_path=last`` (or a checkpoint in its own
+    ``checkpoints/``), only while that run has not finished; or, with ``overwrite=true``,
+    its files are removed first (:meth:`RunDir.clear`). Anything else is refused.
+
+    Raises:
+        ConfigError: before anything loads, for a run that would replace another's files,
+            resume a finished run, delete the checkpoint it resumes from, or resume from a
+            checkpoint that does not exist.
+    """
+    resumes_here = cfg.ckpt_path is not None and (
+        cfg.ckpt_path == "last" or _is_within(Path(cfg.ckpt_path), files.checkpoints)
+    )
+    if cfg.overwrite and resumes_here:
+        raise ConfigError(
+            f"overwrite=true would delete the checkpoint ckpt_path={cfg.ckpt_path} resumes "
+            "from: drop overwrite=true to resume, or drop ckpt_path to start afresh."
+        )
+    found = files.run_outputs
+    if found and resumes_here and files.finished:
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path}: the run in {files.path} is finished ({files.metrics} "
+            "exists), there is nothing to resume. To train it again from scratch add "
+            "overwrite=true; to train on from its last checkpoint, write to another "
+            f"hydra.run.dir with ckpt_path={files.last_checkpoint}."
+        )
+    if found and not resumes_here:
+        if not cfg.overwrite:
+            names = ", ".join(path.name for path in found)
+            raise ConfigError(
+                f"run_dir {files.path} already holds a run ({names}). Resume it with "
+                "ckpt_path=last (if it has not finished), or replace it with overwrite=true "
+                "(its files are removed first); or set another hydra.run.dir."
+            )
+        log.info("overwrite=true: removing the earlier run in %s.", files.path)
+        files.clear()
+    return _checkpoint_to_resume(cfg, files)
+
+
+def _is_within(path: Path, directory: Path) -> bool:
+    return path.resolve().is_relative_to(directory.resolve())
 
 
 def _checkpoint_to_resume(cfg: DictConfig, files: RunDir) -> str | None:

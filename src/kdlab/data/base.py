@@ -1,5 +1,6 @@
 """What every kdlab datamodule shares: its constructor, cached ``datasets.map`` output,
-resumable training order and evaluation loaders that leave the global RNG alone."""
+a training order that resumes exactly (at an epoch boundary or mid-epoch) and loaders that
+leave the global RNG alone."""
 
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from datasets.fingerprint import Hasher
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Sampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 from typing_extensions import Unpack
 
@@ -37,8 +39,42 @@ class EpochSeededSampler(Sampler[int]):
         return self.length
 
     def __iter__(self):
+        # A generator: the permutation is drawn at the first index, not when the iterator is
+        # built. A resumed run builds its loader's iterator before Lightning calls
+        # set_epoch for the epoch it resumes in.
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.length, generator=generator).tolist())
+        yield from torch.randperm(self.length, generator=generator).tolist()
+
+
+class ResumableLoader(StatefulDataLoader):
+    """A ``StatefulDataLoader`` whose state also holds the epoch of its sampler.
+
+    Lightning saves the state of a training loader that has one (the batches yielded so far
+    in the epoch) and, on ``ckpt_path=...``, loads it and builds the resumed iterator, which
+    skips those batches, before it calls ``set_epoch`` for the epoch it resumes in. Setting
+    the saved epoch first makes the skip replay that epoch's order. The sampler is an
+    :class:`EpochSeededSampler`, or Lightning's ``DistributedSamplerWrapper`` around one
+    (which passes ``set_epoch`` on).
+    """
+
+    @property
+    def epoch_sampler(self) -> Sampler:
+        """The sampler that orders the epoch. Under DDP Lightning rebuilds the loader with
+        its distributed sampler inside the batch sampler (``sampler`` is then a placeholder).
+        """
+        return self.sampler if self.batch_sampler is None else self.batch_sampler.sampler
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), _SAMPLER_EPOCH: self.epoch_sampler.epoch}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state = dict(state_dict)
+        if _SAMPLER_EPOCH in state:
+            self.epoch_sampler.set_epoch(state.pop(_SAMPLER_EPOCH))
+        super().load_state_dict(state)
+
+
+_SAMPLER_EPOCH = "kdlab_sampler_epoch"
 
 
 def train_subset(train: datasets.Dataset, task: DictConfig) -> datasets.Dataset:
@@ -68,7 +104,10 @@ class TaskOptions(TypedDict):
     main_metric: str  # val/<main_metric> picks the best checkpoint
     main_metric_mode: Literal["max", "min"]
     max_seq_length: PositiveInt
-    batch_size: PositiveInt
+    batch_size: PositiveInt  # per device: the batch of one forward pass
+    # Examples per optimizer step over all devices; derives trainer.accumulate_grad_batches
+    # (kdlab.batching). None: accumulate_grad_batches as the trainer config sets it.
+    global_batch_size: PositiveInt | None
     eval_batch_size: PositiveInt
     num_workers: NonNegativeInt
     cache_dir: str | None  # tokenised splits, keyed by content, tokenizer and settings
@@ -131,14 +170,21 @@ class TokenizedDataModule(L.LightningDataModule):
         path.parent.mkdir(parents=True, exist_ok=True)
         return str(path)
 
-    def train_loader(self, dataset: datasets.Dataset) -> DataLoader:
-        """Training batches in an order that depends on ``(seed, epoch)`` alone."""
-        return DataLoader(
+    def train_loader(self, dataset: datasets.Dataset) -> ResumableLoader:
+        """Training batches in an order that depends on ``(seed, epoch)`` alone, from a
+        loader whose position every checkpoint holds: a run resumed from a mid-epoch
+        checkpoint skips the batches it had trained on (drawing their indices only; nothing
+        is loaded or collated for them)."""
+        return ResumableLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=EpochSeededSampler(len(dataset), self.seed),
             collate_fn=self.collator,
             num_workers=self.num_workers,
+            # Each new iterator draws a seed for its workers from this generator, not from
+            # the global stream: a resumed run creates its iterator after the checkpoint's
+            # RNG states are restored, where the uninterrupted run creates none.
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def eval_loader(

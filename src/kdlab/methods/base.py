@@ -186,10 +186,11 @@ class BaseMethod(L.LightningModule, abc.ABC):
         return frozen
 
     # ------------------------------------------------------------------------- teacher
-    def on_train_epoch_start(self) -> None:
+    def on_train_start(self) -> None:
         # `from_pretrained` returns models in eval mode and Lightning keeps sub-module modes
-        # as it finds them, so set them explicitly: student trains (dropout on), teacher
-        # never does.
+        # as it finds them (validation restores them after it), so set them explicitly:
+        # student trains (dropout on), teacher never does. At the start of training, not of
+        # each epoch: a run resumed mid-epoch gets no on_train_epoch_start for that epoch.
         self.student.train()
         if self.trainable == "head":
             self.student.base_model.eval()
