@@ -15,6 +15,7 @@ excluded), ``metrics.json``, ``student/`` (``save_pretrained`` output that stock
 
 import json
 import logging
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from kdlab.components import build, target_of, validate
 from kdlab.data import TokenizedDataModule
 from kdlab.errors import ConfigError, NonFiniteLossError
 from kdlab.evaluation import evaluate, evaluation_trainer, time_inference
+from kdlab.launch import every_rank_runs
 from kdlab.methods import BaseMethod, FineTune
 from kdlab.models.build import (
     TASK_ATTRIBUTE,
@@ -130,7 +132,7 @@ def run(cfg: DictConfig) -> dict:
     files = RunDir(cfg.run_dir)
     ckpt_path = _checkpoint_to_resume(cfg, files)
     files.path.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, files.config, resolve=True)
+    save_config(cfg, files)
     L.seed_everything(cfg.seed, workers=True)
     parts = assemble(cfg)
     trainer = parts.trainer
@@ -142,7 +144,8 @@ def run(cfg: DictConfig) -> dict:
             {**OmegaConf.to_container(cfg, resolve=True), "params": params}
         )
     try:
-        trainer.fit(parts.method, datamodule=parts.datamodule, ckpt_path=ckpt_path)
+        with every_rank_runs(files):
+            trainer.fit(parts.method, datamodule=parts.datamodule, ckpt_path=ckpt_path)
     except NonFiniteLossError:
         last = files.last_checkpoint
         kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint yet"
@@ -165,6 +168,17 @@ def run(cfg: DictConfig) -> dict:
         trainer.logger.finalize("success")
     log.info("Run finished in %.0f s: %s", metrics["wall_time_s"], files.path)
     return metrics
+
+
+def save_config(cfg: DictConfig, files: RunDir) -> None:
+    """Writes the resolved ``cfg`` to the run's ``config.yaml``.
+
+    The file is written under another name and renamed: the other DDP processes compose their
+    config from it (:mod:`kdlab.launch`) while ranks that have started write it again.
+    """
+    partial = files.config.with_name(f".{files.config.name}.{os.getpid()}")
+    OmegaConf.save(cfg, partial, resolve=True)
+    partial.replace(files.config)
 
 
 def evaluate_and_export(cfg: DictConfig, parts: Assembly, files: RunDir) -> dict:
