@@ -267,9 +267,20 @@ def _best_checkpoint(trainer: L.Trainer) -> str | None:
     return callback.best_model_path or callback.last_model_path or None
 
 
+def objective(results: list[tuple[str, dict]]) -> float | None:
+    """What a sweeper optimises: the student's ``val/<main_metric>`` of the last run (a
+    pipeline's last stage); None in the processes of ranks other than 0, which evaluate
+    nothing."""
+    last = results[-1][1]
+    if not last:
+        return None
+    value = last["student"].get(f"val/{last['main_metric']}")
+    return None if value is None else float(value)
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point; returns the main validation metric (for sweepers)."""
+    """Hydra entry point; returns :func:`objective` (for sweepers)."""
     if cfg.get("pipeline"):
         results = run_pipeline(cfg, run)
     else:
@@ -278,8 +289,7 @@ def main(cfg: DictConfig) -> float | None:
     for name, metrics in results:
         if metrics:
             console.print(summary_table(name, metrics))
-    last = results[-1][1]
-    return last.get("student", {}).get(f"val/{last.get('main_metric')}") if last else None
+    return objective(results)
 
 
 if __name__ == "__main__":
