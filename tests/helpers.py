@@ -1,5 +1,9 @@
 """Test-only callbacks and methods, referenced from configs by ``_target_``."""
 
+import json
+import os
+from pathlib import Path
+
 import lightning as L
 import torch
 
@@ -71,17 +75,32 @@ class RecordFinalWeights(L.Callback):
         }
 
 
-class FailForSeed(L.Callback):
-    """Raise as soon as training is set up when the run's seed is ``fail_seed``: one job of a
-    multirun sweep (``seed=1,2,3``) fails fast while the others finish."""
+class FailWhen(L.Callback):
+    """Raise as soon as training is set up when ``value`` is ``fail_value``: one job of a
+    multirun sweep fails fast while the others finish (``value=${seed}`` with ``seed=1,2,3``;
+    ``value=${hydra:job.num}`` for one trial of a study)."""
 
-    def __init__(self, seed: int, fail_seed: int) -> None:
-        self.seed = seed
-        self.fail_seed = fail_seed
+    def __init__(self, value: int, fail_value: int, name: str = "seed") -> None:
+        self.value = value
+        self.fail_value = fail_value
+        self.name = name
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self.seed == self.fail_seed:
-            raise RuntimeError(f"simulated failure of the seed={self.seed} job")
+        if self.value == self.fail_value:
+            raise RuntimeError(f"simulated failure of the {self.name}={self.value} job")
+
+
+class RecordRank(L.Callback):
+    """Writes ``rank<global rank>.json`` into the run directory as training starts: the
+    process id, the world size and ``seed``, i.e. which processes trained which run."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        record = {"pid": os.getpid(), "world_size": trainer.world_size, "seed": self.seed}
+        path = Path(trainer.default_root_dir) / f"rank{trainer.global_rank}.json"
+        path.write_text(json.dumps(record))
 
 
 class MatchLogits(BaseMethod):

@@ -11,3 +11,8 @@ class DataFormatError(ValueError):
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the run stops before the optimizer step."""
+
+
+class NoObjectiveError(RuntimeError):
+    """A job of a sweep whose sweeper optimises the jobs' return values (Optuna) ended without
+    a finite value to return."""

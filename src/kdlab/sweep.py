@@ -19,29 +19,46 @@ not named. By default the whole sweep is one batch, so every job does run.
   directory and the command that re-runs each, and exits with status 1 if any failed.
 
 Other sweepers (Optuna, Ax, ...) read the jobs' return values, so their failures are left to
-Hydra as they are. Single runs are unchanged apart from ``error.txt``: Hydra still prints the
-traceback and exits 1.
+them (Optuna tells a failed job's trial as failed, and stops the study once a batch of trials
+fails more often than ``hydra.sweeper.max_failure_rate``; the ``search`` presets never stop).
+In those sweeps a job that returns no finite number (a NaN metric; ``None``) is made a failed
+job, with a :class:`kdlab.errors.NoObjectiveError` saying so: Optuna would otherwise fail
+on the NaN (it cannot tell it) or fail its trial with a message that names no metric. If the
+study ends, ``on_multirun_end`` reports it as above.
+
+:class:`StudyCheck` stops an Optuna study that would optimise the main metric the wrong way
+(the plugin's default direction is ``minimize``; ``search=<method>`` takes the direction from
+``task.main_metric_mode``), or search one method's hyper-parameters while another runs
+(``method=kd search=mlm``: the command line's method wins over the preset's).
+
+Single runs are unchanged apart from ``error.txt``: Hydra still prints the traceback and
+exits 1.
 """
 
 import logging
+import math
 import shlex
 import sys
 import traceback
 from pathlib import Path
 from typing import Any
 
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from kdlab import report
+from kdlab.errors import NoObjectiveError
 from kdlab.rundir import RunDir
 
 log = logging.getLogger("kdlab.sweep")
 
 _BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+_OPTUNA_SWEEPER = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
 
 
 class SweepSummary(Callback):
@@ -65,7 +82,15 @@ class SweepSummary(Callback):
             RunDir(job_dir).error.unlink(missing_ok=True)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        """Records a failed job; in a basic sweep, logs it and lets the sweep go on."""
+        """Records a failed job; in a basic sweep, logs it and lets the sweep go on. In a sweep
+        that optimises return values, a job without a finite one is failed first."""
+        if job_return.status == JobStatus.COMPLETED and _objective_missing(config, job_return):
+            error = NoObjectiveError(
+                f"The job returned {job_return.return_value!r} where the sweeper needs a finite "
+                f"number: the student's val/{OmegaConf.select(config, 'task.main_metric')} "
+                "(see metrics.json in the job directory). The trial counts as failed."
+            )
+            job_return.status, job_return.return_value = JobStatus.FAILED, error
         if job_return.status != JobStatus.FAILED:
             return
         # The public `return_value` re-raises the exception; the attribute holds it.
@@ -121,6 +146,65 @@ class SweepSummary(Callback):
         # SystemExit passes through Hydra's callback wrapper, which turns exceptions into
         # warnings.
         sys.exit(1)
+
+
+class StudyCheck(Callback):
+    """Hydra callback: an Optuna study must optimise the runs' objective the way it improves,
+    maximising a main metric that is better higher and minimising one that is better lower
+    (``task.main_metric_mode``), and a search preset named after a method (``search=kd``)
+    must search the method that runs. It exits 1 before the first trial otherwise."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Compares ``hydra.sweeper.direction`` with the task, the search preset with the
+        method."""
+        if OmegaConf.select(config, "hydra.sweeper._target_") != _OPTUNA_SWEEPER:
+            return
+        problem = _direction_problem(config) or _search_problem(config)
+        if problem:
+            log.error(problem)
+            sys.exit(1)  # exceptions raised in Hydra callbacks become warnings
+
+
+def _direction_problem(config: DictConfig) -> str | None:
+    direction = OmegaConf.select(config, "hydra.sweeper.direction")
+    direction = getattr(direction, "name", direction)  # the plugin's default is an enum
+    mode = OmegaConf.select(config, "task.main_metric_mode")
+    expected = f"{mode}imize"
+    if direction == expected:
+        return None
+    return (
+        f"hydra.sweeper.direction={direction}, but the trials return "
+        f"val/{OmegaConf.select(config, 'task.main_metric')}, which is better "
+        f"{'higher' if mode == 'max' else 'lower'} (task.main_metric_mode={mode}): set "
+        f"hydra.sweeper.direction={expected}, or use a search preset (search=<method>, "
+        "conf/search/), which takes the direction from the task."
+    )
+
+
+def _search_problem(config: DictConfig) -> str | None:
+    choices = OmegaConf.select(config, "hydra.runtime.choices", default={})
+    search, method = choices.get("search"), choices.get("method")
+    # A preset selects its method itself; only a method on the command line can differ.
+    methods = GlobalHydra.instance().config_loader().get_group_options("method")
+    if search is None or search == method or search not in methods:
+        return None
+    return (
+        f"search={search} searches the hyper-parameters of method={search}, but method={method} "
+        f"runs: leave method={method} out, or use search={method}."
+    )
+
+
+def _objective_missing(config: DictConfig, job_return: JobReturn) -> bool:
+    """Whether a completed job of a sweep whose sweeper reads return values returned no finite
+    number. Only the process of rank 0 returns one: under SLURM every rank's task runs the
+    job (and these callbacks), and the launcher reads the first task's value."""
+    sweeper = OmegaConf.select(config, "hydra.sweeper._target_")
+    if OmegaConf.select(config, "hydra.mode") != RunMode.MULTIRUN or sweeper == _BASIC_SWEEPER:
+        return False
+    if rank_zero_only.rank != 0:
+        return False
+    value = job_return.return_value
+    return not (isinstance(value, int | float) and math.isfinite(value))
 
 
 def _job_dir(config: DictConfig) -> Path | None:

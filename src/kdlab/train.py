@@ -17,6 +17,7 @@ student's per-example outputs where the task has them (SQuAD: ``predictions.json
 
 import json
 import logging
+import os
 import secrets
 import time
 import warnings
@@ -40,6 +41,7 @@ from kdlab.components import build, target_of, validate
 from kdlab.data import TokenizedDataModule
 from kdlab.errors import ConfigError, NonFiniteLossError
 from kdlab.evaluation import evaluate, evaluation_trainer, time_inference
+from kdlab.launch import every_rank_runs
 from kdlab.loggers import logger_run
 from kdlab.methods import BaseMethod, FineTune
 from kdlab.models.build import (
@@ -151,7 +153,7 @@ def run(cfg: DictConfig) -> dict:
         ckpt_path = _checkpoint_to_resume(cfg, files)
     cfg.run_id = _run_id(files, resuming=ckpt_path is not None)
     if rank_zero_only.rank == 0:
-        OmegaConf.save(cfg, files.config, resolve=True)
+        save_config(cfg, files)
     L.seed_everything(cfg.seed, workers=True)
     parts = assemble(cfg)
     trainer = parts.trainer
@@ -181,7 +183,8 @@ def _fit_and_export(cfg: DictConfig, parts: Assembly, files: RunDir, ckpt_path: 
             {**OmegaConf.to_container(cfg, resolve=True), "params": params}
         )
     try:
-        trainer.fit(parts.method, datamodule=parts.datamodule, ckpt_path=ckpt_path)
+        with every_rank_runs(files):
+            trainer.fit(parts.method, datamodule=parts.datamodule, ckpt_path=ckpt_path)
     except NonFiniteLossError:
         last = files.last_checkpoint
         kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint yet"
@@ -216,6 +219,17 @@ def _run_id(files: RunDir, resuming: bool) -> str | None:
     run_id = secrets.token_hex(6)  # 12 characters of [0-9a-f]: W&B accepts it as a run id
     files.run_id.write_text(run_id + "\n")
     return run_id
+
+
+def save_config(cfg: DictConfig, files: RunDir) -> None:
+    """Writes the resolved ``cfg`` to the run's ``config.yaml``.
+
+    The file is written under another name and renamed: the other DDP processes compose their
+    config from it (:mod:`kdlab.launch`) while ranks that have started write it again.
+    """
+    partial = files.config.with_name(f".{files.config.name}.{os.getpid()}")
+    OmegaConf.save(cfg, partial, resolve=True)
+    partial.replace(files.config)
 
 
 def evaluate_and_export(cfg: DictConfig, parts: Assembly, files: RunDir) -> dict:
@@ -350,9 +364,20 @@ def _best_checkpoint(trainer: L.Trainer) -> str | None:
     return callback.best_model_path or callback.last_model_path or None
 
 
+def objective(results: list[tuple[str, dict]]) -> float | None:
+    """What a sweeper optimises: the student's ``val/<main_metric>`` of the last run (a
+    pipeline's last stage); None in the processes of ranks other than 0, which evaluate
+    nothing."""
+    last = results[-1][1]
+    if not last:
+        return None
+    value = last["student"].get(f"val/{last['main_metric']}")
+    return None if value is None else float(value)
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point; returns the main validation metric (for sweepers)."""
+    """Hydra entry point; returns :func:`objective` (for sweepers)."""
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN and cfg.run_group is None:
         # The jobs of a sweep are one group of W&B runs.
@@ -368,8 +393,7 @@ def main(cfg: DictConfig) -> float | None:
     summary = RunDir(cfg.run_dir).pipeline_summary
     if cfg.get("pipeline") and summary.is_file():
         console.print(pipeline_table(f"pipeline {cfg.run_dir}", json.loads(summary.read_text())))
-    last = results[-1][1]
-    return last.get("student", {}).get(f"val/{last.get('main_metric')}") if last else None
+    return objective(results)
 
 
 if __name__ == "__main__":
