@@ -65,6 +65,13 @@ class TextClassificationDataModule(TokenizedDataModule, abc.ABC):
                 f"{list(task.metrics)} (the best checkpoint is picked by val/<main_metric>)."
             )
 
+    @classmethod
+    def varying_training_inputs(cls, task: DictConfig) -> str | None:
+        """Back-translation (``task.augment``) counts as augmentation."""
+        if task.get("augment"):
+            return "augment=backtranslation augments the training set with paraphrases"
+        return None
+
     @abc.abstractmethod
     def read_splits(self) -> datasets.DatasetDict:
         """The raw labelled splits: ``train``, ``validation`` (``validation_mm``, ``test``)."""
@@ -129,8 +136,8 @@ class TextClassificationDataModule(TokenizedDataModule, abc.ABC):
             encoded.rename_column("label", "labels") if "label" in encoded.column_names else encoded
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self.train_loader(self.splits["train"])
+    def train_split(self) -> datasets.Dataset:
+        return self.splits["train"]
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self.eval_loader(self.splits[s]) for s in EVAL_PREFIXES if s in self.splits]
