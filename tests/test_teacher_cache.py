@@ -92,6 +92,9 @@ def test_squad_start_and_end_logits_round_trip(make_cfg, tmp_path):
         ],
     )
     datamodule, teacher, cache = loaded_cache(cfg)
+    other_seed = build_datamodule(cfg, seed=5)
+    other_seed.setup("fit")
+    assert teacher_cache(teacher, other_seed).key == cache.key
     stored = safetensors_shapes(cache)
     assert stored == {"start_logits": [cache.rows, 64], "end_logits": [cache.rows, 64]}
     widths = set()
@@ -193,6 +196,10 @@ def test_the_key_follows_teacher_weights_data_tokenizer_and_max_seq_length(
     again = teacher_cache(teacher_again, datamodule_again)
     assert again.key == base.key
     assert again.load_or_build(teacher_again) == 0 and again.status == "reused"
+    # Another training seed and batch size read the same outputs: a seed sweep shares them.
+    other_seed = build_datamodule(make_cfg(extra=["seed=7", "task.batch_size=4"]), seed=7)
+    other_seed.setup("fit")
+    assert teacher_cache(teacher, other_seed).key == base.key
 
     subset = prepared(make_cfg(extra=["task.max_train_samples=20"]))[0]
     assert changed(teacher_cache(teacher, subset)) == {"data_fingerprint"}

@@ -119,10 +119,13 @@ class TextClassificationDataModule(TokenizedDataModule, abc.ABC):
     def _tokenize(self, name: str, split: datasets.Dataset) -> datasets.Dataset:
         pair = "text_b" in split.column_names
         max_len = int(self.task.max_seq_length)
+        # The output's fingerprint hashes what `encode` captures: the tokenizer and settings,
+        # not the datamodule, whose seed would make each training seed another dataset.
+        tokenizer = self.tokenizer
 
         def encode(batch):
             texts = (batch["text_a"], batch["text_b"]) if pair else (batch["text_a"],)
-            return self.tokenizer(*texts, truncation=True, max_length=max_len)
+            return tokenizer(*texts, truncation=True, max_length=max_len)
 
         encoded = split.map(
             encode,
