@@ -42,6 +42,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +62,7 @@ from transformers import (
 
 from kdlab.components import build, validate
 from kdlab.models import load_tokenizer
+from kdlab.models.build import MODEL_INPUTS
 from kdlab.train import CONF_DIR, Assembly, assemble
 
 # The checkout sits next to shared/, as on the development machines and in CI.
@@ -140,6 +142,9 @@ def compose_config(
     # What the benchmark itself fixes, after the user's overrides: its data and the shape of
     # the run (one epoch of `steps` batches, no validation, nothing printed per step).
     benchmark = [
+        # The live teacher on every batch, as the bare side runs it (teacher_cache.py
+        # measures the cached step).
+        "method.cache_teacher=false",
         f"task.data_dir={data_dir}",
         f"task.max_train_samples={steps * args.batch_size}",  # tokenise only what is used
         "trainer.max_epochs=1",
@@ -218,12 +223,21 @@ class BareKD:
         self.optimizer = optimization["optimizer"]
         self.scheduler = optimization["lr_scheduler"]["scheduler"]
 
-    def step(self, batch: dict[str, Tensor]) -> tuple[float, float]:
-        """One training step; returns (forward+backward seconds, optimizer seconds)."""
+    def step(
+        self, batch: dict[str, Tensor], teacher_logits: Tensor | None = None
+    ) -> tuple[float, float]:
+        """One training step; returns (forward+backward seconds, optimizer seconds).
+
+        Args:
+            batch: model inputs and labels.
+            teacher_logits: the teacher's outputs, computed before the timed window (a
+                student-only step); None runs the teacher inside it.
+        """
         start = time.perf_counter()
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        with torch.no_grad():
-            teacher_logits = self.teacher(**inputs).logits
+        inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+        if teacher_logits is None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(**inputs).logits
         student_logits = self.student(**inputs).logits
         loss = inline_kd_loss(
             student_logits, teacher_logits, batch["labels"], self.alpha, self.temperature
@@ -253,10 +267,17 @@ class InterleavedTimer(L.Callback):
 
     The bare step of an even batch runs just before kdlab's step on it, that of an odd
     batch just after (at the next batch start); both lie outside kdlab's timed window.
+
+    Args:
+        bare_step: the bare step of a batch, returning (forward+backward, optimizer) seconds.
+        epoch: the epoch (from 0) whose steps are timed; the others run untimed.
     """
 
-    def __init__(self, bare: BareKD) -> None:
-        self.bare = bare
+    def __init__(
+        self, bare_step: Callable[[dict[str, Tensor]], tuple[float, float]], epoch: int = 0
+    ) -> None:
+        self.bare_step = bare_step
+        self.epoch = epoch
         self.timings = Timings()
         self.student_training: bool | None = None
         self.teacher_training: bool | None = None
@@ -264,11 +285,13 @@ class InterleavedTimer(L.Callback):
         self._previous: dict[str, Tensor] | None = None
 
     def _bare(self, batch: dict[str, Tensor], index: int) -> None:
-        fwd_bwd, opt = self.bare.step(batch)
+        fwd_bwd, opt = self.bare_step(batch)
         self.timings.bare_fwd_bwd[index] = fwd_bwd
         self.timings.bare_opt[index] = opt
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.current_epoch != self.epoch:
+            return
         now = time.perf_counter()
         if self._start is not None:
             self.timings.kdlab[batch_idx - 1] = now - self._start
@@ -409,7 +432,7 @@ def main(argv: list[str] | None = None) -> None:
         # A copy of the student before any step: both sides start from the same weights.
         student = copy.deepcopy(parts.student)
         bare = BareKD(parts.teacher, student, cfg, total_steps=len(batches))
-        timer = InterleavedTimer(bare)
+        timer = InterleavedTimer(bare.step)
         run_kdlab(parts, batches, timer)
     if args.csv is not None:
         write_csv(args.csv, timer.timings, batches)
