@@ -400,3 +400,13 @@ def test_mixkd_runs_its_teacher_live_and_counts_its_passes(make_cfg):
     metrics = kdlab.train.run(make_cfg(method="mixkd"))
     # One mixed-input teacher pass per batch: one pass over the training set per epoch.
     assert metrics["teacher_cache"] is None and metrics["teacher_passes"] == 1.0
+
+
+def test_outputs_beyond_float16_are_refused_naming_the_key(make_cfg):
+    datamodule, teacher = prepared(make_cfg())
+    with torch.no_grad():
+        teacher.classifier.bias.fill_(1e6)
+    cache = teacher_cache(teacher, datamodule)
+    with pytest.raises(ConfigError, match="reach 1e\\+06, beyond float16's range.*cache_teacher"):
+        cache.load_or_build(teacher)
+    assert not cache.directory.exists()

@@ -230,18 +230,17 @@ class TeacherCache:
             batch = {k: v.to(device) for k, v in batch.items()}
             outputs = forward(teacher, batch, self.head)
             for name in self.names:
-                parts[name].append(outputs[name].float().cpu())
+                stored = outputs[name].to(torch.float16)
+                if not torch.isfinite(stored).all():
+                    raise ConfigError(
+                        f"The teacher's {name} reach {outputs[name].abs().max().item():.3g}, "
+                        "beyond float16's range, so they cannot be cached: set "
+                        "method.cache_teacher=false."
+                    )
+                parts[name].append(stored.cpu())
             self.teacher_batches += 1
             self.teacher_examples += batch["input_ids"].size(0)
-        tables = {name: torch.cat(chunks).to(torch.float16) for name, chunks in parts.items()}
-        for name, table in tables.items():
-            if not torch.isfinite(table).all():
-                largest = torch.cat(parts[name]).abs().max().item()
-                raise ConfigError(
-                    f"The teacher's {name} reach {largest:.3g}, beyond float16's range, so "
-                    "they cannot be cached: set method.cache_teacher=false."
-                )
-        return tables
+        return {name: torch.cat(chunks) for name, chunks in parts.items()}
 
     def _write(self, outputs: dict[str, Tensor], seconds: float) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
