@@ -181,6 +181,7 @@ class TeacherCache:
 
     @property
     def lock_path(self) -> Path:
+        """The file whose ``flock`` serialises the processes that check, build or load."""
         return self.directory.with_name(f"{self.key}.lock")
 
     # ------------------------------------------------------------------ load or build
