@@ -182,14 +182,18 @@ class InterleavedTimer(L.Callback):
     Args:
         clock: the marks' clock.
         side: the side step, or None to time the steps alone.
+        epoch: time only this epoch's steps (from 0); None: every epoch's.
 
     Attributes:
         student_training, teacher_training: the modules' modes at the first batch.
     """
 
-    def __init__(self, clock: Clock, side: SideStep | None = None) -> None:
+    def __init__(
+        self, clock: Clock, side: SideStep | None = None, epoch: int | None = None
+    ) -> None:
         self.clock = clock
         self.side = side
+        self.epoch = epoch
         self._marks: dict[str, dict[int, Marks]] = {"step": {}}
         self.student_training: bool | None = None
         self.teacher_training: bool | None = None
@@ -208,6 +212,8 @@ class InterleavedTimer(L.Callback):
         """Called as step ``index``'s window closes, before any side step."""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if self.epoch is not None and trainer.current_epoch != self.epoch:
+            return
         now = self.clock.mark()
         if self._start is not None:
             self._marks["step"][batch_idx - 1] = (self._start, now)

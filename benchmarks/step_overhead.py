@@ -61,6 +61,7 @@ from benchmarks.common import (
 )
 from kdlab.components import build, validate
 from kdlab.models import load_tokenizer
+from kdlab.models.build import MODEL_INPUTS
 from kdlab.train import CONF_DIR, Assembly, assemble
 
 # The checkout sits next to shared/, as on the development machines and in CI.
@@ -125,6 +126,9 @@ def compose_config(
     # What the benchmark itself fixes, after the user's overrides: its data and the shape of
     # the run (one epoch of `steps` batches, no validation, nothing printed per step).
     benchmark = [
+        # The live teacher on every batch, as the bare side runs it (teacher_cache.py
+        # measures the cached step).
+        "method.cache_teacher=false",
         f"task.data_dir={data_dir}",
         f"task.max_train_samples={steps * args.batch_size}",  # tokenise only what is used
         "trainer.max_epochs=1",
@@ -179,13 +183,22 @@ class BareKD:
         self.optimizer = optimization["optimizer"]
         self.scheduler = optimization["lr_scheduler"]["scheduler"]
 
-    def step(self, batch: dict[str, Tensor]) -> dict[str, Marks]:
+    def step(
+        self, batch: dict[str, Tensor], teacher_logits: Tensor | None = None
+    ) -> dict[str, Marks]:
         """One training step; returns the clock marks of its forward+backward and optimizer
-        parts (``bare_fwd_bwd``, ``bare_opt``)."""
+        parts (``bare_fwd_bwd``, ``bare_opt``).
+
+        Args:
+            batch: model inputs and labels.
+            teacher_logits: the teacher's outputs, computed before the timed window (a
+                student-only step); None runs the teacher inside it.
+        """
         start = self.clock.mark()
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        with torch.no_grad():
-            teacher_logits = self.teacher(**inputs).logits
+        inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+        if teacher_logits is None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(**inputs).logits
         student_logits = self.student(**inputs).logits
         loss = inline_kd_loss(
             student_logits, teacher_logits, batch["labels"], self.alpha, self.temperature

@@ -3,6 +3,7 @@ command the experiments run composes and passes the config check, and the KD ste
 benchmark runs end to end at smoke scale (its offline fallback: tiny teacher, random batches)."""
 
 import importlib.util
+import json
 
 import pytest
 from omegaconf import DictConfig
@@ -88,3 +89,29 @@ def test_step_overhead_benchmark_runs_offline(tmp_path, monkeypatch, capsys):
     rows = steps_csv.read_text().splitlines()
     # 5 batches (1 + 3 + 1): the last only closes the window of the one before it.
     assert [r.split(",")[:2] for r in rows[1:]] == [[str(k), "12"] for k in range(4)]
+
+
+def test_teacher_cache_benchmark_runs_offline(tmp_path, monkeypatch, capsys):
+    bench = load_script("benchmarks/teacher_cache.py")
+    monkeypatch.setattr(bench.overhead, "has_minilm", lambda: False)
+    figures = tmp_path / "figures.json"
+    bench.main(
+        [
+            *("--batch-size", "2", "--seq-len", "12", "--steps", "3", "--warmup", "1"),
+            *("--sweep-examples", "6", "--seeds", "1,2", "--threads", "1"),
+            *("--data-dir", str(tmp_path / "no-glue"), "--json", str(figures)),
+            *("--student", "bert_L2_H128", "--override", "model.num_layers=1"),
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert "FALLBACK: random token sentences" in printed
+    assert "N = 3 paired steps" in printed
+    report = json.loads(figures.read_text())
+    step = report["step"]
+    # 5 batches of 2, cached once; the two epochs run no teacher.
+    assert step["cache"]["status"] == "built" and step["teacher_examples_in_fit"] == 10
+    assert step["modes"] == {"student": True, "teacher": False}
+    cached, live = report["sweep"]["cached"], report["sweep"]["live"]
+    assert [(j["cache"], j["passes"]) for j in cached] == [("built", 1.0), ("reused", 0.0)]
+    assert [(j["cache"], j["passes"]) for j in live] == [(None, 2.0), (None, 2.0)]
+    assert "teacher passes over the transfer set, all jobs: 1.00" in printed

@@ -40,6 +40,7 @@ from kdlab.batching import accumulate_grad_batches
 from kdlab.callbacks import RestoreLoaderPosition
 from kdlab.components import build, target_of, validate
 from kdlab.data import TokenizedDataModule
+from kdlab.data.teacher_cache import TeacherCache, teacher_cache
 from kdlab.errors import ConfigError, NonFiniteLossError
 from kdlab.evaluation import evaluate, evaluation_trainer, time_inference
 from kdlab.launch import every_rank_runs
@@ -116,6 +117,7 @@ def assemble(cfg: DictConfig) -> Assembly:
         evaluators=datamodule.evaluators(),
         optim=build(cfg, "optim"),
     )
+    method.teacher_cache = _teacher_cache(cfg, method, datamodule)
     extra = []
     if pruner is not None:
         fixed_batch = next(iter(datamodule.val_dataloader()[0]))
@@ -139,6 +141,21 @@ def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -
         callbacks=[*callbacks, *extra_callbacks],
         default_root_dir=str(RunDir(cfg.run_dir).path),
     )
+
+
+def _teacher_cache(
+    cfg: DictConfig, method: BaseMethod, datamodule: TokenizedDataModule
+) -> TeacherCache | None:
+    """The teacher-output cache of the training split, where ``method.cache_teacher``
+    allows it and the run config makes it valid (else None, saying why in auto mode; an
+    explicit ``true`` that is not valid was refused by the config check)."""
+    if method.teacher is None or method.cache_teacher is False:
+        return None
+    refusal = type(method).teacher_cache_refusal(cfg)
+    if refusal is not None:
+        log.info("Teacher outputs are not cached: %s.", refusal)
+        return None
+    return teacher_cache(method.teacher, datamodule)
 
 
 def _tokenizer_key(model_cfg: DictConfig) -> str:
@@ -280,6 +297,11 @@ def evaluate_and_export(cfg: DictConfig, parts: Assembly, files: RunDir) -> dict
     }
     if teacher is None:
         return metrics
+    # Teacher compute during training, in passes over the training set (0 with a reused
+    # cache, 1 with one built, one per epoch without).
+    metrics["teacher_passes"] = parts.method.teacher_passes
+    cache = parts.method.teacher_cache
+    metrics["teacher_cache"] = None if cache is None else cache.summary()
     teacher_module = FineTune(
         name="teacher",
         student=teacher,

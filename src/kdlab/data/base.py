@@ -2,6 +2,7 @@
 a training order that resumes exactly (at an epoch boundary or mid-epoch) and loaders that
 leave the global RNG alone."""
 
+import abc
 from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar, Literal, TypedDict
@@ -17,6 +18,11 @@ from transformers import PreTrainedTokenizerBase
 from typing_extensions import Unpack
 
 from kdlab.validation import NonNegativeInt, PositiveInt
+
+# Batch key of each training example's row in ``train_split()`` (``[B]`` int64), present once
+# ``index_training_rows`` is called: outputs computed once per row (the teacher-output
+# cache) are looked up by it, whatever order the sampler draws.
+ROW_INDEX = "row_index"
 
 
 class EpochSeededSampler(Sampler[int]):
@@ -115,7 +121,7 @@ class TaskOptions(TypedDict):
     subset_seed: int  # the training subset (and held-out split) depend on it alone
 
 
-class TokenizedDataModule(L.LightningDataModule):
+class TokenizedDataModule(L.LightningDataModule, abc.ABC):
     """Base of the datamodules: a task's options and the tokenizer teacher and student share.
 
     A datamodule is built from the ``task`` config by ``hydra.utils.instantiate``; its
@@ -145,10 +151,30 @@ class TokenizedDataModule(L.LightningDataModule):
         self.seed = seed
         cache_dir = task.get("cache_dir")
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        self.rows_indexed = False
 
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
         """Cross-key rules of the task config that its types cannot state (none here)."""
+
+    @classmethod
+    def varying_training_inputs(cls, task: DictConfig) -> str | None:
+        """Why the training inputs of this task config are not one fixed set seen the same way
+        every epoch (random masking, augmentation), or None when they are.
+
+        Outputs computed once on the training set (the teacher-output cache) are valid only
+        for a fixed set.
+        """
+        return None
+
+    @abc.abstractmethod
+    def train_split(self) -> datasets.Dataset:
+        """The training examples, with the columns a training batch carries, in dataset order."""
+
+    def index_training_rows(self) -> None:
+        """From now on, training batches carry each example's row in :meth:`train_split`
+        (``ROW_INDEX``)."""
+        self.rows_indexed = True
 
     @property
     def labels(self) -> list[str] | None:
@@ -170,11 +196,15 @@ class TokenizedDataModule(L.LightningDataModule):
         path.parent.mkdir(parents=True, exist_ok=True)
         return str(path)
 
-    def train_loader(self, dataset: datasets.Dataset) -> ResumableLoader:
+    def train_dataloader(self) -> ResumableLoader:
         """Training batches in an order that depends on ``(seed, epoch)`` alone, from a
         loader whose position every checkpoint holds: a run resumed from a mid-epoch
         checkpoint skips the batches it had trained on (drawing their indices only; nothing
-        is loaded or collated for them)."""
+        is loaded or collated for them). With a teacher-output cache the rows carry their
+        index in the split."""
+        dataset = self.train_split()
+        if self.rows_indexed:
+            dataset = dataset.add_column(ROW_INDEX, list(range(len(dataset))))
         return ResumableLoader(
             dataset,
             batch_size=self.batch_size,

@@ -65,6 +65,13 @@ class TextClassificationDataModule(TokenizedDataModule, abc.ABC):
                 f"{list(task.metrics)} (the best checkpoint is picked by val/<main_metric>)."
             )
 
+    @classmethod
+    def varying_training_inputs(cls, task: DictConfig) -> str | None:
+        """Back-translation (``task.augment``) counts as augmentation."""
+        if task.get("augment"):
+            return "augment=backtranslation augments the training set with paraphrases"
+        return None
+
     @abc.abstractmethod
     def read_splits(self) -> datasets.DatasetDict:
         """The raw labelled splits: ``train``, ``validation`` (``validation_mm``, ``test``)."""
@@ -112,10 +119,13 @@ class TextClassificationDataModule(TokenizedDataModule, abc.ABC):
     def _tokenize(self, name: str, split: datasets.Dataset) -> datasets.Dataset:
         pair = "text_b" in split.column_names
         max_len = int(self.task.max_seq_length)
+        # The output's fingerprint hashes what `encode` captures: the tokenizer and settings,
+        # not the datamodule, whose seed would make each training seed another dataset.
+        tokenizer = self.tokenizer
 
         def encode(batch):
             texts = (batch["text_a"], batch["text_b"]) if pair else (batch["text_a"],)
-            return self.tokenizer(*texts, truncation=True, max_length=max_len)
+            return tokenizer(*texts, truncation=True, max_length=max_len)
 
         encoded = split.map(
             encode,
@@ -129,8 +139,8 @@ class TextClassificationDataModule(TokenizedDataModule, abc.ABC):
             encoded.rename_column("label", "labels") if "label" in encoded.column_names else encoded
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self.train_loader(self.splits["train"])
+    def train_split(self) -> datasets.Dataset:
+        return self.splits["train"]
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self.eval_loader(self.splits[s]) for s in EVAL_PREFIXES if s in self.splits]

@@ -232,8 +232,15 @@ class CorpusDataModule(TokenizedDataModule):
             }
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self.train_loader(self.splits["train"])
+    @classmethod
+    def varying_training_inputs(cls, task: DictConfig) -> str | None:
+        """Training chunks are masked anew, at random, in every batch."""
+        return (
+            f"task={task.name} is masked-LM: its training batches are masked at random each epoch"
+        )
+
+    def train_split(self) -> datasets.Dataset:
+        return self.splits["train"]
 
     def val_dataloader(self) -> list[DataLoader]:
         # Validation is masked once (fixed positions), so batches only need stacking.

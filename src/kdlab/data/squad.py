@@ -352,8 +352,8 @@ class SquadDataModule(TokenizedDataModule):
             )
         }
 
-    def train_dataloader(self) -> DataLoader:
-        return self.train_loader(self._batches("train"))
+    def train_split(self) -> datasets.Dataset:
+        return self._batches("train")
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self.eval_loader(self._batches("validation"))]

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
+from kdlab.data.teacher_cache import TeacherCache
 from kdlab.errors import ConfigError, NonFiniteLossError
 from kdlab.losses import task_loss
 from kdlab.metrics import Evaluator
@@ -50,6 +51,10 @@ class BaseMethod(L.LightningModule, abc.ABC):
             frozen encoder kept in eval mode (a linear probe, or giving a pre-trained
             encoder a trained MLM head before it teaches). Parameters tied to the encoder
             (BERT's MLM decoder is the word-embedding matrix) stay frozen with it.
+        cache_teacher: the teacher-output cache (:mod:`kdlab.data.teacher_cache`): ``None``
+            uses it wherever it is valid, ``True`` requires it (the config check refuses a
+            run where it is not valid), ``False`` runs the teacher on every batch. The run
+            attaches the cache (``teacher_cache``) when this allows it.
     """
 
     requires_teacher: ClassVar[bool] = True
@@ -67,6 +72,10 @@ class BaseMethod(L.LightningModule, abc.ABC):
     # Appended to the error on a teacher without a trained task head: a method-specific way
     # out (e.g. switching off the terms that need the head).
     teacher_head_hint: ClassVar[str] = ""
+    # Why the teacher's outputs cannot be computed once and reused (method.cache_teacher):
+    # the method runs the teacher on inputs made anew each step, or reads more than its
+    # output logits. None where they can.
+    uncacheable_teacher: ClassVar[str | None] = None
 
     @classmethod
     def needs_teacher_head(cls, method_cfg: DictConfig) -> bool:
@@ -87,12 +96,32 @@ class BaseMethod(L.LightningModule, abc.ABC):
                 "set unlabelled inputs: use method=pd there, or drop the transfer set "
                 "(leave transfer= unset)."
             )
+        if cfg.method.get("cache_teacher") and (why := cls.teacher_cache_refusal(cfg)):
+            raise ConfigError(
+                f"method.cache_teacher=true, but {why}, so the teacher's outputs cannot be "
+                "computed once and reused: set method.cache_teacher=false (or leave it null, "
+                "which caches wherever it is valid)."
+            )
         if cls.requires_pruning and cfg.get("pruning") is None:
             raise ConfigError(
                 f"method={cfg.method.name} prunes while it trains: set pruning=homotopic (or "
                 "pruning=oneshot) and a pruned student (model=minilm_half, model=pruned, or "
                 "model=tiny|xsmall|small|base for a BERT-base teacher)."
             )
+
+    @classmethod
+    def teacher_cache_refusal(cls, cfg: DictConfig) -> str | None:
+        """Why the teacher-output cache is not valid for this run config, or None if it is."""
+        if not cls.requires_teacher:
+            return f"method={cfg.method.name} has no teacher"
+        if cls.uncacheable_teacher:
+            return cls.uncacheable_teacher
+        varying = get_class(cfg.task._target_).varying_training_inputs(cfg.task)
+        if varying:
+            return varying
+        if not cfg.task.get("cache_dir"):
+            return "task.cache_dir is null (the cache is stored beside the dataset cache)"
+        return None
 
     def __init__(
         self,
@@ -104,6 +133,7 @@ class BaseMethod(L.LightningModule, abc.ABC):
         evaluators: Mapping[str, Evaluator],
         optim: Optim,
         trainable: Literal["all", "head"] = "all",
+        cache_teacher: bool | None = None,
     ) -> None:
         super().__init__()
         self.check_head(head)
@@ -117,6 +147,13 @@ class BaseMethod(L.LightningModule, abc.ABC):
         self.teacher = teacher
         if teacher is not None:
             teacher.eval().requires_grad_(False)
+        self.cache_teacher = cache_teacher
+        self.teacher_cache: TeacherCache | None = None
+        # Examples the teacher has run on during fitting (kept in checkpoints), and that
+        # count in passes over the training set, all ranks together (each epoch's end).
+        self.teacher_examples = 0
+        self.teacher_passes: float | None = None
+        self._teacher_counter = None
         self.optim = optim
         self.head = head
         self.head_targets = HEAD_TARGETS[head]
@@ -199,8 +236,57 @@ class BaseMethod(L.LightningModule, abc.ABC):
 
     @torch.no_grad()
     def teacher_outputs(self, batch: dict[str, Tensor], **options):
-        """The teacher's outputs on the same batch as the student, without gradients."""
+        """The teacher's outputs on the same batch as the student, without gradients: from
+        the teacher-output cache where one is loaded and the batch carries its rows (and no
+        extra outputs are asked for), else from the teacher."""
+        cache = self.teacher_cache
+        if cache is not None and not options and cache.covers(batch):
+            return cache.lookup(batch, self.teacher_output_dtype())
         return self.forward_model(self.teacher, batch, **options)
+
+    def teacher_output_dtype(self) -> torch.dtype:
+        """The dtype the teacher's outputs have here: the autocast dtype under mixed
+        precision, else its weights' dtype."""
+        device = self.device.type
+        if torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)
+        return self.teacher.dtype
+
+    def on_fit_start(self) -> None:
+        # The teacher is on its device now: build (or load) the cache here, not at assembly.
+        if self.teacher is None:
+            return
+        self._teacher_counter = self.teacher.base_model.register_forward_pre_hook(
+            self._count_teacher_examples, with_kwargs=True
+        )
+        if self.teacher_cache is not None:
+            self.teacher_cache.load_or_build(self.teacher)
+
+    def on_fit_end(self) -> None:
+        if self._teacher_counter is not None:
+            self._teacher_counter.remove()
+            self._teacher_counter = None
+
+    def _count_teacher_examples(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # Every teacher forward (kd's, mixkd's mixed inputs, homodistil's encoder, a cache
+        # build, pruning's tracking) goes through its encoder.
+        inputs = kwargs.get("input_ids")
+        if inputs is None:
+            inputs = kwargs.get("inputs_embeds")
+        if inputs is None:
+            inputs = args[0]
+        self.teacher_examples += inputs.size(0)
+
+    def on_train_epoch_end(self) -> None:
+        if self.teacher is None:
+            return
+        # The training split's size: passes over it read the same for any dataset size.
+        rows = len(self.trainer.train_dataloader.dataset)
+        examples = torch.tensor(float(self.teacher_examples), device=self.device)
+        total = self.trainer.strategy.reduce(examples, reduce_op="sum")
+        self.teacher_passes = float(total) / rows
+        # The same value on every rank already; sync_dist only keeps Lightning from warning.
+        self.log("train/teacher_passes", self.teacher_passes, sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The teacher is fixed and reloaded from teacher.path; keeping it out of checkpoints
@@ -210,6 +296,7 @@ class BaseMethod(L.LightningModule, abc.ABC):
         for key in [k for k in state if k.startswith(TEACHER_PREFIX)]:
             del state[key]
         checkpoint["kdlab_rng_states"] = collect_rng_states()
+        checkpoint["kdlab_teacher_examples"] = self.teacher_examples
         checkpoint["kdlab_student"] = {
             "architecture": type(self.student).__name__,
             "config": self.student.config.to_dict(),
@@ -224,6 +311,8 @@ class BaseMethod(L.LightningModule, abc.ABC):
         resuming = self._trainer is not None and self.trainer.state.fn == "fit"
         if resuming and "kdlab_rng_states" in checkpoint:
             restore_rng_states(checkpoint["kdlab_rng_states"])
+        if resuming:
+            self.teacher_examples = checkpoint.get("kdlab_teacher_examples", 0)
 
     # ------------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

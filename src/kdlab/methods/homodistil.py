@@ -139,6 +139,10 @@ class HomoDistil(BaseMethod):
     """
 
     requires_pruning = True
+    uncacheable_teacher = (
+        "method=homodistil reads the teacher's hidden states and attention maps on batches "
+        "masked at random each epoch"
+    )
     teacher_head_hint: ClassVar[str] = (
         "or distil representations only, without the MLM head: method.alpha_mlm=0 method.alpha_kl=0"
     )

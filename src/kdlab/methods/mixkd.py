@@ -53,6 +53,7 @@ class MixKD(BaseMethod):
     """
 
     supported_heads = frozenset({"sequence_classification"})
+    uncacheable_teacher = "method=mixkd runs the teacher on mixed inputs drawn anew at each step"
     unsupported_head_hint = (
         "mixing the start/end positions of two unrelated contexts names no span, so MixKD "
         "is not defined for span tasks; use method=kd there"
