@@ -224,7 +224,8 @@ def check_value(value: Any, annotation: Any, *, check_files: bool = True) -> str
     if origin is Literal:
         if value in args:
             return None
-        return f"must be one of {list(args)}{_hint(str(value), [str(a) for a in args])}"
+        match = closest(str(value), [str(a) for a in args])
+        return f"must be one of {list(args)}" + (f": did you mean `{match}`?" if match else "")
     if annotation is type(None):
         return None if value is None else "must be null"
     if annotation is float:

@@ -384,8 +384,8 @@ def teacher_copy(
 OFFLINE_HOMODISTIL = (
     "The presets model=tiny|xsmall|small|base are HomoBERT's shapes for a BERT-base teacher "
     "(teacher=bert_base, from the hub). Offline, distil the bundled MiniLM: first train its "
-    "MLM head, `python -m kdlab.train method=mlm model=minilm task=corpus/local "
-    "task.files=[<text files>]`, then `python -m kdlab.train method=homodistil "
+    "MLM head, `python -m kdlab.train method=mlm method.trainable=head model=minilm "
+    "task=corpus/local task.files=[<text files>]`, then `python -m kdlab.train method=homodistil "
     "model=minilm_half teacher=local teacher.path=<that run>/student task=corpus/local "
     "task.files=[<text files>]` (or model=pruned with model.target.* for another shape of "
     "MiniLM's heads of 32)."
@@ -501,8 +501,9 @@ def _train_head_first(head: str, path: str, task: str) -> str:
     """How to give a teacher a trained head: a command that trains *that* model."""
     if head == "masked_lm":
         return (
-            "Train its MLM head first, e.g. `python -m kdlab.train method=mlm model=pretrained "
-            f"model.path={path} task=corpus/local task.files=[<text files>]`, and set "
+            "Train its MLM head first, e.g. `python -m kdlab.train method=mlm method.trainable=head "
+            f"model=pretrained model.path={path} task=corpus/local task.files=[<text files>]`, "
+            "and set "
             "teacher.path=<that run>/student"
         )
     return (
