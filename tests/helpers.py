@@ -6,9 +6,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from transformers import default_data_collator
 
+from kdlab.data import CorpusDataModule
 from kdlab.losses import matching_loss
-from kdlab.methods import BaseMethod, FineTune
+from kdlab.methods import BaseMethod, FineTune, MixKD
 
 
 class Interrupted(RuntimeError):
@@ -112,3 +114,68 @@ class MatchLogits(BaseMethod):
         student = self.logits(self.forward_model(self.student, batch))
         teacher = self.logits(self.teacher_outputs(batch))
         return {"loss": matching_loss(student, teacher)}
+
+
+class NoDropout(L.Callback):
+    """Puts the student in eval mode before every training batch: without dropout a step
+    depends on its batch and weights alone, so runs on different numbers of devices can be
+    compared step by step."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        pl_module.student.eval()
+
+
+class RecordSteps(L.Callback):
+    """Writes ``steps_rank<global rank>.pt`` into the run directory as training ends: the
+    student's gradients as the optimizer receives them (complete: accumulated and, under
+    DDP, all-reduced) at each of the first ``steps`` optimizer steps, and its final weights."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+        self.grads: list[dict[str, torch.Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if len(self.grads) < self.steps:
+            self.grads.append(
+                {
+                    name: p.grad.detach().clone()
+                    for name, p in pl_module.student.named_parameters()
+                    if p.grad is not None
+                }
+            )
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        weights = {k: v.detach().clone() for k, v in pl_module.student.state_dict().items()}
+        path = Path(trainer.default_root_dir) / f"steps_rank{trainer.global_rank}.pt"
+        torch.save({"grads": self.grads, "weights": weights}, path)
+
+
+class PairedMixKD(MixKD):
+    """MixKD with fixed partners and weights instead of random ones: example ``i`` of a
+    batch is mixed with example ``i XOR partner_stride`` with ``λ = mix_weight``.
+
+    Under DDP each of W processes holds every W-th example of the batch one device with W
+    times the batch would hold (``kdlab.data.base.EpochSeededSampler``), so stride 1 on each
+    of 2 processes pairs the same examples as stride 2 on one device.
+    """
+
+    def __init__(self, *, partner_stride: int = 1, mix_weight: float = 0.3, **mixkd) -> None:
+        super().__init__(**mixkd)
+        self.partner_stride = partner_stride
+        self.mix_weight = mix_weight
+
+    def sample_mixing(self, batch_size: int, device: torch.device):
+        perm = torch.arange(batch_size, device=device) ^ self.partner_stride
+        return perm, torch.full((batch_size,), self.mix_weight, device=device)
+
+
+class FixedMaskCorpus(CorpusDataModule):
+    """A corpus task whose training chunks are masked once, as its validation chunks are:
+    every epoch and every device count then trains on the same masked inputs."""
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is not None:
+            return
+        super().setup(stage)
+        self.splits["train"] = self._mask_once(self.splits["train"])
+        self.collator = default_data_collator

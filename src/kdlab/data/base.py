@@ -11,8 +11,9 @@ import datasets
 import lightning as L
 import torch
 from datasets.fingerprint import Hasher
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 from typing_extensions import Unpack
@@ -25,31 +26,31 @@ from kdlab.validation import NonNegativeInt, PositiveInt
 ROW_INDEX = "row_index"
 
 
-class EpochSeededSampler(Sampler[int]):
-    """A random permutation drawn from ``(seed, epoch)`` alone.
+class EpochSeededSampler(DistributedSampler):
+    """This process's share of a random permutation drawn from ``(seed, epoch)`` alone.
 
     Lightning calls ``set_epoch`` before each epoch, so a run resumed from a checkpoint sees
     the same order as an uninterrupted one (a plain ``RandomSampler`` draws from the global
     generator, whose state a checkpoint does not restore).
+
+    Under DDP, process ``rank`` of ``num_replicas`` takes every ``num_replicas``-th index of
+    that one permutation (padded, as ``DistributedSampler`` pads, to a multiple of
+    ``num_replicas`` with its first indices). Its k-th batch of ``B`` then holds every
+    ``num_replicas``-th example of the k-th batch of ``num_replicas × B`` that one device
+    draws: every optimizer step trains on the same examples whatever the number of devices
+    (and micro-batches of gradient accumulation) it is spread over. Being a
+    ``DistributedSampler``, Lightning leaves it in place (its own wrapper would shuffle the
+    order a second time).
     """
 
-    def __init__(self, length: int, seed: int) -> None:
-        self.length = length
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.length
+    def __init__(self, length: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(range(length), num_replicas=num_replicas, rank=rank, seed=seed)
 
     def __iter__(self):
         # A generator: the permutation is drawn at the first index, not when the iterator is
         # built. A resumed run builds its loader's iterator before Lightning calls
         # set_epoch for the epoch it resumes in.
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        yield from torch.randperm(self.length, generator=generator).tolist()
+        yield from super().__iter__()
 
 
 class ResumableLoader(StatefulDataLoader):
@@ -59,24 +60,16 @@ class ResumableLoader(StatefulDataLoader):
     in the epoch) and, on ``ckpt_path=...``, loads it and builds the resumed iterator, which
     skips those batches, before it calls ``set_epoch`` for the epoch it resumes in. Setting
     the saved epoch first makes the skip replay that epoch's order. The sampler is an
-    :class:`EpochSeededSampler`, or Lightning's ``DistributedSamplerWrapper`` around one
-    (which passes ``set_epoch`` on).
+    :class:`EpochSeededSampler`.
     """
 
-    @property
-    def epoch_sampler(self) -> Sampler:
-        """The sampler that orders the epoch. Under DDP Lightning rebuilds the loader with
-        its distributed sampler inside the batch sampler (``sampler`` is then a placeholder).
-        """
-        return self.sampler if self.batch_sampler is None else self.batch_sampler.sampler
-
     def state_dict(self) -> dict:
-        return {**super().state_dict(), _SAMPLER_EPOCH: self.epoch_sampler.epoch}
+        return {**super().state_dict(), _SAMPLER_EPOCH: self.sampler.epoch}
 
     def load_state_dict(self, state_dict: dict) -> None:
         state = dict(state_dict)
         if _SAMPLER_EPOCH in state:
-            self.epoch_sampler.set_epoch(state.pop(_SAMPLER_EPOCH))
+            self.sampler.set_epoch(state.pop(_SAMPLER_EPOCH))
         super().load_state_dict(state)
 
 
@@ -196,19 +189,31 @@ class TokenizedDataModule(L.LightningDataModule, abc.ABC):
         path.parent.mkdir(parents=True, exist_ok=True)
         return str(path)
 
+    def process_share(self) -> dict[str, int]:
+        """``num_replicas`` and ``rank`` of this process's share of the data while a
+        distributed trainer is attached (``{}``, the whole data, otherwise)."""
+        if self.trainer is None:
+            return {}
+        return self.trainer.distributed_sampler_kwargs or {}
+
     def train_dataloader(self) -> ResumableLoader:
+        """This process's share of the training batches (:meth:`training_loader`)."""
+        return self.training_loader(**self.process_share())
+
+    def training_loader(self, num_replicas: int = 1, rank: int = 0) -> ResumableLoader:
         """Training batches in an order that depends on ``(seed, epoch)`` alone, from a
         loader whose position every checkpoint holds: a run resumed from a mid-epoch
         checkpoint skips the batches it had trained on (drawing their indices only; nothing
         is loaded or collated for them). With a teacher-output cache the rows carry their
-        index in the split."""
+        index in the split. Process ``rank`` of ``num_replicas`` gets its share of each
+        batch of ``num_replicas`` times the size (:class:`EpochSeededSampler`)."""
         dataset = self.train_split()
         if self.rows_indexed:
             dataset = dataset.add_column(ROW_INDEX, list(range(len(dataset))))
         return ResumableLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=EpochSeededSampler(len(dataset), self.seed),
+            sampler=EpochSeededSampler(len(dataset), self.seed, num_replicas, rank),
             collate_fn=self.collator,
             num_workers=self.num_workers,
             # Each new iterator draws a seed for its workers from this generator, not from
@@ -218,12 +223,25 @@ class TokenizedDataModule(L.LightningDataModule, abc.ABC):
         )
 
     def eval_loader(
-        self, dataset: datasets.Dataset, collate_fn: Callable | None = None
+        self,
+        dataset: datasets.Dataset,
+        collate_fn: Callable | None = None,
+        num_replicas: int = 1,
+        rank: int = 0,
     ) -> DataLoader:
-        """Evaluation batches in dataset order."""
+        """Evaluation batches in dataset order; process ``rank`` of ``num_replicas`` gets
+        every ``num_replicas``-th example, each example exactly once over all processes.
+
+        A padding sampler (Lightning's default under DDP) would repeat examples to even out
+        the shares and metrics synced across processes would count them twice. Shares that
+        differ by one batch are safe here: evaluation runs no gradient synchronisation.
+        """
         return DataLoader(
             dataset,
             batch_size=self.eval_batch_size,
+            sampler=UnrepeatedDistributedSampler(
+                dataset, num_replicas=num_replicas, rank=rank, shuffle=False
+            ),
             collate_fn=collate_fn or self.collator,
             num_workers=self.num_workers,
             # A private generator keeps evaluation from consuming the global RNG stream,

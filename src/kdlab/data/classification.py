@@ -143,12 +143,15 @@ class TextClassificationDataModule(TokenizedDataModule, abc.ABC):
         return self.splits["train"]
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [self.eval_loader(self.splits[s]) for s in EVAL_PREFIXES if s in self.splits]
+        share = self.process_share()
+        return [
+            self.eval_loader(self.splits[s], **share) for s in EVAL_PREFIXES if s in self.splits
+        ]
 
     def test_dataloader(self) -> DataLoader:
         if "test" not in self.splits:
             raise ConfigError(f"Task '{self.task.name}' has no labelled test split.")
-        return self.eval_loader(self.splits["test"])
+        return self.eval_loader(self.splits["test"], **self.process_share())
 
     @property
     def has_test(self) -> bool:

@@ -245,7 +245,7 @@ class CorpusDataModule(TokenizedDataModule):
     def val_dataloader(self) -> list[DataLoader]:
         # Validation is masked once (fixed positions), so batches only need stacking.
         validation = self.splits["validation"].with_format("torch")
-        return [self.eval_loader(validation, collate_fn=default_data_collator)]
+        return [self.eval_loader(validation, default_data_collator, **self.process_share())]
 
 
 def _chunks_needed(fraction: float) -> int:

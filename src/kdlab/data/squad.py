@@ -356,7 +356,7 @@ class SquadDataModule(TokenizedDataModule):
         return self._batches("train")
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [self.eval_loader(self._batches("validation"))]
+        return [self.eval_loader(self._batches("validation"), **self.process_share())]
 
     def _batches(self, split: str) -> datasets.Dataset:
         """The split's windows with only the columns a batch carries."""

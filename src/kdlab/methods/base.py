@@ -18,6 +18,7 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
@@ -159,6 +160,13 @@ class BaseMethod(L.LightningModule, abc.ABC):
         self.head_targets = HEAD_TARGETS[head]
         self.eval_prefixes = [p for p in evaluators if p != "test"]
         self.evaluators = nn.ModuleDict(evaluators)
+        # The task loss of each evaluation split, weighted by the rows it averages: a metric
+        # whose sums DDP processes add up. A NaN loss is replaced by NaN (kept, so that a
+        # diverged student shows); nan_strategy="disable" would drop the weights too
+        # (torchmetrics 1.9).
+        self.eval_losses = nn.ModuleDict(
+            {prefix: MeanMetric(nan_strategy=float("nan")) for prefix in evaluators}
+        )
 
     @classmethod
     def check_head(cls, head: str, task: str = "this task") -> None:
@@ -197,8 +205,9 @@ class BaseMethod(L.LightningModule, abc.ABC):
         # Before DDP wraps the module: its reducer waits for a gradient of every trainable
         # parameter, and a configuration whose losses leave some unreached (HomoDistil
         # without its MLM and KL terms leaves the MLM head) would stall or fail.
+        # The probe is the first batch of the whole training order, the same on every rank.
         if stage == "fit" and self.trainer.world_size > 1:
-            self.freeze_unreached(next(iter(self.trainer.datamodule.train_dataloader())))
+            self.freeze_unreached(next(iter(self.trainer.datamodule.training_loader())))
 
     def freeze_unreached(self, batch: dict[str, Tensor]) -> list[str]:
         """Freeze the trainable parameters that no loss term reaches on ``batch``.
@@ -221,6 +230,51 @@ class BaseMethod(L.LightningModule, abc.ABC):
         if frozen:
             log.info("Frozen (no loss term reaches them): %s", ", ".join(frozen))
         return frozen
+
+    # ------------------------------------------------- DDP: means over varying counts
+    def rank_weights(self, counts: Tensor) -> Tensor:
+        """Weights of means over this process's entries that make DDP's average of the
+        processes' gradients the gradient of the mean over all their entries.
+
+        That average is the gradient of a mean over the whole batch, as one device with
+        all of it computes it, only where every process averages over as many entries;
+        masked-LM terms average over the masked tokens, whose number varies from batch to
+        batch (representation terms over real tokens, which padding varies). A mean over a
+        process's ``n`` entries weighted by ``n / mean(n over processes)`` is its sum over
+        the mean count, and the processes' average is then the sum over all their entries
+        over their total count.
+
+        Args:
+            counts: ``[K]``: this process's number of entries of each of K means.
+
+        Returns:
+            ``[K]`` float weights (a collective under DDP: every process calls it); ones on
+            a single process.
+        """
+        counts = counts.float()
+        if self._trainer is None or self.trainer.world_size == 1:
+            return torch.ones_like(counts)
+        return counts / self.trainer.strategy.reduce(counts.clone(), reduce_op="mean")
+
+    def target_rows(self, batch: dict[str, Tensor]) -> int:
+        """The rows the head's losses average over: examples, or the masked tokens of a
+        masked-LM head."""
+        return next(iter(self.targets(batch).values())).size(0)
+
+    def weigh_head_losses(
+        self, losses: dict[str, Tensor], batch: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """``losses``, means over the head's target rows, weighted by :meth:`rank_weights`.
+
+        Only a masked-LM head's rows vary in number between processes (every process gets
+        as many examples a step): other heads' losses are returned as they are, without a
+        collective.
+        """
+        if self.head != "masked_lm":
+            return losses
+        rows = torch.tensor([self.target_rows(batch)], device=batch["input_ids"].device)
+        weight = self.rank_weights(rows)[0]
+        return {name: value * weight for name, value in losses.items()}
 
     # ------------------------------------------------------------------------- teacher
     def on_train_start(self) -> None:
@@ -346,8 +400,11 @@ class BaseMethod(L.LightningModule, abc.ABC):
     def _evaluate(self, batch: dict[str, Tensor], prefix: str) -> None:
         outputs = self.forward_model(self.student, batch)
         loss = task_loss(self.logits(outputs), self.targets(batch))
-        batch_size = batch["input_ids"].size(0)
-        self.log(f"{prefix}/loss", loss, batch_size=batch_size, add_dataloader_idx=False)
+        # Weighted by the rows the loss averages: the logged value is the mean over the
+        # split's rows, however batches and DDP processes divide it. (Lightning's own
+        # sync_dist mean truncates the summed batch sizes of unequal shares to an integer
+        # mean, Lightning issue #21838.)
+        self.eval_losses[prefix].update(loss.detach(), weight=self.target_rows(batch))
         self.evaluators[prefix].update(outputs, batch)
 
     def validation_step(
@@ -360,6 +417,8 @@ class BaseMethod(L.LightningModule, abc.ABC):
 
     def _log_eval_metrics(self, prefixes: Sequence[str]) -> None:
         for prefix in prefixes:
+            self.log(f"{prefix}/loss", self.eval_losses[prefix].compute())
+            self.eval_losses[prefix].reset()
             evaluator = self.evaluators[prefix]
             for name, value in evaluator.compute().items():
                 self.log(f"{prefix}/{name}", value, prog_bar=prefix == "val")

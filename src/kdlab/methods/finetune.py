@@ -17,4 +17,5 @@ class FineTune(BaseMethod):
 
     def compute_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         outputs = self.forward_model(self.student, batch)
-        return {"loss": task_loss(self.logits(outputs), self.targets(batch))}
+        losses = {"loss": task_loss(self.logits(outputs), self.targets(batch))}
+        return self.weigh_head_losses(losses, batch)

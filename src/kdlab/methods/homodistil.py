@@ -253,8 +253,37 @@ class HomoDistil(BaseMethod):
                 attention_mse(s, t, tokens, heads[k])
                 for k, (s, t) in enumerate(zip(student.attentions, teacher.attentions, strict=True))
             )
+        terms = self.weigh_terms(terms, batch, tokens)
         loss = sum(w[name] * value for name, value in terms.items())
         return {"loss": loss, **terms}
+
+    def weigh_terms(
+        self, terms: dict[str, Tensor], batch: dict[str, Tensor], tokens: Tensor
+    ) -> dict[str, Tensor]:
+        """The terms weighted for DDP (:meth:`~kdlab.methods.base.BaseMethod.rank_weights`)
+        by the entries each averages: MLM and KL the masked tokens (the head's rows), the
+        hidden-state terms the real tokens, the attention term the pairs of real tokens
+        (kept dimensions and heads are the same on every process).
+
+        Args:
+            terms: the loss terms by name.
+            batch: the batch they were computed on.
+            tokens: ``[B, T]`` its attention mask.
+        """
+        per_example = tokens.sum(1)
+        real = per_example.sum()
+        counts = {
+            "mlm": torch.tensor(self.target_rows(batch), device=tokens.device),
+            "hidden": real,
+            "emb": real,
+            "attn": per_example.square().sum(),
+        }
+        counts["kl"] = counts["mlm"]
+        weights = self.rank_weights(torch.stack([counts[name] for name in terms]))
+        return {
+            name: value * weight
+            for (name, value), weight in zip(terms.items(), weights, strict=True)
+        }
 
     def hidden_term(self, k: int, student: Tensor, teacher: Tensor, tokens: Tensor) -> Tensor:
         """``MSE(H_t^k, H_s^k·W_k)`` over real tokens: the kept dimensions (``select``) or

@@ -32,6 +32,7 @@ class KnowledgeDistillation(BaseMethod):
     def compute_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         teacher_logits = self.logits(self.teacher_outputs(batch))
         student_logits = self.logits(self.forward_model(self.student, batch))
-        return kd_loss(
+        losses = kd_loss(
             student_logits, teacher_logits, self.targets(batch), self.alpha, self.temperature
         )
+        return self.weigh_head_losses(losses, batch)

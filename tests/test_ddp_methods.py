@@ -1,0 +1,254 @@
+"""kd, mixkd, pd and homodistil under DDP (2 CPU processes, gloo) train and evaluate as on
+one device.
+
+Each DDP run trains ``BATCH`` examples per process for ``STEPS`` optimizer steps; its
+reference trains on one device with ``2 × BATCH`` per step, from the same initial weights
+on the same training set. Dropout is off (``tests.helpers.NoDropout``) and every random
+draw of a method is fixed, so the gradients of every step (all-reduced under DDP) and the
+final weights must agree to float rounding. Each DDP run also has a validation split of
+25 examples (odd: a padding sampler would count one twice) and checks that the metrics it
+logs equal the single-process evaluation of the same weights in ``metrics.json``.
+"""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import kdlab.train
+from kdlab.data.base import EpochSeededSampler
+from tests.conftest import compose, fast_overrides, run_cli
+from tests.fixtures import write_corpus, write_glue, write_tiny_bert, write_tiny_mlm_bert
+
+BATCH = 8  # per process; the one-device reference trains on 2 × BATCH
+STEPS = 3
+DDP = ["trainer.devices=2", "trainer.strategy=ddp", "trainer.precision=32-true"]
+RECORD = [
+    "+callbacks.no_dropout._target_=tests.helpers.NoDropout",
+    "+callbacks.record._target_=tests.helpers.RecordSteps",
+    f"+callbacks.record.steps={STEPS}",
+]
+# A learning rate large enough that each step's gradients depend on the earlier steps.
+COMMON = [
+    *RECORD,
+    "optim.lr=1e-3",
+    "optim.warmup_ratio=0",
+    f"trainer.max_steps={STEPS}",
+    "eval.speed_batches=0",
+]
+# Float rounding of sums over another split of the batch (fp32), relative to the step's
+# largest gradient.
+RTOL, ATOL_OF_LARGEST = 1e-4, 1e-5
+# A step moves a weight by up to lr (1e-3): Adam divides each gradient by its own size, so
+# the rounding of a near-zero gradient reaches the weights magnified.
+WEIGHT_TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
+
+
+@pytest.mark.parametrize("epoch", [0, 1])
+def test_each_process_holds_every_other_example_of_the_one_device_batch(epoch):
+    def batches(sampler: EpochSeededSampler, size: int) -> list[list[int]]:
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        return [order[i : i + size] for i in range(0, len(order), size)]
+
+    one_device = batches(EpochSeededSampler(48, seed=5), 2 * BATCH)
+    shares = [batches(EpochSeededSampler(48, 5, num_replicas=2, rank=r), BATCH) for r in (0, 1)]
+    assert len(one_device) == len(shares[0]) == len(shares[1]) == STEPS
+    for whole, first, second in zip(one_device, *shares, strict=True):
+        assert whole[0::2] == first and whole[1::2] == second
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ddp")
+    return {
+        "root": root,
+        # 48 = STEPS × 2 × BATCH training examples; 25 dev examples do not divide by 2.
+        "glue": write_glue(root / "glue", n_train=STEPS * 2 * BATCH, n_dev=25),
+        "teacher2": write_tiny_bert(root / "teacher2", num_labels=2),
+        "teacher1": write_tiny_bert(root / "teacher1", num_labels=1),
+        "mlm_teacher": write_tiny_mlm_bert(root / "mlm_teacher"),
+        "corpus": write_corpus(root / "corpus"),
+    }
+
+
+def glue_run(
+    data, tmp: Path, method: str, task: str, extra: list[str], model: str | None = None
+) -> list[str]:
+    teacher = data["teacher1" if task == "stsb" else "teacher2"]
+    base = fast_overrides(tmp, data["glue"], teacher, task, method, model=model)
+    return [*base, *COMMON, *extra]
+
+
+def train_both(
+    overrides: list[str], tmp: Path, one_device: list[str] = (), ddp: list[str] = ()
+) -> tuple[Path, Path]:
+    """One run on one device with twice the batch (in this process) and one on 2 DDP
+    processes; returns their run directories. ``overrides`` must not set the batch size."""
+    single, distributed = tmp / "single", tmp / "ddp"
+    cfg = compose([*overrides, f"task.batch_size={2 * BATCH}", f"run_dir={single}", *one_device])
+    kdlab.train.run(cfg)
+    result = run_cli(
+        [
+            *overrides,
+            f"task.batch_size={BATCH}",
+            *DDP,
+            f"run_dir={distributed}",
+            f"hydra.run.dir={distributed}",
+            *ddp,
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return single, distributed
+
+
+def assert_same_steps(single: Path, distributed: Path) -> None:
+    """Every step's gradients and the final weights of the DDP run equal the one-device
+    run's; both DDP ranks end with the same weights."""
+    reference = torch.load(single / "steps_rank0.pt", weights_only=True)
+    ranks = [torch.load(distributed / f"steps_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert len(reference["grads"]) == len(ranks[0]["grads"]) == STEPS
+    steps = zip(reference["grads"], ranks[0]["grads"], strict=True)
+    for step, (expected, found) in enumerate(steps):
+        assert found.keys() == expected.keys()
+        largest = max(g.abs().max() for g in expected.values())
+        assert largest > 0
+        for name, grad in expected.items():
+            where = f"step {step}, {name}"
+            torch.testing.assert_close(
+                found[name],
+                grad,
+                rtol=RTOL,
+                atol=ATOL_OF_LARGEST * largest,
+                msg=lambda m, where=where: f"{where}: {m}",
+            )
+    for name, weight in reference["weights"].items():
+        torch.testing.assert_close(ranks[0]["weights"][name], weight, **WEIGHT_TOLERANCE)
+        torch.testing.assert_close(
+            ranks[1]["weights"][name], ranks[0]["weights"][name], rtol=0, atol=0
+        )
+
+
+def assert_logged_validation_is_the_final_evaluation(distributed: Path) -> dict:
+    """The ``val/...`` values the DDP run logged at its last validation equal those of the
+    single-process evaluation of the same weights (``metrics.json``); returns them."""
+    with open(distributed / "csv" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if any(r[k] for k in r if k.startswith("val/"))]
+    logged = {k: float(v) for k, v in rows[-1].items() if k.startswith("val/") and v}
+    final = json.loads((distributed / "metrics.json").read_text())["student"]
+    assert logged.keys() == {k for k in final if k.startswith("val/")}
+    # Correlations near 0 are the difference of nearly equal sums of another order.
+    assert logged == pytest.approx({k: final[k] for k in logged}, rel=1e-5, abs=1e-5)
+    return logged
+
+
+@pytest.mark.parametrize(
+    ("method", "task", "cache"),
+    [("kd", "sst2", "false"), ("pd", "stsb", "true")],
+    ids=["kd-teacher", "pd-cache"],
+)
+def test_teacher_methods_train_as_on_one_device(data, tmp_path, method, task, cache):
+    # The teacher runs on every batch (kd), or its outputs come from the teacher-output cache
+    # (pd: built by the first run; its float16 outputs serve both).
+    overrides = glue_run(data, tmp_path, method, task, [f"method.cache_teacher={cache}"])
+    single, distributed = train_both(overrides, tmp_path)
+    assert_same_steps(single, distributed)
+    assert_logged_validation_is_the_final_evaluation(distributed)
+
+
+def test_mixkd_trains_as_on_one_device(data, tmp_path):
+    # Random partners and λ drawn per batch cannot match across device counts;
+    # tests.helpers.PairedMixKD pairs example i with i XOR stride at a fixed λ: stride 1 on
+    # each process pairs what stride 2 pairs on one device.
+    overrides = glue_run(
+        data,
+        tmp_path,
+        "mixkd",
+        "sst2",
+        ["method._target_=tests.helpers.PairedMixKD", "method.kd_alpha=0.5"],
+    )
+    single, distributed = train_both(
+        overrides, tmp_path, ["+method.partner_stride=2"], ["+method.partner_stride=1"]
+    )
+    assert_same_steps(single, distributed)
+    assert_logged_validation_is_the_final_evaluation(distributed)
+
+
+def homodistil_run(data, tmp: Path, extra: list[str]) -> list[str]:
+    return [
+        "method=homodistil",
+        "task=corpus/local",
+        "task._target_=tests.helpers.FixedMaskCorpus",
+        f"task.files=[{data['corpus']}/*.txt]",
+        "task.max_seq_length=16",
+        "task.validation_fraction=0.2",
+        f"task.max_train_samples={STEPS * 2 * BATCH}",
+        "task.max_eval_samples=25",
+        "task.cache_dir=null",
+        "task.eval_batch_size=16",
+        f"teacher.path={data['mlm_teacher']}",
+        "model=pruned",
+        "model.target.hidden_size=16",
+        "model.target.num_attention_heads=2",
+        "model.target.intermediate_size=32",
+        "pruning.update_interval=1",
+        "pruning.initial_warmup=0.3",
+        "pruning.final_warmup=0.0",
+        "logger=csv",
+        "callbacks=quiet",
+        "trainer=cpu",
+        "trainer.enable_progress_bar=false",
+        "trainer.num_sanity_val_steps=0",
+        "trainer.log_every_n_steps=1",
+        *COMMON,
+        *extra,
+    ]
+
+
+def test_homodistil_trains_as_on_one_device(data, tmp_path):
+    # The masked positions of a batch differ in number between processes: the MLM and KL
+    # terms are means over all of them, as on one device.
+    single, distributed = train_both(homodistil_run(data, tmp_path, []), tmp_path)
+    assert_same_steps(single, distributed)
+    logged = assert_logged_validation_is_the_final_evaluation(distributed)
+    assert logged["val/loss"] == pytest.approx(torch.tensor(logged["val/perplexity"]).log().item())
+
+
+def test_homodistil_attention_only_freezes_what_it_leaves_unused(data, tmp_path):
+    # The attention maps are read before the last layer's value projection, attention output
+    # and FFN, and the classifier head is never run: under DDP those are frozen
+    # (BaseMethod.freeze_unreached), on one device they get no gradient. Padded sentences
+    # give the processes different numbers of real-token pairs, the entries of the mean.
+    overrides = glue_run(
+        data,
+        tmp_path,
+        "homodistil",
+        "sst2",
+        [
+            *[f"method.alpha_{term}=0" for term in ("mlm", "kl", "hidden", "emb")],
+            # Not the teacher's copy, whose attention maps are the teacher's exactly.
+            "model.random_init=true",
+            "model.init_seed=7",
+            "model.target.hidden_size=16",
+            "model.target.num_attention_heads=1",
+            "model.target.intermediate_size=32",
+            "pruning.update_interval=1",
+            "pruning.initial_warmup=0.3",
+            "pruning.final_warmup=0.0",
+        ],
+        model="pruned",
+    )
+    single, distributed = train_both(overrides, tmp_path)
+    assert_same_steps(single, distributed)
+    reached = torch.load(distributed / "steps_rank0.pt", weights_only=True)["grads"][0]
+    unused = {
+        "classifier.weight",
+        "bert.pooler.dense.weight",
+        "bert.encoder.layer.1.output.dense.weight",
+    }
+    assert (
+        unused.isdisjoint(reached) and "bert.encoder.layer.1.attention.self.key.weight" in reached
+    )
+    assert_logged_validation_is_the_final_evaluation(distributed)
