@@ -313,17 +313,21 @@ def test_method_config_selects_the_kept_dimensions_by_default():
 
 
 # ------------------------------------------------------------------- pruner: schedule
+def small_masked_lm() -> BertForMaskedLM:
+    """A random masked LM of the module's shape (vocabulary 42) for the pruner's tests."""
+    config = BertConfig(
+        vocab_size=42,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=FFN,
+    )
+    return BertForMaskedLM(config)
+
+
 @pytest.mark.parametrize("step", [0, 5, 10, 11, 25, 40, 69, 70, 71, 90, 100])
 def test_scheduled_counts_follow_the_cubic_formula(step):
-    model = BertForMaskedLM(
-        BertConfig(
-            vocab_size=42,
-            hidden_size=HIDDEN,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            intermediate_size=FFN,
-        )
-    )
+    model = small_masked_lm()
     pruner = Pruner(model, target=TARGET, initial_warmup=0.1, final_warmup=0.3)
     total, t_i, t_f = 100, 10, 30
 
@@ -343,15 +347,7 @@ def test_scheduled_counts_follow_the_cubic_formula(step):
 
 
 def test_no_head_hidden_dim_or_neuron_comes_back_under_random_importance():
-    model = BertForMaskedLM(
-        BertConfig(
-            vocab_size=42,
-            hidden_size=HIDDEN,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            intermediate_size=FFN,
-        )
-    )
+    model = small_masked_lm()
     pruner = Pruner(model, target=TARGET, update_interval=2, initial_warmup=0.1, final_warmup=0.2)
     generator = torch.Generator().manual_seed(0)
     changes = 0
@@ -372,15 +368,7 @@ def test_no_head_hidden_dim_or_neuron_comes_back_under_random_importance():
 # ----------------------------------------------------------------- pruner: importance
 def test_structure_importance_sums_every_parameter_that_belongs_to_it():
     torch.manual_seed(0)
-    model = BertForMaskedLM(
-        BertConfig(
-            vocab_size=42,
-            hidden_size=HIDDEN,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            intermediate_size=FFN,
-        )
-    )
+    model = small_masked_lm()
     pruner = Pruner(model, target=TARGET)
     for _, p in pruner.params:
         p.grad = torch.randn_like(p)
