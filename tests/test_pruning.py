@@ -16,7 +16,8 @@ from transformers import (
 
 from kdlab.errors import ConfigError
 from kdlab.pruning import Pruner, StructuredMasks, compact, compact_parameter_count
-from kdlab.pruning.importance import PlatonImportance
+from kdlab.pruning import importance as importance_module
+from kdlab.pruning.importance import PlatonImportance, all_finite
 from kdlab.pruning.masks import MaskedLayerNorm
 from kdlab.pruning.pruner import _keep_top
 from kdlab.pruning.schedule import cubic_remaining, oneshot_remaining
@@ -72,6 +73,62 @@ def test_platon_updates_on_a_2x2_example():
     torch.testing.assert_close(
         importance.score("w"), torch.tensor([[0.15625, 0.25], [0.5625, 0.0625]])
     )
+
+
+@pytest.mark.parametrize("window", [False, True])
+def test_blocked_update_equals_the_formula_across_block_edges(monkeypatch, window):
+    # Blocks of 7 entries split both parameters unevenly (45 and 13 entries); the bf16 one
+    # is scored in fp32 from its bf16 values, as a whole-tensor computation would.
+    monkeypatch.setattr(importance_module, "CPU_BLOCK", 7)
+    torch.manual_seed(0)
+    params = {
+        "w": torch.nn.Parameter(torch.randn(5, 9)),
+        "b": torch.nn.Parameter(torch.randn(13).to(torch.bfloat16)),
+    }
+    beta1, beta2 = 0.85, 0.95
+    importance = PlatonImportance(beta1=beta1, beta2=beta2, window=window)
+    ema_i = {k: torch.zeros(p.shape) for k, p in params.items()}
+    ema_u = {k: torch.zeros(p.shape) for k, p in params.items()}
+    window_sum = {k: torch.zeros(p.shape) for k, p in params.items()}
+
+    def reference_step(name: str, s: torch.Tensor) -> None:
+        ema_i[name] = beta1 * ema_i[name] + (1 - beta1) * s
+        ema_u[name] = beta2 * ema_u[name] + (1 - beta2) * (s - ema_i[name]).abs()
+
+    for _ in range(3):
+        for name, param in params.items():
+            param.grad = torch.randn(param.shape).to(param.dtype)
+            s = (param.detach().float() * param.grad.float()).abs()
+            if window:
+                window_sum[name] += s
+            else:
+                reference_step(name, s)
+        importance.update(list(params.items()))
+    if window:
+        importance.end_window()
+        for name in params:
+            reference_step(name, window_sum[name] / 3)
+    for name in params:
+        assert importance.sensitivity[name].dtype == torch.float32
+        torch.testing.assert_close(importance.sensitivity[name], ema_i[name])
+        torch.testing.assert_close(importance.uncertainty[name], ema_u[name])
+
+
+@pytest.mark.parametrize(
+    ("tensors", "finite"),
+    [
+        ([torch.ones(3), torch.zeros(2, 2)], True),
+        ([torch.ones(3), torch.tensor([1.0, float("nan")])], False),
+        ([torch.tensor([float("inf"), -1.0])], False),
+        ([torch.tensor([float("-inf")]), torch.tensor([float("inf")])], False),  # sums to NaN
+        # fp16 entries whose fp16 sum would overflow (65,504) are finite: summed in fp32.
+        ([torch.full((10,), 60000.0, dtype=torch.float16)], True),
+        ([torch.tensor([1.0, float("inf")], dtype=torch.bfloat16)], False),
+        ([], True),
+    ],
+)
+def test_all_finite(tensors, finite):
+    assert all_finite(tensors) is finite
 
 
 def test_plain_sensitivity_when_beta2_is_one():
