@@ -40,5 +40,4 @@ class PreTrainedDistillation(BaseMethod):
     def compute_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         teacher = self.logits(self.teacher_outputs(batch))
         student = self.logits(self.forward_model(self.student, batch))
-        losses = soft_target_loss(student, teacher, self.temperature)
-        return self.weigh_head_losses(losses, batch)
+        return soft_target_loss(student, teacher, self.temperature)
