@@ -101,6 +101,17 @@ def build_datamodule(cfg: DictConfig, tokenizer=None, seed: int = 0):
     return build(cfg, "task", tokenizer=tokenizer, seed=seed)
 
 
+# A CPU run with CSV logs, no progress bar or sanity validation, a log row every step.
+QUIET_CPU_RUN = [
+    "logger=csv",
+    "callbacks=quiet",
+    "trainer=cpu",
+    "trainer.enable_progress_bar=false",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.log_every_n_steps=1",
+]
+
+
 def fast_overrides(
     tmp: Path,
     glue_root: Path,

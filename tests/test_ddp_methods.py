@@ -19,7 +19,7 @@ import torch
 
 import kdlab.train
 from kdlab.data.base import EpochSeededSampler
-from tests.conftest import compose, fast_overrides, run_cli
+from tests.conftest import QUIET_CPU_RUN, compose, fast_overrides, run_cli
 from tests.fixtures import write_corpus, write_glue, write_tiny_bert, write_tiny_mlm_bert
 
 BATCH = 8  # per process; the one-device reference trains on 2 × BATCH
@@ -196,12 +196,7 @@ def homodistil_run(data, tmp: Path, extra: list[str]) -> list[str]:
         "pruning.update_interval=1",
         "pruning.initial_warmup=0.3",
         "pruning.final_warmup=0.0",
-        "logger=csv",
-        "callbacks=quiet",
-        "trainer=cpu",
-        "trainer.enable_progress_bar=false",
-        "trainer.num_sanity_val_steps=0",
-        "trainer.log_every_n_steps=1",
+        *QUIET_CPU_RUN,
         *COMMON,
         *extra,
     ]

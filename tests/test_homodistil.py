@@ -15,7 +15,7 @@ import kdlab.train
 from kdlab.compact import main as compact_main
 from kdlab.errors import ConfigError
 from kdlab.pruning.callback import PruningCallback
-from tests.conftest import build_student, build_task, run_cli
+from tests.conftest import QUIET_CPU_RUN, build_student, build_task, run_cli
 from tests.fixtures import (
     write_corpus,
     write_glue,
@@ -25,15 +25,7 @@ from tests.fixtures import (
 )
 from tests.helpers import Interrupted, RecordFinalWeights
 
-COMMON = [
-    "logger=csv",
-    "callbacks=quiet",
-    "trainer=cpu",
-    "trainer.enable_progress_bar=false",
-    "trainer.num_sanity_val_steps=0",
-    "trainer.log_every_n_steps=1",
-    "eval.speed_batches=2",
-]
+COMMON = [*QUIET_CPU_RUN, "eval.speed_batches=2"]
 # Hidden 32 with 4 heads of 8 → half width: hidden 16, 2 heads, FFN 32.
 HALF = [
     "model=pruned",

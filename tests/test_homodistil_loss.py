@@ -193,21 +193,29 @@ def test_masked_mse_on_hand_numbers():
     torch.testing.assert_close(masked_mse(student, teacher, keep), torch.tensor(2.5))
 
 
+def small_masked_lm(**config) -> BertForMaskedLM:
+    """A random masked LM of the module's shape (vocabulary 42); ``config`` overrides any
+    other ``BertConfig`` value."""
+    shape = dict(
+        vocab_size=42,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=FFN,
+    )
+    return BertForMaskedLM(BertConfig(**(shape | config)))
+
+
 # --------------------------------------------------------------- attention before dropout
 def dropout_teacher_copy(layers: int) -> tuple[BertForMaskedLM, BertForMaskedLM]:
     """A teacher with attention dropout only (hidden dropout 0) and its exact copy."""
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=42,
-        hidden_size=HIDDEN,
+    teacher = small_masked_lm(
         num_hidden_layers=layers,
-        num_attention_heads=HEADS,
-        intermediate_size=FFN,
         max_position_embeddings=64,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.5,
     )
-    teacher = BertForMaskedLM(config)
     return copy.deepcopy(teacher), teacher
 
 
@@ -313,18 +321,6 @@ def test_method_config_selects_the_kept_dimensions_by_default():
 
 
 # ------------------------------------------------------------------- pruner: schedule
-def small_masked_lm() -> BertForMaskedLM:
-    """A random masked LM of the module's shape (vocabulary 42) for the pruner's tests."""
-    config = BertConfig(
-        vocab_size=42,
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        intermediate_size=FFN,
-    )
-    return BertForMaskedLM(config)
-
-
 @pytest.mark.parametrize("step", [0, 5, 10, 11, 25, 40, 69, 70, 71, 90, 100])
 def test_scheduled_counts_follow_the_cubic_formula(step):
     model = small_masked_lm()
