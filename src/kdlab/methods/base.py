@@ -232,6 +232,11 @@ class BaseMethod(L.LightningModule, abc.ABC):
         return frozen
 
     # ------------------------------------------------- DDP: means over varying counts
+    @property
+    def distributed(self) -> bool:
+        """Whether the module trains under a trainer with more than one process."""
+        return self._trainer is not None and self.trainer.world_size > 1
+
     def rank_weights(self, counts: Tensor) -> Tensor:
         """Weights of means over this process's entries that make DDP's average of the
         processes' gradients the gradient of the mean over all their entries.
@@ -252,7 +257,7 @@ class BaseMethod(L.LightningModule, abc.ABC):
             a single process.
         """
         counts = counts.float()
-        if self._trainer is None or self.trainer.world_size == 1:
+        if not self.distributed:
             return torch.ones_like(counts)
         return counts / self.trainer.strategy.reduce(counts.clone(), reduce_op="mean")
 
@@ -267,10 +272,10 @@ class BaseMethod(L.LightningModule, abc.ABC):
         """``losses``, means over the head's target rows, weighted by :meth:`rank_weights`.
 
         Only a masked-LM head's rows vary in number between processes (every process gets
-        as many examples a step): other heads' losses are returned as they are, without a
-        collective.
+        as many examples a step): other heads' losses, and any losses on a single process,
+        are returned as they are, without counting or a collective.
         """
-        if self.head != "masked_lm":
+        if self.head != "masked_lm" or not self.distributed:
             return losses
         rows = torch.tensor([self.target_rows(batch)], device=batch["input_ids"].device)
         weight = self.rank_weights(rows)[0]
