@@ -476,3 +476,31 @@ def test_multirun_names_failed_job_and_exits_non_zero(tmp_path, glue_root, teach
     assert "| 2 |" in markdown  # seeds 1 and 3
     assert "| failed | sst2 | kd | bert_L2_H128 | 2 | RuntimeError: simulated failure" in markdown
     assert (sweep / "report.csv").is_file() and (sweep / "report.png").is_file()
+
+
+def test_one_pipelines_seed_stages_share_a_row(tmp_path):
+    """Every stage of a pipeline carries the map of all stage directories (``stage_dirs``),
+    in which its own entry reads ``<run>``: that bookkeeping makes no column, so the seeds of
+    each baseline of one pipeline average into one row, told apart by the key that differs."""
+    root = tmp_path / "pd_baselines"
+    sizes = {"small": 8000, "all": None}
+    names = [(size, seed) for size in sizes for seed in (1, 2, 3)]
+    stage_dirs = {
+        f"basic_{size}_s{seed}": str(root / f"basic_{size}_s{seed}") for size, seed in names
+    }
+    accuracies = [0.70, 0.72, 0.74, 0.80, 0.82, 0.84]
+    for (size, seed), acc in zip(names, accuracies, strict=True):
+        run = _write_run(
+            root / f"basic_{size}_s{seed}",
+            "sst2",
+            "finetune",
+            seed,
+            {"val/accuracy": acc, "params": 5},
+        )
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        config["task"]["max_train_samples"] = sizes[size]
+        (run / "config.yaml").write_text(yaml.safe_dump(config | {"stage_dirs": stage_dirs}))
+    rep = report.build_report(root)
+    assert rep.keys == ["task.max_train_samples"]
+    rows = {r.extra["task.max_train_samples"]: (round(r.val.mean, 6), r.val.n) for r in rep.rows}
+    assert rows == {"8000": (0.72, 3), "null": (0.82, 3)}

@@ -108,7 +108,9 @@ GLUE_METRICS: dict[str, tuple[str, ...]] = {
 _IGNORED_KEYS = frozenset(
     {"seed", "run_dir", "ckpt_path", "overwrite", "pipeline", "run_id", "run_group", "job_type"}
 )
-_IGNORED_PREFIXES = ("hydra.", "logger.")
+# ``stage_dirs``: a pipeline stage's map of every stage's directory (bookkeeping, like
+# ``pipeline``), in which each stage's own entry differs.
+_IGNORED_PREFIXES = ("hydra.", "logger.", "stage_dirs.")
 # The row's own columns.
 _IDENTITY_KEYS = frozenset({"task.name", "method.name", "model.name"})
 MISSING = "-"
