@@ -140,6 +140,46 @@ def test_transfer_files_corpus_and_size(make_cfg, glue_root, tmp_path):
     assert first.splits["train"]["input_ids"] == again.splits["train"]["input_ids"]
 
 
+# Hard-wrapped like Project Gutenberg's books: a sentence runs over lines, paragraphs end at a
+# blank line, two spaces after a full stop.
+WRAPPED = """CHAPTER I
+
+
+It was a bright cold morning, and Mr. Weston walked
+down to the village before breakfast.  He said, "We shall
+walk to the church."  Nobody answered him; the road was wet,
+and the hedges were
+full of birds
+
+Mrs. Goddard kept a school.  Was she a plain,
+motherly kind of woman?
+"""
+# One paragraph per line, as WikiText's: headings between blank lines, consecutive paragraphs.
+PER_LINE = """ = Lobsters =
+
+ The lobster is a large crustacean . It lives on rocky ground !
+ It is blue above and yellow below .
+"""
+
+
+def test_corpus_transfer_set_is_whole_sentences(tmp_path):
+    wrapped, per_line = tmp_path / "emma.txt", tmp_path / "wiki.raw"
+    wrapped.write_text(WRAPPED)
+    per_line.write_text(PER_LINE)
+    options = {"task_inputs": False, "corpus": [str(wrapped), str(per_line)], "seed": 0}
+    assert transfer_set(None, options, ["text_a"])["text_a"] == [
+        # Headings (fewer than four words) are left out; titles end no sentence.
+        "It was a bright cold morning, and Mr. Weston walked down to the village before breakfast.",
+        'He said, "We shall walk to the church."',
+        "Nobody answered him; the road was wet, and the hedges were full of birds",
+        "Mrs. Goddard kept a school.",
+        "Was she a plain, motherly kind of woman?",
+        "The lobster is a large crustacean .",
+        "It lives on rocky ground !",
+        "It is blue above and yellow below .",
+    ]
+
+
 def test_transfer_errors(make_cfg, tmp_path):
     bad = tmp_path / "bad.tsv"
     bad.write_text("one text only\n")

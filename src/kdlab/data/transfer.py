@@ -8,12 +8,15 @@ set replaces a task's training split; validation and test stay labelled. It is m
   ``task.max_train_samples``), labels dropped;
 - ``files``: unlabelled text in the task's input format, one example per line (a sentence,
   or for pair tasks two texts separated by a tab);
-- ``corpus``: sentences cut from plain-text corpus files (single-sentence tasks only);
+- ``corpus``: sentences cut from plain-text corpus files (single-sentence tasks only): the
+  lines of a paragraph (lines up to a blank line) are joined first, so hard-wrapped text
+  (Project Gutenberg's) gives whole sentences, as does one paragraph per line (WikiText);
 - ``size``: a subset of that many examples, drawn with ``seed`` alone (all of them when
   there are fewer), for the paper's transfer-set-size study.
 """
 
 import glob
+import itertools
 import logging
 import re
 from pathlib import Path
@@ -28,8 +31,9 @@ from kdlab.validation import PositiveInt
 
 log = logging.getLogger(__name__)
 
-# A sentence: text up to a full stop, question or exclamation mark (or the line's end).
-_SENTENCE = re.compile(r"[^.!?]+[.!?]*")
+# A sentence: text up to a full stop, question or exclamation mark and the closing quotes
+# after it (or the paragraph's end). The full stop of a title before a name ends none.
+_SENTENCE = re.compile(r"(?:\b(?:Mr|Mrs|Ms|Dr|St)\.|[^.!?])+[.!?]*[\"'”’]*")
 # Corpus sentences shorter than this many words (headings, fragments) are left out.
 _MIN_WORDS = 4
 
@@ -125,8 +129,12 @@ def _read_inputs(path: Path, text_columns: list[str]) -> datasets.Dataset:
 def _corpus_sentences(path: Path) -> datasets.Dataset:
     sentences = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            for match in _SENTENCE.finditer(line):
+        # Runs of non-blank lines are paragraphs: a hard-wrapped sentence spans lines.
+        for blank, lines in itertools.groupby(f, key=lambda line: not line.strip()):
+            if blank:
+                continue
+            paragraph = " ".join(line.strip() for line in lines)
+            for match in _SENTENCE.finditer(paragraph):
                 sentence = match.group().strip()
                 if len(sentence.split()) >= _MIN_WORDS:
                     sentences.append(sentence)
