@@ -51,9 +51,11 @@ def _write_run(
     alpha: float | None = None,
     teacher_path: str = "/teachers/minilm",
     overrides: list[str] | None = None,
+    selected: bool = False,
 ) -> Path:
     """A run directory as kdlab.train leaves it: the resolved config, and metrics.json when
-    ``student`` (the student's metrics) is given."""
+    ``student`` (the student's metrics) is given; ``selected``: evaluated at the best
+    checkpoint by the validation main metric (the default callbacks' model_checkpoint)."""
     run_dir.mkdir(parents=True)
     method_cfg = {"_target_": f"kdlab.methods.{method}", "name": method}
     if alpha is not None:
@@ -76,6 +78,12 @@ def _write_run(
         "logger": {"name": f"{task}-{method}-{model}-seed{seed}", "save_dir": str(run_dir)},
         "callbacks": {"last_checkpoint": {"dirpath": f"{run_dir}/checkpoints"}},
     }
+    if selected:
+        config["callbacks"]["model_checkpoint"] = {
+            "dirpath": f"{run_dir}/checkpoints",
+            "filename": "best",
+            "monitor": f"val/{main_metric}",
+        }
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     if overrides is not None:
         RunDir(run_dir).hydra_dir.mkdir()
@@ -89,6 +97,8 @@ def _write_run(
             "teacher": None,
             "wall_time_s": 1.0,
         }
+        if selected:
+            metrics["best_checkpoint"] = f"{run_dir}/checkpoints/best.ckpt"
         if method == "kd":
             metrics["teacher"] = {"name": "minilm", "params": 2_000_000}
             metrics["inference"] = {"speedup": SPEEDUP[seed - 1]}
@@ -278,24 +288,30 @@ GLUE_SEED1 = {
 }
 
 
-def test_glue_average_over_nine_tasks(tmp_path):
+def _write_glue(root: Path, selected_task: str | None = None) -> None:
+    """kd on all nine GLUE tasks, finetune on all but WNLI, seeds 1 and 2; the runs of
+    ``selected_task`` are evaluated at checkpoints selected on their validation set."""
     for task, (main, metrics) in GLUE_SEED1.items():
         for seed in (1, 2):
             # Seed 2 scores 0.02 higher on every metric.
             student = {k: v + 0.02 * (seed - 1) for k, v in metrics.items()} | {"params": 10}
-            _write_run(
-                tmp_path / "kd" / f"{task}-{seed}", task, "kd", seed, student, main_metric=main
-            )
-            # finetune has eight tasks only: no GLUE row.
-            if task != "wnli":
+            for method in ("kd", "finetune"):
+                if method == "finetune" and task == "wnli":
+                    continue
                 _write_run(
-                    tmp_path / "ft" / f"{task}-{seed}",
+                    root / method / f"{task}-{seed}",
                     task,
-                    "finetune",
+                    method,
                     seed,
                     student,
                     main_metric=main,
+                    selected=task == selected_task,
                 )
+
+
+def test_glue_average_over_nine_tasks(tmp_path):
+    # finetune has eight tasks only: no GLUE row.
+    _write_glue(tmp_path)
     rows = report.build_report(tmp_path).rows
     (glue,) = [r for r in rows if r.task == report.GLUE_ROW]
     assert (glue.method, glue.model, glue.metric) == ("kd", "bert3", report.GLUE_METRIC)
@@ -311,6 +327,64 @@ def test_glue_average_over_nine_tasks(tmp_path):
     assert mrpc.metric == "f1" and mrpc.val.mean == pytest.approx(0.89)
     markdown = report.write_markdown(report.build_report(tmp_path), tmp_path / "r.md").read_text()
     assert f"| GLUE | kd | bert3 | GLUE score | {seed1 + 0.01:.4f} ± 0.0141 | 2 |" in markdown
+
+
+def test_glue_without_wnli_over_eight_tasks(tmp_path):
+    _write_glue(tmp_path)
+    rows = report.build_report(tmp_path).rows
+    averages = [r for r in rows if r.task in report.GLUE_AVERAGES]
+    # After the tasks: the no-WNLI average of both methods, then the nine-task one of kd.
+    assert [(r.task, r.method) for r in averages] == [
+        (report.GLUE_NO_WNLI_ROW, "finetune"),
+        (report.GLUE_NO_WNLI_ROW, "kd"),
+        (report.GLUE_ROW, "kd"),
+    ]
+    assert rows[-3:] == averages
+    # By hand: the mean of the eight task scores (MRPC, QQP, STS-B, MNLI: their two metrics'
+    # mean), WNLI's 0.56 left out.
+    seed1 = (0.50 + 0.90 + 0.86 + 0.83 + 0.84 + 0.81 + 0.87 + 0.65) / 8
+    for row in averages[:2]:
+        assert row.metric == report.GLUE_METRIC
+        assert row.val.mean == pytest.approx(seed1 + 0.01)
+        assert row.val.std == pytest.approx(0.02 / math.sqrt(2))
+        assert row.val.n == 2 and row.seeds == [1, 2] and row.test is None
+    assert averages[2].val.mean == pytest.approx((seed1 * 8 + 0.56) / 9 + 0.01)
+    markdown = report.write_markdown(report.build_report(tmp_path), tmp_path / "r.md").read_text()
+    assert (
+        f"| GLUE (no WNLI) | finetune | bert3 | GLUE score | {seed1 + 0.01:.4f} ± 0.0141 | 2 |"
+        in markdown
+    )
+    assert "GLUE (no WNLI): the same over the eight tasks other than WNLI" in markdown
+
+
+def test_dev_figures_of_checkpoints_selected_on_dev_are_marked(tmp_path):
+    # RTE's runs are evaluated at the checkpoint with the best val/accuracy; the others as
+    # training left them.
+    _write_glue(tmp_path, selected_task="rte")
+    rep = report.build_report(tmp_path)
+    marked = {(r.task, r.method) for r in rep.rows if r.selected_on_val}
+    # Every average holds RTE.
+    assert marked == {("rte", "kd"), ("rte", "finetune")} | {
+        (average, method)
+        for average in report.GLUE_AVERAGES
+        for method in ("kd", "finetune")
+        if (average, method) != (report.GLUE_ROW, "finetune")
+    }
+    markdown = report.write_markdown(rep, tmp_path / "r.md").read_text()
+    assert "| rte | kd | bert3 | accuracy | 0.6600 ± 0.0141 † | 2 |" in markdown
+    assert "| sst2 | kd | bert3 | accuracy | 0.9100 ± 0.0141 | 2 |" in markdown
+    assert "\n† validation figures of checkpoints selected on that same validation set" in (
+        markdown
+    )
+    with report.write_csv(rep, tmp_path / "r.csv").open() as f:
+        selected = {(r["task"], r["method"]): r["selected_on_val"] for r in csv.DictReader(f)}
+    assert selected[("rte", "kd")] == "True" and selected[("sst2", "kd")] == "False"
+    caption = report.report_tables(rep)[0].caption
+    assert "† validation figures of checkpoints selected" in caption
+    # Without the marked runs: no marker, no note.
+    unmarked = report.build_report(tmp_path / "kd" / "sst2-1")
+    assert not unmarked.rows[0].selected_on_val
+    assert "†" not in report.report_tables(unmarked)[0].caption
 
 
 def test_pipeline_stages_at_depth_and_their_own_teacher(tmp_path):

@@ -46,15 +46,31 @@ Values: the metric on validation and test, mean ± sample standard deviation (n 
     the runs of the row, and n; one run shows no standard deviation. The metric is each
     run's ``main_metric`` unless ``--metric`` names another.
 
-GLUE score: a row per method x model (x varying keys) that has all nine GLUE tasks. It is
-    the mean over the tasks of each task's score, and a task's score is the unweighted mean
-    of its GLUE metrics, as the GLUE benchmark scores tasks with several metrics: CoLA
-    Matthews correlation; MRPC and QQP F1 and accuracy; STS-B Pearson and Spearman; MNLI
-    matched and mismatched accuracy (its two dev sets count as two metrics of one task);
-    SST-2, QNLI, RTE, WNLI accuracy. Values stay on the runs' 0-1 scale, on the validation
-    (dev) sets, and on test only where all nine tasks have test metrics. It ignores
-    ``--metric``. Its standard deviation is over per-seed GLUE scores, so only when every
-    task has the same seeds; otherwise n is the smallest number of runs of a task.
+    Validation figures marked † come from checkpoints selected on that same validation set,
+    which for GLUE is the dev set: ``kdlab.train`` evaluates the best checkpoint of
+    ``callbacks.model_checkpoint``, which monitors ``val/<task.main_metric>``. A run is marked
+    when its ``metrics.json`` names a ``best_checkpoint`` and that callback monitors a ``val``
+    metric (so not a pruned student, evaluated as training left it, nor a run without that
+    callback); a row when any of its runs is. Such figures tend to overestimate held-out
+    performance.
+
+GLUE scores: rows per method x model (x varying keys) that has their tasks, on the runs'
+    0-1 scale, on the validation (dev) sets, and on test only where all their tasks have test
+    metrics. A task's score is the unweighted mean of its GLUE metrics, as the GLUE benchmark
+    scores tasks with several metrics: CoLA Matthews correlation; MRPC and QQP F1 and
+    accuracy; STS-B Pearson and Spearman; MNLI matched and mismatched accuracy (its two dev
+    sets count as two metrics of one task); SST-2, QNLI, RTE, WNLI accuracy.
+
+    * ``GLUE (no WNLI)``: the mean of the scores of the eight tasks CoLA, SST-2, MRPC, STS-B,
+      QQP, MNLI, QNLI, RTE, leaving WNLI out as BERT's average and MiniLM's table do. Papers
+      differ in the rest, so compare with a paper's average recomputed from its per-task
+      figures by this rule: BERT's (on test) counts MNLI-m and -mm as two of nine figures,
+      one metric per task (MRPC and QQP F1, STS-B Spearman); MiniLM's dev table has neither
+      STS-B nor MNLI-mm; DistilBERT's dev score counts WNLI.
+    * ``GLUE``: the GLUE benchmark's score, the mean of the scores of all nine tasks.
+
+    They ignore ``--metric``. Their standard deviation is over per-seed scores, so only when
+    every task has the same seeds; otherwise n is the smallest number of runs of a task.
 """
 
 import argparse
@@ -88,7 +104,15 @@ UNFINISHED = "unfinished"
 
 GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
 GLUE_ROW = "GLUE"
+GLUE_NO_WNLI_ROW = "GLUE (no WNLI)"
+# The GLUE averages and their tasks, in the order of their rows (see the module docstring).
+GLUE_AVERAGES: dict[str, tuple[str, ...]] = {
+    GLUE_NO_WNLI_ROW: tuple(t for t in GLUE_TASKS if t != "wnli"),
+    GLUE_ROW: GLUE_TASKS,
+}
 GLUE_METRIC = "GLUE score"
+# Marks validation figures of checkpoints selected on the validation set.
+SELECTED_ON_VAL = "†"
 # Each GLUE task's metrics, as metrics.json keys after the split ("val", "test"): the task's
 # score is their unweighted mean. MNLI's mismatched set is validated as "val_mm".
 GLUE_METRICS: dict[str, tuple[str, ...]] = {
@@ -201,6 +225,17 @@ class RunRecord:
         return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
     @property
+    def selected_on_val(self) -> bool:
+        """Whether the validation figures are of a checkpoint selected by a validation metric
+        (see the module docstring)."""
+        monitor = _lookup(self.config, "callbacks.model_checkpoint.monitor")
+        return (
+            bool((self.metrics or {}).get("best_checkpoint"))
+            and isinstance(monitor, str)
+            and monitor.startswith("val")
+        )
+
+    @property
     def params(self) -> int | None:
         """The exported student's parameter count."""
         return ((self.metrics or {}).get("student") or {}).get("params")
@@ -245,7 +280,7 @@ class Row:
     """One line of the report: the runs of one task x method x model x varying keys.
 
     Attributes:
-        task: the task, or :data:`GLUE_ROW` for the GLUE score.
+        task: the task, or a GLUE average (:data:`GLUE_AVERAGES`).
         method: the method.
         model: the student model.
         extra: the value of each varying config key.
@@ -255,6 +290,8 @@ class Row:
         params: mean student parameter count.
         speedup: mean teacher/student inference-time ratio (runs with a teacher).
         seeds: the seeds of the runs.
+        selected_on_val: whether ``val`` comes (in part) from checkpoints selected on the
+            validation set.
     """
 
     task: str
@@ -267,6 +304,7 @@ class Row:
     params: float | None
     speedup: float | None
     seeds: list = field(default_factory=list)
+    selected_on_val: bool = False
 
 
 @dataclass
@@ -277,7 +315,7 @@ class Report:
         root: the directory the runs were collected from.
         records: every run found.
         keys: the varying config keys (the extra columns).
-        rows: the aggregated rows, GLUE rows last.
+        rows: the aggregated rows, GLUE averages last.
     """
 
     root: Path
@@ -533,7 +571,7 @@ def aggregate(
 
     Returns:
         One row per group, ordered by task (GLUE order first), method, model and keys, then
-        one GLUE row per method x model x keys that has all nine GLUE tasks.
+        a row per GLUE average and method x model x keys that has the average's tasks.
     """
     keys = varying_keys(records) if keys is None else list(keys)
     groups: dict[tuple, list[RunRecord]] = defaultdict(list)
@@ -556,6 +594,7 @@ def aggregate(
                 params=_mean(r.params for r in runs),
                 speedup=_mean(r.speedup for r in runs),
                 seeds=sorted((r.seed for r in runs), key=_natural_key),
+                selected_on_val=any(r.selected_on_val for r in runs),
             )
         )
     rows.sort(key=_row_order)
@@ -588,27 +627,30 @@ def _glue_rows(groups: dict[tuple, list[RunRecord]]) -> list[Row]:
         if task in GLUE_TASKS:
             by_combo[(method, model, extra)][task] = runs
     rows = []
-    for (method, model, extra), tasks in by_combo.items():
-        if set(tasks) != set(GLUE_TASKS):
-            continue
-        val, test = (_glue_stat(tasks, split) for split in ("val", "test"))
-        rows.append(
-            Row(
-                task=GLUE_ROW,
-                method=method,
-                model=model,
-                extra=dict(extra),
-                metric=GLUE_METRIC,
-                val=val,
-                test=test,
-                params=_mean(_mean(r.params for r in runs) for runs in tasks.values()),
-                speedup=_mean(_mean(r.speedup for r in runs) for runs in tasks.values()),
-                seeds=sorted(
-                    set.intersection(*({r.seed for r in runs} for runs in tasks.values())),
-                    key=_natural_key,
-                ),
+    for (method, model, extra), all_tasks in by_combo.items():
+        for average, names in GLUE_AVERAGES.items():
+            if not set(names) <= set(all_tasks):
+                continue
+            tasks = {name: all_tasks[name] for name in names}
+            val, test = (_glue_stat(tasks, split) for split in ("val", "test"))
+            rows.append(
+                Row(
+                    task=average,
+                    method=method,
+                    model=model,
+                    extra=dict(extra),
+                    metric=GLUE_METRIC,
+                    val=val,
+                    test=test,
+                    params=_mean(_mean(r.params for r in runs) for runs in tasks.values()),
+                    speedup=_mean(_mean(r.speedup for r in runs) for runs in tasks.values()),
+                    seeds=sorted(
+                        set.intersection(*({r.seed for r in runs} for runs in tasks.values())),
+                        key=_natural_key,
+                    ),
+                    selected_on_val=any(r.selected_on_val for runs in tasks.values() for r in runs),
+                )
             )
-        )
     rows.sort(key=_row_order)
     return rows
 
@@ -656,10 +698,13 @@ def build_report(root: str | Path, metric: str | None = None) -> Report:
 def report_tables(report: Report) -> list[Table]:
     """Rich tables: the rows, and the failed and unfinished runs when there are any."""
     counts = report.counts
+    caption = "mean ± sample std over the runs (seeds) of each row"
+    if any(r.selected_on_val for r in report.rows):
+        caption += f"\n{SELECTED_ON_VAL} {_SELECTED_NOTE}"
     main = Table(
         title=f"{report.root}: {counts[FINISHED]} finished, {counts[FAILED]} failed, "
         f"{counts[UNFINISHED]} unfinished",
-        caption="mean ± sample std over the runs (seeds) of each row",
+        caption=caption,
     )
     header = _row_header(report.keys)
     for column in header:
@@ -688,11 +733,12 @@ def write_markdown(report: Report, path: str | Path) -> Path:
         f"{counts[UNFINISHED]} unfinished. Values are the mean ± sample standard deviation "
         "(n − 1) over the runs (seeds) of each row; n is their number.",
     ]
-    if any(r.task == GLUE_ROW for r in report.rows):
+    if any(r.task in GLUE_AVERAGES for r in report.rows):
         lines.append(
             "GLUE: mean over the nine tasks of each task's score, the mean of its GLUE metrics "
             "(CoLA Matthews; MRPC, QQP F1 and accuracy; STS-B Pearson and Spearman; MNLI "
-            "matched and mismatched accuracy; the others accuracy)."
+            "matched and mismatched accuracy; the others accuracy). GLUE (no WNLI): the same "
+            "over the eight tasks other than WNLI, as distillation papers average dev sets."
         )
     lines += [
         "",
@@ -700,6 +746,8 @@ def write_markdown(report: Report, path: str | Path) -> Path:
             _row_header(report.keys), [_row_cells(r, report.keys) for r in report.rows]
         ),
     ]
+    if any(r.selected_on_val for r in report.rows):
+        lines += ["", f"{SELECTED_ON_VAL} {_SELECTED_NOTE}"]
     if report.incomplete:
         lines += ["", "## Failed and unfinished runs", ""]
         lines += _markdown_table(
@@ -726,6 +774,7 @@ def write_csv(report: Report, path: str | Path) -> Path:
                 "val_mean",
                 "val_std",
                 "val_n",
+                "selected_on_val",
                 "test_mean",
                 "test_std",
                 "test_n",
@@ -743,6 +792,7 @@ def write_csv(report: Report, path: str | Path) -> Path:
                     *(row.extra[k] for k in report.keys),
                     row.metric,
                     *_stat_fields(row.val),
+                    row.selected_on_val,
                     *_stat_fields(row.test),
                     "" if row.params is None else row.params,
                     "" if row.speedup is None else row.speedup,
@@ -840,6 +890,10 @@ def write_report(report: Report, out: str | Path) -> dict[str, Path]:
 
 
 _NUMERIC_COLUMNS = frozenset({"val", "n", "test", "params", "speed-up"})
+_SELECTED_NOTE = (
+    "validation figures of checkpoints selected on that same validation set (the best by "
+    "callbacks.model_checkpoint.monitor): optimistic as estimates of held-out performance."
+)
 
 
 def _row_header(keys: Sequence[str]) -> list[str]:
@@ -847,6 +901,9 @@ def _row_header(keys: Sequence[str]) -> list[str]:
 
 
 def _row_cells(row: Row, keys: Sequence[str]) -> list[str]:
+    val = "-" if row.val is None else str(row.val)
+    if row.val is not None and row.selected_on_val:
+        val += f" {SELECTED_ON_VAL}"
     test = "-" if row.test is None else str(row.test)
     if row.test is not None and (row.val is None or row.test.n != row.val.n):
         test += f" (n={row.test.n})"
@@ -856,7 +913,7 @@ def _row_cells(row: Row, keys: Sequence[str]) -> list[str]:
         row.model,
         *(row.extra[k] for k in keys),
         row.metric,
-        "-" if row.val is None else str(row.val),
+        val,
         "0" if row.val is None else str(row.val.n),
         test,
         "-" if row.params is None else _count(row.params),
@@ -947,10 +1004,15 @@ def _natural_key(value: object) -> tuple:
         return (1, 0.0, tuple(int(p) if p.isdigit() else p for p in parts))
 
 
+# GLUE tasks in GLUE order, other tasks, then the GLUE averages.
+_TASK_RANK = {task: i for i, task in enumerate(GLUE_TASKS)} | {
+    average: len(GLUE_TASKS) + 1 + i for i, average in enumerate(GLUE_AVERAGES)
+}
+
+
 def _row_order(row: Row) -> tuple:
-    task_rank = GLUE_TASKS.index(row.task) if row.task in GLUE_TASKS else len(GLUE_TASKS)
     return (
-        task_rank,
+        _TASK_RANK.get(row.task, len(GLUE_TASKS)),
         row.task,
         row.method,
         row.model,
@@ -1001,7 +1063,7 @@ def main(argv: list[str] | None = None) -> int:
     if (
         args.metric
         and report.rows
-        and all(r.val is None for r in report.rows if r.task != GLUE_ROW)
+        and all(r.val is None for r in report.rows if r.task not in GLUE_AVERAGES)
     ):
         errors.print(f"[yellow]warning:[/] no finished run has val/{args.metric}")
     written = write_report(report, args.out or args.dir)
