@@ -548,6 +548,8 @@ def test_multirun_names_failed_job_and_exits_non_zero(tmp_path, glue_root, teach
     markdown = (sweep / "report.md").read_text()
     assert "| sst2 | kd | bert_L2_H128 | accuracy |" in markdown
     assert "| 2 |" in markdown  # seeds 1 and 3
+    # Evaluated at the best checkpoint by val/accuracy, as kdlab.train does by default.
+    assert " † | 2 |" in markdown and "† validation figures of checkpoints selected" in markdown
     assert "| failed | sst2 | kd | bert_L2_H128 | 2 | RuntimeError: simulated failure" in markdown
     assert (sweep / "report.csv").is_file() and (sweep / "report.png").is_file()
 
