@@ -10,6 +10,10 @@ BERT-base-shaped teacher in bf16-mixed: one script, under 10 minutes on one H200
    steps with mask updates, against the same method and batches on a student without masks
    (no importance, no mask updates), fitted before and after it; the final masks are
    compacted and the masked and compacted students' outputs compared in fp32.
+3. **Teacher-output cache**: ``kd`` with ``method.cache_teacher=true`` at the run's
+   precision: the cache is built when fitting starts, in the trainer's precision context,
+   under a key that records the teacher's dtype and autocast dtype; on each step's batch its
+   outputs are compared with the live teacher's in that context.
 
 Everything is what a run builds: configs composed from ``conf/`` and checked by
 ``kdlab.components.validate``, components from ``kdlab.train.assemble`` (the no-pruning
@@ -626,6 +630,61 @@ def compaction_check(
     return result
 
 
+# -------------------------------------------------------------------------- issue 17
+class CachedBesideLive(L.Callback):
+    """On each training batch, in the step's precision context: the largest difference
+    between the cached teacher outputs the step reads and the live teacher's, and the
+    largest live output."""
+
+    def __init__(self) -> None:
+        self.max_abs_diff = self.max_abs_output = 0.0
+        self.excess = -math.inf  # max over entries of |cached - live| - 2^-11 |live|
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        with trainer.precision_plugin.train_step_context(), torch.no_grad():
+            cached = pl_module.teacher_outputs(batch).logits
+            live = pl_module.forward_model(pl_module.teacher, batch).logits.float()
+        difference = (cached - live).abs()
+        self.max_abs_diff = max(self.max_abs_diff, difference.max().item())
+        self.max_abs_output = max(self.max_abs_output, live.abs().max().item())
+        self.excess = max(self.excess, (difference - 2**-11 * live.abs()).max().item())
+
+
+def bench_teacher_cache(args: argparse.Namespace, scale: Scale, inputs: Inputs) -> dict:
+    """kd reading the teacher-output cache at ``--precision`` (see the module docstring).
+
+    float16 storage rounds each output to 2^-11 of it; anything beyond that bound is the
+    live teacher's own variation between batches (another batch size, kernel or order of
+    sums) or a cache not built as training computes the teacher.
+    """
+    kd = [o for o in method_overrides(scale, inputs)["kd"] if "cache_teacher" not in o]
+    steps = args.warmup + args.steps
+    run_dir = inputs.run_dir("kd-cached")
+    cfg = compose_config(
+        [*kd, "method.cache_teacher=true"] + run_overrides(args, inputs, run_dir, steps)
+    )
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    parts = assemble(cfg)
+    batches = first_batches(parts, steps)
+    probe = CachedBesideLive()
+    parts.trainer.callbacks.append(probe)
+    parts.trainer.fit(parts.method, train_dataloaders=DataLoader(batches, batch_size=None))
+    cache = parts.method.teacher_cache
+    fields = ("teacher_dtype", "autocast_dtype", "float32_matmul_precision")
+    result = {
+        "status": cache.status,
+        "rows": cache.rows,
+        "key_precision": {k: cache.fields[k] for k in fields},
+        "batches_compared": steps,
+        "max_abs_diff": probe.max_abs_diff,
+        "max_abs_output": probe.max_abs_output,
+        "within_fp16_bound": probe.excess <= 0.0,
+    }
+    del parts
+    release_memory(torch.device(args.device))
+    return result
+
+
 # ---------------------------------------------------------------------------- report
 def summary_lines(report: dict) -> list[str]:
     """A short table of the headline figures (printed last)."""
@@ -635,6 +694,15 @@ def summary_lines(report: dict) -> list[str]:
             f"{name:>10}: {r['step_ms']['median']:8.2f} ms/step  {r['sequences_per_s']:9.1f} seq/s"
             f"  x{r['ratio_to_reference']['median']:.3f} of reference  MFU {r['mfu']:.3f}"
             f"  peak {format_bytes(r['peak_memory_bytes'])}"
+        )
+    cache = report.get("teacher_cache")
+    if cache:
+        lines.append(
+            f"teacher cache ({cache['status']}, {cache['key_precision']}): cached vs live "
+            f"max |diff| {cache['max_abs_diff']:.3g} on outputs up to "
+            f"{cache['max_abs_output']:.3g}: "
+            + ("within" if cache["within_fp16_bound"] else "BEYOND")
+            + " the float16 bound (2^-11 relative)"
         )
     homo = report.get("homodistil")
     if homo:
@@ -690,6 +758,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.only in (None, "methods"):
             names = method_overrides(scale, inputs)
             report["methods"] = {name: bench_method(name, args, scale, inputs) for name in names}
+            report["teacher_cache"] = bench_teacher_cache(args, scale, inputs)
         if args.only in (None, "homodistil"):
             report["homodistil"] = bench_homodistil(args, scale, inputs)
     report["process_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -187,7 +187,7 @@ def step_benchmark(args: argparse.Namespace, workdir: Path, base: list[str]) -> 
     bare = overhead.BareKD(parts.teacher, copy.deepcopy(parts.student), cfg, total_steps=n)
 
     def student_only(batch):
-        return bare.step(batch, teacher_logits=cache.lookup(batch, torch.float32).logits)
+        return bare.step(batch, teacher_logits=cache.lookup(batch).logits)
 
     timer = overhead.InterleavedTimer(bare.clock, student_only, epoch=1)
     parts.trainer.callbacks.insert(0, timer)

@@ -134,6 +134,18 @@ def test_homodistil_prunes_to_the_target_and_compacts_exactly(report):
     assert check["params_compacted"] < check["params_masked"]
 
 
+def test_the_cache_check_builds_at_the_run_precision(report):
+    data, printed = report
+    cache, settings = data["teacher_cache"], data["settings"]
+    assert cache["status"] == "built"
+    # bf16-mixed: float32 weights under bfloat16 autocast, in the key.
+    assert cache["key_precision"]["teacher_dtype"] == "float32"
+    assert cache["key_precision"]["autocast_dtype"] == "bfloat16"
+    assert cache["batches_compared"] == settings["warmup"] + settings["steps"]
+    assert cache["within_fp16_bound"] and cache["max_abs_output"] > 0
+    assert "within the float16 bound" in printed
+
+
 def test_flop_counter_matches_pytorch_on_a_training_step():
     """Teacher forward without gradients and student forward and backward: the hook count
     equals ``FlopCounterMode``'s count of the matrix products (eager attention, whose

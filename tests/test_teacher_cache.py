@@ -3,17 +3,23 @@ teacher's, runs with it match runs without it, its key follows what the outputs 
 damaged caches are rebuilt, concurrent builders leave one valid cache, and the methods and
 tasks it is not valid for refuse it."""
 
+import copy
+import errno
+import fcntl
 import json
 import logging
 import multiprocessing
 import re
+import threading
 import time
 
+import lightning as L
 import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForSequenceClassification
 
+import kdlab.data.teacher_cache
 import kdlab.train
 from kdlab.components import target_of, validate
 from kdlab.data.base import ROW_INDEX
@@ -36,15 +42,36 @@ from tests.conftest import (
     fast_overrides,
     run_cli,
 )
-from tests.fixtures import write_corpus, write_squad, write_tiny_mlm_bert, write_tiny_qa_bert
+from tests.fixtures import (
+    write_corpus,
+    write_squad,
+    write_tiny_bert,
+    write_tiny_mlm_bert,
+    write_tiny_qa_bert,
+)
 
 # float16 keeps 11 significant bits: a stored logit is within 2^-11 (relative) of the
-# teacher's; 2^-10 leaves room for the float32 noise of a differently padded batch.
-FP16 = {"rtol": 2**-10, "atol": 1e-6}
+# teacher's (round to nearest, normal range); atol leaves room for the float32 noise of a
+# differently padded batch on logits of order 10.
+FP16 = {"rtol": 2**-11, "atol": 1e-5}
+# The fixture teachers' random heads give logits of at most 0.012, where any rounding hides
+# under atol: these teachers' heads are scaled to logits of order 1-10, as a fine-tuned
+# teacher's.
+HEAD_SCALE = 600.0
 # A student trained on float16-rounded teacher logits drifts from one trained on the float32
 # ones: by at most 7.5e-9 (kd) and 1.2e-7 (pd) in any weight on these fixtures (3 epochs,
 # 18 steps at lr 5e-5); the validation accuracy is the same.
 WEIGHTS_ATOL = 1e-6
+
+
+def realistic_teacher(directory, num_labels: int = 2):
+    """The fixture teacher with its classifier scaled by ``HEAD_SCALE``."""
+    write_tiny_bert(directory, num_labels=num_labels)
+    model = AutoModelForSequenceClassification.from_pretrained(directory)
+    with torch.no_grad():
+        model.classifier.weight.mul_(HEAD_SCALE)
+    model.save_pretrained(directory)
+    return directory
 
 
 def prepared(cfg: DictConfig, tokenizer=None):
@@ -64,18 +91,77 @@ def loaded_cache(cfg: DictConfig):
 
 # ---------------------------------------------------------------- cached = live teacher
 @pytest.mark.parametrize("task", ["sst2", "stsb"])
-def test_cached_outputs_equal_the_live_teachers_to_fp16_precision(make_cfg, task):
-    datamodule, teacher, cache = loaded_cache(make_cfg(task=task))
+def test_cached_outputs_equal_the_live_teachers_to_fp16_precision(make_cfg, tmp_path, task):
+    teacher_path = realistic_teacher(tmp_path / "teacher", num_labels=1 if task == "stsb" else 2)
+    cfg = make_cfg(task=task, extra=[f"teacher.path={teacher_path}"])
+    datamodule, teacher, cache = loaded_cache(cfg)
     assert cache.status == "built" and cache.teacher_examples == cache.rows == 48
-    seen = []
+    seen, largest, error = [], 0.0, 0.0
     for batch in datamodule.train_dataloader():
-        cached = cache.lookup(batch, torch.float32)["logits"]
+        cached = cache.lookup(batch)["logits"]
         live = forward(teacher, batch, datamodule.head).logits
         assert cached.dtype == torch.float32 and cached.shape == live.shape
         torch.testing.assert_close(cached, live, **FP16)
+        largest = max(largest, live.abs().max().item())
+        error = max(error, (cached - live).abs().max().item())
         seen += batch[ROW_INDEX].tolist()
+    # Logits of order 1-10, rounded to float16 where stored (so the bound above is tight).
+    assert 1.0 < largest < 16.0 and error > 0.0
     # The sampler shuffles; every row is looked up once an epoch all the same.
     assert sorted(seen) == list(range(48)) and seen != sorted(seen)
+
+
+class LiveTeacherBeside(L.Callback):
+    """Beside each training step: the teacher's outputs as the step reads them (the cache)
+    and as the live teacher computes them, in the step's precision context."""
+
+    def __init__(self) -> None:
+        self.pairs = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        with trainer.precision_plugin.train_step_context(), torch.no_grad():
+            cached = pl_module.teacher_outputs(batch).logits
+            live = pl_module.forward_model(pl_module.teacher, batch).logits
+        self.pairs.append((cached, live))
+
+
+# trainer.precision: the teacher's weights' dtype and autocast dtype in the cache key.
+PRECISIONS = {
+    "32-true": ("float32", None),
+    "bf16-mixed": ("float32", "bfloat16"),
+    "bf16-true": ("bfloat16", None),
+}
+
+
+def test_training_reads_the_outputs_of_the_teacher_as_it_runs_at_each_precision(make_cfg, tmp_path):
+    teacher_path = realistic_teacher(tmp_path / "teacher")
+    directories = set()
+    for precision, (dtype, autocast) in PRECISIONS.items():
+        cfg = make_cfg(
+            run_dir=tmp_path / precision,
+            extra=[f"teacher.path={teacher_path}", f"trainer.precision={precision}"],
+        )
+        validate(cfg)
+        L.seed_everything(cfg.seed)
+        parts = kdlab.train.assemble(cfg)
+        probe = LiveTeacherBeside()
+        parts.trainer.callbacks.append(probe)
+        parts.trainer.fit(parts.method, datamodule=parts.datamodule)
+        cache = parts.method.teacher_cache
+        # Each precision builds its own cache: none reuses another's outputs.
+        assert cache.status == "built" and cache.directory not in directories
+        directories.add(cache.directory)
+        expected = {"teacher_dtype": dtype, "autocast_dtype": autocast}
+        assert {k: cache.fields[k] for k in expected} == expected
+        manifest = json.loads((cache.directory / MANIFEST_FILE).read_text())
+        assert manifest["key_fields"] == cache.fields
+        assert len(probe.pairs) == 6
+        for cached, live in probe.pairs:
+            # float32 under every precision: the stored float16 values, never rounded
+            # through bfloat16. Built as training computes the teacher (in its autocast or
+            # dtype), they are its outputs to float16's rounding (none for bfloat16 ones).
+            assert cached.dtype == torch.float32
+            torch.testing.assert_close(cached, live.float(), **FP16)
 
 
 def test_squad_start_and_end_logits_round_trip(make_cfg, tmp_path):
@@ -99,7 +185,7 @@ def test_squad_start_and_end_logits_round_trip(make_cfg, tmp_path):
     assert stored == {"start_logits": [cache.rows, 64], "end_logits": [cache.rows, 64]}
     widths = set()
     for batch in datamodule.train_dataloader():
-        cached = cache.lookup(batch, torch.float32)
+        cached = cache.lookup(batch)
         live = forward(teacher, batch, datamodule.head)
         width = batch["input_ids"].size(1)
         widths.add(width)
@@ -114,7 +200,7 @@ def safetensors_shapes(cache: TeacherCache) -> dict:
     return {name: spec["shape"] for name, spec in manifest["outputs"].items()}
 
 
-def test_kd_module_reads_the_cache_in_the_teachers_dtype(make_cfg):
+def test_kd_module_reads_the_cache_in_float32(make_cfg):
     cfg = make_cfg()
     datamodule, teacher, cache = loaded_cache(cfg)
     module = KnowledgeDistillation(
@@ -128,8 +214,6 @@ def test_kd_module_reads_the_cache_in_the_teachers_dtype(make_cfg):
     module.teacher_cache = cache
     batch = next(iter(datamodule.train_dataloader()))
     live = forward(teacher, batch, datamodule.head).logits
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed_live = forward(teacher, batch, datamodule.head).logits
 
     def refuse(*args, **kwargs):
         raise AssertionError("the teacher ran on a batch the cache holds")
@@ -138,9 +222,10 @@ def test_kd_module_reads_the_cache_in_the_teachers_dtype(make_cfg):
     cached = module.teacher_outputs(batch).logits
     assert cached.dtype == live.dtype == torch.float32
     torch.testing.assert_close(cached, live, **FP16)
+    # Under autocast too: the stored values, not a bfloat16 rounding of them.
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = module.teacher_outputs(batch).logits
-    assert mixed.dtype == mixed_live.dtype == torch.bfloat16
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, cached)
 
 
 # --------------------------------------------------------------- runs with and without
@@ -180,7 +265,7 @@ def test_a_run_with_the_cache_matches_one_without_and_a_second_run_reuses_it(
 
 
 # ------------------------------------------------------------------------- the key
-def test_the_key_follows_teacher_weights_data_tokenizer_and_max_seq_length(
+def test_the_key_follows_teacher_weights_precision_data_tokenizer_and_max_seq_length(
     make_cfg, tmp_path, glue_root
 ):
     cfg = make_cfg()
@@ -201,6 +286,25 @@ def test_the_key_follows_teacher_weights_data_tokenizer_and_max_seq_length(
     other_seed.setup("fit")
     assert teacher_cache(teacher, other_seed).key == base.key
 
+    # The precision the teacher runs in when the cache is built, after the key was first
+    # made at assembly (in float32): a bf16-true run converts the teacher, a bf16-mixed
+    # run computes it under autocast, TF32 rounds float32 products.
+    half = teacher_cache(teacher, datamodule)
+    half_teacher = copy.deepcopy(teacher).to(torch.bfloat16)
+    assert half.load_or_build(half_teacher) == 48 and half.status == "built"
+    assert changed(half) == {"teacher_dtype"}
+    mixed = teacher_cache(teacher, datamodule)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert mixed.load_or_build(teacher) == 48 and mixed.status == "built"
+    assert changed(mixed) == {"autocast_dtype"}
+    assert mixed.key != half.key
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        assert changed(teacher_cache(teacher, datamodule)) == {"float32_matmul_precision"}
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
     subset = prepared(make_cfg(extra=["task.max_train_samples=20"]))[0]
     assert changed(teacher_cache(teacher, subset)) == {"data_fingerprint"}
     edited = tmp_path / "SST-2"
@@ -211,6 +315,18 @@ def test_the_key_follows_teacher_weights_data_tokenizer_and_max_seq_length(
     (edited / "train.tsv").write_text("\n".join(lines) + "\n")
     other_data = prepared(make_cfg(extra=[f"task.data_dir={edited}"]))[0]
     assert changed(teacher_cache(teacher, other_data)) == {"data_fingerprint"}
+
+    # A transfer set's contents: the same file name, one line edited.
+    transfer = tmp_path / "transfer.tsv"
+
+    def transfer_key(text: str) -> str:
+        transfer.write_text(text)
+        pd = make_cfg(method="pd", extra=[f"task.transfer.files=[{transfer}]"])
+        return teacher_cache(teacher, prepared(pd)[0]).key
+
+    first = transfer_key("the film was good\nit is fun\n")
+    assert transfer_key("the film was bad\nit is fun\n") not in (first, base.key)
+    assert transfer_key("the film was good\nit is fun\n") == first
 
     tokenizer = load_tokenizer(cfg.model.tokenizer, "model.tokenizer")
     tokenizer.add_tokens(["zebra"])
@@ -302,11 +418,78 @@ def test_two_processes_building_the_same_cache_leave_one_valid_cache(make_cfg):
     for worker in workers:
         worker.join(timeout=60)
         assert worker.exitcode == 0
-    assert sorted(status for status, _, _ in found) == ["built", "reused"]
+    # No lock: both build (unless one finds the other's cache published), and each
+    # publishes a complete cache by renaming its own folder.
+    assert "built" in [status for status, _, _ in found]
     assert found[0][1:] == found[1][1:]
     datamodule, teacher, cache = loaded_cache(make_cfg())
     assert cache.status == "reused" and cache.outputs["logits"].tolist() == found[0][2]
     assert sorted(p.name for p in cache.directory.iterdir()) == [MANIFEST_FILE, OUTPUTS_FILE]
+    # Neither left a temporary folder.
+    assert [p.name for p in cache.root.iterdir()] == [cache.key]
+
+
+def test_a_builder_deletes_only_its_own_temporary_folders(make_cfg):
+    """A builder publishing while another builds (as on two nodes): the first publishes,
+    the second moves that cache aside and publishes its own; a third builder's temporary
+    folder, still being written, is left alone."""
+    datamodule, teacher = prepared(make_cfg())
+    first, second = teacher_cache(teacher, datamodule), teacher_cache(teacher, datamodule)
+    first.root.mkdir(parents=True)
+    other = first.root / f".{first.key}.other-node.4242.x1y2.tmp"
+    other.mkdir()
+    (other / OUTPUTS_FILE).write_bytes(b"half written")
+    batches = second.batches
+
+    def meanwhile():
+        first.load_or_build(teacher)  # publishes while `second` is half way through
+        yield from batches()
+
+    second.batches = meanwhile
+    assert second.load_or_build(teacher) == 48
+    assert (first.status, second.status) == ("built", "built")
+    assert torch.equal(first.outputs["logits"], second.outputs["logits"])
+    assert sorted(p.name for p in first.root.iterdir()) == [other.name, first.key]
+    assert (other / OUTPUTS_FILE).read_bytes() == b"half written"
+    third = teacher_cache(teacher, datamodule)
+    assert third.load_or_build(teacher) == 0 and third.status == "reused"
+
+
+def test_the_cache_needs_no_file_lock(make_cfg, monkeypatch):
+    """Lustre mounted without flock refuses it (ENOSYS)."""
+    datamodule, teacher = prepared(make_cfg())
+
+    def refuse(*args):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    cache = teacher_cache(teacher, datamodule)
+    assert cache.load_or_build(teacher) == 48 and cache.status == "built"
+    again = teacher_cache(teacher, datamodule)
+    assert again.load_or_build(teacher) == 0 and again.status == "reused"
+
+
+def test_a_rank_that_does_not_build_waits_for_rank_zeros_cache(make_cfg, monkeypatch):
+    monkeypatch.setattr(kdlab.data.teacher_cache, "POLL_SECONDS", 0.05)
+    datamodule, teacher = prepared(make_cfg())
+    builder, waiter = teacher_cache(teacher, datamodule), teacher_cache(teacher, datamodule)
+    rank_zero = threading.Timer(0.5, builder.load_or_build, args=(teacher,))
+    rank_zero.start()
+    try:
+        assert waiter.load_or_build(teacher, builds=False, wait_s=120) == 0
+    finally:
+        rank_zero.join()
+    assert (builder.status, waiter.status) == ("built", "reused")
+    assert torch.equal(waiter.outputs["logits"], builder.outputs["logits"])
+
+
+def test_a_rank_waiting_for_a_cache_that_never_comes_fails_naming_its_folder(make_cfg):
+    datamodule, teacher = prepared(make_cfg())
+    cache = teacher_cache(teacher, datamodule)
+    message = f"No valid teacher-output cache appeared in {cache.directory} within 0.2 s"
+    with pytest.raises(TimeoutError, match=re.escape(message) + ".*task.cache_dir"):
+        cache.load_or_build(teacher, builds=False, wait_s=0.2)
+    assert cache.teacher_examples == 0 and not cache.root.exists()
 
 
 def test_two_ddp_ranks_wait_for_one_build(tmp_path, glue_root, teacher_dir):

@@ -8,6 +8,10 @@ under a key that hashes everything they depend on:
 
 - the teacher: its class, its config (without the path it was loaded from) and a sha256
   of its weights;
+- how it computes when the cache is built or loaded (:func:`precision_fields`): its
+  weights' dtype (Lightning converts them for ``bf16-true`` and ``16-true``), the autocast
+  dtype it runs under (``bf16-mixed``, ``16-mixed``) and PyTorch's float32 matmul precision
+  (TF32);
 - the tokenizer (``datasets``' hash of it);
 - the data: the ``datasets`` fingerprint of the tokenised training split, which covers its
   content, the subset (``task.train_fraction``, ``task.max_train_samples``) and the transfer
@@ -21,24 +25,32 @@ Layout, under ``<task.cache_dir>/<task.name>/teacher-outputs/``::
                                 L = max_seq_length)
     <key>/manifest.json         what the key was made of, the rows, each output's shape,
                                 the file's size and sha256
-    <key>.lock                  held (fcntl.flock) while a process checks, builds or loads
+
+Outputs are stored in float16 whatever the teacher computed in (float16 holds a bfloat16
+value exactly in its normal range, |x| >= 2^-14, and a float32 one to 2^-11 relative) and
+looked up in float32.
 
 A cache whose manifest is unreadable or whose file does not match it (size, sha256,
-shapes) is rebuilt with a warning. Writers hold the lock and write to a temporary file that
-``os.replace`` moves into place, outputs first and the manifest last, so DDP ranks and
-concurrent runs wait for one build and never read a partial one.
+shapes) is rebuilt with a warning. No file locks (cluster filesystems refuse ``flock`` or
+do not share it between nodes): under DDP global rank 0 builds while the other ranks poll
+for a valid manifest; a builder writes both files into a folder of its own
+(``.<key>.<host>.<pid>.<random>.tmp``) and publishes it by renaming it to ``<key>``, so
+readers never see a partial cache and concurrent runs that both build leave one. A builder
+deletes only its own temporary folders; a killed one leaves its folder behind.
 """
 
 import contextlib
 import dataclasses
-import fcntl
+import errno
 import hashlib
 import json
 import logging
 import os
+import shutil
+import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -57,10 +69,14 @@ from kdlab.models.build import HEAD_TARGETS, forward
 log = logging.getLogger(__name__)
 
 # Bumped whenever what is stored, or how the key is made, changes.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 OUTPUTS_FILE = "outputs.safetensors"
 MANIFEST_FILE = "manifest.json"
 FOLDER = "teacher-outputs"
+# How long a DDP rank other than 0 waits for rank 0 to publish the cache, and how often it
+# looks: long enough for a large transfer set on a slow teacher.
+WAIT_SECONDS = 2 * 3600.0
+POLL_SECONDS = 2.0
 # Heads whose outputs score every token position ([B, L]). They are computed on batches
 # padded to max_seq_length and stored that wide: a padded position's score does not depend
 # on how much padding follows it (padding is masked as attention keys), so one row serves a
@@ -86,6 +102,20 @@ def config_digest(model: PreTrainedModel) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
+def precision_fields(teacher: PreTrainedModel) -> dict:
+    """How ``teacher`` computes here: its weights' dtype, the autocast dtype on its device
+    (None without autocast) and the float32 matmul precision (``high`` allows TF32)."""
+    device = next(teacher.parameters()).device.type
+    autocast = torch.is_autocast_enabled(device)
+    return {
+        "teacher_dtype": str(teacher.dtype).removeprefix("torch."),
+        "autocast_dtype": (
+            str(torch.get_autocast_dtype(device)).removeprefix("torch.") if autocast else None
+        ),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+    }
+
+
 def key_fields(
     teacher: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -99,6 +129,7 @@ def key_fields(
         "teacher_class": type(teacher).__name__,
         "teacher_config_sha256": config_digest(teacher),
         "teacher_weights_sha256": weights_digest(teacher),
+        **precision_fields(teacher),
         "tokenizer_hash": Hasher.hash(tokenizer),
         "data_fingerprint": data_fingerprint,
         "max_seq_length": int(max_seq_length),
@@ -111,34 +142,24 @@ def cache_key(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
 
-@contextlib.contextmanager
-def exclusive_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` (created if needed) within the block; say so
-    when another process holds it (a DDP rank or a concurrent run building the cache)."""
-    with open(path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("Waiting for another process to finish the teacher-output cache (%s)", path)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def _write_synced(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` and flush it to disk before it is published."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """``path`` holds either its old content or all of ``data``, never part of it."""
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _rename_folder(source: Path, target: Path) -> bool:
+    """Rename the folder ``source`` to ``target`` (atomic); False where ``target`` is a
+    folder already, which a rename does not replace unless it is empty."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        os.rename(source, target)
+    except OSError as err:
+        if err.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            return False
         raise
+    return True
 
 
 class TeacherCache:
@@ -165,9 +186,8 @@ class TeacherCache:
         batches: Callable[[], Iterable[dict[str, Tensor]]],
         about: dict | None = None,
     ) -> None:
+        self.root = Path(root)
         self.fields = fields
-        self.key = cache_key(fields)
-        self.directory = Path(root) / self.key
         self.rows = rows
         self.head = head
         self.names = list(HEAD_TARGETS[head].values())
@@ -180,35 +200,53 @@ class TeacherCache:
         self.teacher_examples = 0
 
     @property
-    def lock_path(self) -> Path:
-        """The file whose ``flock`` serialises the processes that check, build or load."""
-        return self.directory.with_name(f"{self.key}.lock")
+    def key(self) -> str:
+        """The hash of :attr:`fields`: the cache's folder name."""
+        return cache_key(self.fields)
+
+    @property
+    def directory(self) -> Path:
+        """The folder of the outputs and their manifest."""
+        return self.root / self.key
 
     # ------------------------------------------------------------------ load or build
-    def load_or_build(self, teacher: PreTrainedModel) -> int:
-        """Load the stored outputs, or compute them with ``teacher`` (on its device) and store
-        them; one process at a time.
+    def load_or_build(
+        self, teacher: PreTrainedModel, *, builds: bool = True, wait_s: float = WAIT_SECONDS
+    ) -> int:
+        """Load the stored outputs, or compute them with ``teacher`` (on its device, in the
+        dtype and autocast context of the caller) and store them.
+
+        Args:
+            teacher: the teacher, as the run will compute with it.
+            builds: whether this process builds a missing or damaged cache (single process,
+                DDP global rank 0), or waits for another one to publish it (other ranks).
+            wait_s: how long a process that does not build waits.
 
         Returns:
             The examples the teacher ran on: ``N`` when built, ``0`` when reused.
+
+        Raises:
+            TimeoutError: (``builds=False``) no valid cache appeared within ``wait_s``.
         """
-        self.directory.parent.mkdir(parents=True, exist_ok=True)
+        # Lightning converts the teacher (``*-true`` precisions) and enters autocast after the
+        # cache was made at assembly: key the outputs by how the teacher computes now.
+        self.fields = {**self.fields, **precision_fields(teacher)}
         start = time.perf_counter()
         self.teacher_batches = self.teacher_examples = 0
-        with exclusive_lock(self.lock_path):
-            outputs, problem = self._read()
-            if outputs is None:
-                if problem is not None:
-                    log.warning(
-                        "Teacher-output cache %s is unusable (%s): rebuilding it.",
-                        self.directory,
-                        problem,
-                    )
-                outputs = self._build(teacher)
-                self._write(outputs, time.perf_counter() - start)
-                self.status = "built"
-            else:
-                self.status = "reused"
+        outputs, problem = self._read()
+        self.status = "reused"
+        if outputs is None and not builds:
+            outputs = self._wait(wait_s)
+        elif outputs is None:
+            if problem is not None:
+                log.warning(
+                    "Teacher-output cache %s is unusable (%s): rebuilding it.",
+                    self.directory,
+                    problem,
+                )
+            outputs = self._build(teacher)
+            self._publish(outputs, time.perf_counter() - start)
+            self.status = "built"
         self.outputs = outputs
         log.info(
             "Teacher-output cache %s %s: %d rows, %d teacher forward passes (%d examples), %.1f s.",
@@ -220,6 +258,22 @@ class TeacherCache:
             time.perf_counter() - start,
         )
         return self.teacher_examples
+
+    def _wait(self, wait_s: float) -> dict[str, Tensor]:
+        """The outputs once another process has published them (polling the filesystem: no
+        collective, no lock)."""
+        log.info("Waiting for global rank 0 to build the teacher-output cache %s", self.directory)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            time.sleep(min(POLL_SECONDS, wait_s))
+            outputs, _ = self._read()
+            if outputs is not None:
+                return outputs
+        raise TimeoutError(
+            f"No valid teacher-output cache appeared in {self.directory} within {wait_s:g} s. "
+            "Global rank 0 builds it there: check that it did not fail and that task.cache_dir "
+            "is on a filesystem every node sees."
+        )
 
     @torch.no_grad()
     def _build(self, teacher: PreTrainedModel) -> dict[str, Tensor]:
@@ -241,12 +295,13 @@ class TeacherCache:
                 parts[name].append(stored.cpu())
             self.teacher_batches += 1
             self.teacher_examples += batch["input_ids"].size(0)
-        return {name: torch.cat(chunks) for name, chunks in parts.items()}
+        # Joined outside autocast: CPU autocast's cat refuses float16 inputs (torch 2.13).
+        with torch.autocast("cpu", enabled=False):
+            return {name: torch.cat(chunks) for name, chunks in parts.items()}
 
-    def _write(self, outputs: dict[str, Tensor], seconds: float) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        for stale in self.directory.glob(".*.tmp"):  # left by a build that was killed
-            stale.unlink()
+    def _publish(self, outputs: dict[str, Tensor], seconds: float) -> None:
+        """Write the outputs and their manifest into a folder of this builder's own, then
+        rename it to :attr:`directory`."""
         data = safetensors.torch.save(outputs)
         manifest = {
             "key": self.key,
@@ -268,12 +323,25 @@ class TeacherCache:
                 **self.about,
             },
         }
-        # A manifest always describes the file beside it: drop the old one first.
-        (self.directory / MANIFEST_FILE).unlink(missing_ok=True)
-        _write_atomically(self.directory / OUTPUTS_FILE, data)
-        _write_atomically(
-            self.directory / MANIFEST_FILE, json.dumps(manifest, indent=2).encode("utf-8")
-        )
+        self.root.mkdir(parents=True, exist_ok=True)
+        # Host and pid make the name unique across nodes and say whose it is; mkdtemp's
+        # random part, across processes that share both.
+        prefix = f".{self.key}.{socket.gethostname()}.{os.getpid()}."
+        staging = Path(tempfile.mkdtemp(dir=self.root, prefix=prefix, suffix=".tmp"))
+        aside = staging.with_suffix(".old")
+        try:
+            _write_synced(staging / OUTPUTS_FILE, data)
+            _write_synced(staging / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
+            if not _rename_folder(staging, self.directory):
+                # A damaged cache is in the way, or one that another builder has just
+                # published (the same outputs): move it aside under this builder's own name.
+                with contextlib.suppress(FileNotFoundError):  # another builder moved it
+                    os.rename(self.directory, aside)
+                # False: yet another builder published meanwhile; its cache stands.
+                _rename_folder(staging, self.directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(aside, ignore_errors=True)
 
     def _read(self) -> tuple[dict[str, Tensor] | None, str | None]:
         """The stored outputs and None, or None and what is wrong with them (None as well
@@ -320,10 +388,11 @@ class TeacherCache:
         """Whether the outputs are loaded and ``batch`` says which rows it holds."""
         return self.outputs is not None and ROW_INDEX in batch
 
-    def lookup(self, batch: dict[str, Tensor], dtype: torch.dtype) -> ModelOutput:
-        """The teacher's outputs on ``batch``'s rows, as the teacher would return them: on
-        the batch's device, in ``dtype``; per-position outputs cut to the batch's padded
-        width ``[B, W]``."""
+    def lookup(self, batch: dict[str, Tensor]) -> ModelOutput:
+        """The teacher's outputs on ``batch``'s rows, on the batch's device, in float32 (the
+        stored float16 values, exactly: whatever the run computes in, a bfloat16 rounding
+        would lose 3 of their 11 bits); per-position outputs cut to the batch's padded width
+        ``[B, W]``."""
         rows = batch[ROW_INDEX]
         if next(iter(self.outputs.values())).device != rows.device:
             self.outputs = {name: t.to(rows.device) for name, t in self.outputs.items()}
@@ -333,7 +402,7 @@ class TeacherCache:
             values = table[rows]
             if self.head in PER_POSITION_HEADS:
                 values = values[:, :width]
-            found[name] = values.to(dtype)
+            found[name] = values.float()
         return ModelOutput(**found)
 
     def summary(self) -> dict:

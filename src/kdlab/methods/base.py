@@ -297,29 +297,26 @@ class BaseMethod(L.LightningModule, abc.ABC):
     def teacher_outputs(self, batch: dict[str, Tensor], **options):
         """The teacher's outputs on the same batch as the student, without gradients: from
         the teacher-output cache where one is loaded and the batch carries its rows (and no
-        extra outputs are asked for), else from the teacher."""
+        extra outputs are asked for; float32 then, the losses take any float dtype), else
+        from the teacher."""
         cache = self.teacher_cache
         if cache is not None and not options and cache.covers(batch):
-            return cache.lookup(batch, self.teacher_output_dtype())
+            return cache.lookup(batch)
         return self.forward_model(self.teacher, batch, **options)
 
-    def teacher_output_dtype(self) -> torch.dtype:
-        """The dtype the teacher's outputs have here: the autocast dtype under mixed
-        precision, else its weights' dtype."""
-        device = self.device.type
-        if torch.is_autocast_enabled(device):
-            return torch.get_autocast_dtype(device)
-        return self.teacher.dtype
-
     def on_fit_start(self) -> None:
-        # The teacher is on its device now: build (or load) the cache here, not at assembly.
+        # The teacher is on its device and in its precision now: build (or load) the cache
+        # here, not at assembly.
         if self.teacher is None:
             return
         self._teacher_counter = self.teacher.base_model.register_forward_pre_hook(
             self._count_teacher_examples, with_kwargs=True
         )
         if self.teacher_cache is not None:
-            self.teacher_cache.load_or_build(self.teacher)
+            # In the autocast (or dtype) context training computes the teacher in. Rank 0
+            # builds; the others poll the filesystem for its result (no collective here).
+            with self.trainer.precision_plugin.forward_context():
+                self.teacher_cache.load_or_build(self.teacher, builds=self.trainer.is_global_zero)
 
     def on_fit_end(self) -> None:
         if self._teacher_counter is not None:
