@@ -158,10 +158,10 @@ def test_regression_targets_stay_fp32_under_bf16_autocast():
 def test_mixed_targets_and_lambda_stay_fp32_under_bf16_autocast():
     # λ = 0.3 reads 0.30078125 in bf16. Regression: targets 0.3·0 + 0.7·4.9 = 3.43 and
     # 0.3·4.9 + 0.7·0 = 1.47 against outputs 3 and 1: ((0.43)² + (0.47)²) / 2.
-    lam, partners = torch.tensor([0.3, 0.3]), torch.tensor([1, 0])
+    lam = torch.tensor([0.3, 0.3])
     outputs = torch.tensor([[3.0], [1.0]], dtype=BF16)
     with torch.autocast("cpu", dtype=BF16):
-        mse = mixup_target_loss(outputs, torch.tensor([0.0, 4.9]), partners, lam)
+        mse = mixup_target_loss(outputs, torch.tensor([0.0, 4.9]), torch.tensor([4.9, 0.0]), lam)
     assert mse.dtype == torch.float32
     assert mse.item() == pytest.approx((0.43**2 + 0.47**2) / 2, rel=1e-5)
     # Classification: outputs (0, 0) give p = (1/2, 1/2), cross-entropy log 2 against any
@@ -169,6 +169,6 @@ def test_mixed_targets_and_lambda_stay_fp32_under_bf16_autocast():
     # (0.7, 0.3): −0.7·log(1/(1+e)) − 0.3·log(e/(1+e)) = log(1 + e) − 0.3.
     logits = torch.tensor([[0.0, 0.0], [0.0, 1.0]], dtype=BF16)
     with torch.autocast("cpu", dtype=BF16):
-        ce = mixup_target_loss(logits, torch.tensor([0, 1]), partners, lam)
+        ce = mixup_target_loss(logits, torch.tensor([0, 1]), torch.tensor([1, 0]), lam)
     assert ce.dtype == torch.float32
     assert ce.item() == pytest.approx((math.log(2.0) + math.log(1 + E) - 0.3) / 2, rel=1e-6)

@@ -206,26 +206,29 @@ def kd_loss(
     return {"loss": (1.0 - alpha) * ce + alpha * kd, "ce": ce, "kd": kd}
 
 
-def mixup(x: Tensor, perm: Tensor, lam: Tensor) -> Tensor:
-    """Mixup of every example with its partner: ``λ_i · x_i + (1 − λ_i) · x_perm[i]``.
+def mixup(x: Tensor, partner: Tensor, lam: Tensor) -> Tensor:
+    """Mixup of every example with its partner: ``λ_i · x_i + (1 − λ_i) · x'_i``.
 
     ``torch.lerp`` computes it, which is exact at the ends: ``λ = 1`` returns ``x`` and a
-    self-pair (``perm[i] == i``) returns ``x_i`` bit for bit, so mixed losses then equal the
-    un-mixed ones exactly.
+    partner equal to the example (a self-pair) returns ``x_i`` bit for bit, so mixed losses
+    then equal the un-mixed ones exactly.
 
     Args:
         x: ``[B, ...]`` floats (embeddings ``[B, L, H]``, one-hot labels ``[B, C]``, targets ``[B]``).
-        perm: ``[B]`` partner index of each example.
-        lam: ``[B]`` mixing weights in ``[0, 1]``, broadcast over the trailing dims of ``x``.
+        partner: shaped like ``x``: row ``i`` is the partner of example ``i``.
+        lam: ``[B]`` mixing weights in ``[0, 1]``, broadcast over the trailing dims of ``x``
+            (cast to ``x``'s dtype).
 
     Returns:
         Tensor shaped like ``x``.
     """
     weight = lam.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
-    return torch.lerp(x[perm], x, weight)
+    return torch.lerp(partner, x, weight)
 
 
-def mixup_target_loss(logits: Tensor, labels: Tensor, perm: Tensor, lam: Tensor) -> Tensor:
+def mixup_target_loss(
+    logits: Tensor, labels: Tensor, partner_labels: Tensor, lam: Tensor
+) -> Tensor:
     """MixKD's student loss on mixed inputs, ``L_SM`` (Liang et al. 2021).
 
     Cross-entropy against the mixed label ``λ·y_i + (1 − λ)·y_j`` (one-hot ``y``); for
@@ -235,16 +238,18 @@ def mixup_target_loss(logits: Tensor, labels: Tensor, perm: Tensor, lam: Tensor)
     Args:
         logits: ``[B, C]`` student outputs on the mixed inputs.
         labels: ``[B]`` class indices, or float targets for regression.
-        perm: ``[B]`` partner index of each example.
+        partner_labels: ``[B]`` the labels of each example's partner.
         lam: ``[B]`` mixing weights.
 
     Returns:
         Scalar tensor.
     """
     if logits.size(-1) == 1:
-        return F.mse_loss(logits.float().squeeze(-1), mixup(labels.float(), perm, lam))
-    one_hot = F.one_hot(labels, logits.size(-1)).float()
-    return soft_cross_entropy(logits, mixup(one_hot, perm, lam))
+        target = mixup(labels.float(), partner_labels.float(), lam)
+        return F.mse_loss(logits.float().squeeze(-1), target)
+    classes = logits.size(-1)
+    one_hot, partner = (F.one_hot(y, classes).float() for y in (labels, partner_labels))
+    return soft_cross_entropy(logits, mixup(one_hot, partner, lam))
 
 
 def masked_mse(student: Tensor, teacher: Tensor, keep: Tensor) -> Tensor:
