@@ -218,6 +218,28 @@ def test_sm_and_tmkd_hand_computed_regression(tiny_dirs):
     )
 
 
+def test_mixed_targets_stay_fp32_under_bf16_autocast(tiny_dirs):
+    # The student's outputs come out in bf16 there; the STS-B scores (4.9 reads 4.90625 in
+    # bf16) and λ (0.3 reads 0.30078125) must not be rounded to it.
+    module = make_module(tiny_dirs, 1).eval()
+    batch = make_batch(tiny_dirs, SAME_LENGTH, 1)
+    batch["labels"] = torch.tensor([4.9, 0.3, 2.7, 1.1])
+    lam = torch.tensor([0.3, 0.7, 0.1, 0.9])
+    fix_mixing(module, PERM, lam)
+    outputs = []
+    module.student.register_forward_hook(lambda model, args, out: outputs.append(out.logits))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = module.compute_losses(batch)
+    plain, mixed = (o.squeeze(-1).tolist() for o in outputs)  # un-mixed, then mixed pass
+    assert outputs[1].dtype == torch.bfloat16
+    y, w = batch["labels"].tolist(), lam.tolist()
+    targets = [w[i] * y[i] + (1 - w[i]) * y[j] for i, j in enumerate(PERM.tolist())]
+    sm = sum((s - t) ** 2 for s, t in zip(mixed, targets, strict=True)) / 4
+    ce = sum((s - t) ** 2 for s, t in zip(plain, y, strict=True)) / 4
+    assert losses["sm"].item() == pytest.approx(sm, rel=1e-5)
+    assert losses["ce"].item() == pytest.approx(ce, rel=1e-5)
+
+
 def test_token_types_of_pairs_are_mixed(tiny_dirs):
     module = make_module(tiny_dirs, 2).eval()
     batch = make_batch(tiny_dirs, MIXED_LENGTH, 2, pair=True)
