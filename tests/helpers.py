@@ -10,7 +10,7 @@ from transformers import default_data_collator
 
 from kdlab.data import CorpusDataModule
 from kdlab.losses import matching_loss
-from kdlab.methods import BaseMethod, FineTune, MixKD
+from kdlab.methods import BaseMethod, FineTune
 
 
 class Interrupted(RuntimeError):
@@ -148,25 +148,6 @@ class RecordSteps(L.Callback):
         weights = {k: v.detach().clone() for k, v in pl_module.student.state_dict().items()}
         path = Path(trainer.default_root_dir) / f"steps_rank{trainer.global_rank}.pt"
         torch.save({"grads": self.grads, "weights": weights}, path)
-
-
-class PairedMixKD(MixKD):
-    """MixKD with fixed partners and weights instead of random ones: example ``i`` of a
-    batch is mixed with example ``i XOR partner_stride`` with ``λ = mix_weight``.
-
-    Under DDP each of W processes holds every W-th example of the batch one device with W
-    times the batch would hold (``kdlab.data.base.EpochSeededSampler``), so stride 1 on each
-    of 2 processes pairs the same examples as stride 2 on one device.
-    """
-
-    def __init__(self, *, partner_stride: int = 1, mix_weight: float = 0.3, **mixkd) -> None:
-        super().__init__(**mixkd)
-        self.partner_stride = partner_stride
-        self.mix_weight = mix_weight
-
-    def sample_mixing(self, batch_size: int, device: torch.device):
-        perm = torch.arange(batch_size, device=device) ^ self.partner_stride
-        return perm, torch.full((batch_size,), self.mix_weight, device=device)
 
 
 class FixedMaskCorpus(CorpusDataModule):

@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from kdlab.losses import distillation_loss, kd_loss, soft_kl, supervised_loss
+from kdlab.losses import (
+    distillation_loss,
+    kd_loss,
+    mixup_target_loss,
+    soft_kl,
+    soft_target_loss,
+    supervised_loss,
+)
 
 E = math.e
 
@@ -93,9 +100,75 @@ def test_kd_loss_regression_stsb_branch():
     close(out["loss"], 0.8125)
 
 
+def test_kd_loss_on_spans_averages_start_and_end_in_both_terms():
+    # Start: the example above (cross-entropy CE, KL_T2). End: all-zero logits for student
+    # and teacher: KL 0, cross-entropy log 2 at any position. Both terms are means over the
+    # two outputs, so α weighs the teacher as it does for classification.
+    zeros = torch.zeros(2, 2)
+    student = {"start_positions": STUDENT, "end_positions": zeros}
+    teacher = {"start_positions": TEACHER, "end_positions": zeros}
+    targets = {"start_positions": LABELS, "end_positions": LABELS}
+    out = kd_loss(student, teacher, targets, alpha=0.25, temperature=2.0)
+    ce, kd = (CE + math.log(2)) / 2, KL_T2 / 2
+    close(out["ce"], ce)
+    close(out["kd"], kd)
+    close(out["loss"], 0.75 * ce + 0.25 * kd)
+    # Start and end both equal to a classification output give that output's loss.
+    same = kd_loss(
+        {"start_positions": STUDENT, "end_positions": STUDENT},
+        {"start_positions": TEACHER, "end_positions": TEACHER},
+        targets,
+        alpha=0.25,
+        temperature=2.0,
+    )
+    close(same["loss"], 0.75 * CE + 0.25 * KL_T2)
+
+
 def test_kd_loss_gradient_flows_to_student_only():
     s = STUDENT.clone().requires_grad_(True)
     t = TEACHER.clone().requires_grad_(True)
     kd_loss(s, t.detach(), LABELS, alpha=0.5, temperature=2.0)["loss"].backward()
     assert s.grad is not None and torch.isfinite(s.grad).all()
     assert t.grad is None
+
+
+# ------------------------------------------------------------------ fp32 under autocast
+BF16 = torch.bfloat16
+
+
+def test_regression_targets_stay_fp32_under_bf16_autocast():
+    # Under autocast a model's logits are bf16 (5.0, 3.0 and 1.0 are exact there); the
+    # targets are fp32. bf16 keeps 8 significant bits: 4.9 would read 4.90625, and the
+    # squared error (5 − 4.9)² = 0.01 would read 0.0087890625.
+    student = torch.tensor([[5.0], [3.0]], dtype=BF16)
+    teacher = torch.tensor([[4.9], [3.0]])
+    labels = torch.tensor([4.9, 3.0])
+    with torch.autocast("cpu", dtype=BF16):
+        losses = {
+            "supervised": supervised_loss(student, labels),
+            "distillation": distillation_loss(student, teacher),
+            "pd": soft_target_loss({"labels": student}, {"labels": teacher}, 1.0)["mse"],
+            **kd_loss(student, teacher, labels, 0.5, 2.0),
+        }
+    for name, loss in losses.items():
+        assert loss.dtype == torch.float32, name
+        assert loss.item() == pytest.approx(0.01 / 2, rel=1e-5), name
+
+
+def test_mixed_targets_and_lambda_stay_fp32_under_bf16_autocast():
+    # λ = 0.3 reads 0.30078125 in bf16. Regression: targets 0.3·0 + 0.7·4.9 = 3.43 and
+    # 0.3·4.9 + 0.7·0 = 1.47 against outputs 3 and 1: ((0.43)² + (0.47)²) / 2.
+    lam = torch.tensor([0.3, 0.3])
+    outputs = torch.tensor([[3.0], [1.0]], dtype=BF16)
+    with torch.autocast("cpu", dtype=BF16):
+        mse = mixup_target_loss(outputs, torch.tensor([0.0, 4.9]), torch.tensor([4.9, 0.0]), lam)
+    assert mse.dtype == torch.float32
+    assert mse.item() == pytest.approx((0.43**2 + 0.47**2) / 2, rel=1e-5)
+    # Classification: outputs (0, 0) give p = (1/2, 1/2), cross-entropy log 2 against any
+    # target; outputs (0, 1) give p = (1, e) / (1 + e), and against the mixed label
+    # (0.7, 0.3): −0.7·log(1/(1+e)) − 0.3·log(e/(1+e)) = log(1 + e) − 0.3.
+    logits = torch.tensor([[0.0, 0.0], [0.0, 1.0]], dtype=BF16)
+    with torch.autocast("cpu", dtype=BF16):
+        ce = mixup_target_loss(logits, torch.tensor([0, 1]), torch.tensor([1, 0]), lam)
+    assert ce.dtype == torch.float32
+    assert ce.item() == pytest.approx((math.log(2.0) + math.log(1 + E) - 0.3) / 2, rel=1e-6)

@@ -3,10 +3,13 @@
 import math
 from pathlib import Path
 
+import lightning as L
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
+from torch.utils.data import DataLoader
 from transformers import BertForSequenceClassification
 
 from kdlab import train
@@ -70,17 +73,22 @@ def make_batch(dirs, texts, num_labels: int = 2, pair: bool = False) -> dict:
 
 
 def fix_mixing(module: MixKD, perm: torch.Tensor, lam: torch.Tensor) -> None:
-    module.sample_mixing = lambda n, device: (perm, lam)
+    module.sample_mixing = lambda n: (perm, lam)
+
+
+def partners(inputs: dict, perm: torch.Tensor) -> dict:
+    """The partners' rows of every input: row ``i`` is ``perm[i]``'s."""
+    return {k: v[perm] for k, v in inputs.items()}
 
 
 # --------------------------------------------------------------------------- pure losses
 def test_mixup_is_exact_at_lambda_one_and_for_self_pairs():
     x = torch.randn(4, 5, 3)
-    assert torch.equal(mixup(x, PERM, torch.ones(4)), x)
-    assert torch.equal(mixup(x, torch.arange(4), torch.tensor([0.3, 0.7, 0.1, 0.9])), x)
+    assert torch.equal(mixup(x, x[PERM], torch.ones(4)), x)
+    assert torch.equal(mixup(x, x.clone(), torch.tensor([0.3, 0.7, 0.1, 0.9])), x)
     lam = torch.tensor([0.25, 0.5, 0.0, 1.0])
     expected = torch.stack([0.25 * x[0] + 0.75 * x[2], 0.5 * x[1] + 0.5 * x[0], x[3], x[3]])
-    torch.testing.assert_close(mixup(x, PERM, lam), expected)
+    torch.testing.assert_close(mixup(x, x[PERM], lam), expected)
 
 
 def test_mixup_target_loss_hand_computed_classification():
@@ -98,7 +106,7 @@ def test_mixup_target_loss_hand_computed_regression():
     # Targets: 0.75·0 + 0.25·4 = 1 and 0.25·4 + 0.75·0 = 1; errors 0 and 1.
     logits = torch.tensor([[1.0], [2.0]])
     loss = mixup_target_loss(
-        logits, torch.tensor([0.0, 4.0]), torch.tensor([1, 0]), torch.tensor([0.75, 0.25])
+        logits, torch.tensor([0.0, 4.0]), torch.tensor([4.0, 0.0]), torch.tensor([0.75, 0.25])
     )
     assert loss.item() == pytest.approx(0.5)
 
@@ -123,14 +131,15 @@ def test_self_pairs_reduce_to_unmixed_losses_exactly(tiny_dirs, num_labels):
 
 
 def assert_reduces_to_unmixed(module: MixKD, batch: dict) -> None:
-    perm, lam = module.sample_mixing(4, torch.device("cpu"))
+    perm, lam = module.sample_mixing(4)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+    pairs = partners(inputs, perm)
     with torch.no_grad():
         student = module.student(**inputs).logits
         teacher = module.teacher(**inputs).logits
         # Both models' mixed outputs are bit for bit their un-mixed outputs.
-        assert torch.equal(mixed_forward(module.student, inputs, perm, lam).logits, student)
-        assert torch.equal(mixed_forward(module.teacher, inputs, perm, lam).logits, teacher)
+        assert torch.equal(mixed_forward(module.student, inputs, pairs, lam).logits, student)
+        assert torch.equal(mixed_forward(module.teacher, inputs, pairs, lam).logits, teacher)
     losses = module.compute_losses(batch)
     labels = batch["labels"]
     assert torch.equal(losses["tmkd"], distillation_loss(student, teacher, module.temperature))
@@ -209,17 +218,39 @@ def test_sm_and_tmkd_hand_computed_regression(tiny_dirs):
     )
 
 
+def test_mixed_targets_stay_fp32_under_bf16_autocast(tiny_dirs):
+    # The student's outputs come out in bf16 there; the STS-B scores (4.9 reads 4.90625 in
+    # bf16) and λ (0.3 reads 0.30078125) must not be rounded to it.
+    module = make_module(tiny_dirs, 1).eval()
+    batch = make_batch(tiny_dirs, SAME_LENGTH, 1)
+    batch["labels"] = torch.tensor([4.9, 0.3, 2.7, 1.1])
+    lam = torch.tensor([0.3, 0.7, 0.1, 0.9])
+    fix_mixing(module, PERM, lam)
+    outputs = []
+    module.student.register_forward_hook(lambda model, args, out: outputs.append(out.logits))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = module.compute_losses(batch)
+    plain, mixed = (o.squeeze(-1).tolist() for o in outputs)  # un-mixed, then mixed pass
+    assert outputs[1].dtype == torch.bfloat16
+    y, w = batch["labels"].tolist(), lam.tolist()
+    targets = [w[i] * y[i] + (1 - w[i]) * y[j] for i, j in enumerate(PERM.tolist())]
+    sm = sum((s - t) ** 2 for s, t in zip(mixed, targets, strict=True)) / 4
+    ce = sum((s - t) ** 2 for s, t in zip(plain, y, strict=True)) / 4
+    assert losses["sm"].item() == pytest.approx(sm, rel=1e-5)
+    assert losses["ce"].item() == pytest.approx(ce, rel=1e-5)
+
+
 def test_token_types_of_pairs_are_mixed(tiny_dirs):
     module = make_module(tiny_dirs, 2).eval()
     batch = make_batch(tiny_dirs, MIXED_LENGTH, 2, pair=True)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     lam = torch.tensor([0.25, 0.6, 0.5, 0.1])
     with torch.no_grad():
-        mixed = mixed_forward(module.student, inputs, PERM, lam).logits
+        mixed = mixed_forward(module.student, inputs, partners(inputs, PERM), lam).logits
         # Keeping each example's own token types instead gives different outputs.
         words = module.student.get_input_embeddings()(inputs["input_ids"])
         unmixed_types = module.student(
-            inputs_embeds=mixup(words, PERM, lam),
+            inputs_embeds=mixup(words, words[PERM], lam),
             token_type_ids=inputs["token_type_ids"],
             attention_mask=torch.maximum(inputs["attention_mask"], inputs["attention_mask"][PERM]),
         ).logits
@@ -261,7 +292,7 @@ def test_each_model_mixes_its_own_embedding_table(tiny_dirs):
     ids = batch["input_ids"]
     for name in ("student", "teacher"):
         table = getattr(module, name).get_input_embeddings().weight.detach()
-        torch.testing.assert_close(seen[name], mixup(table[ids], PERM, lam))
+        torch.testing.assert_close(seen[name], mixup(table[ids], table[ids[PERM]], lam))
     assert not torch.allclose(seen["student"], seen["teacher"])
 
 
@@ -284,11 +315,65 @@ def test_ablations_and_original_kd_term(tiny_dirs):
 
 def test_sampled_mixing_is_a_permutation_with_lambda_in_unit_interval(tiny_dirs):
     module = make_module(tiny_dirs, 2, alpha=0.4)
-    perm, lam = module.sample_mixing(64, torch.device("cpu"))
+    perm, lam = module.sample_mixing(64)
     assert sorted(perm.tolist()) == list(range(64))
-    assert lam.shape == (64,) and bool(((lam >= 0) & (lam <= 1)).all())
+    assert lam.shape == (64,) and lam.dtype == torch.float32
+    assert bool(((lam >= 0) & (lam <= 1)).all())
     # Beta(0.4, 0.4) puts most mass near 0 and 1.
     assert ((lam < 0.2) | (lam > 0.8)).float().mean() > 0.4
+
+
+def assert_same_draws(a: tuple, b: tuple) -> None:
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_draws_are_a_function_of_the_seed_and_the_batch_position(tiny_dirs):
+    # Not of the global random state (dropout's), nor of what the module drew before: a
+    # resumed run, a new module at the position Lightning restores, draws the same.
+    module = make_module(tiny_dirs, 2, seed=3)
+    module.batch_position = (1, 5)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    first = module.sample_mixing(16)
+    torch.manual_seed(1)
+    np.random.seed(1)
+    assert_same_draws(module.sample_mixing(16), first)
+    fresh = make_module(tiny_dirs, 2, seed=3)
+    fresh.batch_position = (1, 5)
+    assert_same_draws(fresh.sample_mixing(16), first)
+    # Another batch, epoch or seed draws anew.
+    for seed, position in ((3, (1, 6)), (3, (2, 5)), (4, (1, 5))):
+        fresh.seed, fresh.batch_position = seed, position
+        perm, lam = fresh.sample_mixing(16)
+        assert not torch.equal(lam, first[1])
+
+
+def test_each_training_batch_draws_at_its_position(tiny_dirs):
+    module = make_module(tiny_dirs, 2, seed=5)
+    drawn = []
+    sample = module.sample_mixing
+
+    def record(batch_size: int):
+        drawn.append((module.batch_position, sample(batch_size)))
+        return drawn[-1][1]
+
+    module.sample_mixing = record
+    batch = make_batch(tiny_dirs, MIXED_LENGTH, 2)
+    examples = [{k: v[i] for k, v in batch.items()} for i in range(4)]
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, train_dataloaders=DataLoader(examples, batch_size=2))
+    assert [position for position, _ in drawn] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    fresh = make_module(tiny_dirs, 2, seed=5)
+    for position, draws in drawn:
+        fresh.batch_position = position
+        assert_same_draws(fresh.sample_mixing(2), draws)
 
 
 # ------------------------------------------------------------------------ end to end

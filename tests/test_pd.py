@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import BertForQuestionAnswering
 
 import kdlab.train
 from kdlab.data.transfer import transfer_set
@@ -12,6 +13,7 @@ from kdlab.errors import ConfigError, DataFormatError
 from kdlab.losses import soft_kl, soft_target_loss
 from kdlab.methods import PreTrainedDistillation
 from kdlab.metrics import ClassificationEvaluator
+from kdlab.models.build import model_inputs
 from kdlab.optim import Optim
 from tests.conftest import build_datamodule, build_student, build_teacher
 from tests.fixtures import write_squad, write_tiny_qa_bert
@@ -20,20 +22,40 @@ STUDENT = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 2.0]])
 TEACHER = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
 
 
-def test_soft_cross_entropy_by_hand():
-    t = 2.0
-    losses = soft_target_loss({"labels": STUDENT}, {"labels": TEACHER}, t)
-    expected = 0.0
-    for s_row, t_row in zip(STUDENT.tolist(), TEACHER.tolist(), strict=True):
+def soft_ce_by_hand(student: torch.Tensor, teacher: torch.Tensor, t: float) -> float:
+    """``−T² · Σ_y p_t(y) · log p_s(y)`` averaged over the rows, in Python floats."""
+    total = 0.0
+    for s_row, t_row in zip(student.tolist(), teacher.tolist(), strict=True):
         z_t = sum(math.exp(v / t) for v in t_row)
         z_s = sum(math.exp(v / t) for v in s_row)
-        expected += -sum(
+        total += -sum(
             math.exp(tv / t) / z_t * (sv / t - math.log(z_s))
             for sv, tv in zip(s_row, t_row, strict=True)
         )
-    expected = expected / 2 * t**2
+    return total / len(student) * t**2
+
+
+def test_soft_cross_entropy_by_hand():
+    t = 2.0
+    losses = soft_target_loss({"labels": STUDENT}, {"labels": TEACHER}, t)
+    expected = soft_ce_by_hand(STUDENT, TEACHER, t)
     assert losses["soft_ce"].item() == pytest.approx(expected, rel=1e-6)
     assert losses["loss"].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_soft_cross_entropy_on_spans_averages_start_and_end_by_hand():
+    # As the start and end cross-entropies of fine-tuning (BERT's SQuAD loss) are averaged.
+    t = 2.0
+    student = {"start_positions": STUDENT, "end_positions": TEACHER}
+    teacher = {"start_positions": TEACHER, "end_positions": STUDENT}
+    losses = soft_target_loss(student, teacher, t)
+    start, end = soft_ce_by_hand(STUDENT, TEACHER, t), soft_ce_by_hand(TEACHER, STUDENT, t)
+    assert losses["soft_ce"].item() == pytest.approx((start + end) / 2, rel=1e-6)
+    assert losses["loss"].item() == pytest.approx((start + end) / 2, rel=1e-6)
+    # The soft cross-entropy of a distribution with itself is its entropy: KL 0.
+    entropy = (soft_ce_by_hand(TEACHER, TEACHER, t) + soft_ce_by_hand(STUDENT, STUDENT, t)) / 2
+    # (fp32: the difference of two sums ten times its size)
+    assert losses["kl"].item() == pytest.approx((start + end) / 2 - entropy, rel=1e-5)
 
 
 def test_soft_cross_entropy_is_kl_plus_entropy_with_the_kl_gradient():
@@ -85,10 +107,19 @@ def test_poisoned_labels_change_nothing(make_cfg):
         results.append((loss.detach(), grads))
     without = {k: v for k, v in batch.items() if k != "labels"}
     module.zero_grad()
-    module.compute_losses(without)["loss"].backward()
+    label_free = module.compute_losses(without)["loss"]
+    label_free.backward()
+    results.append(
+        (label_free.detach(), [p.grad.clone() for _, p in module.trainable_parameters()])
+    )
     for loss, grads in results[1:]:
         assert torch.equal(loss, results[0][0])
         assert all(torch.equal(a, b) for a, b in zip(grads, results[0][1], strict=True))
+    # The value is the soft cross-entropy of the two models' outputs on the inputs alone.
+    with torch.no_grad():
+        student = module.student(**model_inputs(without)).logits
+        teacher = module.teacher(**model_inputs(without)).logits
+    assert label_free.item() == pytest.approx(soft_ce_by_hand(student, teacher, 1.0), rel=1e-5)
 
 
 @pytest.mark.parametrize("task", ["sst2", "rte", "stsb"])
@@ -215,6 +246,37 @@ def test_pd_on_squad_windows(make_cfg, tmp_path):
     datamodule = build_datamodule(cfg)
     datamodule.setup()
     assert "start_positions" not in datamodule.features["train"].column_names
+
+
+def test_pd_on_spans_matches_start_and_end_distributions(tmp_path):
+    student, teacher = (
+        BertForQuestionAnswering.from_pretrained(write_tiny_qa_bert(tmp_path / name, seed))
+        for name, seed in (("student", 1), ("teacher", 0))
+    )
+    # Random heads give near-uniform position distributions: sharpen them, so that the
+    # start and end terms differ clearly.
+    with torch.no_grad():
+        for model in (student, teacher):
+            model.qa_outputs.weight.mul_(30.0)
+    module = PreTrainedDistillation(
+        name="pd",
+        student=student.eval(),
+        teacher=teacher,
+        head="question_answering",
+        evaluators={},
+        optim=Optim(),
+        temperature=2.0,
+    )
+    torch.manual_seed(0)
+    batch = {"input_ids": torch.randint(5, 30, (3, 12)), "attention_mask": torch.ones(3, 12)}
+    losses = module.compute_losses(batch)
+    with torch.no_grad():
+        s, t = student(**batch), teacher(**batch)
+    start = soft_ce_by_hand(s.start_logits, t.start_logits, 2.0)
+    end = soft_ce_by_hand(s.end_logits, t.end_logits, 2.0)
+    assert abs(start - end) > 1e-3 * start  # a loss reading one output twice would fail
+    assert losses["soft_ce"].item() == pytest.approx((start + end) / 2, rel=1e-5)
+    assert losses["loss"].item() == pytest.approx((start + end) / 2, rel=1e-5)
 
 
 def test_released_miniature_offline_names_model_path(make_cfg):

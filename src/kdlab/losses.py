@@ -3,7 +3,13 @@
 Shapes: ``B`` batch, ``C`` classes (token positions for span starts and ends). All
 reductions are means over the batch so that loss scales do not depend on the batch size.
 Functions taking mappings work on every output of a task head (see
-``kdlab.models.build.HEAD_TARGETS``): one for classification, start and end for spans.
+``kdlab.models.build.HEAD_TARGETS``): one for classification, start and end for spans;
+they average over the outputs, so a weight such as KD's ``α`` means the same for every
+head.
+
+Losses are computed in fp32 whatever the logits' dtype: under bf16 autocast a model's
+logits come out in bf16, and rounding the targets to it instead would move them (an STS-B
+score of 4.9 reads 4.90625, a mixing weight of 0.3 reads 0.30078125).
 Token-level targets (masked-LM) use ``-100`` for positions without a target, the
 convention of ``transformers``' data collators; models are scored at the other positions
 only (``kdlab.models.build.forward``), so the losses see ``[N, V]`` logits and ``[N]``
@@ -34,8 +40,8 @@ def soft_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
     Returns:
         Scalar tensor.
     """
-    log_p_s = F.log_softmax(student_logits / temperature, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits / temperature, dim=-1)
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
     return kl.mean() * temperature**2
 
@@ -50,7 +56,7 @@ def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
     Returns:
         Scalar tensor.
     """
-    return -(target_probs * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+    return -(target_probs.float() * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
 
 
 def supervised_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -66,8 +72,10 @@ def supervised_loss(logits: Tensor, labels: Tensor) -> Tensor:
         Scalar tensor (mean over the targets).
     """
     if logits.size(-1) == 1:
-        return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
-    return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX)
+        return F.mse_loss(logits.float().squeeze(-1), labels.float())
+    return F.cross_entropy(
+        logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX
+    )
 
 
 def distillation_loss(
@@ -84,7 +92,7 @@ def distillation_loss(
         Scalar tensor.
     """
     if student_logits.size(-1) == 1:
-        return F.mse_loss(student_logits, teacher_logits)
+        return F.mse_loss(student_logits.float(), teacher_logits.float())
     return soft_kl(student_logits, teacher_logits, temperature)
 
 
@@ -107,7 +115,8 @@ def matching_loss(
     teacher_logits: Mapping[str, Tensor],
     temperature: float = 1.0,
 ) -> Tensor:
-    """``distillation_loss`` of each output, summed over outputs (start + end for spans).
+    """``distillation_loss`` of each output, averaged over outputs (start and end for spans,
+    as :func:`task_loss` averages their cross-entropies).
 
     Masked-LM logits arrive at the graded positions only (``kdlab.models.build.forward``),
     so every row carries a target.
@@ -121,7 +130,7 @@ def matching_loss(
         distillation_loss(student_logits[name], teacher_logits[name], temperature)
         for name in student_logits
     ]
-    return torch.stack(losses).sum()
+    return torch.stack(losses).mean()
 
 
 def soft_target_loss(
@@ -130,8 +139,8 @@ def soft_target_loss(
     """Pre-trained Distillation's objective (Turc et al. 2019): the cross-entropy of the
     student's softened distribution against the teacher's, with no label term.
 
-    ``soft_ce = −T² · Σ_y p_t(y|x; T) · log p_s(y|x; T)`` averaged over the batch and summed
-    over outputs (start + end for spans). It equals ``T²·KL(p_t ‖ p_s) + T²·H(p_t)``: the
+    ``soft_ce = −T² · Σ_y p_t(y|x; T) · log p_s(y|x; T)`` averaged over the batch and over
+    outputs (start and end for spans). It equals ``T²·KL(p_t ‖ p_s) + T²·H(p_t)``: the
     teacher's entropy does not depend on the student, so both have the same gradient, and
     ``kl = soft_ce − T²·H(p_t)`` is logged to read like KD's curves. Regression outputs
     (``C == 1``) use the MSE to the teacher's prediction instead (``mse``).
@@ -145,18 +154,20 @@ def soft_target_loss(
         ``{"loss", "soft_ce", "kl"}`` (classification and spans) or ``{"loss", "mse"}``.
     """
     terms: dict[str, Tensor] = {}
+    outputs = len(student_logits)
     for name, student in student_logits.items():
-        teacher = teacher_logits[name]
+        teacher = teacher_logits[name].float()
         if student.size(-1) == 1:
-            terms["mse"] = terms.get("mse", 0) + F.mse_loss(student, teacher.to(student.dtype))
+            mse = F.mse_loss(student.float(), teacher)
+            terms["mse"] = terms.get("mse", 0) + mse / outputs
             continue
-        log_p_t = F.log_softmax(teacher.float() / temperature, dim=-1)
-        log_p_s = F.log_softmax(student / temperature, dim=-1)
+        log_p_t = F.log_softmax(teacher / temperature, dim=-1)
+        log_p_s = F.log_softmax(student.float() / temperature, dim=-1)
         p_t = log_p_t.exp()
         soft_ce = -(p_t * log_p_s).sum(-1).mean() * temperature**2
         entropy = -(p_t * log_p_t).sum(-1).mean() * temperature**2
-        terms["soft_ce"] = terms.get("soft_ce", 0) + soft_ce
-        terms["kl"] = terms.get("kl", 0) + soft_ce - entropy
+        terms["soft_ce"] = terms.get("soft_ce", 0) + soft_ce / outputs
+        terms["kl"] = terms.get("kl", 0) + (soft_ce - entropy) / outputs
     loss = terms.get("soft_ce", 0) + terms.get("mse", 0)
     return {"loss": loss, **terms}
 
@@ -171,9 +182,9 @@ def kd_loss(
     """Standard knowledge distillation (Hinton et al. 2015).
 
     ``L = (1 − α) · CE(z_s, y) + α · T² · KL(softmax(z_t/T) ‖ softmax(z_s/T))``; for
-    regression both terms are MSE (gold target and teacher output). For spans, ``CE`` is
-    :func:`task_loss` (mean of start and end) and the KL term is :func:`matching_loss`
-    (sum of start and end).
+    regression both terms are MSE (gold target and teacher output). For spans both terms
+    are means over the start and end outputs (:func:`task_loss`, :func:`matching_loss`),
+    so ``α`` is the teacher's share of the loss for every head.
 
     Args:
         student_logits: ``[B, C]`` logits, or logits keyed by target name (``labels``, or
@@ -195,44 +206,50 @@ def kd_loss(
     return {"loss": (1.0 - alpha) * ce + alpha * kd, "ce": ce, "kd": kd}
 
 
-def mixup(x: Tensor, perm: Tensor, lam: Tensor) -> Tensor:
-    """Mixup of every example with its partner: ``λ_i · x_i + (1 − λ_i) · x_perm[i]``.
+def mixup(x: Tensor, partner: Tensor, lam: Tensor) -> Tensor:
+    """Mixup of every example with its partner: ``λ_i · x_i + (1 − λ_i) · x'_i``.
 
     ``torch.lerp`` computes it, which is exact at the ends: ``λ = 1`` returns ``x`` and a
-    self-pair (``perm[i] == i``) returns ``x_i`` bit for bit, so mixed losses then equal the
-    un-mixed ones exactly.
+    partner equal to the example (a self-pair) returns ``x_i`` bit for bit, so mixed losses
+    then equal the un-mixed ones exactly.
 
     Args:
         x: ``[B, ...]`` floats (embeddings ``[B, L, H]``, one-hot labels ``[B, C]``, targets ``[B]``).
-        perm: ``[B]`` partner index of each example.
-        lam: ``[B]`` mixing weights in ``[0, 1]``, broadcast over the trailing dims of ``x``.
+        partner: shaped like ``x``: row ``i`` is the partner of example ``i``.
+        lam: ``[B]`` mixing weights in ``[0, 1]``, broadcast over the trailing dims of ``x``
+            (cast to ``x``'s dtype).
 
     Returns:
         Tensor shaped like ``x``.
     """
     weight = lam.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
-    return torch.lerp(x[perm], x, weight)
+    return torch.lerp(partner, x, weight)
 
 
-def mixup_target_loss(logits: Tensor, labels: Tensor, perm: Tensor, lam: Tensor) -> Tensor:
+def mixup_target_loss(
+    logits: Tensor, labels: Tensor, partner_labels: Tensor, lam: Tensor
+) -> Tensor:
     """MixKD's student loss on mixed inputs, ``L_SM`` (Liang et al. 2021).
 
     Cross-entropy against the mixed label ``λ·y_i + (1 − λ)·y_j`` (one-hot ``y``); for
-    regression (``C == 1``) MSE against the mixed target ``λ·y_i + (1 − λ)·y_j``.
+    regression (``C == 1``) MSE against the mixed target ``λ·y_i + (1 − λ)·y_j``. Targets
+    are mixed in fp32 (``λ`` too), whatever the logits' dtype.
 
     Args:
         logits: ``[B, C]`` student outputs on the mixed inputs.
         labels: ``[B]`` class indices, or float targets for regression.
-        perm: ``[B]`` partner index of each example.
+        partner_labels: ``[B]`` the labels of each example's partner.
         lam: ``[B]`` mixing weights.
 
     Returns:
         Scalar tensor.
     """
     if logits.size(-1) == 1:
-        return F.mse_loss(logits.squeeze(-1), mixup(labels.to(logits.dtype), perm, lam))
-    one_hot = F.one_hot(labels, logits.size(-1)).to(logits.dtype)
-    return soft_cross_entropy(logits, mixup(one_hot, perm, lam))
+        target = mixup(labels.float(), partner_labels.float(), lam)
+        return F.mse_loss(logits.float().squeeze(-1), target)
+    classes = logits.size(-1)
+    one_hot, partner = (F.one_hot(y, classes).float() for y in (labels, partner_labels))
+    return soft_cross_entropy(logits, mixup(one_hot, partner, lam))
 
 
 def masked_mse(student: Tensor, teacher: Tensor, keep: Tensor) -> Tensor:

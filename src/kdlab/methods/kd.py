@@ -4,8 +4,9 @@ in a Neural Network", arXiv:1503.02531).
 ``L = (1 − α) · CE(z_s, y) + α · T² · KL(softmax(z_t / T) ‖ softmax(z_s / T))``
 
 For regression (STS-B) both terms are MSE: ``(1 − α) · MSE(z_s, y) + α · MSE(z_s, z_t)``.
-For spans (SQuAD) the KL term is the sum of the start and end KLs, the CE term the mean
-of the start and end cross-entropies.
+For spans (SQuAD) both terms are means over the start and end outputs (BERT's SQuAD loss
+averages the two cross-entropies; the KL term averages the two KLs alike), so ``α`` is the
+teacher's share of the loss for every head.
 """
 
 from torch import Tensor

@@ -1,11 +1,11 @@
 """MixKD: distillation on mixup of word embeddings (Liang et al., "MixKD: Towards Efficient
 Distillation of Large-scale Language Models", ICLR 2021).
 
-Each training batch is paired with a random permutation of itself, ``j = perm[i]``, with
-``λ_i ~ Beta(α, α)``. Teacher and student each mix their *own* word embeddings,
-``ẽ_i = λ_i · E[x_i] + (1 − λ_i) · E[x_j]`` (token-type embeddings of sentence pairs alike),
-and read the mixed sequence through ``inputs_embeds`` with the attention mask
-``max(m_i, m_j)``. The loss is
+Each example ``i`` of a training batch is paired with ``j = perm[i]`` of a random
+permutation of the batch, with ``λ_i ~ Beta(α, α)``. Teacher and student each mix their
+*own* word embeddings, ``ẽ_i = λ_i · E[x_i] + (1 − λ_i) · E[x_j]`` (token-type embeddings of
+sentence pairs alike), and read the mixed sequence through ``inputs_embeds`` with the
+attention mask ``max(m_i, m_j)``. The loss is
 
 ``L = L_CE(f_s(x), y) + α_SM · CE(f_s(x̃), λ·y_i + (1 − λ)·y_j)
 + α_TMKD · T² · KL(softmax(f_t(x̃)/T) ‖ softmax(f_s(x̃)/T))``
@@ -14,7 +14,23 @@ and for regression (STS-B) both mixed terms are MSE, against the mixed target an
 the teacher's output. ``alpha_sm=0`` / ``alpha_tmkd=0`` are the paper's ablations;
 ``kd_alpha > 0`` replaces ``L_CE`` by standard KD on the original examples
 (:func:`~kdlab.losses.kd_loss`). Logged terms: ``ce`` (or ``ce`` and ``kd``), ``sm``,
-``tmkd`` and ``lambda`` (the batch mean of ``λ``).
+``tmkd`` and ``lambda`` (the mean of ``λ`` over this process's examples).
+
+The draws: ``perm`` and ``λ`` come from a generator seeded with the run seed and the
+batch's position (epoch, batch index in the epoch), not from the global random state, so a
+resumed run draws what an uninterrupted one did without any generator state in its
+checkpoint.
+
+Under DDP they are drawn as one device draws them, for the whole batch of W processes:
+every process draws the same ``perm`` and ``λ`` over the ``W × B`` examples, in the order
+one device holds them (process ``r``'s ``k``-th example is example ``k·W + r``, see
+:class:`~kdlab.data.base.EpochSeededSampler`), and mixes its own examples with their
+partners wherever those are. Their token ids, masks, token types and labels (integers, no
+gradient) are gathered from all processes, padded to the longest sequence as one device's
+batch is; each process embeds its partners with its own replica of the embedding table, so
+the gradients reach every row they touch, and DDP's average of the processes' gradients,
+each the gradient of the mean over ``B`` examples, is the gradient of the mean over the
+``W × B`` examples on one device.
 
 Span tasks (``task.head`` other than sequence classification) are refused: start/end
 positions are indices into two unrelated question–passage sequences whose tokens are not
@@ -26,14 +42,16 @@ the teacher term alone would match position logits over an input that has no ans
 import contextlib
 from collections.abc import Iterator
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from kdlab.losses import distillation_loss, kd_loss, mixup, mixup_target_loss, supervised_loss
 from kdlab.methods.base import BaseMethod
-from kdlab.models.build import model_inputs
-from kdlab.validation import NonNegative, Positive, Probability
+from kdlab.models.build import MODEL_INPUTS, model_inputs
+from kdlab.validation import NonNegative, NonNegativeInt, Positive, Probability
 
 
 class MixKD(BaseMethod):
@@ -49,6 +67,8 @@ class MixKD(BaseMethod):
         temperature: softening temperature ``T`` of the KL terms.
         kd_alpha: weight of the teacher term of standard KD on the original examples
             (``0`` keeps plain cross-entropy and skips that teacher pass).
+        seed: seed of the partners and ``λ`` (the run's ``seed``); each batch draws from
+            it and its position in training.
         **base: see :class:`~kdlab.methods.base.BaseMethod`.
     """
 
@@ -67,6 +87,7 @@ class MixKD(BaseMethod):
         alpha_tmkd: NonNegative = 1.0,
         temperature: Positive = 2.0,
         kd_alpha: Probability = 0.0,
+        seed: NonNegativeInt = 0,
         **base,
     ) -> None:
         super().__init__(**base)
@@ -75,18 +96,33 @@ class MixKD(BaseMethod):
         self.alpha_tmkd = alpha_tmkd
         self.temperature = temperature
         self.kd_alpha = kd_alpha
+        self.seed = seed
+        # (epoch, index in the epoch) of the batch being trained; Lightning restores both
+        # on resume, as it restores the data order they index.
+        self.batch_position = (0, 0)
 
-    def sample_mixing(self, batch_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """Partners ``perm`` (a random permutation) and weights ``λ ~ Beta(α, α)``, each ``[B]``."""
-        perm = torch.randperm(batch_size, device=device)
-        concentration = torch.tensor(float(self.alpha))
-        lam = torch.distributions.Beta(concentration, concentration).sample((batch_size,))
-        return perm, lam.to(device)
+    def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> int | None:
+        self.batch_position = (self.current_epoch, batch_idx)
+        return super().on_train_batch_start(batch, batch_idx)
+
+    def sample_mixing(self, batch_size: int) -> tuple[Tensor, Tensor]:
+        """Partners and weights of a batch of ``batch_size`` (all processes' examples).
+
+        A function of ``seed`` and :attr:`batch_position` alone: the same on every process
+        and in a resumed run.
+
+        Returns:
+            ``perm`` (a random permutation) and fp32 ``λ ~ Beta(α, α)``, each
+            ``[batch_size]`` on the CPU.
+        """
+        rng = np.random.default_rng([self.seed, *self.batch_position])
+        perm = torch.from_numpy(rng.permutation(batch_size))
+        lam = torch.from_numpy(rng.beta(self.alpha, self.alpha, batch_size)).float()
+        return perm, lam
 
     def compute_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        inputs = model_inputs(batch)
         labels = batch["labels"]
-        student_logits = self.student(**inputs).logits
+        student_logits = self.student(**model_inputs(batch)).logits
         if self.kd_alpha > 0:
             teacher_logits = self.teacher_outputs(batch).logits
             losses = kd_loss(
@@ -98,55 +134,120 @@ class MixKD(BaseMethod):
         if self.alpha_sm == 0 and self.alpha_tmkd == 0:
             return losses
 
-        perm, lam = self.sample_mixing(labels.size(0), labels.device)
-        mixed_logits = mixed_forward(self.student, inputs, perm, lam).logits
+        own, partners, lam = self.pair_examples(batch)
+        mixed_logits = mixed_forward(self.student, own, partners, lam).logits
         total = losses["loss"]
         if self.alpha_sm > 0:
-            losses["sm"] = mixup_target_loss(mixed_logits, labels, perm, lam)
+            losses["sm"] = mixup_target_loss(mixed_logits, own["labels"], partners["labels"], lam)
             total = total + self.alpha_sm * losses["sm"]
         if self.alpha_tmkd > 0:
             with torch.no_grad():
-                teacher_mixed = mixed_forward(self.teacher, inputs, perm, lam).logits
+                teacher_mixed = mixed_forward(self.teacher, own, partners, lam).logits
             losses["tmkd"] = distillation_loss(mixed_logits, teacher_mixed, self.temperature)
             total = total + self.alpha_tmkd * losses["tmkd"]
         losses["loss"] = total
         losses["lambda"] = lam.mean()
         return losses
 
+    def pair_examples(
+        self, batch: dict[str, Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+        """This process's examples, their partners and their ``λ``, drawn for the whole
+        batch of all processes (see the module docstring).
 
-def mixed_forward(model: PreTrainedModel, inputs: dict[str, Tensor], perm: Tensor, lam: Tensor):
-    """``model``'s outputs on the mixup of each example with its partner ``perm[i]``.
+        Returns:
+            ``own`` and ``partners``: model inputs (``[B, L]``, ``L`` the longest sequence
+            of all processes) and ``labels`` of this process's examples and of their
+            partners, row for row; ``λ``: ``[B]`` fp32. All on the batch's device.
+        """
+        whole = self.whole_batch(batch)
+        size = whole["labels"].size(0)
+        perm, lam = self.sample_mixing(size)
+        world, rank = (self.trainer.world_size, self.global_rank) if self.distributed else (1, 0)
+        # This process's examples: every world-th of the whole batch, from its rank on.
+        rows = torch.arange(rank, size, world)
+        device = batch["labels"].device
+        own, partners = rows.to(device), perm[rows].to(device)
+        return (
+            {k: v[own] for k, v in whole.items()},
+            {k: v[partners] for k, v in whole.items()},
+            lam[rows].to(device),
+        )
+
+    def whole_batch(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The model inputs and labels of all processes' examples, in the order one device
+        with the whole batch holds them; on a single process, ``batch``'s own.
+
+        Under DDP a collective: every process calls it. Sequences are padded to the longest
+        of all processes, with the model's pad token as the collator pads (input ids) or 0
+        (masks, token types), and gathered on the batch's device (NCCL takes nothing else).
+        """
+        local = {k: batch[k] for k in (*MODEL_INPUTS, "labels") if k in batch}
+        if not self.distributed:
+            return local
+        ids = batch["input_ids"]
+        length = ids.size(1)
+        longest = int(self.all_gather(torch.tensor(length, device=ids.device)).max())
+        pad_id = self.student.config.pad_token_id or 0
+        padded = {
+            k: F.pad(v, (0, longest - length), value=pad_id if k == "input_ids" else 0)
+            if k in MODEL_INPUTS
+            else v
+            for k, v in local.items()
+        }
+        # [W, B, ...] by process; process r's k-th example is example k·W + r of one device.
+        gathered = self.all_gather(padded)
+        return {k: v.transpose(0, 1).flatten(0, 1) for k, v in gathered.items()}
+
+
+def mixed_forward(
+    model: PreTrainedModel, inputs: dict[str, Tensor], partners: dict[str, Tensor], lam: Tensor
+):
+    """``model``'s outputs on the mixup of each example with its partner.
 
     The model mixes rows of its own word-embedding table and reads them as
     ``inputs_embeds``; token-type embeddings are mixed with the same ``λ`` (see
     :func:`mixed_token_types`); the attention mask is the element-wise max of the pair's.
     Position embeddings are the same for both members and need no mixing.
+
+    Args:
+        model: a BERT-style model.
+        inputs: the examples' ``input_ids`` (and ``attention_mask``, ``token_type_ids``),
+            ``[B, L]`` each; other keys are ignored.
+        partners: their partners' inputs, row ``i`` mixed with row ``i`` of ``inputs``.
+        lam: ``[B]`` weights of ``inputs`` (``1 − λ`` goes to the partners).
     """
-    mixed = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    mixed["inputs_embeds"] = mixup(model.get_input_embeddings()(inputs["input_ids"]), perm, lam)
+    embed = model.get_input_embeddings()
+    mixed = {"inputs_embeds": mixup(embed(inputs["input_ids"]), embed(partners["input_ids"]), lam)}
     if "attention_mask" in inputs:
-        mask = inputs["attention_mask"]
-        mixed["attention_mask"] = torch.maximum(mask, mask[perm])
-    with mixed_token_types(model, perm, lam):
+        mixed["attention_mask"] = torch.maximum(
+            inputs["attention_mask"], partners["attention_mask"]
+        )
+    if "token_type_ids" in inputs:
+        mixed["token_type_ids"] = inputs["token_type_ids"]
+    with mixed_token_types(model, partners.get("token_type_ids"), lam):
         return model(**mixed)
 
 
 @contextlib.contextmanager
-def mixed_token_types(model: PreTrainedModel, perm: Tensor, lam: Tensor) -> Iterator[None]:
+def mixed_token_types(
+    model: PreTrainedModel, partner_types: Tensor | None, lam: Tensor
+) -> Iterator[None]:
     """Within the block, the model's token-type embeddings come out mixed like the words.
 
     ``inputs_embeds`` replaces only the word embeddings; BERT-style models add the
     token-type embedding of ``token_type_ids`` inside. A forward hook replaces that output
-    ``T[t]`` by ``λ · T[t_i] + (1 − λ) · T[t_j]``, which keeps the sum exact (no
-    subtract-and-add of ``T[0]``). Models without token types are left as they are.
+    ``T[t_i]`` by ``λ · T[t_i] + (1 − λ) · T[t_j]`` (``t_j``: ``partner_types``, ``[B, L]``),
+    which keeps the sum exact (no subtract-and-add of ``T[0]``). Models without token types,
+    and batches without them (all type 0 alike), are left as they are.
     """
     table = _token_type_embeddings(model)
-    if table is None:
+    if table is None or partner_types is None:
         yield
         return
 
-    def mix_output(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-        return mixup(output, perm, lam)
+    def mix_output(module: nn.Embedding, args: tuple, output: Tensor) -> Tensor:
+        return mixup(output, module.weight[partner_types], lam)
 
     handle = table.register_forward_hook(mix_output)
     try:

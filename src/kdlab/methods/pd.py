@@ -7,7 +7,7 @@ set (unlabelled inputs, ``task.transfer``) with the soft labels of a fine-tuned 
     L = −T² · Σ_y p_t(y | x; T) · log p_s(y | x; T)        (T = 1 by default)
 
 (:func:`~kdlab.losses.soft_target_loss`; MSE to the teacher's prediction for regression,
-the start and end distributions of every window for SQuAD). No label is ever read: a
+the mean over the start and end distributions of every window for SQuAD). No label is ever read: a
 transfer set has none. It may be fine-tuned on the labels afterwards (``method=finetune``);
 ``experiment=pd`` and ``experiment=pd_baselines`` chain the stages.
 """
