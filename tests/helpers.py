@@ -11,6 +11,7 @@ from transformers import default_data_collator
 from kdlab.data import CorpusDataModule
 from kdlab.losses import matching_loss
 from kdlab.methods import BaseMethod, FineTune
+from kdlab.pruning.callback import PruningCallback
 
 
 class Interrupted(RuntimeError):
@@ -160,3 +161,35 @@ class FixedMaskCorpus(CorpusDataModule):
         super().setup(stage)
         self.splits["train"] = self._mask_once(self.splits["train"])
         self.collator = default_data_collator
+
+
+class RecordPlatonInputs(L.Callback):
+    """Keeps, keyed by run directory, what PLATON's importance is computed from by hand: the
+    student's gradients before clipping at each optimizer step (Lightning clips after
+    ``on_before_optimizer_step``), its weights after each step, and the pruner's importance
+    averages when training ends."""
+
+    records: dict = {}
+
+    def __init__(self) -> None:
+        self.grads: list[dict[str, torch.Tensor]] = []
+        self.weights: list[dict[str, torch.Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        named = pl_module.student.named_parameters()
+        self.grads.append({n: p.grad.detach().clone() for n, p in named if p.grad is not None})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if len(self.weights) < len(self.grads):  # an optimizer step, not a micro-batch
+            named = pl_module.student.named_parameters()
+            self.weights.append({n: p.detach().clone() for n, p in named})
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pruning = next(c for c in trainer.callbacks if isinstance(c, PruningCallback))
+        importance = pruning.pruner.importance
+        type(self).records[trainer.default_root_dir] = {
+            "grads": self.grads,
+            "weights": self.weights,
+            "sensitivity": {k: v.clone() for k, v in importance.sensitivity.items()},
+            "uncertainty": {k: v.clone() for k, v in importance.uncertainty.items()},
+        }

@@ -9,9 +9,8 @@ from transformers import AutoModelForMaskedLM
 
 import kdlab.train
 from kdlab.pruning import Pruner
-from kdlab.pruning.callback import PruningCallback
 from kdlab.rundir import RunDir
-from tests.helpers import MatchLogits
+from tests.helpers import MatchLogits, RecordPlatonInputs
 from tests.test_homodistil import COMMON, HALF, compose, corpus_args, data  # noqa: F401
 
 
@@ -71,7 +70,7 @@ def test_masks_update_once_per_optimizer_step_under_accumulation(
     # 32 chunks / batch 8 = 4 micro-batches an epoch, accumulated by 2: 2 optimizer steps an
     # epoch, 4 in all. Importance and mask updates follow the optimizer steps.
     calls = {"accumulate": 0, "update": []}
-    accumulate, update = PruningCallback.on_before_optimizer_step, Pruner.update
+    accumulate, update = Pruner.accumulate, Pruner.update
 
     def counting_accumulate(self, *args):
         calls["accumulate"] += 1
@@ -81,7 +80,7 @@ def test_masks_update_once_per_optimizer_step_under_accumulation(
         calls["update"].append((step, total))
         return update(self, step, total)
 
-    monkeypatch.setattr(PruningCallback, "on_before_optimizer_step", counting_accumulate)
+    monkeypatch.setattr(Pruner, "accumulate", counting_accumulate)
     monkeypatch.setattr(Pruner, "update", recording_update)
     pruned_run(data, tmp_path, accumulation)
     assert OmegaConf.load(RunDir(tmp_path).config).trainer.accumulate_grad_batches == 2
@@ -99,3 +98,39 @@ def test_pruning_in_reduced_precision_reaches_the_exact_target(data, tmp_path, p
     assert int(state["masks"]["hidden"].sum()) == 16
     c = AutoModelForMaskedLM.from_pretrained(files.student).config
     assert (c.hidden_size, c.num_attention_heads, c.intermediate_size) == (16, 2, 32)
+
+
+def test_importance_is_scored_on_the_clipped_gradients_after_the_step(data, tmp_path):  # noqa: F811
+    # Two optimizer steps, both scored (pruning starts after step 1 and ends at step 2, after
+    # its scoring), with a clipping threshold well below the gradients' norm.
+    clip = 1e-3
+    pruned_run(
+        data,
+        tmp_path,
+        "trainer.max_steps=2",
+        f"trainer.gradient_clip_val={clip}",
+        "pruning.initial_warmup=0.5",
+        "pruning.final_warmup=0",
+        "+callbacks.record._target_=tests.helpers.RecordPlatonInputs",
+    )
+    record = RecordPlatonInputs.records[str(tmp_path)]
+    assert len(record["grads"]) == len(record["weights"]) == 2
+    beta1, beta2 = 0.85, 0.95  # pruning=homotopic's
+    ema_i, ema_u = {}, {}
+    for grads, weights in zip(record["grads"], record["weights"], strict=True):
+        # Lightning's clipping (torch's clip_grad_norm_) over all the optimizer's gradients.
+        norm = torch.cat([g.double().flatten() for g in grads.values()]).norm()
+        factor = min(1.0, clip / (float(norm) + 1e-6))
+        assert factor < 0.1  # clipping is active
+        for name in record["sensitivity"]:
+            s = (weights[name].double() * grads[name].double() * factor).abs()
+            ema_i[name] = beta1 * ema_i.get(name, 0) + (1 - beta1) * s
+            ema_u[name] = beta2 * ema_u.get(name, 0) + (1 - beta2) * (s - ema_i[name]).abs()
+    assert set(record["sensitivity"]) and set(ema_i) == set(record["sensitivity"])
+    for name, expected in ema_i.items():
+        for got, want in [
+            (record["sensitivity"][name], expected),
+            (record["uncertainty"][name], ema_u[name]),
+        ]:
+            tolerance = 1e-5 * float(want.abs().max())
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=tolerance)

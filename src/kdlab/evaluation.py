@@ -13,15 +13,21 @@ from kdlab.methods.base import BaseMethod
 from kdlab.models.build import model_inputs
 
 
-def evaluation_trainer(trainer_cfg: DictConfig) -> L.Trainer:
-    """A one-device trainer without logger or checkpoints, for evaluating on full splits.
+def evaluation_trainer(trainer_cfg: DictConfig, device: torch.device) -> L.Trainer:
+    """A trainer on one device without logger or checkpoints, for evaluating on full splits.
 
     A fast_dev_run keeps evaluation to one batch per split, as its training did.
+
+    Args:
+        trainer_cfg: the run's ``trainer`` config.
+        device: where training ran (rank 0's device): ``cuda:1`` under
+            ``trainer.devices=[1]``, not the first GPU, which may be another job's.
     """
     limit = 1 if trainer_cfg.get("fast_dev_run") else trainer_cfg.get("limit_val_batches")
     return L.Trainer(
         accelerator=trainer_cfg.accelerator,
-        devices=1,
+        # Lightning numbers GPUs by index in a list; a CPU has no index.
+        devices=1 if device.index is None else [device.index],
         precision=trainer_cfg.precision,
         logger=False,
         enable_checkpointing=False,

@@ -31,7 +31,8 @@ METRICS: dict[str, Callable[[int], Metric]] = {
 class Evaluator(nn.Module, abc.ABC):
     """Accumulates a model's outputs on one evaluation split and computes its metrics.
 
-    An ``nn.Module`` so that metric states move to the model's device with it.
+    An ``nn.Module`` so that metric states move to the model's device with it; they stay fp32
+    under any precision (:class:`~kdlab.methods.base.BaseMethod`), and inputs are upcast.
     """
 
     @abc.abstractmethod
@@ -65,7 +66,12 @@ class ClassificationEvaluator(Evaluator):
         self.metrics = build_metrics(names, num_labels)
 
     def update(self, outputs: ModelOutput, batch: dict[str, Tensor]) -> None:
-        self.metrics.update(predictions(outputs.logits), batch["labels"])
+        labels = batch["labels"]
+        # Regression labels arrive in the model's dtype under *-true precision (Lightning
+        # casts a batch's floating tensors), and a bf16 sum over a batch keeps 3 digits.
+        if labels.is_floating_point():
+            labels = labels.float()
+        self.metrics.update(predictions(outputs.logits), labels)
 
     def compute(self) -> dict[str, Tensor]:
         return self.metrics.compute()
@@ -86,7 +92,8 @@ class MaskedLMEvaluator(Evaluator):
     def update(self, outputs: ModelOutput, batch: dict[str, Tensor]) -> None:
         labels = batch["labels"]
         graded = labels[labels != IGNORE_INDEX]
-        self.perplexity.update(outputs.logits.unsqueeze(0), graded.unsqueeze(0))
+        # fp32 logits: the metric sums the batch's log-probabilities in the logits' dtype.
+        self.perplexity.update(outputs.logits.float().unsqueeze(0), graded.unsqueeze(0))
 
     def compute(self) -> dict[str, Tensor]:
         return {"perplexity": self.perplexity.compute()}

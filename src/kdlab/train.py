@@ -273,7 +273,11 @@ def evaluate_and_export(cfg: DictConfig, parts: Assembly, files: RunDir) -> dict
     # A pruned student is evaluated as training left it: its earlier (possibly "best")
     # checkpoints are wider than the target.
     best = None if pruner is not None else _best_checkpoint(parts.trainer)
-    evaluator = evaluation_trainer(cfg.trainer)
+    device = parts.trainer.strategy.root_device
+    if pruner is not None:
+        # Not a submodule of the method: the evaluation trainer moves the student only.
+        pruner.to(device)
+    evaluator = evaluation_trainer(cfg.trainer, device)
     student_metrics = evaluate(evaluator, parts.method, datamodule, ckpt_path=best)
     for name, content in parts.method.evaluation_files().items():
         (files.path / name).write_text(json.dumps(content, indent=1))

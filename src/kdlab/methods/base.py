@@ -168,6 +168,17 @@ class BaseMethod(L.LightningModule, abc.ABC):
             {prefix: MeanMetric(nan_strategy=float("nan")) for prefix in evaluators}
         )
 
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        # bf16-true/16-true precision casts the whole module with .to(dtype), which torchmetrics
+        # lets through to its states (it guards .half() and the like only): sums over a split
+        # in half precision lose most of their digits, or overflow in fp16. Lightning casts at
+        # setup, when the states hold their defaults, so casting them back loses nothing.
+        # Integer states (counts) are cast neither way.
+        self.evaluators.to(torch.float32)
+        self.eval_losses.to(torch.float32)
+        return self
+
     @classmethod
     def check_head(cls, head: str, task: str = "this task") -> None:
         """Refuse a task head the method has no definition for.
@@ -401,7 +412,9 @@ class BaseMethod(L.LightningModule, abc.ABC):
     # ---------------------------------------------------------------------- evaluation
     def _evaluate(self, batch: dict[str, Tensor], prefix: str) -> None:
         outputs = self.forward_model(self.student, batch)
-        loss = task_loss(self.logits(outputs), self.targets(batch))
+        # In fp32 as the metrics are, whatever the student's precision (bf16-true logits).
+        logits = {target: value.float() for target, value in self.logits(outputs).items()}
+        loss = task_loss(logits, self.targets(batch))
         # Weighted by the rows the loss averages: the logged value is the mean over the
         # split's rows, however batches and DDP processes divide it. (Lightning's own
         # sync_dist mean truncates the summed batch sizes of unequal shares to an integer

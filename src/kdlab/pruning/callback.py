@@ -2,11 +2,12 @@
 
 With a ``pruning`` config the run builds a :class:`~kdlab.pruning.Pruner` for the student
 (its masks go into the student's forward pass) and hands it to :class:`PruningCallback`,
-which feeds it the complete gradients before every optimizer step, updates the masks after
-it, measures the teacher–student discrepancy on a fixed held-out batch every
-``pruning.track_interval`` optimizer steps (logged as ``prune/kl``, ``prune/remaining``,
-``prune/params``, ``prune/skipped_updates``) and, at the end, writes the history and its
-plot, which it also logs as an image (``prune/history``) where the logger keeps images.
+which after every optimizer step feeds it the gradients that step used (accumulated,
+unscaled, all-reduced and clipped) and updates the masks, measures the teacher–student
+discrepancy on a fixed held-out batch every ``pruning.track_interval`` optimizer steps
+(logged as ``prune/kl``, ``prune/remaining``, ``prune/params``, ``prune/skipped_updates``)
+and, at the end, writes the history and its plot, which it also logs as an image
+(``prune/history``) where the logger keeps images.
 The method knows nothing about any of this; compaction happens where the student is
 exported.
 """
@@ -68,16 +69,16 @@ class PruningCallback(L.Callback):
         if self.pruner.track_interval and not self.pruner.history:
             self._track(trainer, pl_module, trainer.global_step)
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        # Gradients are complete here: accumulated over micro-batches, unscaled by a grad
-        # scaler and all-reduced under DDP, so every rank computes the same scores.
-        self.pruner.accumulate()
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
         if step == self._last_step:
             return  # a micro-batch of gradient accumulation: no optimizer step yet
         self._last_step = step
+        # Scored after the step, as the PLATON authors' code does: the gradients are the ones
+        # the optimizer used (accumulated, unscaled, all-reduced under DDP, then clipped, which
+        # on_before_optimizer_step comes before), as Lightning zeroes them only in the next
+        # step; θ is the stepped weights. Every rank computes the same scores.
+        self.pruner.accumulate()
         if self.pruner.update(step, self._total):
             self._check_masks_agree(trainer, pl_module)
         interval = self.pruner.track_interval

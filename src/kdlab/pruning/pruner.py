@@ -4,7 +4,9 @@ Scores follow PLATON (Zhang et al., ICML 2022): per parameter ``Ī · Ū`` with
 ``Ī ← β1·Ī + (1−β1)·|θ ⊙ ∇θ L|`` and ``Ū ← β2·Ū + (1−β2)·|s − Ī|``, updated every step or
 once per mask-update window (``score_window``, see :mod:`kdlab.pruning.importance`); a
 structure's score is the sum over its parameters. The lowest-scoring structures are masked
-as the schedule lowers the kept fraction; pruned structures stay pruned.
+as the schedule lowers the kept fraction; pruned structures stay pruned. As in the PLATON
+authors' code, ``∇θ L`` is the gradient an optimizer step used (after clipping) and ``θ`` the
+weights that step produced (:class:`~kdlab.pruning.callback.PruningCallback`).
 
 A step whose gradients are not finite (an overflowed fp16 step, which the grad scaler
 skips too) leaves the scores untouched and is counted in ``skipped_updates``.
