@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import kdlab.train
-from kdlab.data.base import EpochSeededSampler
+from kdlab.data.base import EpochSeededSampler, ResumableLoader
+from kdlab.errors import ConfigError
 from kdlab.methods import BaseMethod
 from tests.conftest import QUIET_CPU_RUN, compose, fast_overrides, run_cli
 from tests.fixtures import write_corpus, write_glue, write_tiny_bert, write_tiny_mlm_bert
@@ -60,6 +61,28 @@ def test_each_process_holds_every_other_example_of_the_one_device_batch(epoch):
     assert len(one_device) == len(shares[0]) == len(shares[1]) == STEPS
     for whole, first, second in zip(one_device, *shares, strict=True):
         assert whole[0::2] == first and whole[1::2] == second
+
+
+def test_a_mid_epoch_loader_position_loads_only_into_the_same_share():
+    def loader(replicas: int, batch_size: int) -> ResumableLoader:
+        sampler = EpochSeededSampler(48, seed=5, num_replicas=replicas, rank=0)
+        return ResumableLoader(range(48), batch_size=batch_size, sampler=sampler)
+
+    def position_after(batches: int, replicas: int, batch_size: int) -> dict:
+        source = loader(replicas, batch_size)
+        iterator = iter(source)
+        for _ in range(batches):
+            next(iterator)
+        return source.state_dict()
+
+    # Two batches of 2 processes × 8 are the examples of two batches of 16 on one device,
+    # but each process has read 16 of its 24: on one device that position is another one.
+    with pytest.raises(ConfigError, match=r"by 2 training process\(es\) with task.batch_size=8"):
+        loader(1, 2 * BATCH).load_state_dict(position_after(2, 2, BATCH))
+    resumed = loader(2, BATCH)
+    resumed.load_state_dict(position_after(2, 2, BATCH))
+    whole = list(loader(2, BATCH))
+    assert [batch.tolist() for batch in resumed] == [batch.tolist() for batch in whole[2:]]
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 from typing_extensions import Unpack
 
+from kdlab.errors import ConfigError
 from kdlab.validation import NonNegativeInt, PositiveInt
 
 # Batch key of each training example's row in ``train_split()`` (``[B]`` int64), present once
@@ -61,19 +62,38 @@ class ResumableLoader(StatefulDataLoader):
     skips those batches, before it calls ``set_epoch`` for the epoch it resumes in. Setting
     the saved epoch first makes the skip replay that epoch's order. The sampler is an
     :class:`EpochSeededSampler`.
+
+    The position counts this process's examples of its share, so it is loaded only into a
+    loader with the same share (processes and batch size); another is refused before
+    anything trains. (Lightning loads it only to resume mid-epoch.)
+
+    Raises:
+        ConfigError: from ``load_state_dict``, for a position of another share.
     """
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), _SAMPLER_EPOCH: self.sampler.epoch}
+        share = [self.sampler.num_replicas, self.batch_size]
+        return {**super().state_dict(), _SAMPLER_EPOCH: self.sampler.epoch, _SHARE: share}
 
     def load_state_dict(self, state_dict: dict) -> None:
         state = dict(state_dict)
+        saved, share = state.pop(_SHARE, None), [self.sampler.num_replicas, self.batch_size]
+        if saved is not None and list(saved) != share:
+            raise ConfigError(
+                f"The checkpoint was written mid-epoch by {saved[0]} training process(es) with "
+                f"task.batch_size={saved[1]}, this run has {share[0]} with "
+                f"task.batch_size={share[1]}: the training loader's position in the epoch "
+                "counts one process's examples and cannot be carried over. Resume it with "
+                f"{saved[0]} process(es) (trainer.devices x trainer.num_nodes) and "
+                f"task.batch_size={saved[1]}, or from a checkpoint written at the end of an epoch."
+            )
         if _SAMPLER_EPOCH in state:
             self.sampler.set_epoch(state.pop(_SAMPLER_EPOCH))
         super().load_state_dict(state)
 
 
 _SAMPLER_EPOCH = "kdlab_sampler_epoch"
+_SHARE = "kdlab_share"  # [processes, batch size]
 
 
 def train_subset(train: datasets.Dataset, task: DictConfig) -> datasets.Dataset:
