@@ -216,6 +216,12 @@ class TokenizedDataModule(L.LightningDataModule, abc.ABC):
             return {}
         return self.trainer.distributed_sampler_kwargs or {}
 
+    @property
+    def pin_memory(self) -> bool:
+        """Whether loaders pin their batches: while a trainer on a CUDA device is attached
+        (a pinned batch copies to the GPU asynchronously; elsewhere pinning is wasted)."""
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+
     def train_dataloader(self) -> ResumableLoader:
         """This process's share of the training batches (:meth:`training_loader`)."""
         return self.training_loader(**self.process_share())
@@ -236,6 +242,7 @@ class TokenizedDataModule(L.LightningDataModule, abc.ABC):
             sampler=EpochSeededSampler(len(dataset), self.seed, num_replicas, rank),
             collate_fn=self.collator,
             num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
             # Each new iterator draws a seed for its workers from this generator, not from
             # the global stream: a resumed run creates its iterator after the checkpoint's
             # RNG states are restored, where the uninterrupted run creates none.
@@ -264,6 +271,7 @@ class TokenizedDataModule(L.LightningDataModule, abc.ABC):
             ),
             collate_fn=collate_fn or self.collator,
             num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
             # A private generator keeps evaluation from consuming the global RNG stream,
             # so evaluating (or not) before a resume does not change training randomness.
             generator=torch.Generator(),
