@@ -8,6 +8,10 @@ draw of a method is fixed, so the gradients of every step (all-reduced under DDP
 final weights must agree to float rounding. Each DDP run also has a validation split of
 25 examples (odd: a padding sampler would count one twice) and checks that the metrics it
 logs equal the single-process evaluation of the same weights in ``metrics.json``.
+
+The masked-LM runs also accumulate gradients over 2 micro-batches, under
+``tests.helpers.NCCLRules`` (a stand-in for NCCL's refusals, counting the collectives of a
+step); runs with frozen parameters resume on another number of processes.
 """
 
 import csv
