@@ -210,15 +210,14 @@ class BaseMethod(L.LightningModule, abc.ABC):
         # Before DDP wraps the module: its reducer waits for a gradient of every trainable
         # parameter, and a configuration whose losses leave some unreached (HomoDistil
         # without its MLM and KL terms leaves the MLM head) would stall or fail. On one
-        # process too, so that the optimizer's parameter groups, which a checkpoint's
-        # optimizer state must match, are the same for any process count (resuming on
-        # another one); there the frozen parameters would get no gradient, and AdamW skips
-        # those, so training is the same. The probe is the first batch of the whole training
+        # process too (they get no gradient there, which AdamW and clipping skip), so that
+        # the optimizer's parameter groups, which a checkpoint's state must match, do not
+        # depend on the process count. The probe is the first batch of the whole training
         # order, the same on every rank, drawn and run in forked RNG streams (the masked-LM
-        # collator masks from the global one) so training randomness is untouched. Lightning
-        # moves the module to its device and wraps it in one step after this hook, so the
-        # probe runs on the CPU, without collectives (see `distributed`). A run fitted on
-        # bare loaders (the benchmarks) has no datamodule to probe.
+        # collator masks from the global one). Lightning moves the module to its device and
+        # wraps it in one step after this hook, so the probe issues no collective (see
+        # `distributed`): NCCL refuses CPU tensors. Runs fitted on bare loaders (the
+        # benchmarks) have no datamodule to probe.
         datamodule = self.trainer.datamodule
         if stage != "fit" or datamodule is None:
             return
