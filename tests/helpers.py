@@ -2,10 +2,13 @@
 
 import json
 import os
+from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 from transformers import default_data_collator
 
 from kdlab.data import CorpusDataModule
@@ -193,3 +196,112 @@ class RecordPlatonInputs(L.Callback):
             "sensitivity": {k: v.clone() for k, v in importance.sensitivity.items()},
             "uncertainty": {k: v.clone() for k, v in importance.uncertainty.items()},
         }
+
+
+# The tensor collectives of torch.distributed that NCCLRules checks.
+TENSOR_COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "broadcast",
+    "reduce_scatter_tensor",
+)
+
+
+class NCCLRules(DDPStrategy):
+    """DDP over gloo on CPU that refuses what NCCL refuses on GPUs, and counts the
+    collectives of the training hot path (``trainer.strategy={_target_: ...}``).
+
+    NCCL communicates CUDA tensors only ("No backend type associated with device type
+    cpu"). Lightning calls the module's ``setup`` before it moves the module to its device,
+    so a collective there is on a CPU tensor, which gloo accepts. Here any tensor collective
+    (``torch.distributed.all_reduce``, ...) raises if it comes before ``model_to_device``, or
+    is on a tensor on another device than the root device.
+
+    It also counts, by name, the collectives and barriers issued while a micro-batch trains
+    (``training_step``, ``backward``, and ``optimizer_step``, which runs the
+    ``on_before_optimizer_step`` hooks), and writes them with the numbers of micro-batches
+    and optimizer steps to ``collectives_rank<global rank>.json`` in the run directory when
+    fitting ends.
+    """
+
+    def __init__(self, **ddp) -> None:
+        super().__init__(**ddp)
+        self.on_device = False
+        self.hot_depth = 0
+        self.hot = Counter()
+        self.micro_batches = 0
+        self.optimizer_steps = 0
+        self.originals = {}
+        self.directory: Path | None = None
+
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        for name in (*TENSOR_COLLECTIVES, "barrier"):
+            self.originals[name] = getattr(torch.distributed, name)
+            setattr(torch.distributed, name, self._checked(name, self.originals[name]))
+
+    def _checked(self, name: str, collective):
+        def call(*args, **kwargs):
+            if self.hot_depth:
+                self.hot[name] += 1
+            if name != "barrier":
+                if not self.on_device:
+                    raise RuntimeError(
+                        f"NCCL stand-in: torch.distributed.{name} before the module is on its "
+                        "device: NCCL refuses the CPU tensors there"
+                    )
+                values = [*args, *kwargs.values()]
+                for value in values:
+                    for tensor in value if isinstance(value, list | tuple) else [value]:
+                        if torch.is_tensor(tensor) and tensor.device != self.root_device:
+                            raise RuntimeError(
+                                f"NCCL stand-in: torch.distributed.{name} on a tensor on "
+                                f"{tensor.device}, not on {self.root_device}"
+                            )
+            return collective(*args, **kwargs)
+
+        return call
+
+    def setup(self, trainer: L.Trainer) -> None:
+        self.directory = Path(trainer.default_root_dir)
+        super().setup(trainer)
+
+    def model_to_device(self) -> None:
+        super().model_to_device()
+        self.on_device = True
+
+    @contextmanager
+    def _hot_path(self):
+        self.hot_depth += 1
+        try:
+            yield
+        finally:
+            self.hot_depth -= 1
+
+    def training_step(self, *args, **kwargs):
+        self.micro_batches += 1
+        with self._hot_path():
+            return super().training_step(*args, **kwargs)
+
+    def backward(self, *args, **kwargs):
+        with self._hot_path():
+            return super().backward(*args, **kwargs)
+
+    def optimizer_step(self, *args, **kwargs):
+        self.optimizer_steps += 1
+        with self._hot_path():
+            return super().optimizer_step(*args, **kwargs)
+
+    def teardown(self) -> None:
+        for name, collective in self.originals.items():
+            setattr(torch.distributed, name, collective)
+        if self.directory is not None:
+            record = {
+                "hot": dict(self.hot),
+                "micro_batches": self.micro_batches,
+                "optimizer_steps": self.optimizer_steps,
+            }
+            path = self.directory / f"collectives_rank{self.global_rank}.json"
+            path.write_text(json.dumps(record))
+        super().teardown()

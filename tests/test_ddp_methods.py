@@ -8,6 +8,10 @@ draw of a method is fixed, so the gradients of every step (all-reduced under DDP
 final weights must agree to float rounding. Each DDP run also has a validation split of
 25 examples (odd: a padding sampler would count one twice) and checks that the metrics it
 logs equal the single-process evaluation of the same weights in ``metrics.json``.
+
+The masked-LM runs also accumulate gradients over 2 micro-batches, under
+``tests.helpers.NCCLRules`` (a stand-in for NCCL's refusals, counting the collectives of a
+step); runs with frozen parameters resume on another number of processes.
 """
 
 import csv
@@ -18,9 +22,12 @@ import pytest
 import torch
 
 import kdlab.train
-from kdlab.data.base import EpochSeededSampler
+from kdlab.data.base import EpochSeededSampler, ResumableLoader
+from kdlab.errors import ConfigError
+from kdlab.methods import BaseMethod
 from tests.conftest import QUIET_CPU_RUN, compose, fast_overrides, run_cli
 from tests.fixtures import write_corpus, write_glue, write_tiny_bert, write_tiny_mlm_bert
+from tests.helpers import Interrupted
 
 BATCH = 8  # per process; the one-device reference trains on 2 × BATCH
 STEPS = 3
@@ -58,6 +65,28 @@ def test_each_process_holds_every_other_example_of_the_one_device_batch(epoch):
     assert len(one_device) == len(shares[0]) == len(shares[1]) == STEPS
     for whole, first, second in zip(one_device, *shares, strict=True):
         assert whole[0::2] == first and whole[1::2] == second
+
+
+def test_a_mid_epoch_loader_position_loads_only_into_the_same_share():
+    def loader(replicas: int, batch_size: int) -> ResumableLoader:
+        sampler = EpochSeededSampler(48, seed=5, num_replicas=replicas, rank=0)
+        return ResumableLoader(range(48), batch_size=batch_size, sampler=sampler)
+
+    def position_after(batches: int, replicas: int, batch_size: int) -> dict:
+        source = loader(replicas, batch_size)
+        iterator = iter(source)
+        for _ in range(batches):
+            next(iterator)
+        return source.state_dict()
+
+    # Two batches of 2 processes × 8 are the examples of two batches of 16 on one device,
+    # but each process has read 16 of its 24: on one device that position is another one.
+    with pytest.raises(ConfigError, match=r"by 2 training process\(es\) with task.batch_size=8"):
+        loader(1, 2 * BATCH).load_state_dict(position_after(2, 2, BATCH))
+    resumed = loader(2, BATCH)
+    resumed.load_state_dict(position_after(2, 2, BATCH))
+    whole = list(loader(2, BATCH))
+    assert [batch.tolist() for batch in resumed] == [batch.tolist() for batch in whole[2:]]
 
 
 @pytest.fixture(scope="module")
@@ -168,9 +197,10 @@ def test_mixkd_trains_as_on_one_device(data, tmp_path):
     assert_logged_validation_is_the_final_evaluation(distributed)
 
 
-def homodistil_run(data, tmp: Path, extra: list[str]) -> list[str]:
+def corpus_run(data, method: str, extra: list[str]) -> list[str]:
+    """A run of ``method`` on the corpus task, its masks drawn once (``FixedMaskCorpus``)."""
     return [
-        "method=homodistil",
+        f"method={method}",
         "task=corpus/local",
         "task._target_=tests.helpers.FixedMaskCorpus",
         f"task.files=[{data['corpus']}/*.txt]",
@@ -181,17 +211,27 @@ def homodistil_run(data, tmp: Path, extra: list[str]) -> list[str]:
         "task.cache_dir=null",
         "task.eval_batch_size=16",
         f"teacher.path={data['mlm_teacher']}",
-        "model=pruned",
-        "model.target.hidden_size=16",
-        "model.target.num_attention_heads=2",
-        "model.target.intermediate_size=32",
-        "pruning.update_interval=1",
-        "pruning.initial_warmup=0.3",
-        "pruning.final_warmup=0.0",
         *QUIET_CPU_RUN,
         *COMMON,
         *extra,
     ]
+
+
+def homodistil_run(data, tmp: Path, extra: list[str]) -> list[str]:
+    return corpus_run(
+        data,
+        "homodistil",
+        [
+            "model=pruned",
+            "model.target.hidden_size=16",
+            "model.target.num_attention_heads=2",
+            "model.target.intermediate_size=32",
+            "pruning.update_interval=1",
+            "pruning.initial_warmup=0.3",
+            "pruning.final_warmup=0.0",
+            *extra,
+        ],
+    )
 
 
 def test_homodistil_trains_as_on_one_device(data, tmp_path):
@@ -203,14 +243,12 @@ def test_homodistil_trains_as_on_one_device(data, tmp_path):
     assert logged["val/loss"] == pytest.approx(torch.tensor(logged["val/perplexity"]).log().item())
 
 
-def test_homodistil_attention_only_freezes_what_it_leaves_unused(data, tmp_path):
-    # The attention maps are read before the last layer's value projection, attention output
-    # and FFN, and the classifier head is never run: under DDP those are frozen
-    # (BaseMethod.freeze_unreached), on one device they get no gradient. Padded sentences
-    # give the processes different numbers of real-token pairs, the entries of the mean.
-    overrides = glue_run(
+def attention_only_run(data, tmp: Path, extra: list[str] = ()) -> list[str]:
+    """HomoDistil with its attention term alone on SST-2: its losses leave parts of the
+    student unreached (BaseMethod.freeze_unreached freezes them)."""
+    return glue_run(
         data,
-        tmp_path,
+        tmp,
         "homodistil",
         "sst2",
         [
@@ -224,10 +262,18 @@ def test_homodistil_attention_only_freezes_what_it_leaves_unused(data, tmp_path)
             "pruning.update_interval=1",
             "pruning.initial_warmup=0.3",
             "pruning.final_warmup=0.0",
+            *extra,
         ],
         model="pruned",
     )
-    single, distributed = train_both(overrides, tmp_path)
+
+
+def test_homodistil_attention_only_freezes_what_it_leaves_unused(data, tmp_path):
+    # The attention maps are read before the last layer's value projection, attention output
+    # and FFN, and the classifier head is never run: those are frozen, on any number of
+    # processes (BaseMethod.freeze_unreached). Padded sentences give the processes different
+    # numbers of real-token pairs, the entries of the mean.
+    single, distributed = train_both(attention_only_run(data, tmp_path), tmp_path)
     assert_same_steps(single, distributed)
     reached = torch.load(distributed / "steps_rank0.pt", weights_only=True)["grads"][0]
     unused = {
@@ -239,3 +285,103 @@ def test_homodistil_attention_only_freezes_what_it_leaves_unused(data, tmp_path)
         unused.isdisjoint(reached) and "bert.encoder.layer.1.attention.self.key.weight" in reached
     )
     assert_logged_validation_is_the_final_evaluation(distributed)
+
+
+def test_freezing_on_one_process_changes_no_weight(data, tmp_path, monkeypatch, captured):
+    # A parameter no loss reaches gets no gradient, and AdamW (and gradient clipping) skip
+    # parameters without one: freezing them on one process too (so that the optimizer's
+    # parameter groups do not depend on the process count) trains the same weights.
+    overrides = [*attention_only_run(data, tmp_path), f"task.batch_size={2 * BATCH}"]
+    kdlab.train.run(compose([*overrides, f"run_dir={tmp_path / 'frozen'}"]))
+    assert not captured["module"].student.classifier.weight.requires_grad
+    monkeypatch.setattr(BaseMethod, "freeze_unreached", lambda self, batch: [])
+    kdlab.train.run(compose([*overrides, f"run_dir={tmp_path / 'trainable'}"]))
+    frozen, trainable = (
+        torch.load(tmp_path / run / "steps_rank0.pt", weights_only=True)
+        for run in ("frozen", "trainable")
+    )
+    assert frozen["grads"][0].keys() == trainable["grads"][0].keys()
+    for name, weight in trainable["weights"].items():
+        torch.testing.assert_close(frozen["weights"][name], weight, rtol=0, atol=0, msg=name)
+
+
+# Two epochs of STEPS steps, interrupted after the first (its checkpoints written).
+TWO_EPOCHS = ["trainer.max_steps=-1", "trainer.max_epochs=2"]
+INTERRUPT = [
+    "+callbacks.interrupt._target_=tests.helpers.StopAfterEpoch",
+    "+callbacks.interrupt.epoch=0",
+]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory) -> dict:
+    """The final weights of the attention-only run over two epochs on one device."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    overrides = [*attention_only_run(data, tmp, TWO_EPOCHS), f"task.batch_size={2 * BATCH}"]
+    kdlab.train.run(compose([*overrides, f"run_dir={tmp / 'run'}"]))
+    return torch.load(tmp / "run" / "steps_rank0.pt", weights_only=True)["weights"]
+
+
+@pytest.mark.parametrize(("first", "then"), [(2, 1), (1, 2)], ids=["2-to-1", "1-to-2"])
+def test_resume_on_another_process_count(data, tmp_path, uninterrupted, first, then):
+    # The optimizer state of a checkpoint loads only into the same parameter groups, so the
+    # frozen set must not depend on the process count. With the state restored, the resumed
+    # run ends with the uninterrupted run's weights (a fresh AdamW state would move each
+    # weight by about lr = 1e-3 in its first step).
+    overrides = attention_only_run(data, tmp_path, TWO_EPOCHS)
+    run_dir = tmp_path / "run"
+
+    def train(processes: int, extra: list[str]):
+        """Train in this process, or on 2 DDP processes (returns their CLI's result)."""
+        if processes == 1:
+            batch = [f"task.batch_size={2 * BATCH}", f"run_dir={run_dir}"]
+            return kdlab.train.run(compose([*overrides, *batch, *extra]))
+        run = [f"task.batch_size={BATCH}", *DDP, f"run_dir={run_dir}", f"hydra.run.dir={run_dir}"]
+        return run_cli([*overrides, *run, *extra])
+
+    if first == 1:
+        with pytest.raises(Interrupted):
+            train(1, INTERRUPT)
+    else:
+        result = train(2, INTERRUPT)
+        assert "simulated interruption after epoch 0" in result.stderr, result.stderr[-3000:]
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == STEPS
+    result = train(then, ["ckpt_path=last"])
+    if then == 2:
+        assert result.returncode == 0, result.stderr[-3000:]
+    for rank in range(then):
+        final = torch.load(run_dir / f"steps_rank{rank}.pt", weights_only=True)["weights"]
+        for name, weight in uninterrupted.items():
+            torch.testing.assert_close(final[name], weight, **WEIGHT_TOLERANCE, msg=name)
+
+
+# NCCL refuses collectives on CPU tensors; tests.helpers.NCCLRules stands in for it on gloo.
+NCCL_RULES = ["trainer.strategy={_target_:tests.helpers.NCCLRules}"]
+
+
+@pytest.mark.parametrize("method", ["homodistil", "kd"])
+def test_masked_lm_methods_accumulate_as_on_one_device_under_nccl_rules(data, tmp_path, method):
+    # Each process weighs its masked-LM means by its share of the masked tokens
+    # (BaseMethod.rank_weights): a collective on every micro-batch, and the step's loss is
+    # checked to be finite with one more. NCCLRules refuses any collective before the module
+    # is on its device, as NCCL does on GPUs (BaseMethod.setup's probe runs before that).
+    # 48 examples of 16 (one device) are 3 micro-batches an epoch: the steps are micro-batches
+    # (0, 1), (2) at the epoch's end, then (0, 1) of the next epoch.
+    extra = ["trainer.accumulate_grad_batches=2"]
+    overrides = (
+        homodistil_run(data, tmp_path, extra)
+        if method == "homodistil"
+        else corpus_run(
+            data, "kd", ["model=bert_L2_H128", "model.num_layers=1", "model.hidden_size=64", *extra]
+        )
+    )
+    single, distributed = train_both(overrides, tmp_path, ddp=NCCL_RULES)
+    assert_same_steps(single, distributed)
+    micro_batches = 5
+    for rank in (0, 1):
+        record = json.loads((distributed / f"collectives_rank{rank}.json").read_text())
+        assert (record["micro_batches"], record["optimizer_steps"]) == (micro_batches, STEPS)
+        # No barrier: one all-reduce of the rank weights per micro-batch, one of the loss
+        # per optimizer step.
+        assert record["hot"] == {"all_reduce": micro_batches + STEPS}

@@ -18,6 +18,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 from typing_extensions import Unpack
 
+from kdlab.errors import ConfigError
 from kdlab.validation import NonNegativeInt, PositiveInt
 
 # Batch key of each training example's row in ``train_split()`` (``[B]`` int64), present once
@@ -61,19 +62,38 @@ class ResumableLoader(StatefulDataLoader):
     skips those batches, before it calls ``set_epoch`` for the epoch it resumes in. Setting
     the saved epoch first makes the skip replay that epoch's order. The sampler is an
     :class:`EpochSeededSampler`.
+
+    The position counts this process's examples of its share, so it is loaded only into a
+    loader with the same share (processes and batch size); another is refused before
+    anything trains. (Lightning loads it only to resume mid-epoch.)
+
+    Raises:
+        ConfigError: from ``load_state_dict``, for a position of another share.
     """
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), _SAMPLER_EPOCH: self.sampler.epoch}
+        share = [self.sampler.num_replicas, self.batch_size]
+        return {**super().state_dict(), _SAMPLER_EPOCH: self.sampler.epoch, _SHARE: share}
 
     def load_state_dict(self, state_dict: dict) -> None:
         state = dict(state_dict)
+        saved, share = state.pop(_SHARE, None), [self.sampler.num_replicas, self.batch_size]
+        if saved is not None and list(saved) != share:
+            raise ConfigError(
+                f"The checkpoint was written mid-epoch by {saved[0]} training process(es) with "
+                f"task.batch_size={saved[1]}, this run has {share[0]} with "
+                f"task.batch_size={share[1]}: the training loader's position in the epoch "
+                "counts one process's examples and cannot be carried over. Resume it with "
+                f"{saved[0]} process(es) (trainer.devices x trainer.num_nodes) and "
+                f"task.batch_size={saved[1]}, or from a checkpoint written at the end of an epoch."
+            )
         if _SAMPLER_EPOCH in state:
             self.sampler.set_epoch(state.pop(_SAMPLER_EPOCH))
         super().load_state_dict(state)
 
 
 _SAMPLER_EPOCH = "kdlab_sampler_epoch"
+_SHARE = "kdlab_share"  # [processes, batch size]
 
 
 def train_subset(train: datasets.Dataset, task: DictConfig) -> datasets.Dataset:
@@ -196,6 +216,12 @@ class TokenizedDataModule(L.LightningDataModule, abc.ABC):
             return {}
         return self.trainer.distributed_sampler_kwargs or {}
 
+    @property
+    def pin_memory(self) -> bool:
+        """Whether loaders pin their batches: while a trainer on a CUDA device is attached
+        (a pinned batch copies to the GPU asynchronously; elsewhere pinning is wasted)."""
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+
     def train_dataloader(self) -> ResumableLoader:
         """This process's share of the training batches (:meth:`training_loader`)."""
         return self.training_loader(**self.process_share())
@@ -216,6 +242,7 @@ class TokenizedDataModule(L.LightningDataModule, abc.ABC):
             sampler=EpochSeededSampler(len(dataset), self.seed, num_replicas, rank),
             collate_fn=self.collator,
             num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
             # Each new iterator draws a seed for its workers from this generator, not from
             # the global stream: a resumed run creates its iterator after the checkpoint's
             # RNG states are restored, where the uninterrupted run creates none.
@@ -244,6 +271,7 @@ class TokenizedDataModule(L.LightningDataModule, abc.ABC):
             ),
             collate_fn=collate_fn or self.collator,
             num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
             # A private generator keeps evaluation from consuming the global RNG stream,
             # so evaluating (or not) before a resume does not change training randomness.
             generator=torch.Generator(),

@@ -167,6 +167,11 @@ class BaseMethod(L.LightningModule, abc.ABC):
         self.eval_losses = nn.ModuleDict(
             {prefix: MeanMetric(nan_strategy=float("nan")) for prefix in evaluators}
         )
+        # Set while freeze_unreached's probe runs (see `distributed`).
+        self._probing = False
+        # The training loss summed over the micro-batches of the current optimizer step, on
+        # the device: checked once per step (on_before_optimizer_step).
+        self._step_loss: Tensor | None = None
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
@@ -211,28 +216,42 @@ class BaseMethod(L.LightningModule, abc.ABC):
         """The batch's gold targets, as :meth:`forward_model`'s logits meet them."""
         return targets(batch, self.head)
 
-    # --------------------------------------------------------------- DDP: unused weights
+    # ----------------------------------------------------------------- unused weights
     def setup(self, stage: str) -> None:
         # Before DDP wraps the module: its reducer waits for a gradient of every trainable
         # parameter, and a configuration whose losses leave some unreached (HomoDistil
-        # without its MLM and KL terms leaves the MLM head) would stall or fail.
-        # The probe is the first batch of the whole training order, the same on every rank.
-        if stage == "fit" and self.trainer.world_size > 1:
-            self.freeze_unreached(next(iter(self.trainer.datamodule.training_loader())))
+        # without its MLM and KL terms leaves the MLM head) would stall or fail. On one
+        # process too (they get no gradient there, which AdamW and clipping skip), so that
+        # the optimizer's parameter groups, which a checkpoint's state must match, do not
+        # depend on the process count. The probe is the first batch of the whole training
+        # order, the same on every rank, drawn and run in forked RNG streams (the masked-LM
+        # collator masks from the global one). Lightning moves the module to its device and
+        # wraps it in one step after this hook, so the probe issues no collective (see
+        # `distributed`): NCCL refuses CPU tensors. Runs fitted on bare loaders (the
+        # benchmarks) have no datamodule to probe.
+        datamodule = self.trainer.datamodule
+        if stage != "fit" or datamodule is None:
+            return
+        with torch.random.fork_rng(devices=[]):
+            self.freeze_unreached(next(iter(datamodule.training_loader())))
 
     def freeze_unreached(self, batch: dict[str, Tensor]) -> list[str]:
         """Freeze the trainable parameters that no loss term reaches on ``batch``.
 
-        One forward and backward pass on a probe batch, in forked RNG streams so training
-        randomness is untouched; every rank runs it on the same batch and weights, so all
-        ranks freeze the same parameters (and prune from the same gradients).
+        One forward and backward pass on a probe batch, without any collective: losses are
+        not weighted across processes in it (a weight never changes which parameters a loss
+        reaches). Every rank runs it on the same batch and weights, so all ranks freeze the
+        same parameters (and prune from the same gradients).
 
         Returns:
             The names of the frozen parameters.
         """
         trainable = self.trainable_parameters()
-        with torch.random.fork_rng(devices=[]):
+        self._probing = True
+        try:
             self.compute_losses(batch)["loss"].backward()
+        finally:
+            self._probing = False
         frozen = [name for name, p in trainable if p.grad is None]
         for name, param in trainable:
             param.grad = None
@@ -245,8 +264,9 @@ class BaseMethod(L.LightningModule, abc.ABC):
     # ------------------------------------------------- DDP: means over varying counts
     @property
     def distributed(self) -> bool:
-        """Whether the module trains under a trainer with more than one process."""
-        return self._trainer is not None and self.trainer.world_size > 1
+        """Whether losses are weighted across processes: under a trainer with more than one
+        process, outside :meth:`freeze_unreached`'s probe."""
+        return self._trainer is not None and self.trainer.world_size > 1 and not self._probing
 
     def rank_weights(self, counts: Tensor) -> Tensor:
         """Weights of means over this process's entries that make DDP's average of the
@@ -270,7 +290,11 @@ class BaseMethod(L.LightningModule, abc.ABC):
         counts = counts.float()
         if not self.distributed:
             return torch.ones_like(counts)
-        return counts / self.trainer.strategy.reduce(counts.clone(), reduce_op="mean")
+        # A bare all-reduce: Lightning's strategy.reduce puts a barrier before it, a host
+        # sync on every micro-batch. SUM, divided here: gloo has no AVG.
+        total = counts.clone()
+        torch.distributed.all_reduce(total)
+        return counts / (total / self.trainer.world_size)
 
     def target_rows(self, batch: dict[str, Tensor]) -> int:
         """The rows the head's losses average over: examples, or the masked tokens of a
@@ -288,7 +312,8 @@ class BaseMethod(L.LightningModule, abc.ABC):
         """
         if self.head != "masked_lm" or not self.distributed:
             return losses
-        rows = torch.tensor([self.target_rows(batch)], device=batch["input_ids"].device)
+        # torch.full, not torch.tensor: a copy from the host would wait for the GPU.
+        rows = torch.full((1,), self.target_rows(batch), device=batch["input_ids"].device)
         weight = self.rank_weights(rows)[0]
         return {name: value * weight for name, value in losses.items()}
 
@@ -385,16 +410,29 @@ class BaseMethod(L.LightningModule, abc.ABC):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         losses = self.compute_losses(batch)
         loss = losses["loss"]
-        finite = bool(torch.isfinite(loss.detach()))
-        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
-            raise NonFiniteLossError(
-                f"train/loss is {loss.item()} at step {self.global_step}; the run stops before "
-                "the optimizer step so the weights and checkpoints stay finite."
-            )
+        # Accumulated on the device; a sum is finite exactly when every term is (short of an
+        # fp32 overflow, ~3.4e38).
+        step_loss = loss.detach().float()
+        self._step_loss = step_loss if self._step_loss is None else self._step_loss + step_loss
         batch_size = batch["input_ids"].size(0)
         for name, value in losses.items():
             self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch_size)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Once per optimizer step, after the backward passes of its micro-batches and before
+        # gradient clipping and the optimizer change anything: one all-reduce under DDP and
+        # one host sync, not a barrier, an all-reduce and a host sync per micro-batch. Every
+        # rank sees the same sum, so all stop together.
+        total, self._step_loss = self._step_loss, None
+        if self.distributed:
+            torch.distributed.all_reduce(total)
+        if not torch.isfinite(total):
+            raise NonFiniteLossError(
+                f"train/loss is {total.item()} (summed over the step's micro-batches and "
+                f"processes) at step {self.global_step}; the run stops before the optimizer "
+                "step so the weights and checkpoints stay finite."
+            )
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """Parameters the optimizer updates: everything trainable outside the teacher."""

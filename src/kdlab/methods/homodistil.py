@@ -275,7 +275,8 @@ class HomoDistil(BaseMethod):
         per_example = tokens.sum(1)
         real = per_example.sum()
         counts = {
-            "mlm": torch.tensor(self.target_rows(batch), device=tokens.device),
+            # torch.full, not torch.tensor: a copy from the host would wait for the GPU.
+            "mlm": torch.full((), self.target_rows(batch), device=tokens.device),
             "hidden": real,
             "emb": real,
             "attn": per_example.square().sum(),
