@@ -75,7 +75,8 @@ from benchmarks.common import (  # noqa: E402
 from kdlab.components import validate  # noqa: E402
 from kdlab.losses import task_loss  # noqa: E402
 from kdlab.methods import BaseMethod  # noqa: E402
-from kdlab.models.build import count_parameters, model_inputs  # noqa: E402
+from kdlab.models.build import count_parameters  # noqa: E402
+from kdlab.models.heads import model_inputs  # noqa: E402
 from kdlab.pruning import Pruner, compact  # noqa: E402
 from kdlab.train import CONF_DIR, assemble, build_trainer  # noqa: E402
 

@@ -61,7 +61,7 @@ from benchmarks.common import (
 )
 from kdlab.components import build, validate
 from kdlab.models import load_tokenizer
-from kdlab.models.build import MODEL_INPUTS
+from kdlab.models.heads import MODEL_INPUTS
 from kdlab.train import CONF_DIR, Assembly, assemble
 
 # The checkout sits next to shared/, as on the development machines and in CI.

@@ -6,7 +6,7 @@ from transformers import BertForMaskedLM
 
 import kdlab.train
 from kdlab.losses import IGNORE_INDEX
-from kdlab.models.build import forward, targets
+from kdlab.models.heads import forward, targets
 from kdlab.pruning import Pruner
 from kdlab.rundir import RunDir
 from tests.fixtures import write_tiny_mlm_bert

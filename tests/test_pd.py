@@ -13,7 +13,7 @@ from kdlab.errors import ConfigError, DataFormatError
 from kdlab.losses import soft_kl, soft_target_loss
 from kdlab.methods import PreTrainedDistillation
 from kdlab.metrics import ClassificationEvaluator
-from kdlab.models.build import model_inputs
+from kdlab.models.heads import model_inputs
 from kdlab.optim import Optim
 from tests.conftest import build_datamodule, build_student, build_teacher
 from tests.fixtures import write_squad, write_tiny_qa_bert

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import kdlab.train
-from kdlab.models.build import model_inputs
+from kdlab.models.heads import model_inputs
 from tests.conftest import build_datamodule, fast_overrides, run_cli
 from tests.fixtures import write_tokenizer
 

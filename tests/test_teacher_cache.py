@@ -32,7 +32,8 @@ from kdlab.data.teacher_cache import (
 )
 from kdlab.errors import ConfigError
 from kdlab.methods import KnowledgeDistillation
-from kdlab.models.build import forward, load_tokenizer
+from kdlab.models.build import load_tokenizer
+from kdlab.models.heads import forward
 from kdlab.optim import Optim
 from kdlab.rundir import RunDir
 from tests.conftest import (

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from kdlab.methods.base import BaseMethod
-from kdlab.models.build import model_inputs
+from kdlab.models.heads import model_inputs
 
 
 def evaluation_trainer(trainer_cfg: DictConfig, device: torch.device) -> L.Trainer:

@@ -3,7 +3,7 @@
 Shapes: ``B`` batch, ``C`` classes (token positions for span starts and ends). All
 reductions are means over the batch so that loss scales do not depend on the batch size.
 Functions taking mappings work on every output of a task head (see
-``kdlab.models.build.HEAD_TARGETS``): one for classification, start and end for spans;
+``kdlab.models.heads.Head.outputs``): one for classification, start and end for spans;
 they average over the outputs, so a weight such as KD's ``α`` means the same for every
 head.
 
@@ -12,7 +12,7 @@ logits come out in bf16, and rounding the targets to it instead would move them 
 score of 4.9 reads 4.90625, a mixing weight of 0.3 reads 0.30078125).
 Token-level targets (masked-LM) use ``-100`` for positions without a target, the
 convention of ``transformers``' data collators; models are scored at the other positions
-only (``kdlab.models.build.forward``), so the losses see ``[N, V]`` logits and ``[N]``
+only (``kdlab.models.heads.forward``), so the losses see ``[N, V]`` logits and ``[N]``
 targets there.
 """
 
@@ -118,7 +118,7 @@ def matching_loss(
     """``distillation_loss`` of each output, averaged over outputs (start and end for spans,
     as :func:`task_loss` averages their cross-entropies).
 
-    Masked-LM logits arrive at the graded positions only (``kdlab.models.build.forward``),
+    Masked-LM logits arrive at the graded positions only (``kdlab.models.heads.forward``),
     so every row carries a target.
 
     Args:

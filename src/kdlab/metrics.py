@@ -83,7 +83,7 @@ class ClassificationEvaluator(Evaluator):
 class MaskedLMEvaluator(Evaluator):
     """Perplexity of a masked-LM head: ``exp`` of the mean cross-entropy over the masked
     positions. The outputs carry logits ``[N, V]`` at the batch's graded positions only
-    (``kdlab.models.build.forward``)."""
+    (``kdlab.models.heads.forward``)."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -147,7 +147,7 @@ class TokenizedDataModule(L.LightningDataModule, abc.ABC):
         **task: the task's options.
     """
 
-    # The model head the task trains (``kdlab.models.build.HEAD_TARGETS`` key).
+    # The model head the task trains (``kdlab.models.heads.HEADS`` key).
     head: ClassVar[str]
     # Subclasses set the collator that pads (or masks) their batches.
     collator: Callable

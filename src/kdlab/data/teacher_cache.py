@@ -64,7 +64,7 @@ from transformers.utils import ModelOutput
 
 from kdlab.data.base import ROW_INDEX, TokenizedDataModule
 from kdlab.errors import ConfigError
-from kdlab.models.build import HEAD_TARGETS, forward
+from kdlab.models.heads import HEADS, forward
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class TeacherCache:
         root: the folder of this task's teacher-output caches.
         fields: what the key is made of (:func:`key_fields`).
         rows: the training split's length ``N``.
-        head: the task's head (``HEAD_TARGETS`` key).
+        head: the task's head (``kdlab.models.heads.HEADS`` key).
         batches: the training split in dataset order, batched for the teacher (called once
             per build).
         about: facts the manifest records for people (teacher path, task), not in the key.
@@ -190,7 +190,7 @@ class TeacherCache:
         self.fields = fields
         self.rows = rows
         self.head = head
-        self.names = list(HEAD_TARGETS[head].values())
+        self.names = list(HEADS[head].outputs.values())
         self.batches = batches
         self.about = about or {}
         self.outputs: dict[str, Tensor] | None = None

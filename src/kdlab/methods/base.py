@@ -26,7 +26,7 @@ from kdlab.data.teacher_cache import TeacherCache
 from kdlab.errors import ConfigError, NonFiniteLossError
 from kdlab.losses import task_loss
 from kdlab.metrics import Evaluator
-from kdlab.models.build import HEAD_TARGETS, forward, targets
+from kdlab.models.heads import HEADS, forward, targets
 from kdlab.optim import Optim
 from kdlab.rng import collect_rng_states, restore_rng_states
 
@@ -42,7 +42,7 @@ class BaseMethod(L.LightningModule, abc.ABC):
         name: the method's name (``method.name``: run names, ``metrics.json``).
         student: the model being trained.
         teacher: a frozen teacher, or ``None`` for methods without one.
-        head: the task's head (``HEAD_TARGETS`` key): which outputs are trained against
+        head: the task's head (``kdlab.models.heads.HEADS`` key): which outputs are trained against
             which batch targets.
         evaluators: one per evaluation split, keyed by metric-key prefix: the validation
             dataloaders in order (``val``, and ``val_mm`` for MNLI), then ``test`` where the
@@ -66,7 +66,7 @@ class BaseMethod(L.LightningModule, abc.ABC):
     requires_pruning: ClassVar[bool] = False
     # Task heads the method has a sound definition for; a method that cannot handle, e.g.,
     # span prediction narrows this and such tasks are refused before anything loads.
-    supported_heads: ClassVar[frozenset[str]] = frozenset(HEAD_TARGETS)
+    supported_heads: ClassVar[frozenset[str]] = frozenset(HEADS)
     # Appended to that refusal: why, and what to use instead.
     unsupported_head_hint: ClassVar[str] = "pick another method or task"
 
@@ -157,7 +157,7 @@ class BaseMethod(L.LightningModule, abc.ABC):
         self._teacher_counter = None
         self.optim = optim
         self.head = head
-        self.head_targets = HEAD_TARGETS[head]
+        self.head_outputs = HEADS[head].outputs
         self.eval_prefixes = [p for p in evaluators if p != "test"]
         self.evaluators = nn.ModuleDict(evaluators)
         # The task loss of each evaluation split, weighted by the rows it averages: a metric
@@ -205,12 +205,12 @@ class BaseMethod(L.LightningModule, abc.ABC):
     # ------------------------------------------------------------------ head's outputs
     def forward_model(self, model: PreTrainedModel, batch: dict[str, Tensor], **options):
         """``model`` on the batch (a masked-LM head only at graded positions: see
-        :func:`kdlab.models.build.forward`)."""
+        :func:`kdlab.models.heads.forward`)."""
         return forward(model, batch, self.head, **options)
 
     def logits(self, outputs: ModelOutput) -> dict[str, Tensor]:
         """A model's output logits keyed by the gold target each predicts."""
-        return {target: outputs[name] for target, name in self.head_targets.items()}
+        return {field: outputs[name] for field, name in self.head_outputs.items()}
 
     def targets(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """The batch's gold targets, as :meth:`forward_model`'s logits meet them."""

@@ -54,7 +54,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from kdlab.errors import ConfigError
 from kdlab.losses import attention_mse, hidden_mse, matching_loss, task_loss
 from kdlab.methods.base import BaseMethod
-from kdlab.models.build import model_inputs
+from kdlab.models.heads import model_inputs
 from kdlab.pruning.masks import StructuredMasks, installed_masks
 from kdlab.validation import NonNegative, Positive
 

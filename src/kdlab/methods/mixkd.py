@@ -50,7 +50,7 @@ from transformers import PreTrainedModel
 
 from kdlab.losses import distillation_loss, kd_loss, mixup, mixup_target_loss, supervised_loss
 from kdlab.methods.base import BaseMethod
-from kdlab.models.build import MODEL_INPUTS, model_inputs
+from kdlab.models.heads import MODEL_INPUTS, model_inputs
 from kdlab.validation import NonNegative, NonNegativeInt, Positive, Probability
 
 

@@ -1,4 +1,5 @@
-"""Building teachers and students (the ``model`` and ``teacher`` groups' builders)."""
+"""Building teachers and students (the ``model`` and ``teacher`` groups' builders); the
+task heads and how a batch meets them are in :mod:`kdlab.models.heads`."""
 
 from kdlab.models.build import (
     count_parameters,

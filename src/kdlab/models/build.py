@@ -21,108 +21,25 @@ from typing import Annotated
 
 import torch
 from omegaconf import DictConfig
-from torch import Tensor
 from transformers import (
     AutoConfig,
-    AutoModelForMaskedLM,
-    AutoModelForQuestionAnswering,
-    AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-from transformers.modeling_outputs import MaskedLMOutput
-from transformers.utils import ModelOutput
 
 from kdlab.errors import ConfigError
-from kdlab.losses import IGNORE_INDEX
+from kdlab.models.heads import HEADS
 from kdlab.pruning.masks import PruneTarget, check_target
 from kdlab.rundir import RunDir
 from kdlab.validation import PositiveInt
 
 log = logging.getLogger(__name__)
 
-HEADS = {
-    "sequence_classification": AutoModelForSequenceClassification,
-    "question_answering": AutoModelForQuestionAnswering,
-    "masked_lm": AutoModelForMaskedLM,
-}
-
-# For each task head: the batch key of every gold target (the name its transformers model
-# takes it by) and the output holding the logits trained against it. Losses and
-# distillation iterate over these pairs, so methods need no per-head code.
-HEAD_TARGETS: dict[str, dict[str, str]] = {
-    "sequence_classification": {"labels": "logits"},
-    "question_answering": {"start_positions": "start_logits", "end_positions": "end_logits"},
-    "masked_lm": {"labels": "logits"},
-}
-
-# The architecture name a saved model with each head has (``config.architectures``).
-_HEAD_ARCHITECTURE = {
-    "sequence_classification": "ForSequenceClassification",
-    "question_answering": "ForQuestionAnswering",
-    "masked_lm": "ForMaskedLM",
-}
-
-# Batch keys a model reads; the rest are gold targets and bookkeeping (``feature_index``).
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-
 # The config attribute every export carries: the task it was trained on.
 TASK_ATTRIBUTE = "kdlab_task"
-
-
-def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The batch without its targets and bookkeeping, ready for ``model(**inputs)``."""
-    return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
-
-
-def forward(model: PreTrainedModel, batch: dict[str, Tensor], head: str, **options) -> ModelOutput:
-    """``model``'s outputs on ``batch``, with a masked-LM head scored only where it is graded.
-
-    Masked-LM batches have a target at about 15 % of the positions (``labels`` is
-    ``IGNORE_INDEX`` elsewhere), and the vocabulary projection is the largest matrix of a
-    small BERT: scoring the other positions would cost most of the step for nothing. So for
-    ``head == "masked_lm"`` the logits are ``[N, V]``, one row per target in the batch's
-    row-major order, and :func:`targets` returns the ``[N]`` targets they go with. Models
-    without a separable head (``model.cls``) are run whole and their rows selected.
-
-    Args:
-        model: a ``transformers`` model with the task's head.
-        batch: inputs and targets (``model_inputs`` picks the inputs).
-        head: the task's head (``HEAD_TARGETS`` key).
-        **options: forwarded to the model (``output_hidden_states``, ``output_attentions``).
-    """
-    inputs = model_inputs(batch)
-    if head != "masked_lm":
-        return model(**inputs, **options)
-    rows = batch["labels"] != IGNORE_INDEX
-    mlm_head = getattr(model, "cls", None)
-    if mlm_head is None:
-        outputs = model(**inputs, **options)
-        return MaskedLMOutput(
-            logits=outputs.logits[rows],
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
-    encoded = model.base_model(**inputs, **options)
-    return MaskedLMOutput(
-        logits=mlm_head(encoded.last_hidden_state[rows]),
-        hidden_states=encoded.hidden_states,
-        attentions=encoded.attentions,
-    )
-
-
-def targets(batch: dict[str, Tensor], head: str) -> dict[str, Tensor]:
-    """The batch's gold targets keyed by batch key, as :func:`forward`'s logits meet them:
-    ``labels`` (``[N]`` graded positions for masked-LM), or ``start_positions`` and
-    ``end_positions``."""
-    found = {key: batch[key] for key in HEAD_TARGETS[head]}
-    if head == "masked_lm":
-        labels = found["labels"]
-        found["labels"] = labels[labels != IGNORE_INDEX]
-    return found
 
 
 class ModelSource:
@@ -190,7 +107,9 @@ def _load_config(path: str, key: str) -> PretrainedConfig:
 
 def _load_model(path: str, head: str, key: str, **kwargs) -> tuple[PreTrainedModel, dict]:
     try:
-        model, info = HEADS[head].from_pretrained(str(path), output_loading_info=True, **kwargs)
+        model, info = HEADS[head].auto_class.from_pretrained(
+            str(path), output_loading_info=True, **kwargs
+        )
     except (OSError, ValueError) as err:
         raise ConfigError(_unreachable(path, key, err)) from err
     return model, info
@@ -229,7 +148,7 @@ def pretrained(
         path: hub id or local directory.
         tokenizer: the tokenizer the model reads (by default ``path``).
         attn_implementation: ``eager``, ``sdpa``, ... (None: the library's default).
-        head: the task's head (``HEAD_TARGETS`` key), passed by the run.
+        head: the task's head (``kdlab.models.heads.HEADS`` key), passed by the run.
         labels: the task's class names (None: regression or no classes), passed by the run.
     """
     model, _ = _load_model(path, head, "model.path", **_options(head, labels, attn_implementation))
@@ -317,7 +236,7 @@ def random_bert(
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
-        model = HEADS[head].from_config(config)
+        model = HEADS[head].auto_class.from_config(config)
     log.info("Student %s: random BERT L%d H%d", name, num_layers, hidden_size)
     return model
 
@@ -327,7 +246,7 @@ def _released_miniature(
 ) -> PreTrainedModel:
     hub_id = f"google/bert_uncased_L-{layers}_H-{hidden}_A-{heads}"
     try:
-        model = HEADS[head].from_pretrained(hub_id, **options)
+        model = HEADS[head].auto_class.from_pretrained(hub_id, **options)
     except (OSError, ValueError) as err:
         raise ConfigError(
             f"Could not load the released miniature {hub_id} (model.pretrained=true): {err}. "
@@ -338,6 +257,32 @@ def _released_miniature(
     _check_vocabulary(model, tokenizer)
     log.info("Student: the released miniature %s", hub_id)
     return model
+
+
+# The route that works without the hub, for errors about HomoBERT shapes.
+OFFLINE_HOMODISTIL = (
+    "The presets model=tiny|xsmall|small|base are HomoBERT's shapes for a BERT-base teacher "
+    "(teacher=bert_base, from the hub). Offline, distil the bundled MiniLM: first train its "
+    "MLM head, `python -m kdlab.train method=mlm method.trainable=head model=minilm "
+    "task=corpus/local task.files=[<text files>]`, then `python -m kdlab.train method=homodistil "
+    "model=minilm_half teacher=local teacher.path=<that run>/student task=corpus/local "
+    "task.files=[<text files>]` (or model=pruned with model.target.* for another shape of "
+    "MiniLM's heads of 32)."
+)
+
+
+def _check_teacher_copy(cfg: DictConfig) -> None:
+    """Before anything loads: the target must fit the saved model's shape (read from its
+    ``config.json`` when it is local; a hub model is checked when it loads)."""
+    model = cfg.model
+    if not (Path(str(model.path)).expanduser() / "config.json").is_file():
+        return
+    try:
+        check_target(_load_config(model.path, "model.path"), model.target)
+    except ConfigError as err:
+        raise ConfigError(
+            f"model={model.name} does not fit model.path={model.path}: {err} {OFFLINE_HOMODISTIL}"
+        ) from None
 
 
 def teacher_copy(
@@ -380,32 +325,6 @@ def teacher_copy(
     return model
 
 
-# The route that works without the hub, for errors about HomoBERT shapes.
-OFFLINE_HOMODISTIL = (
-    "The presets model=tiny|xsmall|small|base are HomoBERT's shapes for a BERT-base teacher "
-    "(teacher=bert_base, from the hub). Offline, distil the bundled MiniLM: first train its "
-    "MLM head, `python -m kdlab.train method=mlm method.trainable=head model=minilm "
-    "task=corpus/local task.files=[<text files>]`, then `python -m kdlab.train method=homodistil "
-    "model=minilm_half teacher=local teacher.path=<that run>/student task=corpus/local "
-    "task.files=[<text files>]` (or model=pruned with model.target.* for another shape of "
-    "MiniLM's heads of 32)."
-)
-
-
-def _check_teacher_copy(cfg: DictConfig) -> None:
-    """Before anything loads: the target must fit the saved model's shape (read from its
-    ``config.json`` when it is local; a hub model is checked when it loads)."""
-    model = cfg.model
-    if not (Path(str(model.path)).expanduser() / "config.json").is_file():
-        return
-    try:
-        check_target(_load_config(model.path, "model.path"), model.target)
-    except ConfigError as err:
-        raise ConfigError(
-            f"model={model.name} does not fit model.path={model.path}: {err} {OFFLINE_HOMODISTIL}"
-        ) from None
-
-
 teacher_copy.check_config = _check_teacher_copy
 
 
@@ -445,7 +364,7 @@ def teacher(
     _check_teacher_task(config, path, head, labels, task)
     must_have_head = needs_head and require_trained_head
     saved = config.architectures or []
-    if must_have_head and saved and not any(a.endswith(_HEAD_ARCHITECTURE[head]) for a in saved):
+    if must_have_head and saved and not any(a.endswith(HEADS[head].architecture) for a in saved):
         raise ConfigError(_no_head(path, head, task, f"it was saved as {saved[0]}", hint))
     model, info = _load_model(
         path, head, "teacher.path", **_options(head, labels, attn_implementation)
@@ -469,7 +388,7 @@ def _check_teacher_task(
             trained_for,
             task,
         )
-    has_head = any(a.endswith(_HEAD_ARCHITECTURE[head]) for a in config.architectures or ())
+    has_head = any(a.endswith(HEADS[head].architecture) for a in config.architectures or ())
     wanted = head_kwargs(head, labels).get("num_labels")
     if wanted is None or not has_head:
         return
