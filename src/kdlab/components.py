@@ -8,8 +8,8 @@ one module and one YAML file; adding a model builder is one function and one YAM
 :func:`validate` checks the composed config before any model or data loads: missing
 (``???``) values, then every component against its target's signature
 (:func:`kdlab.validation.check_node`), then each target's ``check_config(cfg)`` rules across
-keys (a classmethod, or an attribute of a builder function), then the trainer's and the
-root's keys, and the global batch (:mod:`kdlab.batching`).
+keys (a classmethod, or a builder function's :func:`kdlab.validation.with_config_check`),
+then the trainer's and the root's keys, and the global batch (:mod:`kdlab.batching`).
 """
 
 from collections.abc import Callable, Iterator

@@ -10,8 +10,9 @@ before anything is built::
 
 :func:`check_node` reports unknown keys (with the closest valid one), values of the wrong
 type and values out of range as :class:`~kdlab.errors.ConfigError` naming the key, the
-value and what is allowed. Cross-field rules that a signature cannot state live in the
-target's ``check_config`` classmethod, which :mod:`kdlab.components` calls.
+value and what is allowed. Rules across keys that a signature cannot state are the
+target's ``check_config(cfg)``, which :mod:`kdlab.components` calls: a classmethod of a class,
+given to a builder function by :func:`with_config_check`.
 """
 
 import difflib
@@ -21,7 +22,7 @@ import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -68,6 +69,25 @@ Positive = Annotated[float, Range(gt=0)]
 NonNegative = Annotated[float, Range(ge=0)]
 PositiveInt = Annotated[int, Range(ge=1)]
 NonNegativeInt = Annotated[int, Range(ge=0)]
+
+Builder = TypeVar("Builder", bound=Callable)
+
+
+def with_config_check(check: Callable[[DictConfig], None]) -> Callable[[Builder], Builder]:
+    """Decorator giving a builder function rules across keys: ``check`` becomes its
+    ``check_config``, where :mod:`kdlab.components` looks for every target's rules (a class
+    states them as a ``check_config`` classmethod).
+
+    Args:
+        check: called with the whole composed config before anything loads; raises
+            :class:`~kdlab.errors.ConfigError`.
+    """
+
+    def attach(builder: Builder) -> Builder:
+        builder.check_config = check
+        return builder
+
+    return attach
 
 
 def _levels(target: Callable) -> list[Callable]:

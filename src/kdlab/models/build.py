@@ -34,7 +34,7 @@ from kdlab.errors import ConfigError
 from kdlab.models.heads import HEADS
 from kdlab.pruning.masks import PruneTarget, check_target
 from kdlab.rundir import RunDir
-from kdlab.validation import PositiveInt
+from kdlab.validation import PositiveInt, with_config_check
 
 log = logging.getLogger(__name__)
 
@@ -285,6 +285,7 @@ def _check_teacher_copy(cfg: DictConfig) -> None:
         ) from None
 
 
+@with_config_check(_check_teacher_copy)
 def teacher_copy(
     *,
     name: str,
@@ -323,9 +324,6 @@ def teacher_copy(
         model.load_state_dict(fresh.state_dict())
         log.info("Student %s: re-initialised at random (seed %d)", name, init_seed)
     return model
-
-
-teacher_copy.check_config = _check_teacher_copy
 
 
 def teacher(
