@@ -92,34 +92,23 @@ def head_kwargs(head: str, labels: list[str] | None) -> dict:
 
 def load_tokenizer(path: str, key: str) -> PreTrainedTokenizerBase:
     """The tokenizer at a hub id or local directory; ``key`` names the config setting."""
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as err:
-        raise ConfigError(_unreachable(path, key, err)) from err
-
-
-def _load_config(path: str, key: str) -> PretrainedConfig:
-    try:
-        return AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError) as err:
-        raise ConfigError(_unreachable(path, key, err)) from err
+    return _load(AutoTokenizer, path, key)
 
 
 def _load_model(path: str, head: str, key: str, **kwargs) -> tuple[PreTrainedModel, dict]:
+    """The model with ``head`` at ``path``, and what loading it found missing or unused."""
+    return _load(HEADS[head].auto_class, path, key, output_loading_info=True, **kwargs)
+
+
+def _load(auto_class: type, path: str, key: str, **kwargs):
+    """``auto_class.from_pretrained(path)``, failing with a ConfigError that names ``key``."""
     try:
-        model, info = HEADS[head].auto_class.from_pretrained(
-            str(path), output_loading_info=True, **kwargs
-        )
+        return auto_class.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as err:
-        raise ConfigError(_unreachable(path, key, err)) from err
-    return model, info
-
-
-def _unreachable(path: str, key: str, err: Exception) -> str:
-    return (
-        f"Could not load '{path}' ({key}): {err}. If the Hugging Face hub is unreachable, "
-        f"set {key}=<local directory with config.json and weights>."
-    )
+        raise ConfigError(
+            f"Could not load '{path}' ({key}): {err}. If the Hugging Face hub is unreachable, "
+            f"set {key}=<local directory with config.json and weights>."
+        ) from err
 
 
 def _check_vocabulary(model: PreTrainedModel, tokenizer: str) -> None:
@@ -278,7 +267,7 @@ def _check_teacher_copy(cfg: DictConfig) -> None:
     if not (Path(str(model.path)).expanduser() / "config.json").is_file():
         return
     try:
-        check_target(_load_config(model.path, "model.path"), model.target)
+        check_target(_load(AutoConfig, model.path, "model.path"), model.target)
     except ConfigError as err:
         raise ConfigError(
             f"model={model.name} does not fit model.path={model.path}: {err} {OFFLINE_HOMODISTIL}"
@@ -358,7 +347,7 @@ def teacher(
             run.
         hint: a method-specific way out, appended to the missing-head error.
     """
-    config = _load_config(path, "teacher.path")
+    config = _load(AutoConfig, path, "teacher.path")
     _check_teacher_task(config, path, head, labels, task)
     must_have_head = needs_head and require_trained_head
     saved = config.architectures or []
