@@ -80,7 +80,6 @@ import math
 import os
 import re
 import statistics
-import sys
 import traceback
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
@@ -1072,6 +1071,3 @@ def main(argv: list[str] | None = None) -> int:
     console.print("wrote " + ", ".join(str(p) for p in written.values()))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
