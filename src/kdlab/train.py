@@ -55,8 +55,8 @@ from kdlab.models.build import (
 from kdlab.pipeline import run_pipeline
 from kdlab.pruning import Pruner, compact
 from kdlab.pruning.callback import PruningCallback
-from kdlab.report import pipeline_table, summary_table
 from kdlab.rundir import RunDir
+from kdlab.summary import pipeline_table, summary_table
 
 log = logging.getLogger("kdlab")
 

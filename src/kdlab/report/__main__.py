@@ -2,6 +2,6 @@
 
 import sys
 
-from kdlab.report import main
+from kdlab.report.cli import main
 
 sys.exit(main())
