@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdlab import report
 from kdlab.rundir import RunDir
+from kdlab.summary import pipeline_table, summary_table, table_console
 from kdlab.sweep import SweepSummary
 from tests.conftest import REPO_ROOT, SUBPROCESS_ENV, fast_overrides, run_cli
 
@@ -580,3 +581,34 @@ def test_one_pipelines_seed_stages_share_a_row(tmp_path):
     assert rep.keys == ["task.max_train_samples"]
     rows = {r.extra["task.max_train_samples"]: (round(r.val.mean, 6), r.val.n) for r in rep.rows}
     assert rows == {"8000": (0.72, 3), "null": (0.82, 3)}
+
+
+def test_tables_whole_when_output_is_no_terminal(tmp_path, capsys):
+    """In a log file (here: captured output) rich would wrap at 80 columns, breaking paths
+    and squeezing columns: the tables of the end of a run and of a report print whole."""
+    root = tmp_path / ("a-directory-with-a-long-name-" * 3) / "runs"
+    _write_sweep(root)
+    assert report.main([str(root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for text in (
+        f"{root}: 16 finished, 1 failed, 1 unfinished",
+        f"{SWEEP}/16-rte-kd-bert3-seed2",
+        "RuntimeError: CUDA out of memory",
+        "mean ± sample std over the runs (seeds) of each row",
+    ):
+        assert any(text in line for line in lines), text
+
+    student = str(root / "0-sst2-finetune-bert3-seed1" / "student")
+    metrics = {
+        "main_metric": "accuracy",
+        "student": {"name": "bert3", "path": student, "params": 17_400_000, "val/accuracy": 0.8},
+    }
+    stage = {"stage": "student", "method": "kd", "model": "bert3", "main_metric": "accuracy"}
+    stage |= {"val": 0.8, "test": None, "params": 5, "wall_time_s": 3.0, "ran": True}
+    console = table_console()
+    console.print(summary_table("kd", metrics))
+    console.print(pipeline_table(f"pipeline {root}", [stage]))
+    lines = capsys.readouterr().out.splitlines()
+    assert any(f"exported student: {student}" in line for line in lines)
+    assert any(f"pipeline {root}" in line for line in lines)
+    assert any("student (bert3)" in line and "17.4M" in line for line in lines)

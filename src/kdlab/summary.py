@@ -1,10 +1,33 @@
-"""The tables ``kdlab.train`` prints when a run (or a pipeline) ends.
+"""The tables ``kdlab.train`` prints when a run (or a pipeline) ends, and the console that
+prints them and the report's tables.
 
 :func:`summary_table`: teacher and student of one run; :func:`pipeline_table`: the stages of a
-pipeline.
+pipeline; :func:`table_console`: where to print them, so that a log file gets them whole.
 """
 
+from rich.console import Console
 from rich.table import Table
+
+# The line width of a console that is not a terminal: wide enough for any table row, path or
+# traceback line, so that none is wrapped.
+_LOG_WIDTH = 10_000
+
+
+def table_console(stderr: bool = False) -> Console:
+    """A console for tables and the lines around them.
+
+    In a terminal, rich's: tables fit the terminal's width. Elsewhere (a log file, a SLURM
+    job's output, a pipe) rich would assume 80 columns, squeeze tables into them and break
+    run paths over several lines; there every line is printed whole instead (soft wrap on a
+    very wide console): a table is as wide as its cells, a path on one line.
+
+    Args:
+        stderr: print to standard error rather than standard output.
+    """
+    terminal = Console(stderr=stderr)
+    if terminal.is_terminal:
+        return terminal
+    return Console(stderr=stderr, width=_LOG_WIDTH, soft_wrap=True)
 
 
 def summary_table(title: str, metrics: dict) -> Table:

@@ -4,11 +4,10 @@ import argparse
 import traceback
 from pathlib import Path
 
-from rich.console import Console
-
 from kdlab.report.aggregate import GLUE_AVERAGES, build_report
 from kdlab.report.write import report_tables, write_report
 from kdlab.rundir import CONFIG
+from kdlab.summary import table_console
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--metric", help="metric to report instead of each run's main_metric")
     args = parser.parse_args(argv)
-    console, errors = Console(), Console(stderr=True)
+    stdout, errors = table_console(), table_console(stderr=True)
     if not args.dir.is_dir():
         errors.print(f"[red]error:[/] {args.dir} is not a directory")
         return 2
@@ -47,6 +46,6 @@ def main(argv: list[str] | None = None) -> int:
         errors.print(f"[yellow]warning:[/] no finished run has val/{args.metric}")
     written = write_report(report, args.out or args.dir)
     for table in report_tables(report):
-        console.print(table)
-    console.print("wrote " + ", ".join(str(p) for p in written.values()))
+        stdout.print(table)
+    stdout.print("wrote " + ", ".join(str(p) for p in written.values()))
     return 0
