@@ -2,6 +2,7 @@
 multirun sweep with a failing job ending with its report and a non-zero exit."""
 
 import csv
+import io
 import json
 import math
 import subprocess
@@ -14,6 +15,7 @@ import yaml
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
 
 from kdlab import report
 from kdlab.rundir import RunDir
@@ -612,3 +614,50 @@ def test_tables_whole_when_output_is_no_terminal(tmp_path, capsys):
     assert any(f"exported student: {student}" in line for line in lines)
     assert any(f"pipeline {root}" in line for line in lines)
     assert any("student (bert3)" in line and "17.4M" in line for line in lines)
+
+
+OPTUNA = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+# The method.alpha Optuna sampled in each trial of _write_search.
+ALPHAS = [0.22481491235394074, 0.8164965809277261, 0.12345678901234568, 0.6]
+
+
+def _write_search(root: Path, values: list, metric: str = "accuracy", mode: str = "max") -> Path:
+    """A study of kd's method.alpha as search=kd leaves it: one job directory per trial, whose
+    Hydra config names the Optuna sweeper and the trial's job number, and the study's
+    optimization_results.yaml. ``values``: each trial's val/<metric>; None: it failed."""
+    sweep = root / "search"
+    for num, (value, alpha) in enumerate(zip(values, ALPHAS, strict=False)):
+        job = sweep / f"{num}-sst2-kd-bert3-seed1"
+        student = None if value is None else {f"val/{metric}": value, "params": 5}
+        overrides = [f"method.alpha={alpha}"]
+        _write_run(
+            job, "sst2", "kd", 1, student, main_metric=metric, alpha=alpha, overrides=overrides
+        )
+        config = yaml.safe_load((job / "config.yaml").read_text())
+        config["task"]["main_metric_mode"] = mode
+        (job / "config.yaml").write_text(yaml.safe_dump(config))
+        hydra = {"mode": "MULTIRUN", "sweeper": {"_target_": OPTUNA}, "job": {"num": num}}
+        (RunDir(job).hydra_dir / "hydra.yaml").write_text(yaml.safe_dump({"hydra": hydra}))
+        if value is None:
+            RunDir(job).error.write_text("Traceback (most recent call last):\n  x\nValueError: x\n")
+    best = (max if mode == "max" else min)(v for v in values if v is not None)
+    (sweep / "optimization_results.yaml").write_text(
+        yaml.safe_dump({"name": "optuna", "best_params": {}, "best_value": best})
+    )
+    return sweep
+
+
+def test_float_keys_rounded_in_tables_exact_in_csv(tmp_path):
+    rep = report.build_report(_write_search(tmp_path, [0.70, 0.75, 0.71, 0.72]))
+    assert rep.keys == ["method.alpha"]
+    markdown = report.write_markdown(rep, tmp_path / "r.md").read_text()
+    for shown in ("0.2248", "0.8165", "0.1235", "0.6"):
+        assert f"| sst2 | kd | bert3 | {shown} | accuracy |" in markdown
+    assert "0.22481" not in markdown
+    terminal = io.StringIO()
+    Console(file=terminal, width=200).print(*report.report_tables(rep))
+    assert " 0.2248 " in terminal.getvalue() and "0.22481" not in terminal.getvalue()
+    # The CSV is data: the values as the configs hold them.
+    with report.write_csv(rep, tmp_path / "r.csv").open() as f:
+        alphas = [float(r["method.alpha"]) for r in csv.DictReader(f)]
+    assert sorted(alphas) == sorted(ALPHAS)

@@ -1,6 +1,12 @@
-"""Writing a report: rich tables, ``report.md``, ``report.csv`` and ``report.png``."""
+"""Writing a report: rich tables, ``report.md``, ``report.csv`` and ``report.png``.
+
+Tables and pictures show a config value that is a float to 4 significant digits (an Optuna
+study's ``alpha=0.2248`` rather than the 17 digits of the sampled value); the CSV, the
+report's data, keeps every value exactly as the runs' configs have it.
+"""
 
 import csv
+import json
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -234,7 +240,7 @@ def _row_cells(row: Row, keys: Sequence[str]) -> list[str]:
         row.task,
         row.method,
         row.model,
-        *(row.extra[k] for k in keys),
+        *(_shown(row.extra[k]) for k in keys),
         row.metric,
         val,
         "0" if row.val is None else str(row.val.n),
@@ -255,7 +261,7 @@ def _incomplete_cells(record: RunRecord, report: Report) -> list[str]:
         record.method,
         record.model,
         str(record.seed),
-        *record.values(report.keys).values(),
+        *(_shown(v) for v in record.values(report.keys).values()),
         record.detail,
         _where(record.path, report.root),
     ]
@@ -279,7 +285,17 @@ def _field(row: Row, name: str) -> str:
 
 
 def _short(name: str, value: str) -> str:
-    return value if name == "model" else f"{name.rsplit('.', 1)[-1]}={value}"
+    return value if name == "model" else f"{name.rsplit('.', 1)[-1]}={_shown(value)}"
+
+
+def _shown(value: str) -> str:
+    """A config value's text as tables and pictures show it: a float to 4 significant digits
+    (``0.2248`` for ``0.22481491235394074``; ``5e-05``), anything else as it is."""
+    try:
+        number = json.loads(value)
+    except ValueError:
+        return value
+    return f"{number:.4g}" if isinstance(number, float) else value
 
 
 def _where(path: Path, root: Path) -> str:
