@@ -661,3 +661,33 @@ def test_float_keys_rounded_in_tables_exact_in_csv(tmp_path):
     with report.write_csv(rep, tmp_path / "r.csv").open() as f:
         alphas = [float(r["method.alpha"]) for r in csv.DictReader(f)]
     assert sorted(alphas) == sorted(ALPHAS)
+
+
+@pytest.mark.parametrize(
+    ("metric", "mode", "values", "best"),
+    [
+        ("accuracy", "max", [0.70, 0.75, None, 0.72], [0.70, 0.75, 0.75]),
+        ("perplexity", "min", [30.0, 25.0, None, 28.0], [30.0, 25.0, 25.0]),
+    ],
+)
+def test_search_report_plots_the_objective_by_trial(
+    tmp_path, monkeypatch, metric, mode, values, best
+):
+    """Optuna's history: each trial's objective by trial number and the best so far (in the
+    task's direction), not one bar per trial; a failed trial has no point."""
+    rep = report.build_report(_write_search(tmp_path, values, metric, mode))
+    (history,) = report.search_history(rep.records)
+    assert (history.task, history.method, history.model) == ("sst2", "kd", "bert3")
+    assert (history.metric, history.mode) == (f"val/{metric}", mode)
+    assert history.trials == [0, 1, 3]
+    assert history.values == pytest.approx([v for v in values if v is not None])
+    assert history.best == pytest.approx(best)
+    # The picture is drawn from those histories.
+    drawn = []
+    monkeypatch.setattr(
+        "kdlab.report.write._plot_histories", lambda axes, histories, root: drawn.append(histories)
+    )
+    assert report.write_report(rep, tmp_path / "out")["plot"].is_file()
+    assert drawn == [[history]]
+    # A grid sweep (Hydra's basic sweeper) has no trials: its picture is the bars.
+    assert report.search_history(report.build_report(_write_sweep(tmp_path / "grid")).records) == []

@@ -1,5 +1,5 @@
-"""The report of every run under a directory (a Hydra sweep, pipelines, single runs, at any
-depth)::
+"""The report of every run under a directory (a Hydra sweep or search, pipelines, single
+runs, at any depth)::
 
     python -m kdlab.report multirun/2026-12-01_10-00-00 [--out DIR] [--metric NAME]
 
@@ -8,10 +8,10 @@ directory itself) and prints the tables. One module per step, each with its rule
 docstring:
 
 * :mod:`~kdlab.report.collect`: :func:`collect_runs` reads the run directories (status,
-  failures, unfinished runs' last step);
+  failures, unfinished runs' last step, a search's trial numbers);
 * :mod:`~kdlab.report.aggregate`: :func:`aggregate` groups the runs into rows (varying config
   keys, mean ± std over seeds, the GLUE averages), :func:`build_report` collects and
-  aggregates;
+  aggregates, :func:`search_history` gives a search's objective by trial;
 * :mod:`~kdlab.report.write`: :func:`write_report` (or :func:`write_markdown`,
   :func:`write_csv`, :func:`write_plot`) writes the files, :func:`report_tables` gives the rich
   tables;
@@ -28,6 +28,7 @@ from kdlab.report.aggregate import (
     Report,
     Row,
     build_report,
+    search_history,
 )
 from kdlab.report.cli import main
 from kdlab.report.collect import FAILED, collect_runs
@@ -45,6 +46,7 @@ __all__ = [
     "collect_runs",
     "main",
     "report_tables",
+    "search_history",
     "write_csv",
     "write_markdown",
     "write_report",

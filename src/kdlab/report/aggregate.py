@@ -1,4 +1,4 @@
-"""The report's rows: runs grouped, their statistics, the GLUE averages.
+"""The report's rows: runs grouped, their statistics, the GLUE averages, a search's history.
 
 Rows: one per task x method x model x varying config keys
     A config key becomes a column when it takes different values among the runs of one
@@ -48,8 +48,16 @@ GLUE scores: rows per method x model (x varying keys) that has their tasks, on t
 
     They ignore ``--metric``. Their standard deviation is over per-seed scores, so only when
     every task has the same seeds; otherwise n is the smallest number of runs of a task.
+
+Searches: the report of a search (every finished run a trial, see
+    :mod:`kdlab.report.collect`) has the study's history (:func:`search_history`) for each
+    task x method x model (a pipeline's stage) of each sweep directory: each trial's
+    ``val/<main_metric>``, the value the study optimises (not ``--metric``), by trial number,
+    and the best value so far, the highest or lowest as ``task.main_metric_mode`` says.
+    Failed and unfinished trials have no value.
 """
 
+import itertools
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
@@ -336,6 +344,75 @@ def build_report(root: str | Path, metric: str | None = None) -> Report:
     records = collect_runs(root)
     keys = varying_keys(records)
     return Report(Path(root), records, keys, aggregate(records, metric, keys))
+
+
+@dataclass
+class History:
+    """A search's objective by trial, for one task x method x model (a pipeline's stage) of
+    one sweep directory: what Optuna's history plot shows.
+
+    Attributes:
+        sweep: the sweep directory holding the trials.
+        task: the task.
+        method: the method.
+        model: the student model.
+        metric: the objective, ``val/<main_metric>``.
+        mode: ``max`` when higher is better, ``min`` when lower is.
+        trials: the numbers of the trials that have a value, in order.
+        values: their objective values.
+        best: the best value of the trials up to each of them.
+    """
+
+    sweep: Path
+    task: str
+    method: str
+    model: str
+    metric: str
+    mode: str
+    trials: list[int]
+    values: list[float]
+    best: list[float]
+
+
+def search_history(records: Sequence[RunRecord]) -> list[History]:
+    """The history of each study, when every finished run is a trial of a search (see the
+    module docstring).
+
+    Args:
+        records: the runs, as :func:`collect_runs` returns them.
+
+    Returns:
+        One history per sweep directory x task x method x model, in the order of the runs;
+        ``[]`` when some finished run is no trial, or none finished.
+    """
+    finished = [r for r in records if r.status == FINISHED]
+    if not finished or any(r.trial is None or r.job_dir is None for r in finished):
+        return []
+    groups: dict[tuple, list[RunRecord]] = defaultdict(list)
+    for record in finished:
+        groups[(record.job_dir.parent, record.task, record.method, record.model)].append(record)
+    histories = []
+    for (sweep, task, method, model), runs in groups.items():
+        metric = f"val/{Counter(r.main_metric for r in runs).most_common(1)[0][0]}"
+        points = sorted((r.trial, r.score(metric)) for r in runs if r.score(metric) is not None)
+        if not points:
+            continue
+        mode = runs[0].main_metric_mode
+        values = [value for _, value in points]
+        histories.append(
+            History(
+                sweep=sweep,
+                task=task,
+                method=method,
+                model=model,
+                metric=metric,
+                mode=mode,
+                trials=[trial for trial, _ in points],
+                values=values,
+                best=list(itertools.accumulate(values, max if mode == "max" else min)),
+            )
+        )
+    return histories
 
 
 def _mean(values: Iterable[float | None]) -> float | None:

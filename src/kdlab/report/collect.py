@@ -1,13 +1,19 @@
 """Reading run directories: their configs, metrics, and how far each got.
 
-A run directory is one holding ``config.yaml`` (``kdlab.train`` writes it first). It is
-*finished* when it holds ``metrics.json``; *failed* when it, or the Hydra job directory
-of a pipeline stage, holds ``error.txt`` (written by :class:`kdlab.sweep.SweepSummary`)
-or a job log (``*.log``) with a traceback; *unfinished* otherwise, with the step of
-``checkpoints/last.ckpt`` when there is one. A Hydra job directory (``.hydra/``) with no
-run inside it failed before it wrote its config; it is read from ``.hydra/config.yaml``.
-(Hydra appends to a job log, so a run resumed in a directory whose log holds an earlier
-traceback reads as failed until it finishes; ``error.txt`` is removed when a job starts.)
+Runs
+    A run directory is one holding ``config.yaml`` (``kdlab.train`` writes it first). It is
+    *finished* when it holds ``metrics.json``; *failed* when it, or the Hydra job directory
+    of a pipeline stage, holds ``error.txt`` (written by :class:`kdlab.sweep.SweepSummary`)
+    or a job log (``*.log``) with a traceback; *unfinished* otherwise, with the step of
+    ``checkpoints/last.ckpt`` when there is one. A Hydra job directory (``.hydra/``) with no
+    run inside it failed before it wrote its config; it is read from ``.hydra/config.yaml``.
+    (Hydra appends to a job log, so a run resumed in a directory whose log holds an earlier
+    traceback reads as failed until it finishes; ``error.txt`` is removed when a job starts.)
+
+Trials
+    A job of a sweep run by a sweeper other than Hydra's basic (grid) sweeper, such as the
+    Optuna sweeper of ``search=<method>``, is a trial of a search; its number is the Hydra job
+    number (``.hydra/hydra.yaml``), which is Optuna's trial number in a study of one sweep.
 """
 
 import json
@@ -38,6 +44,8 @@ _IGNORED_PREFIXES = ("hydra.", "logger.", "stage_dirs.")
 MISSING = "-"
 RUN_PLACEHOLDER = "<run>"
 _TRACEBACK = "Traceback (most recent call last):"
+# The only sweeper whose jobs are no trials: Hydra's grid of every combination.
+_BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 
 @dataclass
@@ -55,6 +63,8 @@ class RunRecord:
         overrides: the command-line overrides of the Hydra job the run belongs to.
         job_dir: that Hydra job's directory (the run's own, or its pipeline's).
         resolved: whether ``config`` is the resolved ``config.yaml``.
+        trial: the trial number of a job of a search (see the module docstring); ``None``
+            for other runs.
     """
 
     path: Path
@@ -66,6 +76,7 @@ class RunRecord:
     overrides: list[str] = field(default_factory=list)
     job_dir: Path | None = None
     resolved: bool = True
+    trial: int | None = None
 
     @property
     def task(self) -> str:
@@ -93,6 +104,12 @@ class RunRecord:
         if self.metrics and self.metrics.get("main_metric"):
             return self.metrics["main_metric"]
         return str(_lookup(self.config, "task.main_metric", MISSING))
+
+    @property
+    def main_metric_mode(self) -> str:
+        """``max`` when the main metric is better higher (``task.main_metric_mode``), or
+        ``min``."""
+        return "min" if _lookup(self.config, "task.main_metric_mode") == "min" else "max"
 
     def score(self, key: str) -> float | None:
         """The student's ``metrics.json`` value ``key`` (e.g. ``val/accuracy``), if any."""
@@ -197,6 +214,7 @@ def _read_run(path: Path, resolved: bool = True) -> RunRecord:
         overrides=[str(o) for o in _load_yaml(RunDir(job_dir).hydra_overrides, list)]
         if job_dir
         else [],
+        trial=_trial(job_dir),
     )
     if files.finished:
         try:
@@ -226,6 +244,19 @@ def _job_dir(path: Path) -> Path | None:
         if RunDir(candidate).hydra_dir.is_dir():
             return candidate
     return None
+
+
+def _trial(job_dir: Path | None) -> int | None:
+    """The trial number of a Hydra job of a search (see the module docstring)."""
+    if job_dir is None:
+        return None
+    hydra = _load_yaml(RunDir(job_dir).hydra_dir / "hydra.yaml", dict).get("hydra") or {}
+    sweeper = _lookup(hydra, "sweeper._target_")
+    num = _lookup(hydra, "job.num")
+    # A single run has no job number ("???"); a file that is not Hydra's, no sweeper.
+    if sweeper in (None, _BASIC_SWEEPER) or not isinstance(num, int):
+        return None
+    return num
 
 
 def _load_yaml(path: Path, kind: type) -> dict | list:

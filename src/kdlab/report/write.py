@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from kdlab.report.aggregate import GLUE_AVERAGES, Report, Row, Stat
+from kdlab.report.aggregate import GLUE_AVERAGES, History, Report, Row, Stat, search_history
 from kdlab.report.collect import FAILED, FINISHED, MISSING, UNFINISHED, RunRecord
 from kdlab.summary import format_count
 
@@ -132,25 +132,61 @@ def write_csv(report: Report, path: str | Path) -> Path:
 
 
 def write_plot(report: Report, path: str | Path) -> Path | None:
-    """The validation metric by method with standard-deviation error bars, one panel per task
-    (and one for the GLUE score); ``None`` (nothing written) when no row has a value."""
+    """The picture of the report; ``None`` (nothing written) when it has no value to show.
+
+    A search's (:func:`~kdlab.report.aggregate.search_history`): each trial's objective by
+    trial number, and the best so far as a step line, one panel per study x task x method x
+    model. Other reports': the validation metric by method with standard-deviation error
+    bars, one panel per task (and per GLUE average).
+    """
+    histories = search_history(report.records)
     rows = [r for r in report.rows if r.val is not None]
-    if not rows:
+    if not histories and not rows:
         return None
     # A Figure on the Agg canvas directly: no pyplot state, no display needed.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     tasks = list(dict.fromkeys(r.task for r in rows))
-    methods = list(dict.fromkeys(r.method for r in rows))
-    # Label bars by what differs between rows: the method always, the model and keys if they vary.
-    label_fields = [f for f in ("model", *report.keys) if len({_field(r, f) for r in rows}) > 1]
-    per_panel = max(sum(r.task == t for r in rows) for t in tasks)
-    ncols = min(3, len(tasks))
-    nrows = math.ceil(len(tasks) / ncols)
-    fig = Figure(figsize=(max(3.5, 0.9 * per_panel + 1.5) * ncols, 3.6 * nrows), layout="tight")
+    if histories:
+        panels, width = len(histories), 4.5
+    else:
+        per_panel = max(sum(r.task == t for r in rows) for t in tasks)
+        panels, width = len(tasks), max(3.5, 0.9 * per_panel + 1.5)
+    ncols = min(3, panels)
+    nrows = math.ceil(panels / ncols)
+    fig = Figure(figsize=(width * ncols, 3.6 * nrows), layout="tight")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    if histories:
+        _plot_histories(axes, histories, report.root)
+    else:
+        _plot_bars(axes, rows, tasks, report.keys)
+    for ax in axes[panels:]:
+        ax.set_visible(False)
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _plot_histories(axes: Sequence, histories: list[History], root: Path) -> None:
+    several = len({h.sweep for h in histories}) > 1
+    for ax, history in zip(axes, histories, strict=False):
+        ax.plot(history.trials, history.values, "o", color="C0", label="trial")
+        best = "best so far" + (" (lowest)" if history.mode == "min" else "")
+        ax.step(history.trials, history.best, where="post", color="C3", label=best)
+        title = f"{history.task} {history.method} {history.model}"
+        ax.set_title(f"{_where(history.sweep, root)}\n{title}" if several else title)
+        ax.set_xlabel("trial")
+        ax.set_ylabel(history.metric)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=7)
+
+
+def _plot_bars(axes: Sequence, rows: list[Row], tasks: list[str], keys: Sequence[str]) -> None:
+    methods = list(dict.fromkeys(r.method for r in rows))
+    # Label bars by what differs between rows: the method always, the model and keys if they vary.
+    label_fields = [f for f in ("model", *keys) if len({_field(r, f) for r in rows}) > 1]
     for ax, task in zip(axes, tasks, strict=False):
         panel = [r for r in rows if r.task == task]
         x = list(range(len(panel)))
@@ -189,11 +225,6 @@ def write_plot(report: Report, path: str | Path) -> Path | None:
                 textcoords="offset points",
             )
         ax.margins(y=0.12)
-    for ax in axes[len(tasks) :]:
-        ax.set_visible(False)
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    return path
 
 
 def write_report(report: Report, out: str | Path) -> dict[str, Path]:
