@@ -2,6 +2,7 @@
 multirun sweep with a failing job ending with its report and a non-zero exit."""
 
 import csv
+import io
 import json
 import math
 import subprocess
@@ -14,9 +15,11 @@ import yaml
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
 
 from kdlab import report
 from kdlab.rundir import RunDir
+from kdlab.summary import pipeline_table, summary_table, table_console
 from kdlab.sweep import SweepSummary
 from tests.conftest import REPO_ROOT, SUBPROCESS_ENV, fast_overrides, run_cli
 
@@ -580,3 +583,111 @@ def test_one_pipelines_seed_stages_share_a_row(tmp_path):
     assert rep.keys == ["task.max_train_samples"]
     rows = {r.extra["task.max_train_samples"]: (round(r.val.mean, 6), r.val.n) for r in rep.rows}
     assert rows == {"8000": (0.72, 3), "null": (0.82, 3)}
+
+
+def test_tables_whole_when_output_is_no_terminal(tmp_path, capsys):
+    """In a log file (here: captured output) rich would wrap at 80 columns, breaking paths
+    and squeezing columns: the tables of the end of a run and of a report print whole."""
+    root = tmp_path / ("a-directory-with-a-long-name-" * 3) / "runs"
+    _write_sweep(root)
+    assert report.main([str(root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for text in (
+        f"{root}: 16 finished, 1 failed, 1 unfinished",
+        f"{SWEEP}/16-rte-kd-bert3-seed2",
+        "RuntimeError: CUDA out of memory",
+        "mean ± sample std over the runs (seeds) of each row",
+    ):
+        assert any(text in line for line in lines), text
+
+    student = str(root / "0-sst2-finetune-bert3-seed1" / "student")
+    metrics = {
+        "main_metric": "accuracy",
+        "student": {"name": "bert3", "path": student, "params": 17_400_000, "val/accuracy": 0.8},
+    }
+    stage = {"stage": "student", "method": "kd", "model": "bert3", "main_metric": "accuracy"}
+    stage |= {"val": 0.8, "test": None, "params": 5, "wall_time_s": 3.0, "ran": True}
+    console = table_console()
+    console.print(summary_table("kd", metrics))
+    console.print(pipeline_table(f"pipeline {root}", [stage]))
+    lines = capsys.readouterr().out.splitlines()
+    assert any(f"exported student: {student}" in line for line in lines)
+    assert any(f"pipeline {root}" in line for line in lines)
+    assert any("student (bert3)" in line and "17.4M" in line for line in lines)
+
+
+OPTUNA = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+# The method.alpha Optuna sampled in each trial of _write_search.
+ALPHAS = [0.22481491235394074, 0.8164965809277261, 0.12345678901234568, 0.6]
+
+
+def _write_search(root: Path, values: list, metric: str = "accuracy", mode: str = "max") -> Path:
+    """A study of kd's method.alpha as search=kd leaves it: one job directory per trial, whose
+    Hydra config names the Optuna sweeper and the trial's job number, and the study's
+    optimization_results.yaml. ``values``: each trial's val/<metric>; None: it failed."""
+    sweep = root / "search"
+    for num, (value, alpha) in enumerate(zip(values, ALPHAS, strict=False)):
+        job = sweep / f"{num}-sst2-kd-bert3-seed1"
+        student = None if value is None else {f"val/{metric}": value, "params": 5}
+        overrides = [f"method.alpha={alpha}"]
+        _write_run(
+            job, "sst2", "kd", 1, student, main_metric=metric, alpha=alpha, overrides=overrides
+        )
+        config = yaml.safe_load((job / "config.yaml").read_text())
+        config["task"]["main_metric_mode"] = mode
+        (job / "config.yaml").write_text(yaml.safe_dump(config))
+        hydra = {"mode": "MULTIRUN", "sweeper": {"_target_": OPTUNA}, "job": {"num": num}}
+        (RunDir(job).hydra_dir / "hydra.yaml").write_text(yaml.safe_dump({"hydra": hydra}))
+        if value is None:
+            RunDir(job).error.write_text("Traceback (most recent call last):\n  x\nValueError: x\n")
+    best = (max if mode == "max" else min)(v for v in values if v is not None)
+    (sweep / "optimization_results.yaml").write_text(
+        yaml.safe_dump({"name": "optuna", "best_params": {}, "best_value": best})
+    )
+    return sweep
+
+
+def test_float_keys_rounded_in_tables_exact_in_csv(tmp_path):
+    rep = report.build_report(_write_search(tmp_path, [0.70, 0.75, 0.71, 0.72]))
+    assert rep.keys == ["method.alpha"]
+    markdown = report.write_markdown(rep, tmp_path / "r.md").read_text()
+    for shown in ("0.2248", "0.8165", "0.1235", "0.6"):
+        assert f"| sst2 | kd | bert3 | {shown} | accuracy |" in markdown
+    assert "0.22481" not in markdown
+    terminal = io.StringIO()
+    Console(file=terminal, width=200).print(*report.report_tables(rep))
+    assert " 0.2248 " in terminal.getvalue() and "0.22481" not in terminal.getvalue()
+    # The CSV is data: the values as the configs hold them.
+    with report.write_csv(rep, tmp_path / "r.csv").open() as f:
+        alphas = [float(r["method.alpha"]) for r in csv.DictReader(f)]
+    assert sorted(alphas) == sorted(ALPHAS)
+
+
+@pytest.mark.parametrize(
+    ("metric", "mode", "values", "best"),
+    [
+        ("accuracy", "max", [0.70, 0.75, None, 0.72], [0.70, 0.75, 0.75]),
+        ("perplexity", "min", [30.0, 25.0, None, 28.0], [30.0, 25.0, 25.0]),
+    ],
+)
+def test_search_report_plots_the_objective_by_trial(
+    tmp_path, monkeypatch, metric, mode, values, best
+):
+    """Optuna's history: each trial's objective by trial number and the best so far (in the
+    task's direction), not one bar per trial; a failed trial has no point."""
+    rep = report.build_report(_write_search(tmp_path, values, metric, mode))
+    (history,) = report.search_history(rep.records)
+    assert (history.task, history.method, history.model) == ("sst2", "kd", "bert3")
+    assert (history.metric, history.mode) == (f"val/{metric}", mode)
+    assert history.trials == [0, 1, 3]
+    assert history.values == pytest.approx([v for v in values if v is not None])
+    assert history.best == pytest.approx(best)
+    # The picture is drawn from those histories.
+    drawn = []
+    monkeypatch.setattr(
+        "kdlab.report.write._plot_histories", lambda axes, histories, root: drawn.append(histories)
+    )
+    assert report.write_report(rep, tmp_path / "out")["plot"].is_file()
+    assert drawn == [[history]]
+    # A grid sweep (Hydra's basic sweeper) has no trials: its picture is the bars.
+    assert report.search_history(report.build_report(_write_sweep(tmp_path / "grid")).records) == []

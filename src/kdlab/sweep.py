@@ -49,11 +49,11 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
 
 from kdlab import report
 from kdlab.errors import NoObjectiveError
 from kdlab.rundir import RunDir
+from kdlab.summary import table_console
 
 log = logging.getLogger("kdlab.sweep")
 
@@ -130,7 +130,7 @@ class SweepSummary(Callback):
             try:
                 summary = report.build_report(sweep_dir)
                 written = report.write_report(summary, sweep_dir)
-                console = Console()
+                console = table_console()
                 for table in report.report_tables(summary):
                     console.print(table)
                 log.info("Sweep report: %s", ", ".join(str(p) for p in written.values()))

@@ -32,7 +32,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kdlab import resolvers
@@ -55,8 +54,8 @@ from kdlab.models.build import (
 from kdlab.pipeline import run_pipeline
 from kdlab.pruning import Pruner, compact
 from kdlab.pruning.callback import PruningCallback
-from kdlab.report import pipeline_table, summary_table
 from kdlab.rundir import RunDir
+from kdlab.summary import pipeline_table, summary_table, table_console
 
 log = logging.getLogger("kdlab")
 
@@ -426,7 +425,7 @@ def main(cfg: DictConfig) -> float | None:
         results = run_pipeline(cfg, run)
     else:
         results = [(cfg.method.name, run(cfg))]
-    console = Console()
+    console = table_console()
     for name, metrics in results:
         if metrics:
             console.print(summary_table(name, metrics))
