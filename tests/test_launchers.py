@@ -80,6 +80,40 @@ def test_ddp_multirun_starts_each_job_once_with_its_own_ranks(tmp_path, glue_roo
     assert len({ranks[1]["rank1"]["pid"], ranks[2]["rank1"]["pid"], ranks[1]["rank0"]["pid"]}) == 3
 
 
+def test_a_failed_ddp_job_leaves_no_process_group_to_the_next(tmp_path, glue_root, teacher_dir):
+    """Two DDP jobs in the sweep's process: the first fails once its process group is up, the
+    second sets up a group of its own with a new rank 1. (A group left alive made Lightning
+    skip the setup: the second job ran on the first's group, whose rank 1 had exited.)"""
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        [
+            "-m",
+            *sweep_overrides(tmp_path, glue_root, teacher_dir),
+            *SHORT,
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.precision=32-true",
+            "+callbacks.fail._target_=tests.helpers.FailWhen",
+            "+callbacks.fail.value=${seed}",
+            "+callbacks.fail.fail_value=1",
+            "+callbacks.rank._target_=tests.helpers.RecordRank",
+            "+callbacks.rank.seed=${seed}",
+            "seed=1,2",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        timeout=300,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output[-3000:]  # the sweep names its failed job
+    failed, good = (RunDir(job) for job in job_dirs(sweep))
+    assert "simulated failure of the seed=1 job" in failed.error.read_text()
+    assert good.finished and not good.error.exists(), output[-3000:]
+    records = {p.stem: json.loads(p.read_text()) for p in good.path.glob("rank*.json")}
+    assert set(records) == {"rank0", "rank1"}
+    assert all(r["world_size"] == 2 and r["seed"] == 2 for r in records.values())
+
+
 def test_local_launcher_runs_each_job_in_a_submitit_process(tmp_path, glue_root, teacher_dir):
     sweep = tmp_path / "sweep"
     proc = run_cli(

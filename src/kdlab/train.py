@@ -214,17 +214,20 @@ def _fit_and_export(cfg: DictConfig, parts: Assembly, files: RunDir, ckpt_path: 
             {**OmegaConf.to_container(cfg, resolve=True), "params": params}
         )
     try:
-        with every_rank_runs(files):
+        with every_rank_runs(files, trainer):
             trainer.fit(parts.method, datamodule=parts.datamodule, ckpt_path=ckpt_path)
     except NonFiniteLossError:
         last = files.last_checkpoint
         kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint yet"
         log.error("Training stopped on a non-finite loss; %s (logs in %s).", kept, files.path)
         raise
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # Rank 0 evaluates alone from here on; a live process group would make torchmetrics
-        # wait at compute() for ranks that have already returned.
-        torch.distributed.destroy_process_group()
+    finally:
+        # Rank 0 evaluates alone from here on (a live group would make torchmetrics wait at
+        # compute() for ranks that have returned), and the next run in this process (a sweep
+        # job, a pipeline stage), also after a failed fit, must set up a group of its own:
+        # Lightning skips the setup while one is alive.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     if not trainer.is_global_zero:
         return {}
     metrics = evaluate_and_export(cfg, parts, files)
