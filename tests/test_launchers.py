@@ -212,6 +212,29 @@ def test_slurm_preset_requests_what_the_trainer_uses(tmp_path, glue_root, teache
     assert command.endswith(f"-u -m submitit.core._submit {sweep}/.submitit/%j")
 
 
+@pytest.mark.parametrize(("devices", "mem_gb"), [(1, 32), (8, 256)])
+def test_slurm_preset_asks_memory_per_rank(devices, mem_gb):
+    with initialize_config_dir(config_dir=kdlab.train.CONF_DIR, version_base="1.3"):
+        overrides = ["hydra/launcher=slurm", "trainer=ddp", f"trainer.devices={devices}"]
+        cfg = hydra_compose("train", overrides, return_hydra_config=True)
+    assert cfg.hydra.launcher.mem_gb == mem_gb  # per node
+
+
+@pytest.mark.parametrize(
+    ("procid", "output_subdir", "job_name"),
+    [(None, ".hydra", "train"), ("0", ".hydra", "train"), ("3", None, "train_ddp_process_3")],
+)
+def test_slurm_tasks_leave_the_job_record_to_rank_0(monkeypatch, procid, output_subdir, job_name):
+    """Every SLURM task runs the job in one directory: task 0 writes .hydra/ and train.log,
+    the others no .hydra/ and a log of their own (named as Lightning names its ranks')."""
+    if procid is not None:
+        monkeypatch.setenv("SLURM_PROCID", procid)
+    with initialize_config_dir(config_dir=kdlab.train.CONF_DIR, version_base="1.3"):
+        cfg = hydra_compose("train", ["hydra/launcher=slurm"], return_hydra_config=True)
+    assert cfg.hydra.output_subdir == output_subdir
+    assert cfg.hydra.job.name == job_name  # the job log is <job name>.log
+
+
 def optuna_overrides(tmp_path, glue_root, teacher_dirs, corpus, mlm_teacher, mode) -> list:
     """A 3-trial study of a tiny run: KD on STS-B (Pearson, better higher) or MLM on a
     corpus (perplexity, better lower)."""
