@@ -15,6 +15,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import RunMode
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 import kdlab.train
@@ -344,6 +345,20 @@ def test_a_trial_without_a_finite_objective_is_a_failed_job(tmp_path, value):
         float(job_return.return_value)  # what the Optuna sweeper does with it
     text = RunDir(tmp_path).error.read_text()
     assert text.startswith("overrides: optim.lr=0.1") and "NoObjectiveError" in text
+
+
+def test_error_txt_is_rank_0s(tmp_path, monkeypatch):
+    """Under SLURM every task runs the job and its callbacks: a rank that stops because rank 0
+    failed must not replace rank 0's traceback (nor remove it as it starts late)."""
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    config = _sweep_job_config(tmp_path, BASIC)
+    RunDir(tmp_path).error.write_text("rank 0's traceback")
+    summary = SweepSummary()
+    summary.on_job_start(config)
+    job_return = JobReturn(overrides=["seed=1"], status=JobStatus.FAILED)
+    job_return.return_value = RuntimeError("Stage 'teacher' failed on rank 0")
+    summary.on_job_end(config, job_return)
+    assert RunDir(tmp_path).error.read_text() == "rank 0's traceback"
 
 
 def test_the_basic_sweeper_keeps_jobs_without_objective(tmp_path):

@@ -416,7 +416,8 @@ def objective(results: list[tuple[str, dict]]) -> float | None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point; returns :func:`objective` (for sweepers)."""
+    """Hydra entry point; returns :func:`objective` (for sweepers) on rank 0, None on the
+    ranks a cluster started beside it."""
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN and cfg.run_group is None:
         # The jobs of a sweep are one group of W&B runs.
@@ -425,6 +426,8 @@ def main(cfg: DictConfig) -> float | None:
         results = run_pipeline(cfg, run)
     else:
         results = [(cfg.method.name, run(cfg))]
+    if rank_zero_only.rank != 0:
+        return None  # a rank started by the cluster (SLURM): rank 0 reports the run
     console = Console()
     for name, metrics in results:
         if metrics:
