@@ -178,13 +178,13 @@ def run(cfg: DictConfig) -> dict:
     if rank_zero_only.rank == 0:
         ckpt_path = claim_run_dir(cfg, files)
         files.path.mkdir(parents=True, exist_ok=True)
-    else:
-        # A DDP process that rank 0 launched once it had claimed the directory (and written
-        # config.yaml there): it only needs the checkpoint to resume from.
-        ckpt_path = _checkpoint_to_resume(cfg, files)
-    cfg.run_id = _run_id(files, resuming=ckpt_path is not None)
-    if rank_zero_only.rank == 0:
+        cfg.run_id = _run_id(files, resuming=ckpt_path is not None)
         save_config(cfg, files)
+    else:
+        # A DDP process that rank 0 launched once it had written config.yaml, or one that
+        # SLURM started beside rank 0, which may be clearing or writing the directory now:
+        # it only needs the checkpoint to resume from (its logger logs nothing).
+        ckpt_path = _checkpoint_to_resume(cfg, files)
     L.seed_everything(cfg.seed, workers=True)
     parts = assemble(cfg)
     trainer = parts.trainer
@@ -242,13 +242,9 @@ def _fit_and_export(cfg: DictConfig, parts: Assembly, files: RunDir, ckpt_path: 
 
 def _run_id(files: RunDir, resuming: bool) -> str | None:
     """The run's id (``run_id``, the W&B run id): the one stored in its directory when it
-    resumes, else a new one, stored there for a later resume.
-
-    Only rank zero chooses: the other DDP ranks read what it stored (it wrote the file before
-    ``fit`` launched them), and their loggers log nothing.
-    """
+    resumes, else a new one, stored there for a later resume. Rank zero's alone."""
     stored = files.run_id.read_text().strip() if files.run_id.is_file() else None
-    if rank_zero_only.rank != 0 or (resuming and stored):
+    if resuming and stored:
         return stored
     run_id = secrets.token_hex(6)  # 12 characters of [0-9a-f]: W&B accepts it as a run id
     files.run_id.write_text(run_id + "\n")
