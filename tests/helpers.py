@@ -305,3 +305,28 @@ class NCCLRules(DDPStrategy):
             path = self.directory / f"collectives_rank{self.global_rank}.json"
             path.write_text(json.dumps(record))
         super().teardown()
+
+
+class RecordDropout(L.Callback):
+    """Writes ``dropout_rank<global rank>.pt`` into the run directory as training ends: per
+    global step, the mask of the student's first dropout layer (``True`` where it zeroed) and
+    torch's CPU generator state as the step's batch starts (what its random draws come from)."""
+
+    def __init__(self) -> None:
+        self.steps: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dropout = next(m for m in pl_module.student.modules() if isinstance(m, torch.nn.Dropout))
+
+        def record(module, inputs, output) -> None:
+            if module.training:
+                self.steps[trainer.global_step]["mask"] = (output == 0) & (inputs[0] != 0)
+
+        dropout.register_forward_hook(record)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self.steps[trainer.global_step] = {"rng": torch.get_rng_state()}
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        path = Path(trainer.default_root_dir) / f"dropout_rank{trainer.global_rank}.pt"
+        torch.save(self.steps, path)

@@ -15,6 +15,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import RunMode
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 import kdlab.train
@@ -78,6 +79,40 @@ def test_ddp_multirun_starts_each_job_once_with_its_own_ranks(tmp_path, glue_roo
     # Rank 0 of both jobs is the sweep's process; each job started a rank 1 of its own.
     assert ranks[1]["rank0"]["pid"] == ranks[2]["rank0"]["pid"]
     assert len({ranks[1]["rank1"]["pid"], ranks[2]["rank1"]["pid"], ranks[1]["rank0"]["pid"]}) == 3
+
+
+def test_a_failed_ddp_job_leaves_no_process_group_to_the_next(tmp_path, glue_root, teacher_dir):
+    """Two DDP jobs in the sweep's process: the first fails once its process group is up, the
+    second sets up a group of its own with a new rank 1. (A group left alive made Lightning
+    skip the setup: the second job ran on the first's group, whose rank 1 had exited.)"""
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        [
+            "-m",
+            *sweep_overrides(tmp_path, glue_root, teacher_dir),
+            *SHORT,
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.precision=32-true",
+            "+callbacks.fail._target_=tests.helpers.FailWhen",
+            "+callbacks.fail.value=${seed}",
+            "+callbacks.fail.fail_value=1",
+            "+callbacks.rank._target_=tests.helpers.RecordRank",
+            "+callbacks.rank.seed=${seed}",
+            "seed=1,2",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        timeout=300,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output[-3000:]  # the sweep names its failed job
+    failed, good = (RunDir(job) for job in job_dirs(sweep))
+    assert "simulated failure of the seed=1 job" in failed.error.read_text()
+    assert good.finished and not good.error.exists(), output[-3000:]
+    records = {p.stem: json.loads(p.read_text()) for p in good.path.glob("rank*.json")}
+    assert set(records) == {"rank0", "rank1"}
+    assert all(r["world_size"] == 2 and r["seed"] == 2 for r in records.values())
 
 
 def test_local_launcher_runs_each_job_in_a_submitit_process(tmp_path, glue_root, teacher_dir):
@@ -176,6 +211,29 @@ def test_slurm_preset_requests_what_the_trainer_uses(tmp_path, glue_root, teache
     # makes the tasks its ranks.
     (command,) = [line for line in lines if line.startswith("srun ")]
     assert command.endswith(f"-u -m submitit.core._submit {sweep}/.submitit/%j")
+
+
+@pytest.mark.parametrize(("devices", "mem_gb"), [(1, 32), (8, 256)])
+def test_slurm_preset_asks_memory_per_rank(devices, mem_gb):
+    with initialize_config_dir(config_dir=kdlab.train.CONF_DIR, version_base="1.3"):
+        overrides = ["hydra/launcher=slurm", "trainer=ddp", f"trainer.devices={devices}"]
+        cfg = hydra_compose("train", overrides, return_hydra_config=True)
+    assert cfg.hydra.launcher.mem_gb == mem_gb  # per node
+
+
+@pytest.mark.parametrize(
+    ("procid", "output_subdir", "job_name"),
+    [(None, ".hydra", "train"), ("0", ".hydra", "train"), ("3", None, "train_ddp_process_3")],
+)
+def test_slurm_tasks_leave_the_job_record_to_rank_0(monkeypatch, procid, output_subdir, job_name):
+    """Every SLURM task runs the job in one directory: task 0 writes .hydra/ and train.log,
+    the others no .hydra/ and a log of their own (named as Lightning names its ranks')."""
+    if procid is not None:
+        monkeypatch.setenv("SLURM_PROCID", procid)
+    with initialize_config_dir(config_dir=kdlab.train.CONF_DIR, version_base="1.3"):
+        cfg = hydra_compose("train", ["hydra/launcher=slurm"], return_hydra_config=True)
+    assert cfg.hydra.output_subdir == output_subdir
+    assert cfg.hydra.job.name == job_name  # the job log is <job name>.log
 
 
 def optuna_overrides(tmp_path, glue_root, teacher_dirs, corpus, mlm_teacher, mode) -> list:
@@ -287,6 +345,20 @@ def test_a_trial_without_a_finite_objective_is_a_failed_job(tmp_path, value):
         float(job_return.return_value)  # what the Optuna sweeper does with it
     text = RunDir(tmp_path).error.read_text()
     assert text.startswith("overrides: optim.lr=0.1") and "NoObjectiveError" in text
+
+
+def test_error_txt_is_rank_0s(tmp_path, monkeypatch):
+    """Under SLURM every task runs the job and its callbacks: a rank that stops because rank 0
+    failed must not replace rank 0's traceback (nor remove it as it starts late)."""
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    config = _sweep_job_config(tmp_path, BASIC)
+    RunDir(tmp_path).error.write_text("rank 0's traceback")
+    summary = SweepSummary()
+    summary.on_job_start(config)
+    job_return = JobReturn(overrides=["seed=1"], status=JobStatus.FAILED)
+    job_return.return_value = RuntimeError("Stage 'teacher' failed on rank 0")
+    summary.on_job_end(config, job_return)
+    assert RunDir(tmp_path).error.read_text() == "rank 0's traceback"
 
 
 def test_the_basic_sweeper_keeps_jobs_without_objective(tmp_path):

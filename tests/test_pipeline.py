@@ -2,13 +2,21 @@
 
 import json
 import os
+import socket
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 
+import kdlab.pipeline
+from kdlab.pipeline import run_stage
 from kdlab.rundir import RunDir
-from tests.conftest import fast_overrides, run_cli
+from tests.conftest import REPO_ROOT, SUBPROCESS_ENV, fast_overrides, run_cli
 
 STAGES = {
     "teacher": ["method=finetune"],
@@ -26,16 +34,21 @@ def write_experiment(conf_dir: Path, name: str, stages: dict[str, list[str]]) ->
     (conf_dir / "experiment" / f"{name}.yaml").write_text("\n".join(lines) + "\n")
 
 
+def pipeline_overrides(tmp_path: Path, glue_root: Path, teacher_dir: Path) -> list[str]:
+    """The tiny model and data of a pipeline's command line (the stages set the method)."""
+    return [
+        o
+        for o in fast_overrides(tmp_path, glue_root, teacher_dir, model="bert_tiny")
+        if not o.startswith(("run_dir=", "method="))
+    ]
+
+
 @pytest.fixture
 def pipeline(tmp_path, glue_root, teacher_dir):
     """``pipeline(name, stages)`` runs that pipeline in ``tmp_path/run`` and returns the
     finished process; the command line also sets the tiny model and data."""
     conf = tmp_path / "conf"
-    base = [
-        o
-        for o in fast_overrides(tmp_path, glue_root, teacher_dir, model="bert_tiny")
-        if not o.startswith(("run_dir=", "method="))
-    ]
+    base = pipeline_overrides(tmp_path, glue_root, teacher_dir)
 
     def run(name: str, stages: dict[str, list[str]]):
         write_experiment(conf, name, stages)
@@ -113,3 +126,112 @@ def test_an_unknown_stage_names_the_stages(pipeline, tmp_path):
     assert "${stage:teachr} names no stage of this pipeline" in message
     assert "['student', 'teacher']" in message
     assert not (tmp_path / "run" / "teacher" / "checkpoints").exists()  # checked before work
+
+
+def run_slurm_tasks(overrides: list[str], tasks: int, out: Path, timeout: float = 300) -> list[str]:
+    """``python -m kdlab.train <overrides>`` as the ``tasks`` tasks of a one-node SLURM job,
+    each with the environment srun gives it (Lightning's ``SLURMEnvironment`` makes them the
+    ranks); returns each task's output. Fails, stopping the others, once a task fails."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    slurm = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "train",
+        "SLURM_NNODES": "1",
+        "SLURM_NODEID": "0",
+        "SLURM_NTASKS": str(tasks),
+        "SLURM_NTASKS_PER_NODE": str(tasks),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+    outputs = [out / f"task{rank}.out" for rank in range(tasks)]
+    procs = []
+    for rank, output in enumerate(outputs):
+        env = {**SUBPROCESS_ENV, **slurm, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)}
+        with open(output, "w") as f:
+            command = [sys.executable, "-m", "kdlab.train", *overrides]
+            procs.append(subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=f, stderr=f))
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            codes = [p.poll() for p in procs]
+            if any(codes) or None not in codes:
+                break
+            time.sleep(1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    texts = [output.read_text() for output in outputs]
+    failed = [
+        f"task {r} exited with {p.returncode}:\n{texts[r][-2000:]}"
+        for r, p in enumerate(procs)
+        if p.returncode
+    ]
+    assert not failed, "\n".join(failed)
+    return texts
+
+
+def test_a_pipeline_on_slurm_keeps_its_ranks_together(tmp_path, glue_root, teacher_dir):
+    """A 2-stage pipeline as the 2 tasks of a SLURM job (gloo), each running the whole
+    pipeline: rank 1 waits for rank 0 to export stage 'teacher' before stage 'student' reads
+    it. (It went on at once and failed on the teacher path, leaving rank 0 waiting for it.)
+    Rank 0 alone records the job (.hydra/, train.log) and writes and prints the summaries;
+    run again, the finished pipeline is skipped as quietly by rank 1."""
+    conf = tmp_path / "conf"
+    write_experiment(conf, "two", {stage: STAGES[stage] for stage in ("teacher", "student")})
+    run_dir = tmp_path / "run"
+    overrides = [
+        "--config-dir",
+        str(conf),
+        "experiment=two",
+        *pipeline_overrides(tmp_path, glue_root, teacher_dir),
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "trainer.precision=32-true",
+        "eval.speed_batches=0",
+        f"hydra.run.dir={run_dir}",
+    ]
+    first = run_slurm_tasks(overrides, 2, tmp_path)
+    assert [(r["stage"], r["ran"]) for r in summary(tmp_path)] == [
+        ("teacher", True),
+        ("student", True),
+    ]
+    files = RunDir(run_dir)
+    assert files.hydra_config.is_file()
+    assert [log.name for log in files.job_logs] == ["train.log", "train_ddp_process_1.log"]
+    waited = "Stage 'teacher': waiting for rank 0"
+    assert waited in (run_dir / "train_ddp_process_1.log").read_text()
+    assert waited not in (run_dir / "train.log").read_text()
+    # Each stage's summary table says where the student went.
+    assert [output.count("exported student:") for output in first] == [2, 0]
+
+    second = run_slurm_tasks(overrides, 2, tmp_path)
+    assert [r["ran"] for r in summary(tmp_path)] == [False, False]
+    assert [output.count("exported student:") for output in second] == [2, 0]
+
+
+def test_ranks_other_than_0_go_on_with_rank_0_or_stop_with_it(tmp_path, monkeypatch):
+    """Rank 0 records a stage that raised in its error.txt; a rank waiting for the stage's
+    metrics.json stops on it, and goes on once metrics.json appears."""
+    files = RunDir(tmp_path / "teacher")
+
+    def export_fails(stage_cfg):
+        raise MemoryError("out of memory while exporting")
+
+    with pytest.raises(MemoryError):
+        run_stage("teacher", None, files, export_fails)
+    assert "MemoryError: out of memory while exporting" in files.error.read_text()
+
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    monkeypatch.setattr(kdlab.pipeline, "POLL_INTERVAL_S", 0.01)
+    with pytest.raises(RuntimeError, match=r"Stage 'teacher' failed on rank 0 \(see .*error.txt"):
+        run_stage("teacher", None, files, lambda stage_cfg: {})
+
+    files.error.unlink()
+    threading.Timer(0.5, files.metrics.write_text, ["{}"]).start()
+    started = time.monotonic()
+    assert run_stage("teacher", None, files, lambda stage_cfg: {}) == {}
+    assert time.monotonic() - started >= 0.5

@@ -2,11 +2,16 @@
 whether it was killed between epochs or right after a mid-epoch checkpoint."""
 
 import json
+import logging
+import random
 
+import numpy as np
 import pytest
 import torch
 
 import kdlab.train
+from kdlab.rng import collect_rng_states, restore_rng_states
+from tests.conftest import fast_overrides, run_cli
 from tests.helpers import Interrupted, RecordFinalWeights
 
 COMMON = [
@@ -103,3 +108,73 @@ def test_last_checkpoint_follows_every_epoch(make_cfg, tmp_path):
     kdlab.train.run(make_cfg(method="finetune", extra=["trainer.max_epochs=2", "optim.lr=1e-30"]))
     assert _global_step(tmp_path / "run" / "checkpoints" / "last.ckpt") == 12
     assert _global_step(tmp_path / "run" / "checkpoints" / "best.ckpt") == 6
+
+
+def test_every_ddp_rank_resumes_its_own_dropout_masks(tmp_path, glue_root, teacher_dir):
+    """2 gloo processes, 3 steps an epoch, killed after epoch 0, resumed: each rank draws the
+    dropout masks of the uninterrupted run. (Rank 0's states restored on every rank made rank
+    1 draw other masks.)"""
+
+    def train(name: str, extra: list[str]):
+        run_dir = tmp_path / name
+        overrides = fast_overrides(tmp_path, glue_root, teacher_dir, run_dir=run_dir)
+        return run_cli(
+            [
+                *overrides,
+                f"hydra.run.dir={run_dir}",
+                "trainer.max_epochs=2",
+                "trainer.devices=2",
+                "trainer.strategy=ddp",
+                "trainer.precision=32-true",
+                "eval.speed_batches=0",
+                "+callbacks.dropout._target_=tests.helpers.RecordDropout",
+                *extra,
+            ]
+        )
+
+    full = train("full", [])
+    assert full.returncode == 0, full.stderr[-3000:]
+    cut = train("cut", BETWEEN_EPOCHS)
+    assert cut.returncode != 0 and "simulated interruption" in cut.stdout + cut.stderr
+    resumed = train("cut", ["ckpt_path=last"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ranks = {}
+    for rank in (0, 1):
+        before = torch.load(tmp_path / "full" / f"dropout_rank{rank}.pt", weights_only=True)
+        after = torch.load(tmp_path / "cut" / f"dropout_rank{rank}.pt", weights_only=True)
+        assert sorted(before) == list(range(6)) and sorted(after) == [3, 4, 5]
+        for step in after:
+            assert torch.equal(after[step]["mask"], before[step]["mask"]), (rank, step)
+            assert torch.equal(after[step]["rng"], before[step]["rng"]), (rank, step)
+        ranks[rank] = before
+    # The ranks draw from generators of their own: restoring one rank's states on both
+    # would have changed rank 1's masks.
+    assert not torch.equal(ranks[0][3]["rng"], ranks[1][3]["rng"])
+
+
+def _draws() -> list[float]:
+    return [random.random(), float(np.random.rand()), torch.rand(1).item()]
+
+
+def test_a_rank_restores_its_own_states_and_one_without_keeps_its_own(caplog):
+    torch.manual_seed(0)
+    saved = []
+    for _ in range(2):  # two ranks' generators, at different points
+        saved.append(collect_rng_states())
+        _draws()
+    expected = []
+    for rank in (0, 1):
+        restore_rng_states(saved, rank)
+        expected.append(_draws())
+    assert expected[0] != expected[1]
+    restore_rng_states(saved, 1)
+    assert _draws() == expected[1]
+
+    # Resumed on more processes than saved the checkpoint: rank 2 keeps its generators.
+    state = collect_rng_states()
+    untouched = _draws()
+    restore_rng_states([state], 0)
+    with caplog.at_level(logging.WARNING, logger="kdlab.rng"):
+        restore_rng_states(saved, 2)
+    assert _draws() == untouched
+    assert "states of 2 rank(s), none for rank 2" in caplog.text

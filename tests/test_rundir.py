@@ -12,6 +12,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 from transformers import AutoConfig
 
@@ -47,6 +48,36 @@ def test_overwrite_replaces_the_earlier_run_whole(make_cfg, tmp_path):
     assert second["student"]["params"] > first["student"]["params"]
     best = torch.load(files.best_checkpoint, weights_only=True)
     assert best["state_dict"]["student.bert.embeddings.word_embeddings.weight"].shape[1] == 128
+
+
+def test_a_rank_other_than_0_reads_nothing_rank_0_writes_in_the_run_dir(
+    make_cfg, tmp_path, monkeypatch
+):
+    """A SLURM task of rank 1 starts beside rank 0, which may be clearing the directory of an
+    earlier run (overwrite=true, a pipeline stage restarted) or writing run_id.txt: rank 1
+    must not read it (a file removed between its check and its read raised)."""
+    files = RunDir(tmp_path / "run")
+    files.path.mkdir()
+    files.run_id.write_text("earlier-run\n")
+    read = []
+    original = Path.read_text
+
+    def read_text(path, *args, **kwargs):
+        read.append(path)
+        return original(path, *args, **kwargs)
+
+    class Assembled(Exception):
+        pass
+
+    def assemble(cfg):
+        raise Assembled  # the run directory is handled by then
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    monkeypatch.setattr(kdlab.train, "assemble", assemble)
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    with pytest.raises(Assembled):
+        kdlab.train.run(make_cfg(extra=["overwrite=true"]))
+    assert files.run_id not in read
 
 
 def _write_two_stage_experiment(conf_dir: Path) -> None:

@@ -17,9 +17,12 @@ next job of a sweep (or the next stage of a pipeline) in the same process reads 
 :func:`every_rank_runs` covers ``trainer.fit``: Lightning still starts the processes, but
 its command line names the run's own resolved ``config.yaml`` (written before training) as the
 config to compose, and its ``hydra.run.dir`` is the run directory; afterwards the command
-line, Hydra's ``run.dir`` and those environment variables are as they were. Launchers whose
-cluster starts every rank itself (SLURM tasks: Lightning's ``SLURMEnvironment``) start no
-processes, and are left alone.
+line, Hydra's ``run.dir`` and those environment variables are as they were. If the fit fails,
+the processes it started are stopped: they are of no use any more (and may wait in a
+collective for this one until the timeout), and Lightning watches them from a thread that
+kills this process, the sweep that runs the next job, once one exits with an error.
+Launchers whose cluster starts every rank itself (SLURM tasks: Lightning's
+``SLURMEnvironment``) start no processes, and are left alone.
 """
 
 import os
@@ -27,6 +30,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, read_write
 
@@ -42,11 +46,13 @@ def rank_command_line(files: RunDir) -> list[str]:
 
 
 @contextmanager
-def every_rank_runs(files: RunDir) -> Iterator[None]:
-    """Within it, DDP processes that Lightning starts run the run of ``files`` (see the module).
+def every_rank_runs(files: RunDir, trainer: L.Trainer) -> Iterator[None]:
+    """Within it, DDP processes that Lightning starts run the run of ``files``, and end with
+    the fit if it fails (see the module).
 
     Args:
         files: the run's directory; its ``config.yaml`` must hold the run's resolved config.
+        trainer: the trainer that fits within it.
     """
     if not HydraConfig.initialized():  # Lightning starts its processes without Hydra then
         yield
@@ -58,6 +64,9 @@ def every_rank_runs(files: RunDir) -> Iterator[None]:
     _set_run_dir(hydra_cfg, str(files.path))
     try:
         yield
+    except BaseException:
+        _stop_started_ranks(trainer)
+        raise
     finally:
         sys.argv = argv
         _set_run_dir(hydra_cfg, run_dir)
@@ -71,3 +80,14 @@ def every_rank_runs(files: RunDir) -> Iterator[None]:
 def _set_run_dir(hydra_cfg: DictConfig, path: str) -> None:
     with read_write(hydra_cfg):
         hydra_cfg.run.dir = path
+
+
+def _stop_started_ranks(trainer: L.Trainer) -> None:
+    # Lightning's watch thread shares the launcher's list of the processes it started:
+    # emptied first, it sees nothing exit (killed, or failed on their own meanwhile).
+    started = getattr(trainer.strategy.launcher, "procs", [])
+    children = list(started)
+    started.clear()
+    for child in children:
+        child.kill()
+        child.wait()

@@ -15,21 +15,34 @@ line every stage starts afresh, finished or not.
 The stages of one pipeline are one group of W&B runs (``run_group``: the pipeline's run
 directory name, after the sweep's when the pipeline is a sweep job), each typed by its stage
 name (``job_type``).
+
+Where the cluster starts every rank (SLURM tasks), every rank runs the whole pipeline. Rank 0
+alone evaluates and exports a stage after training, and the next stage reads what it wrote
+(``${stage:NAME}/student``), so the other ranks wait for the stage's ``metrics.json``
+before they go on, and stop if rank 0 records the stage's failure in its ``error.txt``
+instead. They poll the files: the process group ends with each stage's training. Rank 0
+alone writes ``summary.json``.
 """
 
 import json
 import logging
+import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from kdlab.components import validate
 from kdlab.rundir import RunDir
 
 log = logging.getLogger(__name__)
+
+# How often a rank other than 0 looks for the files that end rank 0's work on a stage.
+POLL_INTERVAL_S = 2.0
 
 
 def run_pipeline(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> list[tuple[str, dict]]:
@@ -65,12 +78,45 @@ def run_pipeline(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> list[tup
             continue
         _continue_or_restart(name, stage_cfg, files)
         log.info("Stage '%s': %s", name, " ".join(stages[name]))
-        results.append((name, run(stage_cfg)))
+        results.append((name, run_stage(name, stage_cfg, files, run)))
         ran.append(name)
-    if all(metrics for _, metrics in results):  # DDP ranks other than 0 return no metrics
+    # Every rank runs the pipeline under SLURM: rank 0 alone writes the summary, from the
+    # stages' metrics (a stand-in for the run that returns none leaves no summary).
+    if rank_zero_only.rank == 0 and all(metrics for _, metrics in results):
         summary = pipeline_summary(results, ran)
         RunDir(root).pipeline_summary.write_text(json.dumps(summary, indent=2))
     return results
+
+
+def run_stage(
+    name: str, stage_cfg: DictConfig, files: RunDir, run: Callable[[DictConfig], dict]
+) -> dict:
+    """``run(stage_cfg)``, stage ``name`` of a pipeline, in this process's rank.
+
+    Rank 0 leaves the traceback in the stage's ``error.txt`` if the stage raises. The other
+    ranks then wait until rank 0 has finished the stage (its ``metrics.json`` exists).
+
+    Raises:
+        RuntimeError: on a rank other than 0, if rank 0 recorded the stage's failure.
+    """
+    if rank_zero_only.rank != 0:
+        metrics = run(stage_cfg)
+        log.info("Stage '%s': waiting for rank 0 to write %s.", name, files.metrics)
+        while not files.finished:
+            if files.error.is_file():
+                raise RuntimeError(
+                    f"Stage '{name}' failed on rank 0 (see {files.error}); rank "
+                    f"{rank_zero_only.rank} stops with it."
+                )
+            time.sleep(POLL_INTERVAL_S)
+        return metrics
+    files.error.unlink(missing_ok=True)  # an earlier attempt's
+    try:
+        return run(stage_cfg)
+    except BaseException as error:
+        files.path.mkdir(parents=True, exist_ok=True)
+        files.error.write_text("".join(traceback.format_exception(error)))
+        raise
 
 
 def pipeline_summary(results: list[tuple[str, dict]], ran: list[str]) -> list[dict]:

@@ -1,6 +1,9 @@
 """OmegaConf resolvers used by kdlab's configs."""
 
 import importlib
+import math
+import os
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -33,7 +36,25 @@ def stage_dir(name: str, *, _root_: DictConfig) -> str:
     return str(stages[name])
 
 
+def slurm_rank_zero(value: Any, other: Any = None) -> Any:
+    """``${slurm_rank_zero:A,B}``: ``A`` in SLURM's task of rank 0 and in every process SLURM
+    did not start as a task, ``B`` in SLURM's other tasks.
+
+    Under SLURM every rank is a task that runs the whole job, a Hydra job of its own in the
+    same directory, and ``SLURM_PROCID`` (the task's global rank) is set before Hydra starts,
+    so Hydra's own settings can tell rank 0 from the others (``conf/hydra/default.yaml``).
+    """
+    return value if int(os.environ.get("SLURM_PROCID", "0")) == 0 else other
+
+
+def product(*factors: int) -> int:
+    """``${product:A,B}``: ``A`` times ``B``, e.g. memory per node from ranks per node."""
+    return math.prod(int(f) for f in factors)
+
+
 def register() -> None:
     """Register kdlab's resolvers (idempotent)."""
     OmegaConf.register_new_resolver("package_model", package_model, replace=True)
     OmegaConf.register_new_resolver("stage", stage_dir, replace=True)
+    OmegaConf.register_new_resolver("slurm_rank_zero", slurm_rank_zero, replace=True)
+    OmegaConf.register_new_resolver("product", product, replace=True)

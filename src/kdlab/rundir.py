@@ -21,7 +21,8 @@ PIPELINE_SUMMARY = "summary.json"
 RUN_ID = "run_id.txt"
 # W&B's own folder (wandb.init(dir=<run dir>)): offline-run-<time>-<id>/ per start of the run.
 WANDB_DIR = "wandb"
-# Written by kdlab.sweep.SweepSummary when the job raised: its overrides and traceback.
+# Written by kdlab.sweep.SweepSummary when the job raised (its overrides and traceback), and
+# by kdlab.pipeline in the directory of a stage that raised (its traceback).
 ERROR = "error.txt"
 # Hydra's own files in every job directory (hydra.output_subdir): the composed, unresolved
 # config and the command-line overrides of the job.
@@ -98,7 +99,8 @@ class RunDir:
 
     @property
     def error(self) -> Path:
-        """The traceback of a job that raised (written by ``kdlab.sweep.SweepSummary``)."""
+        """The traceback of a job (``kdlab.sweep.SweepSummary``) or pipeline stage
+        (``kdlab.pipeline``) that raised."""
         return self.path / ERROR
 
     @property

@@ -11,7 +11,8 @@ not named. By default the whole sweep is one batch, so every job does run.
 :class:`SweepSummary` (registered in ``conf/hydra/default.yaml``) takes the failures over:
 
 * every job that raises, single run or sweep job, leaves its overrides and traceback in
-  ``error.txt`` in its directory, where ``kdlab.report`` finds it;
+  ``error.txt`` in its directory, where ``kdlab.report`` finds it (rank 0's, where SLURM runs
+  the job in every rank's task: another rank's traceback is in its own log);
 * in a sweep with the basic sweeper, the failure is logged (traceback included, into the
   job's log) and marked handled, so that the sweep runs to its end;
 * at the end of the sweep it prints and writes the report of the sweep directory
@@ -78,7 +79,7 @@ class SweepSummary(Callback):
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Drops the ``error.txt`` of an earlier attempt in the same directory (a resumed run)."""
         job_dir = _job_dir(config)
-        if job_dir is not None:
+        if job_dir is not None and rank_zero_only.rank == 0:
             RunDir(job_dir).error.unlink(missing_ok=True)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
@@ -97,7 +98,7 @@ class SweepSummary(Callback):
         error = getattr(job_return, "_return_value", None)
         overrides = [str(o) for o in (job_return.overrides or [])]
         job_dir = _job_dir(config)
-        if job_dir is not None:
+        if job_dir is not None and rank_zero_only.rank == 0:
             text = "".join(traceback.format_exception(error)) if error is not None else ""
             RunDir(job_dir).error.write_text(f"overrides: {shlex.join(overrides)}\n\n{text}")
         if OmegaConf.select(config, "hydra.mode") != RunMode.MULTIRUN:

@@ -177,13 +177,13 @@ def run(cfg: DictConfig) -> dict:
     if rank_zero_only.rank == 0:
         ckpt_path = claim_run_dir(cfg, files)
         files.path.mkdir(parents=True, exist_ok=True)
-    else:
-        # A DDP process that rank 0 launched once it had claimed the directory (and written
-        # config.yaml there): it only needs the checkpoint to resume from.
-        ckpt_path = _checkpoint_to_resume(cfg, files)
-    cfg.run_id = _run_id(files, resuming=ckpt_path is not None)
-    if rank_zero_only.rank == 0:
+        cfg.run_id = _run_id(files, resuming=ckpt_path is not None)
         save_config(cfg, files)
+    else:
+        # A DDP process that rank 0 launched once it had written config.yaml, or one that
+        # SLURM started beside rank 0, which may be clearing or writing the directory now:
+        # it only needs the checkpoint to resume from (its logger logs nothing).
+        ckpt_path = _checkpoint_to_resume(cfg, files)
     L.seed_everything(cfg.seed, workers=True)
     parts = assemble(cfg)
     trainer = parts.trainer
@@ -213,17 +213,20 @@ def _fit_and_export(cfg: DictConfig, parts: Assembly, files: RunDir, ckpt_path: 
             {**OmegaConf.to_container(cfg, resolve=True), "params": params}
         )
     try:
-        with every_rank_runs(files):
+        with every_rank_runs(files, trainer):
             trainer.fit(parts.method, datamodule=parts.datamodule, ckpt_path=ckpt_path)
     except NonFiniteLossError:
         last = files.last_checkpoint
         kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint yet"
         log.error("Training stopped on a non-finite loss; %s (logs in %s).", kept, files.path)
         raise
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # Rank 0 evaluates alone from here on; a live process group would make torchmetrics
-        # wait at compute() for ranks that have already returned.
-        torch.distributed.destroy_process_group()
+    finally:
+        # Rank 0 evaluates alone from here on (a live group would make torchmetrics wait at
+        # compute() for ranks that have returned), and the next run in this process (a sweep
+        # job, a pipeline stage), also after a failed fit, must set up a group of its own:
+        # Lightning skips the setup while one is alive.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     if not trainer.is_global_zero:
         return {}
     metrics = evaluate_and_export(cfg, parts, files)
@@ -238,13 +241,9 @@ def _fit_and_export(cfg: DictConfig, parts: Assembly, files: RunDir, ckpt_path: 
 
 def _run_id(files: RunDir, resuming: bool) -> str | None:
     """The run's id (``run_id``, the W&B run id): the one stored in its directory when it
-    resumes, else a new one, stored there for a later resume.
-
-    Only rank zero chooses: the other DDP ranks read what it stored (it wrote the file before
-    ``fit`` launched them), and their loggers log nothing.
-    """
+    resumes, else a new one, stored there for a later resume. Rank zero's alone."""
     stored = files.run_id.read_text().strip() if files.run_id.is_file() else None
-    if rank_zero_only.rank != 0 or (resuming and stored):
+    if resuming and stored:
         return stored
     run_id = secrets.token_hex(6)  # 12 characters of [0-9a-f]: W&B accepts it as a run id
     files.run_id.write_text(run_id + "\n")
@@ -416,7 +415,8 @@ def objective(results: list[tuple[str, dict]]) -> float | None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point; returns :func:`objective` (for sweepers)."""
+    """Hydra entry point; returns :func:`objective` (for sweepers) on rank 0, None on the
+    ranks a cluster started beside it."""
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN and cfg.run_group is None:
         # The jobs of a sweep are one group of W&B runs.
@@ -425,6 +425,8 @@ def main(cfg: DictConfig) -> float | None:
         results = run_pipeline(cfg, run)
     else:
         results = [(cfg.method.name, run(cfg))]
+    if rank_zero_only.rank != 0:
+        return None  # a rank started by the cluster (SLURM): rank 0 reports the run
     console = table_console()
     for name, metrics in results:
         if metrics:

@@ -28,7 +28,7 @@ from kdlab.losses import task_loss
 from kdlab.metrics import Evaluator
 from kdlab.models.heads import HEADS, forward, targets
 from kdlab.optim import Optim
-from kdlab.rng import collect_rng_states, restore_rng_states
+from kdlab.rng import gather_rng_states, restore_rng_states
 
 log = logging.getLogger(__name__)
 
@@ -387,7 +387,8 @@ class BaseMethod(L.LightningModule, abc.ABC):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(TEACHER_PREFIX)]:
             del state[key]
-        checkpoint["kdlab_rng_states"] = collect_rng_states()
+        # Every rank's generators; a collective, as Lightning calls this hook on every rank.
+        checkpoint["kdlab_rng_states_by_rank"] = gather_rng_states()
         checkpoint["kdlab_teacher_examples"] = self.teacher_examples
         checkpoint["kdlab_student"] = {
             "architecture": type(self.student).__name__,
@@ -401,8 +402,8 @@ class BaseMethod(L.LightningModule, abc.ABC):
                 {TEACHER_PREFIX + k: v for k, v in teacher_state.items()}
             )
         resuming = self._trainer is not None and self.trainer.state.fn == "fit"
-        if resuming and "kdlab_rng_states" in checkpoint:
-            restore_rng_states(checkpoint["kdlab_rng_states"])
+        if resuming:
+            restore_rng_states(checkpoint.get("kdlab_rng_states_by_rank", []), self.global_rank)
         if resuming:
             self.teacher_examples = checkpoint.get("kdlab_teacher_examples", 0)
 
