@@ -53,7 +53,7 @@ from kdlab.models.build import (
     load_tokenizer,
 )
 from kdlab.pipeline import run_pipeline
-from kdlab.pruning import Pruner, compact
+from kdlab.pruning import Pruner, compacted_copy
 from kdlab.pruning.callback import PruningCallback
 from kdlab.report import pipeline_table, summary_table
 from kdlab.rundir import RunDir
@@ -282,7 +282,7 @@ def evaluate_and_export(cfg: DictConfig, parts: Assembly, files: RunDir) -> dict
     for name, content in parts.method.evaluation_files().items():
         (files.path / name).write_text(json.dumps(content, indent=1))
     # A pruned student is exported compacted (a smaller stock model); others as they are.
-    exported = parts.student if pruner is None else compact(parts.student, pruner.masks)
+    exported = parts.student if pruner is None else compacted_copy(parts.student, pruner.masks)
     setattr(exported.config, TASK_ATTRIBUTE, cfg.task.name)
     exported.save_pretrained(files.student)
     parts.tokenizer.save_pretrained(files.student)
