@@ -27,7 +27,7 @@ import lightning as L
 from hydra import compose, initialize_config_dir
 
 from kdlab.components import validate
-from kdlab.evaluation import evaluate, evaluation_trainer
+from kdlab.final_evaluation import evaluate, evaluation_trainer
 from kdlab.train import CONF_DIR, assemble
 
 

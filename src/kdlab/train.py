@@ -42,7 +42,7 @@ from kdlab.components import build, target_of, validate
 from kdlab.data import TokenizedDataModule
 from kdlab.data.teacher_cache import TeacherCache, teacher_cache
 from kdlab.errors import ConfigError, NonFiniteLossError
-from kdlab.evaluation import evaluate, evaluation_trainer, time_inference
+from kdlab.final_evaluation import evaluate, evaluation_trainer, time_inference
 from kdlab.launch import every_rank_runs
 from kdlab.loggers import logger_run
 from kdlab.methods import BaseMethod, FineTune
@@ -277,8 +277,8 @@ def evaluate_and_export(cfg: DictConfig, parts: Assembly, files: RunDir) -> dict
     if pruner is not None:
         # Not a submodule of the method: the evaluation trainer moves the student only.
         pruner.to(device)
-    evaluator = evaluation_trainer(cfg.trainer, device)
-    student_metrics = evaluate(evaluator, parts.method, datamodule, ckpt_path=best)
+    eval_trainer = evaluation_trainer(cfg.trainer, device)
+    student_metrics = evaluate(eval_trainer, parts.method, datamodule, ckpt_path=best)
     for name, content in parts.method.evaluation_files().items():
         (files.path / name).write_text(json.dumps(content, indent=1))
     # A pruned student is exported compacted (a smaller stock model); others as they are.
@@ -317,7 +317,7 @@ def evaluate_and_export(cfg: DictConfig, parts: Assembly, files: RunDir) -> dict
         "name": cfg.teacher.name,
         "path": str(cfg.teacher.path),
         "params": count_parameters(teacher),
-        **evaluate(evaluator, teacher_module, datamodule),
+        **evaluate(eval_trainer, teacher_module, datamodule),
     }
     if cfg.eval.speed_batches > 0:
         timing = time_inference(
