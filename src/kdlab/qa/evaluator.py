@@ -18,8 +18,8 @@ from torch import Tensor
 from transformers.utils import ModelOutput
 
 from kdlab.metrics import Evaluator
+from kdlab.qa.official import squad_v1, squad_v2
 from kdlab.qa.postprocess import Window, predict_answer
-from kdlab.qa.squad_metrics import squad_v1, squad_v2
 
 
 class SquadEvaluator(Evaluator):
