@@ -24,7 +24,7 @@ from kdlab.data.base import TaskOptions, TokenizedDataModule, train_subset
 from kdlab.data.squad_json import COLUMNS, AnswerCheck, read_squad_json
 from kdlab.data.transfer import TransferOptions, sized
 from kdlab.errors import ConfigError
-from kdlab.qa.evaluator import SquadEvaluator
+from kdlab.qa.metrics import SquadMetrics
 from kdlab.validation import NonNegativeInt, PositiveInt, Range
 
 log = logging.getLogger(__name__)
@@ -338,11 +338,11 @@ class SquadDataModule(TokenizedDataModule):
             windows = windows.add_column("feature_index", list(range(len(windows))))
         return windows
 
-    def evaluators(self) -> dict[str, SquadEvaluator]:
+    def evaluators(self) -> dict[str, SquadMetrics]:
         """A fresh SQuAD evaluator of the validation split (``val``)."""
         self.setup()
         return {
-            "val": SquadEvaluator(
+            "val": SquadMetrics(
                 self.features["validation"],
                 self.examples["validation"],
                 with_negative=bool(self.task.version_2_with_negative),

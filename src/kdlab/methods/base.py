@@ -25,7 +25,7 @@ from transformers.utils import ModelOutput
 from kdlab.data.teacher_cache import TeacherCache
 from kdlab.errors import ConfigError, NonFiniteLossError
 from kdlab.losses import task_loss
-from kdlab.metrics import Evaluator
+from kdlab.metrics import SplitMetrics
 from kdlab.models.heads import HEADS, forward, targets
 from kdlab.optim import Optim
 from kdlab.rng import collect_rng_states, restore_rng_states
@@ -131,7 +131,7 @@ class BaseMethod(L.LightningModule, abc.ABC):
         student: PreTrainedModel,
         teacher: PreTrainedModel | None = None,
         head: str,
-        evaluators: Mapping[str, Evaluator],
+        evaluators: Mapping[str, SplitMetrics],
         optim: Optim,
         trainable: Literal["all", "head"] = "all",
         cache_teacher: bool | None = None,
