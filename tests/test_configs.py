@@ -46,7 +46,7 @@ def test_method_builds_with_tiny_models(method, make_cfg):
         student=student,
         teacher=teacher,
         head="sequence_classification",
-        evaluators={"val": ClassificationMetrics(["accuracy"], 2)},
+        split_metrics={"val": ClassificationMetrics(["accuracy"], 2)},
         optim=build(cfg, "optim"),
     )
     assert isinstance(module, BaseMethod) and module.student is student

@@ -53,7 +53,7 @@ def homodistil(student, teacher, **kwargs) -> HomoDistil:
         student=student,
         teacher=teacher,
         head="masked_lm",
-        evaluators={},
+        split_metrics={},
         optim=Optim(),
         **kwargs,
     )

@@ -43,7 +43,7 @@ def make_module(dirs, num_labels: int = 2, **kwargs) -> MixKD:
         student=BertForSequenceClassification.from_pretrained(student_dir),
         teacher=BertForSequenceClassification.from_pretrained(teacher_dir),
         head="sequence_classification",
-        evaluators={
+        split_metrics={
             "val": ClassificationMetrics(
                 ["accuracy"] if num_labels > 1 else ["pearson"], num_labels
             )

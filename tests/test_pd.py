@@ -85,7 +85,7 @@ def _pd(cfg) -> PreTrainedDistillation:
         student=build_student(cfg),
         teacher=build_teacher(cfg),
         head="sequence_classification",
-        evaluators={"val": ClassificationMetrics(["accuracy"], 2)},
+        split_metrics={"val": ClassificationMetrics(["accuracy"], 2)},
         optim=Optim(),
     )
 
@@ -263,7 +263,7 @@ def test_pd_on_spans_matches_start_and_end_distributions(tmp_path):
         student=student.eval(),
         teacher=teacher,
         head="question_answering",
-        evaluators={},
+        split_metrics={},
         optim=Optim(),
         temperature=2.0,
     )

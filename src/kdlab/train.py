@@ -114,7 +114,7 @@ def assemble(cfg: DictConfig) -> Assembly:
         student=student,
         teacher=teacher,
         head=head,
-        evaluators=datamodule.evaluators(),
+        split_metrics=datamodule.split_metrics(),
         optim=build(cfg, "optim"),
     )
     method.teacher_cache = _teacher_cache(cfg, method, datamodule)
@@ -310,7 +310,7 @@ def evaluate_and_export(cfg: DictConfig, parts: Assembly, files: RunDir) -> dict
         name="teacher",
         student=teacher,
         head=datamodule.head,
-        evaluators=datamodule.evaluators(),
+        split_metrics=datamodule.split_metrics(),
         optim=parts.method.optim,
     )
     metrics["teacher"] = {

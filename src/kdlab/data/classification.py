@@ -86,7 +86,7 @@ class TextClassificationDataModule(TokenizedDataModule, abc.ABC):
         self.setup()
         return [p for s, p in EVAL_PREFIXES.items() if s in self.splits]
 
-    def evaluators(self) -> dict[str, ClassificationMetrics]:
+    def split_metrics(self) -> dict[str, ClassificationMetrics]:
         """Fresh metric collections (``task.metrics``) per evaluation split, keyed by prefix."""
         num_labels = 1 if self.task.labels is None else len(self.task.labels)
         prefixes = [*self.eval_prefixes, *(["test"] if self.has_test else [])]

@@ -132,7 +132,7 @@ class CorpusDataModule(TokenizedDataModule):
         )
         self.splits: dict[str, datasets.Dataset] | None = None
 
-    def evaluators(self) -> dict[str, MaskedLMMetrics]:
+    def split_metrics(self) -> dict[str, MaskedLMMetrics]:
         """Masked-LM perplexity on the held-out chunks (``val/perplexity``)."""
         return {"val": MaskedLMMetrics()}
 

@@ -251,7 +251,7 @@ class SquadOptions(TaskOptions):
 
 
 class SquadDataModule(TokenizedDataModule):
-    """Windows of SQuAD questions for training and evaluation, and the SQuAD evaluator.
+    """Windows of SQuAD questions for training and evaluation, and their SQuAD metrics.
 
     Teacher and student share the (fast) tokenizer, so both receive the same batch. Batch
     sizes count windows.
@@ -338,8 +338,8 @@ class SquadDataModule(TokenizedDataModule):
             windows = windows.add_column("feature_index", list(range(len(windows))))
         return windows
 
-    def evaluators(self) -> dict[str, SquadMetrics]:
-        """A fresh SQuAD evaluator of the validation split (``val``)."""
+    def split_metrics(self) -> dict[str, SquadMetrics]:
+        """Fresh SQuAD metrics of the validation split (``val``)."""
         self.setup()
         return {
             "val": SquadMetrics(
