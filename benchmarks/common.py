@@ -127,7 +127,7 @@ def unpruned_method(cfg: DictConfig, parts: Assembly, device: str | torch.device
         student=plain,
         teacher=parts.teacher,
         head=parts.datamodule.head,
-        evaluators=parts.datamodule.evaluators(),
+        split_metrics=parts.datamodule.split_metrics(),
         optim=build(cfg, "optim"),
     )
 

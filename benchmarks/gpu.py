@@ -77,7 +77,7 @@ from kdlab.losses import task_loss  # noqa: E402
 from kdlab.methods import BaseMethod  # noqa: E402
 from kdlab.models.build import count_parameters  # noqa: E402
 from kdlab.models.heads import model_inputs  # noqa: E402
-from kdlab.pruning import Pruner, compact  # noqa: E402
+from kdlab.pruning import Pruner, compacted_copy  # noqa: E402
 from kdlab.train import CONF_DIR, assemble, build_trainer  # noqa: E402
 
 # H200 SXM (and H100 SXM) dense bf16 tensor-core peak, by NVIDIA's datasheet.
@@ -601,7 +601,7 @@ def compaction_check(
     """
     student.to(device).eval()
     pruner.to(device)
-    compacted = compact(student, pruner.masks).eval()
+    compacted = compacted_copy(student, pruner.masks).eval()
     inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
     with float32_matmuls():
         masked = student(**inputs).logits.float()

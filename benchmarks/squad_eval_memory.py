@@ -10,9 +10,9 @@ Usage::
 ``kdlab.train.assemble`` builds from the composed config, as in a run: students on MiniLM's
 vocabulary, with a freshly initialised span head. The answers are meaningless, but the
 windows, logits and post-processing are those of any model (the encoder's depth and width
-change the forward time and its activations, not the evaluator's memory). Prints the
+change the forward time and its activations, not the SQuAD metrics' memory). Prints the
 process's peak resident memory (``ru_maxrss``) before and after the evaluation, the most
-windows the evaluator held at once, and what the start/end logits of all windows would
+windows ``SquadMetrics`` held at once, and what the start/end logits of all windows would
 take if held together.
 """
 
@@ -27,7 +27,7 @@ import lightning as L
 from hydra import compose, initialize_config_dir
 
 from kdlab.components import validate
-from kdlab.evaluation import evaluate, evaluation_trainer
+from kdlab.final_evaluation import evaluate, evaluation_trainer
 from kdlab.train import CONF_DIR, assemble
 
 
@@ -37,14 +37,14 @@ def peak_rss_mib() -> float:
 
 
 class WindowTracker(L.Callback):
-    """Records the largest number of windows the ``val`` evaluator held back between
+    """Records the largest number of windows the ``val`` split's ``SquadMetrics`` held back between
     batches (read after each batch's update)."""
 
     def __init__(self) -> None:
         self.max_pending = 0
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, *_) -> None:
-        pending = pl_module.evaluators["val"].pending_windows
+        pending = pl_module.split_metrics["val"].pending_windows
         self.max_pending = max(self.max_pending, pending)
 
 
@@ -86,7 +86,7 @@ def main() -> None:
     questions = len(datamodule.examples["validation"])
     before = peak_rss_mib()
     start = time.perf_counter()
-    # The evaluation a run ends with: its FineTune module and SQuAD evaluator.
+    # The evaluation a run ends with: its FineTune module and SQuAD metrics.
     trainer = evaluation_trainer(cfg.trainer)
     tracker = WindowTracker()
     trainer.callbacks.append(tracker)

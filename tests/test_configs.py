@@ -11,7 +11,7 @@ import kdlab.train
 from kdlab.components import build, target_of
 from kdlab.errors import ConfigError
 from kdlab.methods import BaseMethod
-from kdlab.metrics import ClassificationEvaluator
+from kdlab.metrics import ClassificationMetrics
 from kdlab.models.build import load_tokenizer
 from tests.conftest import CONF_DIR, build_datamodule, build_student, build_teacher, compose
 from tests.fixtures import GLUE_DIRS, write_tiny_bert, write_tokenizer
@@ -46,7 +46,7 @@ def test_method_builds_with_tiny_models(method, make_cfg):
         student=student,
         teacher=teacher,
         head="sequence_classification",
-        evaluators={"val": ClassificationEvaluator(["accuracy"], 2)},
+        split_metrics={"val": ClassificationMetrics(["accuracy"], 2)},
         optim=build(cfg, "optim"),
     )
     assert isinstance(module, BaseMethod) and module.student is student

@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from kdlab.evaluation import evaluation_trainer
+from kdlab.final_evaluation import evaluation_trainer
 
 QUIET = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
 

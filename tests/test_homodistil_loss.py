@@ -18,7 +18,7 @@ from kdlab.errors import ConfigError
 from kdlab.losses import IGNORE_INDEX, masked_mse
 from kdlab.methods import HomoDistil
 from kdlab.optim import Optim
-from kdlab.pruning import Pruner, compact
+from kdlab.pruning import Pruner, compacted_copy
 from kdlab.pruning.importance import PlatonImportance
 from kdlab.train import CONF_DIR
 from kdlab.validation import check_node
@@ -53,7 +53,7 @@ def homodistil(student, teacher, **kwargs) -> HomoDistil:
         student=student,
         teacher=teacher,
         head="masked_lm",
-        evaluators={},
+        split_metrics={},
         optim=Optim(),
         **kwargs,
     )
@@ -275,7 +275,7 @@ def test_linear_projection_starts_as_the_identity_and_is_trained_but_not_exporte
     assert not any("projection" in key for key in linear.student.state_dict())
     prune_fixed(linear)
     assert not any(
-        "projection" in key for key in compact(linear.student, linear.masks).state_dict()
+        "projection" in key for key in compacted_copy(linear.student, linear.masks).state_dict()
     )
     losses = linear.compute_losses(batch)
     losses["loss"].backward()

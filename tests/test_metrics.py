@@ -104,10 +104,12 @@ def test_metric_states_stay_fp32_after_a_half_precision_fit(make_cfg, captured, 
     dtypes = _floating_state_dtypes(module)
     assert set(dtypes) == {
         "eval_losses.val",
-        "evaluators.val.metrics.pearson",
-        "evaluators.val.metrics.spearman",
+        "split_metrics.val.metrics.pearson",
+        "split_metrics.val.metrics.spearman",
     }
-    assert dtypes["eval_losses.val"] == dtypes["evaluators.val.metrics.pearson"] == {torch.float32}
+    assert (
+        dtypes["eval_losses.val"] == dtypes["split_metrics.val.metrics.pearson"] == {torch.float32}
+    )
     # 200 more batches of 16 outputs and labels in the student's dtype (as Lightning passes
     # the labels), against the fp64 computation on the same values.
     generator = torch.Generator().manual_seed(0)
@@ -115,17 +117,17 @@ def test_metric_states_stay_fp32_after_a_half_precision_fit(make_cfg, captured, 
     preds = (labels + torch.randn(200, 16, generator=generator)).to(dtype)
     losses = torch.rand(200, generator=generator).to(dtype)
     weights = torch.randint(1, 17, (200,), generator=generator)
-    mean, evaluator = module.eval_losses["val"], module.evaluators["val"]
+    mean, split_metrics = module.eval_losses["val"], module.split_metrics["val"]
     mean.reset()
-    evaluator.reset()
+    split_metrics.reset()
     for i in range(200):
         mean.update(losses[i], weight=int(weights[i]))
-        evaluator.update(ModelOutput(logits=preds[i, :, None]), {"labels": labels[i]})
+        split_metrics.update(ModelOutput(logits=preds[i, :, None]), {"labels": labels[i]})
     assert set().union(*_floating_state_dtypes(module).values()) == {torch.float32}
     expected_mean = float((losses.double() * weights).sum() / weights.sum())
     assert float(mean.compute()) == pytest.approx(expected_mean, rel=1e-6)
     x, y = preds.double().flatten().numpy(), labels.double().flatten().numpy()
-    out = {k: float(v) for k, v in evaluator.compute().items()}
+    out = {k: float(v) for k, v in split_metrics.compute().items()}
     assert out["pearson"] == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-6)
     expected_spearman = np.corrcoef(_mean_ranks(x), _mean_ranks(y))[0, 1]
     assert out["spearman"] == pytest.approx(expected_spearman, abs=1e-6)
@@ -146,7 +148,7 @@ def test_mlm_loss_and_perplexity_are_fp32_under_bf16_true(data, tmp_path, captur
     dtypes = _floating_state_dtypes(captured["module"])
     assert dtypes == {
         "eval_losses.val": {torch.float32},
-        "evaluators.val.perplexity": {torch.float32},
+        "split_metrics.val.perplexity": {torch.float32},
     }
     # One validation batch: both are fp32 functions of the same bf16 logits, the mean
     # masked-token cross-entropy and exp of it.

@@ -16,7 +16,7 @@ from kdlab import train
 from kdlab.errors import ConfigError
 from kdlab.losses import distillation_loss, mixup, mixup_target_loss, soft_cross_entropy
 from kdlab.methods.mixkd import MixKD, mixed_forward
-from kdlab.metrics import ClassificationEvaluator
+from kdlab.metrics import ClassificationMetrics
 from kdlab.optim import Optim
 from tests.fixtures import write_tiny_bert
 
@@ -43,8 +43,8 @@ def make_module(dirs, num_labels: int = 2, **kwargs) -> MixKD:
         student=BertForSequenceClassification.from_pretrained(student_dir),
         teacher=BertForSequenceClassification.from_pretrained(teacher_dir),
         head="sequence_classification",
-        evaluators={
-            "val": ClassificationEvaluator(
+        split_metrics={
+            "val": ClassificationMetrics(
                 ["accuracy"] if num_labels > 1 else ["pearson"], num_labels
             )
         },

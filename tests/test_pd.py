@@ -12,7 +12,7 @@ from kdlab.data.transfer import transfer_set
 from kdlab.errors import ConfigError, DataFormatError
 from kdlab.losses import soft_kl, soft_target_loss
 from kdlab.methods import PreTrainedDistillation
-from kdlab.metrics import ClassificationEvaluator
+from kdlab.metrics import ClassificationMetrics
 from kdlab.models.heads import model_inputs
 from kdlab.optim import Optim
 from tests.conftest import build_datamodule, build_student, build_teacher
@@ -85,7 +85,7 @@ def _pd(cfg) -> PreTrainedDistillation:
         student=build_student(cfg),
         teacher=build_teacher(cfg),
         head="sequence_classification",
-        evaluators={"val": ClassificationEvaluator(["accuracy"], 2)},
+        split_metrics={"val": ClassificationMetrics(["accuracy"], 2)},
         optim=Optim(),
     )
 
@@ -263,7 +263,7 @@ def test_pd_on_spans_matches_start_and_end_distributions(tmp_path):
         student=student.eval(),
         teacher=teacher,
         head="question_answering",
-        evaluators={},
+        split_metrics={},
         optim=Optim(),
         temperature=2.0,
     )

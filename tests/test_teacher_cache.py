@@ -209,7 +209,7 @@ def test_kd_module_reads_the_cache_in_float32(make_cfg):
         student=build_student(cfg),
         teacher=teacher,
         head=datamodule.head,
-        evaluators={},
+        split_metrics={},
         optim=Optim(),
     )
     module.teacher_cache = cache

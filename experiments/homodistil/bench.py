@@ -36,7 +36,7 @@ from benchmarks.common import (
     write_random_teacher,
 )
 from kdlab.components import build, validate
-from kdlab.pruning import compact
+from kdlab.pruning import compacted_copy
 from kdlab.train import CONF_DIR, Assembly, assemble
 
 MINILM = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
@@ -132,7 +132,7 @@ def inference(args, cfg: DictConfig, parts: Assembly) -> dict:
     # Straight to the target shape. No importance has been gathered, so the kept structures
     # are arbitrary: which ones are kept changes neither the compacted shape nor its speed.
     pruner.update(step=10**6, total=10**6)
-    compacted = compact(masked, pruner.masks).bert.eval()
+    compacted = compacted_copy(masked, pruner.masks).bert.eval()
     torch.manual_seed(0)
     ids = torch.randint(1000, 30000, (args.infer_batch, args.infer_seq))
     times = {"teacher": [], "student": []}

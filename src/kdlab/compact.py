@@ -21,7 +21,7 @@ import transformers
 from omegaconf import OmegaConf
 
 from kdlab.errors import ConfigError
-from kdlab.pruning import StructuredMasks, compact
+from kdlab.pruning import StructuredMasks, compacted_copy
 from kdlab.pruning.callback import PruningCallback
 from kdlab.rundir import RunDir
 
@@ -48,7 +48,7 @@ def load_student(checkpoint_path: Path) -> transformers.PreTrainedModel:
     masks = StructuredMasks.for_model(model)
     masks.load_state_dict(pruning["masks"])
     masks.install(model)
-    return compact(model, masks).eval()
+    return compacted_copy(model, masks).eval()
 
 
 def _run_tokenizer(checkpoint_path: Path) -> str | None:

@@ -2,7 +2,7 @@
 
 Every component is a config node with a ``_target_`` (a class or builder function) and is
 built by ``hydra.utils.instantiate``; the run passes the objects only it has (models,
-tokenizer, evaluators) as keyword arguments, listed in :data:`RUNTIME`. Adding a method is
+tokenizer, split metrics) as keyword arguments, listed in :data:`RUNTIME`. Adding a method is
 one module and one YAML file; adding a model builder is one function and one YAML file.
 
 :func:`validate` checks the composed config before any model or data loads: missing
@@ -31,7 +31,7 @@ RUNTIME: dict[str, tuple[str, ...]] = {
     "teacher": ("head", "labels", "task", "needs_head", "hint"),
     "model": ("head", "labels"),
     "pruning": ("model",),
-    "method": ("student", "teacher", "head", "evaluators", "optim"),
+    "method": ("student", "teacher", "head", "split_metrics", "optim"),
     "logger": (),
     "trainer": ("logger", "callbacks", "default_root_dir"),
 }

@@ -1,8 +1,9 @@
-"""Evaluation of one split: an :class:`Evaluator` per split, provided by the datamodule.
+"""Metrics of one evaluation split: a :class:`SplitMetrics` per split, provided by the
+datamodule.
 
 Classification tasks use torchmetrics collections chosen by name in the task config
-(:class:`ClassificationEvaluator`); other task families bring their own evaluator
-(SQuAD: :class:`kdlab.qa.evaluator.SquadEvaluator`).
+(:class:`ClassificationMetrics`); other task families bring their own
+(SQuAD: :class:`kdlab.qa.metrics.SquadMetrics`).
 """
 
 import abc
@@ -28,7 +29,7 @@ METRICS: dict[str, Callable[[int], Metric]] = {
 }
 
 
-class Evaluator(nn.Module, abc.ABC):
+class SplitMetrics(nn.Module, abc.ABC):
     """Accumulates a model's outputs on one evaluation split and computes its metrics.
 
     An ``nn.Module`` so that metric states move to the model's device with it; they stay fp32
@@ -53,7 +54,7 @@ class Evaluator(nn.Module, abc.ABC):
         return {}
 
 
-class ClassificationEvaluator(Evaluator):
+class ClassificationMetrics(SplitMetrics):
     """The task's torchmetrics on classification (or regression) logits and ``labels``.
 
     Args:
@@ -80,7 +81,7 @@ class ClassificationEvaluator(Evaluator):
         self.metrics.reset()
 
 
-class MaskedLMEvaluator(Evaluator):
+class MaskedLMMetrics(SplitMetrics):
     """Perplexity of a masked-LM head: ``exp`` of the mean cross-entropy over the masked
     positions. The outputs carry logits ``[N, V]`` at the batch's graded positions only
     (``kdlab.models.heads.forward``)."""

@@ -41,7 +41,7 @@ from kdlab.components import build, target_of, validate
 from kdlab.data import TokenizedDataModule
 from kdlab.data.teacher_cache import TeacherCache, teacher_cache
 from kdlab.errors import ConfigError, NonFiniteLossError
-from kdlab.evaluation import evaluate, evaluation_trainer, time_inference
+from kdlab.final_evaluation import evaluate, evaluation_trainer, time_inference
 from kdlab.launch import every_rank_runs
 from kdlab.loggers import logger_run
 from kdlab.methods import BaseMethod, FineTune
@@ -52,7 +52,7 @@ from kdlab.models.build import (
     load_tokenizer,
 )
 from kdlab.pipeline import run_pipeline
-from kdlab.pruning import Pruner, compact
+from kdlab.pruning import Pruner, compacted_copy
 from kdlab.pruning.callback import PruningCallback
 from kdlab.rundir import RunDir
 from kdlab.summary import pipeline_table, summary_table, table_console
@@ -113,7 +113,7 @@ def assemble(cfg: DictConfig) -> Assembly:
         student=student,
         teacher=teacher,
         head=head,
-        evaluators=datamodule.evaluators(),
+        split_metrics=datamodule.split_metrics(),
         optim=build(cfg, "optim"),
     )
     method.teacher_cache = _teacher_cache(cfg, method, datamodule)
@@ -275,12 +275,12 @@ def evaluate_and_export(cfg: DictConfig, parts: Assembly, files: RunDir) -> dict
     if pruner is not None:
         # Not a submodule of the method: the evaluation trainer moves the student only.
         pruner.to(device)
-    evaluator = evaluation_trainer(cfg.trainer, device)
-    student_metrics = evaluate(evaluator, parts.method, datamodule, ckpt_path=best)
+    eval_trainer = evaluation_trainer(cfg.trainer, device)
+    student_metrics = evaluate(eval_trainer, parts.method, datamodule, ckpt_path=best)
     for name, content in parts.method.evaluation_files().items():
         (files.path / name).write_text(json.dumps(content, indent=1))
     # A pruned student is exported compacted (a smaller stock model); others as they are.
-    exported = parts.student if pruner is None else compact(parts.student, pruner.masks)
+    exported = parts.student if pruner is None else compacted_copy(parts.student, pruner.masks)
     setattr(exported.config, TASK_ATTRIBUTE, cfg.task.name)
     exported.save_pretrained(files.student)
     parts.tokenizer.save_pretrained(files.student)
@@ -308,14 +308,14 @@ def evaluate_and_export(cfg: DictConfig, parts: Assembly, files: RunDir) -> dict
         name="teacher",
         student=teacher,
         head=datamodule.head,
-        evaluators=datamodule.evaluators(),
+        split_metrics=datamodule.split_metrics(),
         optim=parts.method.optim,
     )
     metrics["teacher"] = {
         "name": cfg.teacher.name,
         "path": str(cfg.teacher.path),
         "params": count_parameters(teacher),
-        **evaluate(evaluator, teacher_module, datamodule),
+        **evaluate(eval_trainer, teacher_module, datamodule),
     }
     if cfg.eval.speed_batches > 0:
         timing = time_inference(

@@ -16,7 +16,7 @@ from kdlab.data.base import TaskOptions, TokenizedDataModule, train_subset
 from kdlab.data.sources import GlueHub, TsvLayout, load_glue, load_rotten_tomatoes
 from kdlab.data.transfer import TransferOptions, transfer_set
 from kdlab.errors import ConfigError
-from kdlab.metrics import METRICS, ClassificationEvaluator
+from kdlab.metrics import METRICS, ClassificationMetrics
 from kdlab.validation import Range
 
 log = logging.getLogger(__name__)
@@ -86,11 +86,11 @@ class TextClassificationDataModule(TokenizedDataModule, abc.ABC):
         self.setup()
         return [p for s, p in EVAL_PREFIXES.items() if s in self.splits]
 
-    def evaluators(self) -> dict[str, ClassificationEvaluator]:
+    def split_metrics(self) -> dict[str, ClassificationMetrics]:
         """Fresh metric collections (``task.metrics``) per evaluation split, keyed by prefix."""
         num_labels = 1 if self.task.labels is None else len(self.task.labels)
         prefixes = [*self.eval_prefixes, *(["test"] if self.has_test else [])]
-        return {p: ClassificationEvaluator(list(self.task.metrics), num_labels) for p in prefixes}
+        return {p: ClassificationMetrics(list(self.task.metrics), num_labels) for p in prefixes}
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits is not None:

@@ -30,7 +30,7 @@ from typing_extensions import Unpack
 from kdlab.data.base import TaskOptions, TokenizedDataModule
 from kdlab.data.textfile import check_text_file
 from kdlab.errors import ConfigError
-from kdlab.metrics import MaskedLMEvaluator
+from kdlab.metrics import MaskedLMMetrics
 from kdlab.validation import PositiveInt, Range
 
 log = logging.getLogger(__name__)
@@ -132,9 +132,9 @@ class CorpusDataModule(TokenizedDataModule):
         )
         self.splits: dict[str, datasets.Dataset] | None = None
 
-    def evaluators(self) -> dict[str, MaskedLMEvaluator]:
+    def split_metrics(self) -> dict[str, MaskedLMMetrics]:
         """Masked-LM perplexity on the held-out chunks (``val/perplexity``)."""
-        return {"val": MaskedLMEvaluator()}
+        return {"val": MaskedLMMetrics()}
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits is not None:

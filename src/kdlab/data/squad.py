@@ -24,7 +24,7 @@ from kdlab.data.base import TaskOptions, TokenizedDataModule, train_subset
 from kdlab.data.squad_json import COLUMNS, AnswerCheck, read_squad_json
 from kdlab.data.transfer import TransferOptions, sized
 from kdlab.errors import ConfigError
-from kdlab.qa.evaluator import SquadEvaluator
+from kdlab.qa.metrics import SquadMetrics
 from kdlab.validation import NonNegativeInt, PositiveInt, Range
 
 log = logging.getLogger(__name__)
@@ -251,7 +251,7 @@ class SquadOptions(TaskOptions):
 
 
 class SquadDataModule(TokenizedDataModule):
-    """Windows of SQuAD questions for training and evaluation, and the SQuAD evaluator.
+    """Windows of SQuAD questions for training and evaluation, and their SQuAD metrics.
 
     Teacher and student share the (fast) tokenizer, so both receive the same batch. Batch
     sizes count windows.
@@ -338,11 +338,11 @@ class SquadDataModule(TokenizedDataModule):
             windows = windows.add_column("feature_index", list(range(len(windows))))
         return windows
 
-    def evaluators(self) -> dict[str, SquadEvaluator]:
-        """A fresh SQuAD evaluator of the validation split (``val``)."""
+    def split_metrics(self) -> dict[str, SquadMetrics]:
+        """Fresh SQuAD metrics of the validation split (``val``)."""
         self.setup()
         return {
-            "val": SquadEvaluator(
+            "val": SquadMetrics(
                 self.features["validation"],
                 self.examples["validation"],
                 with_negative=bool(self.task.version_2_with_negative),

@@ -4,7 +4,7 @@ It owns the student and the frozen teacher, the optimizer and schedule, evaluati
 metric logging; a method only says how its training losses are computed
 (``compute_losses``). A method is built from its config by ``hydra.utils.instantiate``:
 its hyper-parameters are keyword arguments whose annotations the config check reads
-(``kdlab.validation``), and the run passes the models, the head, the evaluators and the
+(``kdlab.validation``), and the run passes the models, the head, the split metrics and the
 optimizer.
 """
 
@@ -25,7 +25,7 @@ from transformers.utils import ModelOutput
 from kdlab.data.teacher_cache import TeacherCache
 from kdlab.errors import ConfigError, NonFiniteLossError
 from kdlab.losses import task_loss
-from kdlab.metrics import Evaluator
+from kdlab.metrics import SplitMetrics
 from kdlab.models.heads import HEADS, forward, targets
 from kdlab.optim import Optim
 from kdlab.rng import gather_rng_states, restore_rng_states
@@ -44,7 +44,7 @@ class BaseMethod(L.LightningModule, abc.ABC):
         teacher: a frozen teacher, or ``None`` for methods without one.
         head: the task's head (``kdlab.models.heads.HEADS`` key): which outputs are trained against
             which batch targets.
-        evaluators: one per evaluation split, keyed by metric-key prefix: the validation
+        split_metrics: one per evaluation split, keyed by metric-key prefix: the validation
             dataloaders in order (``val``, and ``val_mm`` for MNLI), then ``test`` where the
             task has labelled test data. The datamodule provides them.
         optim: the optimizer and schedule (the ``optim`` config).
@@ -131,7 +131,7 @@ class BaseMethod(L.LightningModule, abc.ABC):
         student: PreTrainedModel,
         teacher: PreTrainedModel | None = None,
         head: str,
-        evaluators: Mapping[str, Evaluator],
+        split_metrics: Mapping[str, SplitMetrics],
         optim: Optim,
         trainable: Literal["all", "head"] = "all",
         cache_teacher: bool | None = None,
@@ -158,14 +158,14 @@ class BaseMethod(L.LightningModule, abc.ABC):
         self.optim = optim
         self.head = head
         self.head_outputs = HEADS[head].outputs
-        self.eval_prefixes = [p for p in evaluators if p != "test"]
-        self.evaluators = nn.ModuleDict(evaluators)
+        self.eval_prefixes = [p for p in split_metrics if p != "test"]
+        self.split_metrics = nn.ModuleDict(split_metrics)
         # The task loss of each evaluation split, weighted by the rows it averages: a metric
         # whose sums DDP processes add up. A NaN loss is replaced by NaN (kept, so that a
         # diverged student shows); nan_strategy="disable" would drop the weights too
         # (torchmetrics 1.9).
         self.eval_losses = nn.ModuleDict(
-            {prefix: MeanMetric(nan_strategy=float("nan")) for prefix in evaluators}
+            {prefix: MeanMetric(nan_strategy=float("nan")) for prefix in split_metrics}
         )
         # Set while freeze_unreached's probe runs (see `distributed`).
         self._probing = False
@@ -180,7 +180,7 @@ class BaseMethod(L.LightningModule, abc.ABC):
         # in half precision lose most of their digits, or overflow in fp16. Lightning casts at
         # setup, when the states hold their defaults, so casting them back loses nothing.
         # Integer states (counts) are cast neither way.
-        self.evaluators.to(torch.float32)
+        self.split_metrics.to(torch.float32)
         self.eval_losses.to(torch.float32)
         return self
 
@@ -459,7 +459,7 @@ class BaseMethod(L.LightningModule, abc.ABC):
         # sync_dist mean truncates the summed batch sizes of unequal shares to an integer
         # mean, Lightning issue #21838.)
         self.eval_losses[prefix].update(loss.detach(), weight=self.target_rows(batch))
-        self.evaluators[prefix].update(outputs, batch)
+        self.split_metrics[prefix].update(outputs, batch)
 
     def validation_step(
         self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0
@@ -473,18 +473,18 @@ class BaseMethod(L.LightningModule, abc.ABC):
         for prefix in prefixes:
             self.log(f"{prefix}/loss", self.eval_losses[prefix].compute())
             self.eval_losses[prefix].reset()
-            evaluator = self.evaluators[prefix]
-            for name, value in evaluator.compute().items():
+            metrics = self.split_metrics[prefix]
+            for name, value in metrics.compute().items():
                 self.log(f"{prefix}/{name}", value, prog_bar=prefix == "val")
-            evaluator.reset()
+            metrics.reset()
 
     def evaluation_files(self) -> dict[str, dict]:
         """JSON outputs of the last evaluation of each split (SQuAD's ``predictions.json``),
         by file name; splits other than ``val`` prefix theirs (``test_predictions.json``)."""
         return {
             (name if prefix == "val" else f"{prefix}_{name}"): content
-            for prefix, evaluator in self.evaluators.items()
-            for name, content in evaluator.files().items()
+            for prefix, metrics in self.split_metrics.items()
+            for name, content in metrics.files().items()
         }
 
     def on_validation_epoch_end(self) -> None:

@@ -23,8 +23,8 @@ def _kept_sizes(masks: StructuredMasks) -> dict[str, int]:
     }
 
 
-def compact_parameter_count(model: PreTrainedModel, masks: StructuredMasks) -> int:
-    """Parameters the compacted model will have (tied tensors counted once)."""
+def compacted_parameter_count(model: PreTrainedModel, masks: StructuredMasks) -> int:
+    """Parameters :func:`compacted_copy` of ``model`` has (tied tensors counted once)."""
     sizes = _kept_sizes(masks)
     total = 0
     for name, param in model.named_parameters():
@@ -36,8 +36,9 @@ def compact_parameter_count(model: PreTrainedModel, masks: StructuredMasks) -> i
 
 
 @torch.no_grad()
-def compact(model: PreTrainedModel, masks: StructuredMasks) -> PreTrainedModel:
-    """A new model of the same class holding only the kept structures of ``model``.
+def compacted_copy(model: PreTrainedModel, masks: StructuredMasks) -> PreTrainedModel:
+    """A new model of the same class holding only the kept structures of ``model`` (which
+    is left as it is).
 
     Raises:
         ValueError: if the kept hidden size is not the kept heads times the head size

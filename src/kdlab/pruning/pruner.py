@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from kdlab.errors import ConfigError
-from kdlab.pruning.compaction import compact_parameter_count
+from kdlab.pruning.compaction import compacted_parameter_count
 from kdlab.pruning.importance import PlatonImportance, all_finite
 from kdlab.pruning.masks import (
     NO_TARGET,
@@ -209,7 +209,7 @@ class Pruner(nn.Module):
 
     def parameter_count(self) -> int:
         """Parameters of the model compacted with the current masks."""
-        return compact_parameter_count(self._model, self.masks)
+        return compacted_parameter_count(self._model, self.masks)
 
     def record(self, step: int, kl: float | None) -> dict:
         """Append a history row (step, discrepancy, remaining fraction, parameters)."""

@@ -1,4 +1,4 @@
-"""SQuAD evaluation of one split, fed batch by batch.
+"""SQuAD metrics of one split (:class:`SquadMetrics`), fed batch by batch.
 
 Only the logits of examples whose windows are not all seen yet are held; an example is
 post-processed into its answer text as soon as its last window arrives, so memory does not
@@ -17,12 +17,12 @@ import torch.distributed as dist
 from torch import Tensor
 from transformers.utils import ModelOutput
 
-from kdlab.metrics import Evaluator
+from kdlab.metrics import SplitMetrics
+from kdlab.qa.official import squad_v1, squad_v2
 from kdlab.qa.postprocess import Window, predict_answer
-from kdlab.qa.squad_metrics import squad_v1, squad_v2
 
 
-class SquadEvaluator(Evaluator):
+class SquadMetrics(SplitMetrics):
     """Official SQuAD v1.1 / v2.0 metrics of the predictions on one split.
 
     Batches carry ``feature_index``, a row of ``features``.
