@@ -87,7 +87,7 @@ def main() -> None:
     before = peak_rss_mib()
     start = time.perf_counter()
     # The evaluation a run ends with: its FineTune module and SQuAD metrics.
-    trainer = evaluation_trainer(cfg.trainer)
+    trainer = evaluation_trainer(cfg.trainer, parts.trainer.strategy.root_device)
     tracker = WindowTracker()
     trainer.callbacks.append(tracker)
     metrics = evaluate(trainer, parts.method, datamodule)
