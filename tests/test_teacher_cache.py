@@ -19,19 +19,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForSequenceClassification
 
-import kdlab.data.teacher_cache
+import kdlab.methods.teacher_cache
 import kdlab.train
 from kdlab.components import target_of, validate
 from kdlab.data.base import ROW_INDEX
-from kdlab.data.teacher_cache import (
+from kdlab.errors import ConfigError
+from kdlab.methods import KnowledgeDistillation
+from kdlab.methods.teacher_cache import (
     MANIFEST_FILE,
     OUTPUTS_FILE,
     TeacherCache,
     cache_key,
     teacher_cache,
 )
-from kdlab.errors import ConfigError
-from kdlab.methods import KnowledgeDistillation
 from kdlab.models.build import load_tokenizer
 from kdlab.models.heads import forward
 from kdlab.optim import Optim
@@ -376,7 +376,7 @@ def test_a_damaged_cache_is_detected_and_rebuilt_with_a_warning(make_cfg, caplog
     original = cache.outputs["logits"].clone()
     problem = damage(cache)
     again = teacher_cache(teacher, datamodule)
-    with caplog.at_level(logging.WARNING, logger="kdlab.data.teacher_cache"):
+    with caplog.at_level(logging.WARNING, logger="kdlab.methods.teacher_cache"):
         assert again.load_or_build(teacher) == 48
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
@@ -471,7 +471,7 @@ def test_the_cache_needs_no_file_lock(make_cfg, monkeypatch):
 
 
 def test_a_rank_that_does_not_build_waits_for_rank_zeros_cache(make_cfg, monkeypatch):
-    monkeypatch.setattr(kdlab.data.teacher_cache, "POLL_SECONDS", 0.05)
+    monkeypatch.setattr(kdlab.methods.teacher_cache, "POLL_SECONDS", 0.05)
     datamodule, teacher = prepared(make_cfg())
     builder, waiter = teacher_cache(teacher, datamodule), teacher_cache(teacher, datamodule)
     rank_zero = threading.Timer(0.5, builder.load_or_build, args=(teacher,))

@@ -39,12 +39,12 @@ from kdlab.batching import accumulate_grad_batches
 from kdlab.callbacks import RestoreLoaderPosition
 from kdlab.components import build, target_of, validate
 from kdlab.data import TokenizedDataModule
-from kdlab.data.teacher_cache import TeacherCache, teacher_cache
 from kdlab.errors import ConfigError, NonFiniteLossError
 from kdlab.evaluation import evaluate, evaluation_trainer, time_inference
 from kdlab.launch import every_rank_runs
 from kdlab.loggers import logger_run
 from kdlab.methods import BaseMethod, FineTune
+from kdlab.methods.teacher_cache import TeacherCache, teacher_cache
 from kdlab.models.build import (
     TASK_ATTRIBUTE,
     check_same_tokenizer,

@@ -22,9 +22,9 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from kdlab.data.teacher_cache import TeacherCache
 from kdlab.errors import ConfigError, NonFiniteLossError
 from kdlab.losses import task_loss
+from kdlab.methods.teacher_cache import TeacherCache
 from kdlab.metrics import Evaluator
 from kdlab.models.heads import HEADS, forward, targets
 from kdlab.optim import Optim
@@ -52,7 +52,7 @@ class BaseMethod(L.LightningModule, abc.ABC):
             frozen encoder kept in eval mode (a linear probe, or giving a pre-trained
             encoder a trained MLM head before it teaches). Parameters tied to the encoder
             (BERT's MLM decoder is the word-embedding matrix) stay frozen with it.
-        cache_teacher: the teacher-output cache (:mod:`kdlab.data.teacher_cache`): ``None``
+        cache_teacher: the teacher-output cache (:mod:`kdlab.methods.teacher_cache`): ``None``
             uses it wherever it is valid, ``True`` requires it (the config check refuses a
             run where it is not valid), ``False`` runs the teacher on every batch. The run
             attaches the cache (``teacher_cache``) when this allows it.
