@@ -52,7 +52,7 @@ class RootOptions(TypedDict):
     run_group: str | None
     job_type: str
     ckpt_path: str | None
-    overwrite: bool  # replace the run already in run_dir (kdlab.train.claim_run_dir)
+    overwrite: bool  # replace the run already in run_dir (kdlab.rundir.claim_run_dir)
     eval: EvalOptions
     pipeline: dict[str, list[str | list[str]]] | None
     stage_dirs: dict[str, str]

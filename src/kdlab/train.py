@@ -17,8 +17,6 @@ student's per-example outputs where the task has them (SQuAD: ``predictions.json
 
 import json
 import logging
-import os
-import secrets
 import time
 import warnings
 from collections.abc import Sequence
@@ -39,7 +37,7 @@ from kdlab.batching import accumulate_grad_batches
 from kdlab.callbacks import RestoreLoaderPosition
 from kdlab.components import build, target_of, validate
 from kdlab.data import TokenizedDataModule
-from kdlab.errors import ConfigError, NonFiniteLossError
+from kdlab.errors import NonFiniteLossError
 from kdlab.evaluation import evaluate, evaluation_trainer, time_inference
 from kdlab.launch import every_rank_runs
 from kdlab.loggers import logger_run
@@ -54,7 +52,7 @@ from kdlab.models.build import (
 from kdlab.pipeline import run_pipeline
 from kdlab.pruning import Pruner, compact
 from kdlab.pruning.callback import PruningCallback
-from kdlab.rundir import RunDir
+from kdlab.rundir import RunDir, claim_run_dir
 from kdlab.summary import pipeline_table, summary_table, table_console
 
 log = logging.getLogger("kdlab")
@@ -174,16 +172,7 @@ def run(cfg: DictConfig) -> dict:
     # Derived before config.yaml is written, so that it records what the trainer does.
     cfg.trainer.accumulate_grad_batches = accumulate_grad_batches(cfg)
     files = RunDir(cfg.run_dir)
-    if rank_zero_only.rank == 0:
-        ckpt_path = claim_run_dir(cfg, files)
-        files.path.mkdir(parents=True, exist_ok=True)
-        cfg.run_id = _run_id(files, resuming=ckpt_path is not None)
-        save_config(cfg, files)
-    else:
-        # A DDP process that rank 0 launched once it had written config.yaml, or one that
-        # SLURM started beside rank 0, which may be clearing or writing the directory now:
-        # it only needs the checkpoint to resume from (its logger logs nothing).
-        ckpt_path = _checkpoint_to_resume(cfg, files)
+    ckpt_path = claim_run_dir(cfg, files, rank_zero=rank_zero_only.rank == 0)
     L.seed_everything(cfg.seed, workers=True)
     parts = assemble(cfg)
     trainer = parts.trainer
@@ -237,28 +226,6 @@ def _fit_and_export(cfg: DictConfig, parts: Assembly, files: RunDir, ckpt_path: 
             flat.update({f"teacher/{k}": v for k, v in metrics["teacher"].items() if "/" in k})
         trainer.logger.log_metrics(flat, step=trainer.global_step)
     return metrics
-
-
-def _run_id(files: RunDir, resuming: bool) -> str | None:
-    """The run's id (``run_id``, the W&B run id): the one stored in its directory when it
-    resumes, else a new one, stored there for a later resume. Rank zero's alone."""
-    stored = files.run_id.read_text().strip() if files.run_id.is_file() else None
-    if resuming and stored:
-        return stored
-    run_id = secrets.token_hex(6)  # 12 characters of [0-9a-f]: W&B accepts it as a run id
-    files.run_id.write_text(run_id + "\n")
-    return run_id
-
-
-def save_config(cfg: DictConfig, files: RunDir) -> None:
-    """Writes the resolved ``cfg`` to the run's ``config.yaml``.
-
-    The file is written under another name and renamed: the other DDP processes compose their
-    config from it (:mod:`kdlab.launch`) while ranks that have started write it again.
-    """
-    partial = files.config.with_name(f".{files.config.name}.{os.getpid()}")
-    OmegaConf.save(cfg, partial, resolve=True)
-    partial.replace(files.config)
 
 
 def evaluate_and_export(cfg: DictConfig, parts: Assembly, files: RunDir) -> dict:
@@ -327,72 +294,6 @@ def evaluate_and_export(cfg: DictConfig, parts: Assembly, files: RunDir) -> dict
         timing["device"] = str(next(exported.parameters()).device)
         metrics["inference"] = timing
     return metrics
-
-
-def claim_run_dir(cfg: DictConfig, files: RunDir) -> str | None:
-    """What this run may do with its directory; returns the checkpoint it resumes from.
-
-    A directory that already holds a run (:attr:`RunDir.run_outputs`) is never silently
-    reused. It is resumed with ``ckpt_path=last`` (or a checkpoint in its own
-    ``checkpoints/``), only while that run has not finished; or, with ``overwrite=true``,
-    its files are removed first (:meth:`RunDir.clear`). Anything else is refused.
-
-    Raises:
-        ConfigError: before anything loads, for a run that would replace another's files,
-            resume a finished run, delete the checkpoint it resumes from, or resume from a
-            checkpoint that does not exist.
-    """
-    resumes_here = cfg.ckpt_path is not None and (
-        cfg.ckpt_path == "last" or _is_within(Path(cfg.ckpt_path), files.checkpoints)
-    )
-    if cfg.overwrite and resumes_here:
-        raise ConfigError(
-            f"overwrite=true would delete the checkpoint ckpt_path={cfg.ckpt_path} resumes "
-            "from: drop overwrite=true to resume, or drop ckpt_path to start afresh."
-        )
-    found = files.run_outputs
-    if found and resumes_here and files.finished:
-        raise ConfigError(
-            f"ckpt_path={cfg.ckpt_path}: the run in {files.path} is finished ({files.metrics} "
-            "exists), there is nothing to resume. To train it again from scratch add "
-            "overwrite=true; to train on from its last checkpoint, write to another "
-            f"hydra.run.dir with ckpt_path={files.last_checkpoint}."
-        )
-    if found and not resumes_here:
-        if not cfg.overwrite:
-            names = ", ".join(path.name for path in found)
-            raise ConfigError(
-                f"run_dir {files.path} already holds a run ({names}). Resume it with "
-                "ckpt_path=last (if it has not finished), or replace it with overwrite=true "
-                "(its files are removed first); or set another hydra.run.dir."
-            )
-        log.info("overwrite=true: removing the earlier run in %s.", files.path)
-        files.clear()
-    return _checkpoint_to_resume(cfg, files)
-
-
-def _is_within(path: Path, directory: Path) -> bool:
-    return path.resolve().is_relative_to(directory.resolve())
-
-
-def _checkpoint_to_resume(cfg: DictConfig, files: RunDir) -> str | None:
-    """The checkpoint ``ckpt_path`` names (``last``: the run directory's ``last.ckpt``).
-
-    Raises:
-        ConfigError: if that checkpoint does not exist; resuming nothing must not silently
-            start a new run.
-    """
-    if cfg.ckpt_path is None:
-        return None
-    path = files.last_checkpoint if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
-    if not path.is_file():
-        where = f"run directory {files.path}" if cfg.ckpt_path == "last" else "that path"
-        raise ConfigError(
-            f"ckpt_path={cfg.ckpt_path}: there is no checkpoint {path} in the {where}. To "
-            "resume, point hydra.run.dir at the run that wrote checkpoints/last.ckpt; to start "
-            "afresh, leave ckpt_path unset."
-        )
-    return str(path)
 
 
 def _best_checkpoint(trainer: L.Trainer) -> str | None:
