@@ -38,7 +38,7 @@ CORPUS_METHODS = {"mlm", "homodistil"}
 def test_method_builds_with_tiny_models(method, make_cfg):
     cfg = make_cfg(method=method)
     method_cls = target_of(cfg, "method")
-    teacher = build_teacher(cfg) if method_cls.requires_teacher else None
+    teacher = build_teacher(cfg) if method_cls.traits.requires_teacher else None
     student = build_student(cfg)
     module = build(
         cfg,

@@ -21,7 +21,7 @@ from transformers import AutoModelForSequenceClassification
 
 import kdlab.methods.teacher_cache
 import kdlab.train
-from kdlab.components import target_of, validate
+from kdlab.components import validate
 from kdlab.data.base import ROW_INDEX
 from kdlab.errors import ConfigError
 from kdlab.methods import KnowledgeDistillation
@@ -32,6 +32,7 @@ from kdlab.methods.teacher_cache import (
     cache_key,
     teacher_cache,
 )
+from kdlab.methods.traits import teacher_cache_refusal
 from kdlab.models.build import load_tokenizer
 from kdlab.models.heads import forward
 from kdlab.optim import Optim
@@ -565,7 +566,7 @@ def test_cache_teacher_true_is_refused_where_it_is_not_valid(make_cfg, tmp_path,
     overrides = extra(tmp_path)
     auto = make_cfg(task=task, method=method, model=model, extra=overrides)
     validate(auto)  # null (the default) is silently off here
-    assert re.search(reason, target_of(auto, "method").teacher_cache_refusal(auto))
+    assert re.search(reason, teacher_cache_refusal(auto))
     explicit = make_cfg(
         task=task, method=method, model=model, extra=[*overrides, "++method.cache_teacher=true"]
     )
@@ -577,7 +578,7 @@ def test_cache_teacher_true_is_refused_where_it_is_not_valid(make_cfg, tmp_path,
 def test_kd_and_pd_accept_cache_teacher_true(make_cfg, method):
     cfg = make_cfg(method=method, extra=["method.cache_teacher=true"])
     validate(cfg)
-    assert target_of(cfg, "method").teacher_cache_refusal(cfg) is None
+    assert teacher_cache_refusal(cfg) is None
 
 
 def test_mixkd_runs_its_teacher_live_and_counts_its_passes(make_cfg):

@@ -87,7 +87,7 @@ def used_components(cfg: DictConfig) -> list[str]:
     """The component keys this configuration builds, in build order."""
     method = target_of(cfg, "method")
     keys = ["optim", "task"]
-    if method.requires_teacher:
+    if method.traits.requires_teacher:
         keys.append("teacher")
     keys.append("model")
     if cfg.get("pruning") is not None:

@@ -42,7 +42,7 @@ from kdlab.evaluation import evaluate, evaluation_trainer, time_inference
 from kdlab.launch import every_rank_runs
 from kdlab.loggers import logger_run
 from kdlab.methods import BaseMethod, FineTune
-from kdlab.methods.teacher_cache import TeacherCache, teacher_cache
+from kdlab.methods.traits import teacher_cache_for
 from kdlab.models.build import (
     TASK_ATTRIBUTE,
     check_same_tokenizer,
@@ -87,13 +87,13 @@ def assemble(cfg: DictConfig) -> Assembly:
     files = RunDir(cfg.run_dir)
     method_cls = target_of(cfg, "method")
     tokenizer = load_tokenizer(cfg.model.tokenizer, _tokenizer_key(cfg.model))
-    if method_cls.requires_teacher:
+    if method_cls.traits.requires_teacher:
         check_same_tokenizer(load_tokenizer(cfg.teacher.path, "teacher.path"), tokenizer)
     datamodule = build(cfg, "task", tokenizer=tokenizer, seed=cfg.seed)
     datamodule.setup("fit")  # data errors surface here, before any model loads
     head, labels = datamodule.head, datamodule.labels
     teacher = None
-    if method_cls.requires_teacher:
+    if method_cls.traits.requires_teacher:
         teacher = build(
             cfg,
             "teacher",
@@ -101,7 +101,7 @@ def assemble(cfg: DictConfig) -> Assembly:
             labels=labels,
             task=cfg.task.name,
             needs_head=method_cls.needs_teacher_head(cfg.method),
-            hint=method_cls.teacher_head_hint,
+            hint=method_cls.traits.teacher_head_hint,
         )
     student = build(cfg, "model", head=head, labels=labels)
     pruner = build(cfg, "pruning", model=student) if cfg.get("pruning") is not None else None
@@ -114,7 +114,7 @@ def assemble(cfg: DictConfig) -> Assembly:
         evaluators=datamodule.evaluators(),
         optim=build(cfg, "optim"),
     )
-    method.teacher_cache = _teacher_cache(cfg, method, datamodule)
+    method.teacher_cache = teacher_cache_for(cfg, teacher, datamodule)
     extra = []
     if pruner is not None:
         fixed_batch = next(iter(datamodule.val_dataloader()[0]))
@@ -138,21 +138,6 @@ def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -
         callbacks=[*callbacks, *extra_callbacks],
         default_root_dir=str(RunDir(cfg.run_dir).path),
     )
-
-
-def _teacher_cache(
-    cfg: DictConfig, method: BaseMethod, datamodule: TokenizedDataModule
-) -> TeacherCache | None:
-    """The teacher-output cache of the training split, where ``method.cache_teacher``
-    allows it and the run config makes it valid (else None, saying why in auto mode; an
-    explicit ``true`` that is not valid was refused by the config check)."""
-    if method.teacher is None or method.cache_teacher is False:
-        return None
-    refusal = type(method).teacher_cache_refusal(cfg)
-    if refusal is not None:
-        log.info("Teacher outputs are not cached: %s.", refusal)
-        return None
-    return teacher_cache(method.teacher, datamodule)
 
 
 def _tokenizer_key(model_cfg: DictConfig) -> str:
