@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
@@ -35,7 +36,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kdlab import resolvers
 from kdlab.batching import accumulate_grad_batches
 from kdlab.callbacks import RestoreLoaderPosition
-from kdlab.components import build, target_of, validate
+from kdlab.components import Step, build, plan, target_of, validate
 from kdlab.data import TokenizedDataModule
 from kdlab.errors import NonFiniteLossError
 from kdlab.evaluation import evaluate, evaluation_trainer, time_inference
@@ -82,62 +83,87 @@ class Assembly:
 
 
 def assemble(cfg: DictConfig) -> Assembly:
-    """Build every component of a validated config, in an order that fails cheaply first:
-    tokenizers, then the data (read and checked), then the models, then the rest."""
-    files = RunDir(cfg.run_dir)
+    """Build every component of a validated config, in the order of its plan
+    (:func:`kdlab.components.plan`), each given the runtime arguments its step names.
+
+    The tokenizers load first and the data is read and checked as soon as it is built,
+    before any model loads: what fails cheaply fails first.
+    """
     method_cls = target_of(cfg, "method")
     tokenizer = load_tokenizer(cfg.model.tokenizer, _tokenizer_key(cfg.model))
     if method_cls.traits.requires_teacher:
         check_same_tokenizer(load_tokenizer(cfg.teacher.path, "teacher.path"), tokenizer)
-    datamodule = build(cfg, "task", tokenizer=tokenizer, seed=cfg.seed)
-    datamodule.setup("fit")  # data errors surface here, before any model loads
-    head, labels = datamodule.head, datamodule.labels
-    teacher = None
-    if method_cls.traits.requires_teacher:
-        teacher = build(
-            cfg,
-            "teacher",
-            head=head,
-            labels=labels,
-            task=cfg.task.name,
-            needs_head=method_cls.needs_teacher_head(cfg.method),
-            hint=method_cls.traits.teacher_head_hint,
-        )
-    student = build(cfg, "model", head=head, labels=labels)
-    pruner = build(cfg, "pruning", model=student) if cfg.get("pruning") is not None else None
-    method = build(
+    built = _build(
         cfg,
-        "method",
-        student=student,
-        teacher=teacher,
-        head=head,
-        evaluators=datamodule.evaluators(),
-        optim=build(cfg, "optim"),
+        plan(cfg),
+        tokenizer=tokenizer,
+        seed=cfg.seed,
+        task=cfg.task.name,
+        needs_head=method_cls.needs_teacher_head(cfg.method),
+        hint=method_cls.traits.teacher_head_hint,
     )
-    method.teacher_cache = teacher_cache_for(cfg, teacher, datamodule)
-    extra = []
-    if pruner is not None:
-        fixed_batch = next(iter(datamodule.val_dataloader()[0]))
-        extra.append(PruningCallback(pruner, fixed_batch, files.path))
-    trainer = build_trainer(cfg, extra)
-    return Assembly(tokenizer, datamodule, teacher, student, pruner, method, trainer)
+    return Assembly(
+        tokenizer=tokenizer,
+        datamodule=built["task"],
+        teacher=built.get("teacher"),
+        student=built["model"],
+        pruner=built.get("pruning"),
+        method=built["method"],
+        trainer=built["trainer"],
+    )
 
 
 def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
-    """The run's ``lightning.Trainer``: the ``trainer`` config with the ``callbacks`` config's
-    callbacks (entries set to null left out), kdlab's mid-epoch resume fix, then
-    ``extra_callbacks``, and the logger (none without a ``logger`` config), writing under
-    ``run_dir``."""
-    callbacks = [build(cfg, f"callbacks.{name}") for name, c in cfg.callbacks.items() if c]
-    callbacks.append(RestoreLoaderPosition())
-    logger = build(cfg, "logger") if cfg.get("logger") else False
-    return build(
-        cfg,
-        "trainer",
-        logger=logger,
-        callbacks=[*callbacks, *extra_callbacks],
-        default_root_dir=str(RunDir(cfg.run_dir).path),
-    )
+    """The run's ``lightning.Trainer`` alone (benchmarks pair it with models of their own):
+    the plan's logger, callbacks and trainer steps, with ``extra_callbacks`` last."""
+    steps = [step for step in plan(cfg) if step.group in ("logger", "callbacks", "trainer")]
+    return _build(cfg, steps, extra_callbacks=list(extra_callbacks))["trainer"]
+
+
+def _build(cfg: DictConfig, steps: list[Step], **given: Any) -> dict[str, Any]:
+    """Build ``steps`` in order, each with the runtime arguments its step names.
+
+    Args:
+        cfg: the run's config.
+        steps: steps of its plan.
+        **given: the run's own objects by runtime-argument name. Each component built adds
+            what later steps take from it (the datamodule its head, labels and evaluators;
+            the student model is the method's ``student`` and the pruner's ``model``).
+
+    Returns:
+        The components by config key.
+    """
+    run_dir = RunDir(cfg.run_dir).path
+    given = {"teacher": None, "logger": False, "callbacks": [], "extra_callbacks": [], **given}
+    given["default_root_dir"] = str(run_dir)
+    built: dict[str, Any] = {}
+    for step in steps:
+        if step.key == "trainer":
+            # kdlab's own callbacks follow the configured ones: the mid-epoch resume fix,
+            # then the pruning callback where there is one.
+            given["callbacks"] += [RestoreLoaderPosition(), *given["extra_callbacks"]]
+        component = build(cfg, step.key, **{name: given[name] for name in step.runtime})
+        built[step.key] = component
+        match step.group:
+            case "task":
+                component.setup("fit")  # data errors surface here, before any model loads
+                given["head"], given["labels"] = component.head, component.labels
+                given["evaluators"] = component.evaluators()
+            case "model":
+                given["student"] = given["model"] = component
+            case "method":
+                component.teacher_cache = teacher_cache_for(cfg, given["teacher"], built["task"])
+                if "pruning" in built:
+                    # Drawn after the models are built: a loader's iterator draws from the
+                    # global RNG, which must not change their initial weights.
+                    fixed_batch = next(iter(built["task"].val_dataloader()[0]))
+                    callback = PruningCallback(built["pruning"], fixed_batch, run_dir)
+                    given["extra_callbacks"].append(callback)
+            case "callbacks":
+                given["callbacks"].append(component)
+            case _:  # optim, teacher, pruning, logger, trainer
+                given[step.group] = component
+    return built
 
 
 def _tokenizer_key(model_cfg: DictConfig) -> str:
