@@ -8,7 +8,7 @@ import torch
 from hydra.utils import instantiate
 
 import kdlab.train
-from kdlab.components import build, target_of
+from kdlab.components import build, plan, target_of
 from kdlab.errors import ConfigError
 from kdlab.methods import BaseMethod
 from kdlab.metrics import ClassificationMetrics
@@ -38,7 +38,7 @@ CORPUS_METHODS = {"mlm", "homodistil"}
 def test_method_builds_with_tiny_models(method, make_cfg):
     cfg = make_cfg(method=method)
     method_cls = target_of(cfg, "method")
-    teacher = build_teacher(cfg) if method_cls.requires_teacher else None
+    teacher = build_teacher(cfg) if method_cls.traits.requires_teacher else None
     student = build_student(cfg)
     module = build(
         cfg,
@@ -62,6 +62,30 @@ def test_method_rejects_unknown_key(make_cfg):
     cfg = make_cfg(method="kd", extra=["+method.not_a_key=1"])
     with pytest.raises(ConfigError, match="method.not_a_key"):
         kdlab.train.run(cfg)
+
+
+@pytest.mark.parametrize(
+    "method,extra,teacher",
+    [("kd", [], True), ("finetune", ["callbacks=quiet"], False)],
+)
+def test_a_run_builds_the_plan_it_validates(make_cfg, monkeypatch, method, extra, teacher):
+    # One list decides what the config check covers and what the run builds, in order, with
+    # which runtime arguments: a component added to it is checked and built alike.
+    cfg = make_cfg(method=method, extra=extra)
+    steps = plan(cfg)
+    calls = []
+    original = kdlab.train.build
+
+    def build(cfg, key, **runtime):
+        calls.append((key, tuple(runtime)))
+        return original(cfg, key, **runtime)
+
+    monkeypatch.setattr(kdlab.train, "build", build)
+    kdlab.train.assemble(cfg)
+    assert calls == [(step.key, step.runtime) for step in steps]
+    keys = [step.key for step in steps]
+    assert ("teacher" in keys) is teacher
+    assert ("callbacks.progress_bar" in keys) is not extra  # callbacks=quiet: null, not built
 
 
 # ------------------------------------------------------------------------------- model

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from transformers import BertConfig, BertForMaskedLM
 
-from kdlab.components import RUNTIME
+from kdlab.components import PLAN
 from kdlab.errors import ConfigError
 from kdlab.losses import IGNORE_INDEX, masked_mse
 from kdlab.methods import HomoDistil
@@ -312,7 +312,9 @@ def test_projections_exist_only_for_terms_that_are_on(teacher_dir):
     assert sorted(method.projections) == [str(k) for k in range(1, LAYERS + 1)]
     cfg = compose(["method=homodistil", "method.hidden_projection=mlp", "run_dir=unused"])
     with pytest.raises(ConfigError, match="method.hidden_projection='mlp' must be one of"):
-        check_node(cfg.method, "method", HomoDistil, RUNTIME["method"])
+        check_node(
+            cfg.method, "method", HomoDistil, next(s.runtime for s in PLAN if s.key == "method")
+        )
 
 
 def test_method_config_selects_the_kept_dimensions_by_default():

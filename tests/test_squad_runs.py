@@ -11,6 +11,7 @@ import kdlab.train
 from kdlab.errors import ConfigError
 from kdlab.losses import matching_loss, soft_kl, task_loss
 from kdlab.methods import KnowledgeDistillation
+from kdlab.methods.traits import MethodTraits
 from tests.conftest import compose, run_cli
 from tests.fixtures import write_squad, write_tiny_qa_bert
 
@@ -82,7 +83,7 @@ def test_kd_on_spans_averages_start_and_end_kl_as_bert_squad_loss_averages_ce(tm
 
 
 class SequenceOnly(KnowledgeDistillation):
-    supported_heads = frozenset({"sequence_classification"})
+    traits = MethodTraits(supported_heads=frozenset({"sequence_classification"}))
 
 
 def test_a_method_can_refuse_span_tasks(tmp_path):

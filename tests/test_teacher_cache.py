@@ -19,19 +19,20 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForSequenceClassification
 
-import kdlab.data.teacher_cache
+import kdlab.methods.teacher_cache
 import kdlab.train
-from kdlab.components import target_of, validate
+from kdlab.components import validate
 from kdlab.data.base import ROW_INDEX
-from kdlab.data.teacher_cache import (
+from kdlab.errors import ConfigError
+from kdlab.methods import KnowledgeDistillation
+from kdlab.methods.teacher_cache import (
     MANIFEST_FILE,
     OUTPUTS_FILE,
     TeacherCache,
     cache_key,
     teacher_cache,
 )
-from kdlab.errors import ConfigError
-from kdlab.methods import KnowledgeDistillation
+from kdlab.methods.traits import teacher_cache_refusal
 from kdlab.models.build import load_tokenizer
 from kdlab.models.heads import forward
 from kdlab.optim import Optim
@@ -376,7 +377,7 @@ def test_a_damaged_cache_is_detected_and_rebuilt_with_a_warning(make_cfg, caplog
     original = cache.outputs["logits"].clone()
     problem = damage(cache)
     again = teacher_cache(teacher, datamodule)
-    with caplog.at_level(logging.WARNING, logger="kdlab.data.teacher_cache"):
+    with caplog.at_level(logging.WARNING, logger="kdlab.methods.teacher_cache"):
         assert again.load_or_build(teacher) == 48
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
@@ -471,7 +472,7 @@ def test_the_cache_needs_no_file_lock(make_cfg, monkeypatch):
 
 
 def test_a_rank_that_does_not_build_waits_for_rank_zeros_cache(make_cfg, monkeypatch):
-    monkeypatch.setattr(kdlab.data.teacher_cache, "POLL_SECONDS", 0.05)
+    monkeypatch.setattr(kdlab.methods.teacher_cache, "POLL_SECONDS", 0.05)
     datamodule, teacher = prepared(make_cfg())
     builder, waiter = teacher_cache(teacher, datamodule), teacher_cache(teacher, datamodule)
     rank_zero = threading.Timer(0.5, builder.load_or_build, args=(teacher,))
@@ -565,7 +566,7 @@ def test_cache_teacher_true_is_refused_where_it_is_not_valid(make_cfg, tmp_path,
     overrides = extra(tmp_path)
     auto = make_cfg(task=task, method=method, model=model, extra=overrides)
     validate(auto)  # null (the default) is silently off here
-    assert re.search(reason, target_of(auto, "method").teacher_cache_refusal(auto))
+    assert re.search(reason, teacher_cache_refusal(auto))
     explicit = make_cfg(
         task=task, method=method, model=model, extra=[*overrides, "++method.cache_teacher=true"]
     )
@@ -577,7 +578,7 @@ def test_cache_teacher_true_is_refused_where_it_is_not_valid(make_cfg, tmp_path,
 def test_kd_and_pd_accept_cache_teacher_true(make_cfg, method):
     cfg = make_cfg(method=method, extra=["method.cache_teacher=true"])
     validate(cfg)
-    assert target_of(cfg, "method").teacher_cache_refusal(cfg) is None
+    assert teacher_cache_refusal(cfg) is None
 
 
 def test_mixkd_runs_its_teacher_live_and_counts_its_passes(make_cfg):

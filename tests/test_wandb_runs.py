@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 import kdlab.train
 from kdlab.pipeline import run_pipeline
-from kdlab.rundir import RunDir
+from kdlab.rundir import RunDir, choose_run_id
 from tests.conftest import CONF_DIR, SUBPROCESS_ENV, fast_overrides, run_cli
 from tests.helpers import Interrupted
 from tests.test_homodistil import data  # noqa: F401 (the pruning run's fixture)
@@ -274,13 +274,13 @@ def test_a_resumed_run_continues_its_wandb_run(make_cfg, tmp_path):
 
 def test_run_id_is_new_unless_the_run_resumes(tmp_path):
     files = RunDir(tmp_path)
-    first = kdlab.train._run_id(files, resuming=False)
+    first = choose_run_id(files, resuming=False)
     assert stored_id(tmp_path) == first
-    assert kdlab.train._run_id(files, resuming=True) == first
-    second = kdlab.train._run_id(files, resuming=False)  # afresh in the same directory
+    assert choose_run_id(files, resuming=True) == first
+    second = choose_run_id(files, resuming=False)  # afresh in the same directory
     assert second != first and stored_id(tmp_path) == second
     (tmp_path / "other").mkdir()  # resuming a checkpoint of another run: no stored id
-    third = kdlab.train._run_id(RunDir(tmp_path / "other"), resuming=True)
+    third = choose_run_id(RunDir(tmp_path / "other"), resuming=True)
     assert third not in (first, second) and stored_id(tmp_path / "other") == third
 
 

@@ -1,9 +1,12 @@
-"""The components of a run: how each is built, and how the whole config is checked first.
+"""The components of a run: what a run builds, how each is built, and how the whole config
+is checked first.
 
 Every component is a config node with a ``_target_`` (a class or builder function) and is
-built by ``hydra.utils.instantiate``; the run passes the objects only it has (models,
-tokenizer, split metrics) as keyword arguments, listed in :data:`RUNTIME`. Adding a method is
-one module and one YAML file; adding a model builder is one function and one YAML file.
+built by ``hydra.utils.instantiate``. :data:`PLAN` lists them in build order, each with the
+keyword arguments the run passes it itself (the objects only the run has: models,
+tokenizer, split metrics); :func:`plan` is the part of it one config builds, which
+:func:`validate` checks and :func:`kdlab.train.assemble` builds. Adding a method is one
+module and one YAML file; adding a model builder is one function and one YAML file.
 
 :func:`validate` checks the composed config before any model or data loads: missing
 (``???``) values, then every component against its target's signature
@@ -12,7 +15,9 @@ keys (a classmethod, or a builder function's :func:`kdlab.validation.with_config
 then the trainer's and the root's keys, and the global batch (:mod:`kdlab.batching`).
 """
 
-from collections.abc import Callable, Iterator
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypedDict
 
 from hydra.errors import InstantiationException
@@ -24,17 +29,47 @@ from kdlab.batching import accumulate_grad_batches
 from kdlab.errors import ConfigError
 from kdlab.validation import NonNegativeInt, check_node, check_value, closest, missing_keys
 
-# Config key -> keyword arguments the run passes itself when it builds that component.
-RUNTIME: dict[str, tuple[str, ...]] = {
-    "optim": (),
-    "task": ("tokenizer", "seed"),
-    "teacher": ("head", "labels", "task", "needs_head", "hint"),
-    "model": ("head", "labels"),
-    "pruning": ("model",),
-    "method": ("student", "teacher", "head", "split_metrics", "optim"),
-    "logger": (),
-    "trainer": ("logger", "callbacks", "default_root_dir"),
-}
+
+@dataclass(frozen=True)
+class Step:
+    """One component a run builds.
+
+    Args:
+        key: its config key (``task``; ``callbacks.lr_monitor`` in :func:`plan`).
+        runtime: the keyword arguments the run passes it itself, besides its config (the
+            config check leaves them out of the component's keys).
+        when: whether a run config builds it (default: always).
+        each: the key is a group of components, one per entry that is not null.
+    """
+
+    key: str
+    runtime: tuple[str, ...] = ()
+    when: Callable[[DictConfig], bool] = lambda cfg: True
+    each: bool = False
+
+    @property
+    def group(self) -> str:
+        """The config group of the component (``callbacks`` for ``callbacks.lr_monitor``)."""
+        return self.key.split(".")[0]
+
+
+# What a run builds, in build order: what fails cheaply (the data is read and checked) comes
+# before the models, which the method and then the trainer take.
+PLAN: tuple[Step, ...] = (
+    Step("optim"),
+    Step("task", ("tokenizer", "seed")),
+    Step(
+        "teacher",
+        ("head", "labels", "task", "needs_head", "hint"),
+        when=lambda cfg: target_of(cfg, "method").traits.requires_teacher,
+    ),
+    Step("model", ("head", "labels")),
+    Step("pruning", ("model",), when=lambda cfg: cfg.get("pruning") is not None),
+    Step("method", ("student", "teacher", "head", "split_metrics", "optim")),
+    Step("logger", when=lambda cfg: bool(cfg.get("logger"))),
+    Step("callbacks", each=True),
+    Step("trainer", ("logger", "callbacks", "default_root_dir")),
+)
 
 
 class EvalOptions(TypedDict):
@@ -52,7 +87,7 @@ class RootOptions(TypedDict):
     run_group: str | None
     job_type: str
     ckpt_path: str | None
-    overwrite: bool  # replace the run already in run_dir (kdlab.train.claim_run_dir)
+    overwrite: bool  # replace the run already in run_dir (kdlab.rundir.claim_run_dir)
     eval: EvalOptions
     pipeline: dict[str, list[str | list[str]]] | None
     stage_dirs: dict[str, str]
@@ -83,27 +118,23 @@ def target_of(cfg: DictConfig, key: str) -> Callable:
         raise ConfigError(f"{key}._target_={node._target_} cannot be imported: {err}") from None
 
 
-def used_components(cfg: DictConfig) -> list[str]:
-    """The component keys this configuration builds, in build order."""
-    method = target_of(cfg, "method")
-    keys = ["optim", "task"]
-    if method.requires_teacher:
-        keys.append("teacher")
-    keys.append("model")
-    if cfg.get("pruning") is not None:
-        keys.append("pruning")
-    keys.append("method")
-    if cfg.get("logger"):
-        keys.append("logger")
-    keys.extend(f"callbacks.{name}" for name in _callbacks(cfg))
-    keys.append("trainer")
-    return keys
-
-
-def _callbacks(cfg: DictConfig) -> Iterator[str]:
-    for name, node in (cfg.get("callbacks") or {}).items():
-        if node is not None:
-            yield name
+def plan(cfg: DictConfig) -> list[Step]:
+    """The steps of :data:`PLAN` this config builds, in build order; a group of components
+    (``callbacks``) gives one step per entry that is not null."""
+    steps = []
+    for step in PLAN:
+        if not step.when(cfg):
+            continue
+        if step.each:
+            entries = cfg.get(step.key) or {}
+            steps.extend(
+                dataclasses.replace(step, key=f"{step.key}.{name}", each=False)
+                for name, node in entries.items()
+                if node is not None
+            )
+        else:
+            steps.append(step)
+    return steps
 
 
 def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
@@ -126,8 +157,8 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
 
 def _validate(cfg: DictConfig, check_files: bool) -> None:
     _check_root(cfg)
-    keys = used_components(cfg)
-    groups = {k.split(".")[0] for k in keys}
+    steps = plan(cfg)
+    groups = {step.group for step in steps}
     missing = [k for k in missing_keys(cfg) if k.split(".")[0] in groups]
     if missing:
         raise ConfigError(
@@ -135,18 +166,18 @@ def _validate(cfg: DictConfig, check_files: bool) -> None:
             f"{'it' if len(missing) == 1 else 'them'} on the command line, e.g. "
             f"`{missing[0]}=<value>`."
         )
-    for key in keys:
-        target = target_of(cfg, key)
+    for step in steps:
+        target = target_of(cfg, step.key)
         check_node(
-            OmegaConf.select(cfg, key),
-            key,
+            OmegaConf.select(cfg, step.key),
+            step.key,
             target,
-            RUNTIME.get(key.split(".")[0], ()),
+            step.runtime,
             check_files=check_files,
         )
     # The method's rules first: a task it cannot do is the most basic mismatch.
-    for key in sorted(keys, key=lambda k: k != "method"):
-        check = getattr(target_of(cfg, key), "check_config", None)
+    for step in sorted(steps, key=lambda s: s.key != "method"):
+        check = getattr(target_of(cfg, step.key), "check_config", None)
         if check is not None:
             check(cfg)
     _check_trainer(cfg.trainer)
@@ -155,7 +186,7 @@ def _validate(cfg: DictConfig, check_files: bool) -> None:
 
 def _check_root(cfg: DictConfig) -> None:
     schema = RootOptions.__annotations__
-    groups = set(RUNTIME) | {"callbacks"}
+    groups = {step.key for step in PLAN}
     raw = OmegaConf.to_container(cfg, resolve=False)
     for name in cfg:
         if name in groups:

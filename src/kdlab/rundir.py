@@ -1,12 +1,23 @@
-"""The layout of a run directory: one home for the names of the files a run writes.
+"""The layout of a run directory, one home for the names of the files a run writes, and how
+a run takes its directory (:func:`claim_run_dir`: refuse, clear or resume, the run's id, its
+``config.yaml``).
 
 ``kdlab.train`` writes them, ``kdlab.pipeline`` reads them to skip or resume stages,
 ``kdlab.compact`` and ``kdlab.report`` read them back, and the tests check them.
 """
 
+import logging
+import os
+import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from kdlab.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 CONFIG = "config.yaml"
 METRICS = "metrics.json"
@@ -133,7 +144,7 @@ class RunDir:
         """What of a run is here: its config, checkpoints, metrics or exported student.
 
         A directory with any of them holds a run, which a new run may not silently replace
-        (``kdlab.train.claim_run_dir``); Hydra's own files do not count, since Hydra writes
+        (:func:`claim_run_dir`); Hydra's own files do not count, since Hydra writes
         them for every job before it starts.
         """
         marks = (self.config, self.checkpoints, self.metrics, self.student)
@@ -156,3 +167,113 @@ class RunDir:
             else:
                 entry.unlink()
         return removed
+
+
+def claim_run_dir(cfg: DictConfig, files: RunDir, *, rank_zero: bool) -> str | None:
+    """Take ``run_dir`` for this run; returns the checkpoint it resumes from (None: it starts
+    afresh).
+
+    Rank 0 (or the only process) checks what the directory holds (a run there is refused,
+    resumed or cleared: :func:`_refuse_or_clear`), creates it, sets ``cfg.run_id``
+    (:func:`choose_run_id`) and writes ``config.yaml`` (:func:`save_config`). Any other rank
+    reads and writes nothing there: a DDP process that rank 0 launched once it had written
+    ``config.yaml``, or one that SLURM started beside rank 0, which may be clearing or writing
+    the directory now, only needs the checkpoint to resume from (its logger logs nothing).
+
+    Args:
+        cfg: the run's validated config (``ckpt_path``, ``overwrite``; ``run_id`` is set).
+        files: the run directory.
+        rank_zero: whether this process is global rank 0.
+
+    Raises:
+        ConfigError: before anything loads, for a run that would replace another's files,
+            resume a finished run, delete the checkpoint it resumes from, or resume from a
+            checkpoint that does not exist.
+    """
+    if not rank_zero:
+        return _checkpoint_to_resume(cfg, files)
+    _refuse_or_clear(cfg, files)
+    ckpt_path = _checkpoint_to_resume(cfg, files)
+    files.path.mkdir(parents=True, exist_ok=True)
+    cfg.run_id = choose_run_id(files, resuming=ckpt_path is not None)
+    save_config(cfg, files)
+    return ckpt_path
+
+
+def _refuse_or_clear(cfg: DictConfig, files: RunDir) -> None:
+    """A directory that already holds a run (:attr:`RunDir.run_outputs`) is never silently
+    reused. It is resumed with ``ckpt_path=last`` (or a checkpoint in its own
+    ``checkpoints/``), only while that run has not finished; or, with ``overwrite=true``,
+    its files are removed first (:meth:`RunDir.clear`). Anything else is refused."""
+    resumes_here = cfg.ckpt_path is not None and (
+        cfg.ckpt_path == "last" or _is_within(Path(cfg.ckpt_path), files.checkpoints)
+    )
+    if cfg.overwrite and resumes_here:
+        raise ConfigError(
+            f"overwrite=true would delete the checkpoint ckpt_path={cfg.ckpt_path} resumes "
+            "from: drop overwrite=true to resume, or drop ckpt_path to start afresh."
+        )
+    found = files.run_outputs
+    if found and resumes_here and files.finished:
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path}: the run in {files.path} is finished ({files.metrics} "
+            "exists), there is nothing to resume. To train it again from scratch add "
+            "overwrite=true; to train on from its last checkpoint, write to another "
+            f"hydra.run.dir with ckpt_path={files.last_checkpoint}."
+        )
+    if found and not resumes_here:
+        if not cfg.overwrite:
+            names = ", ".join(path.name for path in found)
+            raise ConfigError(
+                f"run_dir {files.path} already holds a run ({names}). Resume it with "
+                "ckpt_path=last (if it has not finished), or replace it with overwrite=true "
+                "(its files are removed first); or set another hydra.run.dir."
+            )
+        log.info("overwrite=true: removing the earlier run in %s.", files.path)
+        files.clear()
+
+
+def _is_within(path: Path, directory: Path) -> bool:
+    return path.resolve().is_relative_to(directory.resolve())
+
+
+def _checkpoint_to_resume(cfg: DictConfig, files: RunDir) -> str | None:
+    """The checkpoint ``ckpt_path`` names (``last``: the run directory's ``last.ckpt``).
+
+    Raises:
+        ConfigError: if that checkpoint does not exist; resuming nothing must not silently
+            start a new run.
+    """
+    if cfg.ckpt_path is None:
+        return None
+    path = files.last_checkpoint if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
+    if not path.is_file():
+        where = f"run directory {files.path}" if cfg.ckpt_path == "last" else "that path"
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path}: there is no checkpoint {path} in the {where}. To "
+            "resume, point hydra.run.dir at the run that wrote checkpoints/last.ckpt; to start "
+            "afresh, leave ckpt_path unset."
+        )
+    return str(path)
+
+
+def choose_run_id(files: RunDir, resuming: bool) -> str:
+    """The run's id (``run_id``, the W&B run id): the one stored in its directory when it
+    resumes, else a new one, stored there for a later resume. Rank zero's alone."""
+    stored = files.run_id.read_text().strip() if files.run_id.is_file() else None
+    if resuming and stored:
+        return stored
+    run_id = secrets.token_hex(6)  # 12 characters of [0-9a-f]: W&B accepts it as a run id
+    files.run_id.write_text(run_id + "\n")
+    return run_id
+
+
+def save_config(cfg: DictConfig, files: RunDir) -> None:
+    """Writes the resolved ``cfg`` to the run's ``config.yaml``.
+
+    The file is written under another name and renamed: the other DDP processes compose their
+    config from it (:mod:`kdlab.launch`) while ranks that have started write it again.
+    """
+    partial = files.config.with_name(f".{files.config.name}.{os.getpid()}")
+    OmegaConf.save(cfg, partial, resolve=True)
+    partial.replace(files.config)

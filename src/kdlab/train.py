@@ -17,13 +17,12 @@ student's per-example outputs where the task has them (SQuAD: ``predictions.json
 
 import json
 import logging
-import os
-import secrets
 import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
@@ -37,14 +36,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kdlab import resolvers
 from kdlab.batching import accumulate_grad_batches
 from kdlab.callbacks import RestoreLoaderPosition
-from kdlab.components import build, target_of, validate
+from kdlab.components import Step, build, plan, target_of, validate
 from kdlab.data import TokenizedDataModule
-from kdlab.data.teacher_cache import TeacherCache, teacher_cache
-from kdlab.errors import ConfigError, NonFiniteLossError
+from kdlab.errors import NonFiniteLossError
 from kdlab.final_evaluation import evaluate, evaluation_trainer, time_inference
 from kdlab.launch import every_rank_runs
 from kdlab.loggers import logger_run
 from kdlab.methods import BaseMethod, FineTune
+from kdlab.methods.traits import teacher_cache_for
 from kdlab.models.build import (
     TASK_ATTRIBUTE,
     check_same_tokenizer,
@@ -54,7 +53,7 @@ from kdlab.models.build import (
 from kdlab.pipeline import run_pipeline
 from kdlab.pruning import Pruner, compacted_copy
 from kdlab.pruning.callback import PruningCallback
-from kdlab.rundir import RunDir
+from kdlab.rundir import RunDir, claim_run_dir
 from kdlab.summary import pipeline_table, summary_table, table_console
 
 log = logging.getLogger("kdlab")
@@ -84,77 +83,87 @@ class Assembly:
 
 
 def assemble(cfg: DictConfig) -> Assembly:
-    """Build every component of a validated config, in an order that fails cheaply first:
-    tokenizers, then the data (read and checked), then the models, then the rest."""
-    files = RunDir(cfg.run_dir)
+    """Build every component of a validated config, in the order of its plan
+    (:func:`kdlab.components.plan`), each given the runtime arguments its step names.
+
+    The tokenizers load first and the data is read and checked as soon as it is built,
+    before any model loads: what fails cheaply fails first.
+    """
     method_cls = target_of(cfg, "method")
     tokenizer = load_tokenizer(cfg.model.tokenizer, _tokenizer_key(cfg.model))
-    if method_cls.requires_teacher:
+    if method_cls.traits.requires_teacher:
         check_same_tokenizer(load_tokenizer(cfg.teacher.path, "teacher.path"), tokenizer)
-    datamodule = build(cfg, "task", tokenizer=tokenizer, seed=cfg.seed)
-    datamodule.setup("fit")  # data errors surface here, before any model loads
-    head, labels = datamodule.head, datamodule.labels
-    teacher = None
-    if method_cls.requires_teacher:
-        teacher = build(
-            cfg,
-            "teacher",
-            head=head,
-            labels=labels,
-            task=cfg.task.name,
-            needs_head=method_cls.needs_teacher_head(cfg.method),
-            hint=method_cls.teacher_head_hint,
-        )
-    student = build(cfg, "model", head=head, labels=labels)
-    pruner = build(cfg, "pruning", model=student) if cfg.get("pruning") is not None else None
-    method = build(
+    built = _build(
         cfg,
-        "method",
-        student=student,
-        teacher=teacher,
-        head=head,
-        split_metrics=datamodule.split_metrics(),
-        optim=build(cfg, "optim"),
+        plan(cfg),
+        tokenizer=tokenizer,
+        seed=cfg.seed,
+        task=cfg.task.name,
+        needs_head=method_cls.needs_teacher_head(cfg.method),
+        hint=method_cls.traits.teacher_head_hint,
     )
-    method.teacher_cache = _teacher_cache(cfg, method, datamodule)
-    extra = []
-    if pruner is not None:
-        fixed_batch = next(iter(datamodule.val_dataloader()[0]))
-        extra.append(PruningCallback(pruner, fixed_batch, files.path))
-    trainer = build_trainer(cfg, extra)
-    return Assembly(tokenizer, datamodule, teacher, student, pruner, method, trainer)
+    return Assembly(
+        tokenizer=tokenizer,
+        datamodule=built["task"],
+        teacher=built.get("teacher"),
+        student=built["model"],
+        pruner=built.get("pruning"),
+        method=built["method"],
+        trainer=built["trainer"],
+    )
 
 
 def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
-    """The run's ``lightning.Trainer``: the ``trainer`` config with the ``callbacks`` config's
-    callbacks (entries set to null left out), kdlab's mid-epoch resume fix, then
-    ``extra_callbacks``, and the logger (none without a ``logger`` config), writing under
-    ``run_dir``."""
-    callbacks = [build(cfg, f"callbacks.{name}") for name, c in cfg.callbacks.items() if c]
-    callbacks.append(RestoreLoaderPosition())
-    logger = build(cfg, "logger") if cfg.get("logger") else False
-    return build(
-        cfg,
-        "trainer",
-        logger=logger,
-        callbacks=[*callbacks, *extra_callbacks],
-        default_root_dir=str(RunDir(cfg.run_dir).path),
-    )
+    """The run's ``lightning.Trainer`` alone (benchmarks pair it with models of their own):
+    the plan's logger, callbacks and trainer steps, with ``extra_callbacks`` last."""
+    steps = [step for step in plan(cfg) if step.group in ("logger", "callbacks", "trainer")]
+    return _build(cfg, steps, extra_callbacks=list(extra_callbacks))["trainer"]
 
 
-def _teacher_cache(
-    cfg: DictConfig, method: BaseMethod, datamodule: TokenizedDataModule
-) -> TeacherCache | None:
-    """The teacher-output cache of the training split, where ``method.cache_teacher``
-    allows it and the run config makes it valid (else None, saying why in auto mode; an
-    explicit ``true`` that is not valid was refused by the config check)."""
-    if method.teacher is None or method.cache_teacher is False:
-        return None
-    refusal = type(method).teacher_cache_refusal(cfg)
-    if refusal is not None:
-        log.info("Teacher outputs are not cached: %s.", refusal)
-        return None
-    return teacher_cache(method.teacher, datamodule)
+def _build(cfg: DictConfig, steps: list[Step], **given: Any) -> dict[str, Any]:
+    """Build ``steps`` in order, each with the runtime arguments its step names.
+
+    Args:
+        cfg: the run's config.
+        steps: steps of its plan.
+        **given: the run's own objects by runtime-argument name. Each component built adds
+            what later steps take from it (the datamodule its head, labels and split metrics;
+            the student model is the method's ``student`` and the pruner's ``model``).
+
+    Returns:
+        The components by config key.
+    """
+    run_dir = RunDir(cfg.run_dir).path
+    given = {"teacher": None, "logger": False, "callbacks": [], "extra_callbacks": [], **given}
+    given["default_root_dir"] = str(run_dir)
+    built: dict[str, Any] = {}
+    for step in steps:
+        if step.key == "trainer":
+            # kdlab's own callbacks follow the configured ones: the mid-epoch resume fix,
+            # then the pruning callback where there is one.
+            given["callbacks"] += [RestoreLoaderPosition(), *given["extra_callbacks"]]
+        component = build(cfg, step.key, **{name: given[name] for name in step.runtime})
+        built[step.key] = component
+        match step.group:
+            case "task":
+                component.setup("fit")  # data errors surface here, before any model loads
+                given["head"], given["labels"] = component.head, component.labels
+                given["split_metrics"] = component.split_metrics()
+            case "model":
+                given["student"] = given["model"] = component
+            case "method":
+                component.teacher_cache = teacher_cache_for(cfg, given["teacher"], built["task"])
+                if "pruning" in built:
+                    # Drawn after the models are built: a loader's iterator draws from the
+                    # global RNG, which must not change their initial weights.
+                    fixed_batch = next(iter(built["task"].val_dataloader()[0]))
+                    callback = PruningCallback(built["pruning"], fixed_batch, run_dir)
+                    given["extra_callbacks"].append(callback)
+            case "callbacks":
+                given["callbacks"].append(component)
+            case _:  # optim, teacher, pruning, logger, trainer
+                given[step.group] = component
+    return built
 
 
 def _tokenizer_key(model_cfg: DictConfig) -> str:
@@ -174,16 +183,7 @@ def run(cfg: DictConfig) -> dict:
     # Derived before config.yaml is written, so that it records what the trainer does.
     cfg.trainer.accumulate_grad_batches = accumulate_grad_batches(cfg)
     files = RunDir(cfg.run_dir)
-    if rank_zero_only.rank == 0:
-        ckpt_path = claim_run_dir(cfg, files)
-        files.path.mkdir(parents=True, exist_ok=True)
-        cfg.run_id = _run_id(files, resuming=ckpt_path is not None)
-        save_config(cfg, files)
-    else:
-        # A DDP process that rank 0 launched once it had written config.yaml, or one that
-        # SLURM started beside rank 0, which may be clearing or writing the directory now:
-        # it only needs the checkpoint to resume from (its logger logs nothing).
-        ckpt_path = _checkpoint_to_resume(cfg, files)
+    ckpt_path = claim_run_dir(cfg, files, rank_zero=rank_zero_only.rank == 0)
     L.seed_everything(cfg.seed, workers=True)
     parts = assemble(cfg)
     trainer = parts.trainer
@@ -237,28 +237,6 @@ def _fit_and_export(cfg: DictConfig, parts: Assembly, files: RunDir, ckpt_path: 
             flat.update({f"teacher/{k}": v for k, v in metrics["teacher"].items() if "/" in k})
         trainer.logger.log_metrics(flat, step=trainer.global_step)
     return metrics
-
-
-def _run_id(files: RunDir, resuming: bool) -> str | None:
-    """The run's id (``run_id``, the W&B run id): the one stored in its directory when it
-    resumes, else a new one, stored there for a later resume. Rank zero's alone."""
-    stored = files.run_id.read_text().strip() if files.run_id.is_file() else None
-    if resuming and stored:
-        return stored
-    run_id = secrets.token_hex(6)  # 12 characters of [0-9a-f]: W&B accepts it as a run id
-    files.run_id.write_text(run_id + "\n")
-    return run_id
-
-
-def save_config(cfg: DictConfig, files: RunDir) -> None:
-    """Writes the resolved ``cfg`` to the run's ``config.yaml``.
-
-    The file is written under another name and renamed: the other DDP processes compose their
-    config from it (:mod:`kdlab.launch`) while ranks that have started write it again.
-    """
-    partial = files.config.with_name(f".{files.config.name}.{os.getpid()}")
-    OmegaConf.save(cfg, partial, resolve=True)
-    partial.replace(files.config)
 
 
 def evaluate_and_export(cfg: DictConfig, parts: Assembly, files: RunDir) -> dict:
@@ -327,72 +305,6 @@ def evaluate_and_export(cfg: DictConfig, parts: Assembly, files: RunDir) -> dict
         timing["device"] = str(next(exported.parameters()).device)
         metrics["inference"] = timing
     return metrics
-
-
-def claim_run_dir(cfg: DictConfig, files: RunDir) -> str | None:
-    """What this run may do with its directory; returns the checkpoint it resumes from.
-
-    A directory that already holds a run (:attr:`RunDir.run_outputs`) is never silently
-    reused. It is resumed with ``ckpt_path=last`` (or a checkpoint in its own
-    ``checkpoints/``), only while that run has not finished; or, with ``overwrite=true``,
-    its files are removed first (:meth:`RunDir.clear`). Anything else is refused.
-
-    Raises:
-        ConfigError: before anything loads, for a run that would replace another's files,
-            resume a finished run, delete the checkpoint it resumes from, or resume from a
-            checkpoint that does not exist.
-    """
-    resumes_here = cfg.ckpt_path is not None and (
-        cfg.ckpt_path == "last" or _is_within(Path(cfg.ckpt_path), files.checkpoints)
-    )
-    if cfg.overwrite and resumes_here:
-        raise ConfigError(
-            f"overwrite=true would delete the checkpoint ckpt_path={cfg.ckpt_path} resumes "
-            "from: drop overwrite=true to resume, or drop ckpt_path to start afresh."
-        )
-    found = files.run_outputs
-    if found and resumes_here and files.finished:
-        raise ConfigError(
-            f"ckpt_path={cfg.ckpt_path}: the run in {files.path} is finished ({files.metrics} "
-            "exists), there is nothing to resume. To train it again from scratch add "
-            "overwrite=true; to train on from its last checkpoint, write to another "
-            f"hydra.run.dir with ckpt_path={files.last_checkpoint}."
-        )
-    if found and not resumes_here:
-        if not cfg.overwrite:
-            names = ", ".join(path.name for path in found)
-            raise ConfigError(
-                f"run_dir {files.path} already holds a run ({names}). Resume it with "
-                "ckpt_path=last (if it has not finished), or replace it with overwrite=true "
-                "(its files are removed first); or set another hydra.run.dir."
-            )
-        log.info("overwrite=true: removing the earlier run in %s.", files.path)
-        files.clear()
-    return _checkpoint_to_resume(cfg, files)
-
-
-def _is_within(path: Path, directory: Path) -> bool:
-    return path.resolve().is_relative_to(directory.resolve())
-
-
-def _checkpoint_to_resume(cfg: DictConfig, files: RunDir) -> str | None:
-    """The checkpoint ``ckpt_path`` names (``last``: the run directory's ``last.ckpt``).
-
-    Raises:
-        ConfigError: if that checkpoint does not exist; resuming nothing must not silently
-            start a new run.
-    """
-    if cfg.ckpt_path is None:
-        return None
-    path = files.last_checkpoint if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
-    if not path.is_file():
-        where = f"run directory {files.path}" if cfg.ckpt_path == "last" else "that path"
-        raise ConfigError(
-            f"ckpt_path={cfg.ckpt_path}: there is no checkpoint {path} in the {where}. To "
-            "resume, point hydra.run.dir at the run that wrote checkpoints/last.ckpt; to start "
-            "afresh, leave ckpt_path unset."
-        )
-    return str(path)
 
 
 def _best_checkpoint(trainer: L.Trainer) -> str | None:

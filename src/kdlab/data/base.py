@@ -171,7 +171,7 @@ class TokenizedDataModule(L.LightningDataModule, abc.ABC):
         """Cross-key rules of the task config that its types cannot state (none here)."""
 
     @classmethod
-    def varying_training_inputs(cls, task: DictConfig) -> str | None:
+    def why_training_inputs_vary(cls, task: DictConfig) -> str | None:
         """Why the training inputs of this task config are not one fixed set seen the same way
         every epoch (random masking, augmentation), or None when they are.
 

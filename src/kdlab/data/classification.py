@@ -66,7 +66,7 @@ class TextClassificationDataModule(TokenizedDataModule, abc.ABC):
             )
 
     @classmethod
-    def varying_training_inputs(cls, task: DictConfig) -> str | None:
+    def why_training_inputs_vary(cls, task: DictConfig) -> str | None:
         """Back-translation (``task.augment``) counts as augmentation."""
         if task.get("augment"):
             return "augment=backtranslation augments the training set with paraphrases"

@@ -233,7 +233,7 @@ class CorpusDataModule(TokenizedDataModule):
         )
 
     @classmethod
-    def varying_training_inputs(cls, task: DictConfig) -> str | None:
+    def why_training_inputs_vary(cls, task: DictConfig) -> str | None:
         """Training chunks are masked anew, at random, in every batch."""
         return (
             f"task={task.name} is masked-LM: its training batches are masked at random each epoch"

@@ -7,6 +7,7 @@ from kdlab.methods.kd import KnowledgeDistillation
 from kdlab.methods.mixkd import MixKD
 from kdlab.methods.mlm import MaskedLanguageModeling
 from kdlab.methods.pd import PreTrainedDistillation
+from kdlab.methods.traits import MethodTraits
 
 __all__ = [
     "BaseMethod",
@@ -14,6 +15,7 @@ __all__ = [
     "HomoDistil",
     "KnowledgeDistillation",
     "MaskedLanguageModeling",
+    "MethodTraits",
     "MixKD",
     "PreTrainedDistillation",
 ]

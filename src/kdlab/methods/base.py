@@ -15,16 +15,16 @@ from typing import ClassVar, Literal
 
 import lightning as L
 import torch
-from hydra.utils import get_class
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from kdlab.data.teacher_cache import TeacherCache
-from kdlab.errors import ConfigError, NonFiniteLossError
+from kdlab.errors import NonFiniteLossError
 from kdlab.losses import task_loss
+from kdlab.methods.teacher_cache import TeacherCache
+from kdlab.methods.traits import MethodTraits, check_head, check_traits
 from kdlab.metrics import SplitMetrics
 from kdlab.models.heads import HEADS, forward, targets
 from kdlab.optim import Optim
@@ -52,31 +52,16 @@ class BaseMethod(L.LightningModule, abc.ABC):
             frozen encoder kept in eval mode (a linear probe, or giving a pre-trained
             encoder a trained MLM head before it teaches). Parameters tied to the encoder
             (BERT's MLM decoder is the word-embedding matrix) stay frozen with it.
-        cache_teacher: the teacher-output cache (:mod:`kdlab.data.teacher_cache`): ``None``
+        cache_teacher: the teacher-output cache (:mod:`kdlab.methods.teacher_cache`): ``None``
             uses it wherever it is valid, ``True`` requires it (the config check refuses a
             run where it is not valid), ``False`` runs the teacher on every batch. The run
-            attaches the cache (``teacher_cache``) when this allows it.
+            attaches the cache (``teacher_cache``) when this allows it
+            (:func:`kdlab.methods.traits.teacher_cache_for`).
     """
 
-    requires_teacher: ClassVar[bool] = True
-    # Whether the training losses read the batch's labels; methods that do cannot train on
-    # a transfer set (task.transfer: unlabelled inputs).
-    reads_labels: ClassVar[bool] = True
-    # Whether the method only makes sense while the student is pruned (pruning=...).
-    requires_pruning: ClassVar[bool] = False
-    # Task heads the method has a sound definition for; a method that cannot handle, e.g.,
-    # span prediction narrows this and such tasks are refused before anything loads.
-    supported_heads: ClassVar[frozenset[str]] = frozenset(HEADS)
-    # Appended to that refusal: why, and what to use instead.
-    unsupported_head_hint: ClassVar[str] = "pick another method or task"
-
-    # Appended to the error on a teacher without a trained task head: a method-specific way
-    # out (e.g. switching off the terms that need the head).
-    teacher_head_hint: ClassVar[str] = ""
-    # Why the teacher's outputs cannot be computed once and reused (method.cache_teacher):
-    # the method runs the teacher on inputs made anew each step, or reads more than its
-    # output logits. None where they can.
-    uncacheable_teacher: ClassVar[str | None] = None
+    # What the run reads of the method before building anything; a method states its own:
+    # traits = MethodTraits(requires_teacher=False, ...).
+    traits: ClassVar[MethodTraits] = MethodTraits()
 
     @classmethod
     def needs_teacher_head(cls, method_cfg: DictConfig) -> bool:
@@ -85,44 +70,13 @@ class BaseMethod(L.LightningModule, abc.ABC):
 
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
-        """Rules across config groups: the task's head and, where needed, pruning.
+        """Rules across config groups: those the method's traits imply
+        (:func:`~kdlab.methods.traits.check_traits`), and a method's own.
 
         Raises:
             ConfigError: naming the setting to change.
         """
-        cls.check_head(get_class(cfg.task._target_).head, cfg.task.name)
-        if cls.reads_labels and cfg.task.get("transfer"):
-            raise ConfigError(
-                f"method={cfg.method.name} trains on labels, but task.transfer makes the training "
-                "set unlabelled inputs: use method=pd there, or drop the transfer set "
-                "(leave transfer= unset)."
-            )
-        if cfg.method.get("cache_teacher") and (why := cls.teacher_cache_refusal(cfg)):
-            raise ConfigError(
-                f"method.cache_teacher=true, but {why}, so the teacher's outputs cannot be "
-                "computed once and reused: set method.cache_teacher=false (or leave it null, "
-                "which caches wherever it is valid)."
-            )
-        if cls.requires_pruning and cfg.get("pruning") is None:
-            raise ConfigError(
-                f"method={cfg.method.name} prunes while it trains: set pruning=homotopic (or "
-                "pruning=oneshot) and a pruned student (model=minilm_half, model=pruned, or "
-                "model=tiny|xsmall|small|base for a BERT-base teacher)."
-            )
-
-    @classmethod
-    def teacher_cache_refusal(cls, cfg: DictConfig) -> str | None:
-        """Why the teacher-output cache is not valid for this run config, or None if it is."""
-        if not cls.requires_teacher:
-            return f"method={cfg.method.name} has no teacher"
-        if cls.uncacheable_teacher:
-            return cls.uncacheable_teacher
-        varying = get_class(cfg.task._target_).varying_training_inputs(cfg.task)
-        if varying:
-            return varying
-        if not cfg.task.get("cache_dir"):
-            return "task.cache_dir is null (the cache is stored beside the dataset cache)"
-        return None
+        check_traits(cls, cfg)
 
     def __init__(
         self,
@@ -137,8 +91,8 @@ class BaseMethod(L.LightningModule, abc.ABC):
         cache_teacher: bool | None = None,
     ) -> None:
         super().__init__()
-        self.check_head(head)
-        if self.requires_teacher and teacher is None:
+        check_head(type(self), head)
+        if self.traits.requires_teacher and teacher is None:
             raise ValueError(f"{type(self).__name__} needs a teacher.")
         self.name = name
         self.student = student
@@ -183,19 +137,6 @@ class BaseMethod(L.LightningModule, abc.ABC):
         self.split_metrics.to(torch.float32)
         self.eval_losses.to(torch.float32)
         return self
-
-    @classmethod
-    def check_head(cls, head: str, task: str = "this task") -> None:
-        """Refuse a task head the method has no definition for.
-
-        Raises:
-            ConfigError: naming the task, its head and the heads the method supports.
-        """
-        if head not in cls.supported_heads:
-            raise ConfigError(
-                f"{cls.__name__} does not support task={task} (a {head} task; it supports "
-                f"{sorted(cls.supported_heads)}): {cls.unsupported_head_hint}."
-            )
 
     # ----------------------------------------------------------------- the method's part
     @abc.abstractmethod

@@ -8,12 +8,13 @@ from torch import Tensor
 
 from kdlab.losses import task_loss
 from kdlab.methods.base import BaseMethod
+from kdlab.methods.traits import MethodTraits
 
 
 class FineTune(BaseMethod):
     """Supervised training without a teacher."""
 
-    requires_teacher = False
+    traits = MethodTraits(requires_teacher=False)
 
     def compute_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         outputs = self.forward_model(self.student, batch)

@@ -42,7 +42,7 @@ extra cost. The implementation name is not serialised in ``config.json``, so exp
 students load with the stock defaults. The SDPA kernels return no probabilities at all.
 """
 
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from kdlab.errors import ConfigError
 from kdlab.losses import attention_mse, hidden_mse, matching_loss, task_loss
 from kdlab.methods.base import BaseMethod
+from kdlab.methods.traits import MethodTraits
 from kdlab.models.heads import model_inputs
 from kdlab.pruning.masks import StructuredMasks, installed_masks
 from kdlab.validation import NonNegative, Positive
@@ -138,13 +139,16 @@ class HomoDistil(BaseMethod):
             (``pruning=``), so that its masks say which structures are kept.
     """
 
-    requires_pruning = True
-    uncacheable_teacher = (
-        "method=homodistil reads the teacher's hidden states and attention maps on batches "
-        "masked at random each epoch"
-    )
-    teacher_head_hint: ClassVar[str] = (
-        "or distil representations only, without the MLM head: method.alpha_mlm=0 method.alpha_kl=0"
+    traits = MethodTraits(
+        requires_pruning=True,
+        teacher_head_hint=(
+            "or distil representations only, without the MLM head: method.alpha_mlm=0 "
+            "method.alpha_kl=0"
+        ),
+        why_teacher_uncacheable=(
+            "method=homodistil reads the teacher's hidden states and attention maps on "
+            "batches masked at random each epoch"
+        ),
     )
 
     @classmethod

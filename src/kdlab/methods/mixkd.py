@@ -50,6 +50,7 @@ from transformers import PreTrainedModel
 
 from kdlab.losses import distillation_loss, kd_loss, mixup, mixup_target_loss, supervised_loss
 from kdlab.methods.base import BaseMethod
+from kdlab.methods.traits import MethodTraits
 from kdlab.models.heads import MODEL_INPUTS, model_inputs
 from kdlab.validation import NonNegative, NonNegativeInt, Positive, Probability
 
@@ -72,11 +73,15 @@ class MixKD(BaseMethod):
         **base: see :class:`~kdlab.methods.base.BaseMethod`.
     """
 
-    supported_heads = frozenset({"sequence_classification"})
-    uncacheable_teacher = "method=mixkd runs the teacher on mixed inputs drawn anew at each step"
-    unsupported_head_hint = (
-        "mixing the start/end positions of two unrelated contexts names no span, so MixKD "
-        "is not defined for span tasks; use method=kd there"
+    traits = MethodTraits(
+        supported_heads=frozenset({"sequence_classification"}),
+        unsupported_head_hint=(
+            "mixing the start/end positions of two unrelated contexts names no span, so MixKD "
+            "is not defined for span tasks; use method=kd there"
+        ),
+        why_teacher_uncacheable=(
+            "method=mixkd runs the teacher on mixed inputs drawn anew at each step"
+        ),
     )
 
     def __init__(

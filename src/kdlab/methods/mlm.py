@@ -7,14 +7,18 @@ head transform before it teaches) or pre-training a random miniature from scratc
 """
 
 from kdlab.methods.finetune import FineTune
+from kdlab.methods.traits import MethodTraits
 
 
 class MaskedLanguageModeling(FineTune):
     """Supervised training on the masked tokens of a corpus task (``task=corpus/<name>``);
     the head's loss is the MLM loss. Other tasks are refused at build time."""
 
-    supported_heads = frozenset({"masked_lm"})
-    unsupported_head_hint = (
-        "method=mlm needs a masked-LM task: use task=corpus/<name>, e.g. "
-        "task=corpus/local task.files=[<text files>]"
+    traits = MethodTraits(
+        requires_teacher=False,
+        supported_heads=frozenset({"masked_lm"}),
+        unsupported_head_hint=(
+            "method=mlm needs a masked-LM task: use task=corpus/<name>, e.g. "
+            "task=corpus/local task.files=[<text files>]"
+        ),
     )

@@ -12,12 +12,11 @@ transfer set has none. It may be fine-tuned on the labels afterwards (``method=f
 ``experiment=pd`` and ``experiment=pd_baselines`` chain the stages.
 """
 
-from typing import ClassVar
-
 from torch import Tensor
 
 from kdlab.losses import soft_target_loss
 from kdlab.methods.base import BaseMethod
+from kdlab.methods.traits import MethodTraits
 from kdlab.validation import Positive
 
 
@@ -29,9 +28,11 @@ class PreTrainedDistillation(BaseMethod):
         **base: see :class:`~kdlab.methods.base.BaseMethod`.
     """
 
-    reads_labels: ClassVar[bool] = False
-    supported_heads = frozenset({"sequence_classification", "question_answering"})
-    unsupported_head_hint = "distil a masked-LM teacher with method=homodistil"
+    traits = MethodTraits(
+        reads_labels=False,
+        supported_heads=frozenset({"sequence_classification", "question_answering"}),
+        unsupported_head_hint="distil a masked-LM teacher with method=homodistil",
+    )
 
     def __init__(self, *, temperature: Positive = 1.0, **base) -> None:
         super().__init__(**base)

@@ -1,5 +1,6 @@
 """The teacher-output cache (``method.cache_teacher``): the frozen teacher's outputs on a
-fixed training set, computed once and reused by later epochs and later runs.
+fixed training set, computed once and reused by later epochs and later runs. Whether a run
+uses it is decided in :mod:`kdlab.methods.traits` (``teacher_cache_for``).
 
 A teacher in eval mode on a fixed set (no augmentation, no mixup, no random masking) gives
 the same outputs every epoch, so a 3-seed sweep need run it over its training (or
