@@ -79,20 +79,20 @@ def checkpoint_to_resume_missing(glue_root, tmp):
 
 def _earlier_run(tmp: Path, *marks: str) -> RunDir:
     """``tmp/run`` as an earlier run left it: ``config.yaml`` and the other ``marks``."""
-    files = RunDir(tmp / "run")
-    files.path.mkdir(parents=True)
-    files.config.write_text("seed: 1\n")
+    run_dir = RunDir(tmp / "run")
+    run_dir.path.mkdir(parents=True)
+    run_dir.config.write_text("seed: 1\n")
     if "student" in marks:
-        files.student.mkdir()
+        run_dir.student.mkdir()
     if "metrics" in marks:
-        files.metrics.write_text("{}")
-    return files
+        run_dir.metrics.write_text("{}")
+    return run_dir
 
 
 def run_dir_holds_a_run(glue_root, tmp):
-    files = _earlier_run(tmp, "student")
+    run_dir = _earlier_run(tmp, "student")
     return [], [
-        f"run_dir {files.path} already holds a run (config.yaml, student)",
+        f"run_dir {run_dir.path} already holds a run (config.yaml, student)",
         "ckpt_path=last",
         "overwrite=true",
         "hydra.run.dir",
@@ -105,11 +105,11 @@ def run_dir_of_a_run_stopped_before_its_first_checkpoint(glue_root, tmp):
 
 
 def resuming_a_finished_run(glue_root, tmp):
-    files = _earlier_run(tmp, "metrics")
+    run_dir = _earlier_run(tmp, "metrics")
     return ["ckpt_path=last"], [
-        f"the run in {files.path} is finished",
+        f"the run in {run_dir.path} is finished",
         "overwrite=true",
-        f"another hydra.run.dir with ckpt_path={files.last_checkpoint}",
+        f"another hydra.run.dir with ckpt_path={run_dir.last_checkpoint}",
     ]
 
 

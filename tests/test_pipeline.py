@@ -199,9 +199,9 @@ def test_a_pipeline_on_slurm_keeps_its_ranks_together(tmp_path, glue_root, teach
         ("teacher", True),
         ("student", True),
     ]
-    files = RunDir(run_dir)
-    assert files.hydra_config.is_file()
-    assert [log.name for log in files.job_logs] == ["train.log", "train_ddp_process_1.log"]
+    job = RunDir(run_dir)
+    assert job.hydra_config.is_file()
+    assert [log.name for log in job.job_logs] == ["train.log", "train_ddp_process_1.log"]
     waited = "Stage 'teacher': waiting for rank 0"
     assert waited in (run_dir / "train_ddp_process_1.log").read_text()
     assert waited not in (run_dir / "train.log").read_text()
@@ -216,22 +216,22 @@ def test_a_pipeline_on_slurm_keeps_its_ranks_together(tmp_path, glue_root, teach
 def test_ranks_other_than_0_go_on_with_rank_0_or_stop_with_it(tmp_path, monkeypatch):
     """Rank 0 records a stage that raised in its error.txt; a rank waiting for the stage's
     metrics.json stops on it, and goes on once metrics.json appears."""
-    files = RunDir(tmp_path / "teacher")
+    run_dir = RunDir(tmp_path / "teacher")
 
     def export_fails(stage_cfg):
         raise MemoryError("out of memory while exporting")
 
     with pytest.raises(MemoryError):
-        run_stage("teacher", None, files, export_fails)
-    assert "MemoryError: out of memory while exporting" in files.error.read_text()
+        run_stage("teacher", None, run_dir, export_fails)
+    assert "MemoryError: out of memory while exporting" in run_dir.error.read_text()
 
     monkeypatch.setattr(rank_zero_only, "rank", 1)
     monkeypatch.setattr(kdlab.pipeline, "POLL_INTERVAL_S", 0.01)
     with pytest.raises(RuntimeError, match=r"Stage 'teacher' failed on rank 0 \(see .*error.txt"):
-        run_stage("teacher", None, files, lambda stage_cfg: {})
+        run_stage("teacher", None, run_dir, lambda stage_cfg: {})
 
-    files.error.unlink()
-    threading.Timer(0.5, files.metrics.write_text, ["{}"]).start()
+    run_dir.error.unlink()
+    threading.Timer(0.5, run_dir.metrics.write_text, ["{}"]).start()
     started = time.monotonic()
-    assert run_stage("teacher", None, files, lambda stage_cfg: {}) == {}
+    assert run_stage("teacher", None, run_dir, lambda stage_cfg: {}) == {}
     assert time.monotonic() - started >= 0.5

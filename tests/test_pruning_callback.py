@@ -35,19 +35,19 @@ def pruned_run(data, run_dir, *extra: str) -> dict:  # noqa: F811
 def test_a_method_without_pruning_code_is_pruned_and_exported_compact(data, tmp_path):  # noqa: F811
     assert not any("prun" in name for name in vars(MatchLogits))
     metrics = pruned_run(data, tmp_path)
-    files = RunDir(tmp_path)
-    state = torch.load(files.last_checkpoint, weights_only=True)["callbacks"]["PruningCallback"]
+    run_dir = RunDir(tmp_path)
+    state = torch.load(run_dir.last_checkpoint, weights_only=True)["callbacks"]["PruningCallback"]
     masks = state["masks"]
     assert int(masks["hidden"].sum()) == 16
     assert (masks["heads"].sum(1) == 2).all() and (masks["ffn"].sum(1) == 32).all()
-    student = AutoModelForMaskedLM.from_pretrained(files.student)
+    student = AutoModelForMaskedLM.from_pretrained(run_dir.student)
     c = student.config
     assert (c.hidden_size, c.num_attention_heads, c.intermediate_size) == (16, 2, 32)
     assert metrics["student"]["params"] == sum(p.numel() for p in student.parameters())
-    history = json.loads(files.pruning_history.read_text())
+    history = json.loads(run_dir.pruning_history.read_text())
     assert [row["step"] for row in history][:3] == [0, 2, 4]
     assert history[-1]["remaining"] < 1 and history[0]["kl"] == 0.0  # the copy starts equal
-    assert files.pruning_plot.is_file()
+    assert run_dir.pruning_plot.is_file()
 
 
 def test_no_tracking_with_track_interval_zero(data, tmp_path):  # noqa: F811
@@ -92,11 +92,11 @@ def test_masks_update_once_per_optimizer_step_under_accumulation(
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true", "32-true"])
 def test_pruning_in_reduced_precision_reaches_the_exact_target(data, tmp_path, precision):  # noqa: F811
     pruned_run(data, tmp_path, f"trainer.precision={precision}")
-    files = RunDir(tmp_path)
-    state = torch.load(files.last_checkpoint, weights_only=True)["callbacks"]["PruningCallback"]
+    run_dir = RunDir(tmp_path)
+    state = torch.load(run_dir.last_checkpoint, weights_only=True)["callbacks"]["PruningCallback"]
     assert state["masks"]["ffn"].dtype == torch.float32
     assert int(state["masks"]["hidden"].sum()) == 16
-    c = AutoModelForMaskedLM.from_pretrained(files.student).config
+    c = AutoModelForMaskedLM.from_pretrained(run_dir.student).config
     assert (c.hidden_size, c.num_attention_heads, c.intermediate_size) == (16, 2, 32)
 
 

@@ -25,28 +25,28 @@ from tests.conftest import fast_overrides, run_cli
 
 
 def test_overwrite_replaces_the_earlier_run_whole(make_cfg, tmp_path):
-    files = RunDir(tmp_path / "run")
+    run_dir = RunDir(tmp_path / "run")
     first = kdlab.train.run(make_cfg(method="finetune"))
     # What the issue saw left behind: a stale best checkpoint beside the new one and an
     # evaluation output of another kind of run; and Hydra's record of the new job.
-    shutil.copy(files.best_checkpoint, files.checkpoints / "best-v1.ckpt")
-    (files.path / "predictions.json").write_text("{}")
-    files.hydra_dir.mkdir()
-    files.hydra_config.write_text("seed: 42\n")
-    (files.path / "train.log").write_text("this job's log\n")
+    shutil.copy(run_dir.best_checkpoint, run_dir.checkpoints / "best-v1.ckpt")
+    (run_dir.path / "predictions.json").write_text("{}")
+    run_dir.hydra_dir.mkdir()
+    run_dir.hydra_config.write_text("seed: 42\n")
+    (run_dir.path / "train.log").write_text("this job's log\n")
 
     second = kdlab.train.run(
         make_cfg(method="finetune", extra=["model.hidden_size=128", "overwrite=true"])
     )
-    assert sorted(p.name for p in files.checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]
-    assert not (files.path / "predictions.json").exists()
-    assert files.hydra_config.read_text() == "seed: 42\n"
-    assert (files.path / "train.log").read_text() == "this job's log\n"
-    assert OmegaConf.load(files.config).model.hidden_size == 128
-    assert AutoConfig.from_pretrained(files.student).hidden_size == 128
-    assert json.loads(files.metrics.read_text()) == second
+    assert sorted(p.name for p in run_dir.checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert not (run_dir.path / "predictions.json").exists()
+    assert run_dir.hydra_config.read_text() == "seed: 42\n"
+    assert (run_dir.path / "train.log").read_text() == "this job's log\n"
+    assert OmegaConf.load(run_dir.config).model.hidden_size == 128
+    assert AutoConfig.from_pretrained(run_dir.student).hidden_size == 128
+    assert json.loads(run_dir.metrics.read_text()) == second
     assert second["student"]["params"] > first["student"]["params"]
-    best = torch.load(files.best_checkpoint, weights_only=True)
+    best = torch.load(run_dir.best_checkpoint, weights_only=True)
     assert best["state_dict"]["student.bert.embeddings.word_embeddings.weight"].shape[1] == 128
 
 
@@ -56,9 +56,9 @@ def test_a_rank_other_than_0_reads_nothing_rank_0_writes_in_the_run_dir(
     """A SLURM task of rank 1 starts beside rank 0, which may be clearing the directory of an
     earlier run (overwrite=true, a pipeline stage restarted) or writing run_id.txt: rank 1
     must not read it (a file removed between its check and its read raised)."""
-    files = RunDir(tmp_path / "run")
-    files.path.mkdir()
-    files.run_id.write_text("earlier-run\n")
+    run_dir = RunDir(tmp_path / "run")
+    run_dir.path.mkdir()
+    run_dir.run_id.write_text("earlier-run\n")
     read = []
     original = Path.read_text
 
@@ -77,7 +77,7 @@ def test_a_rank_other_than_0_reads_nothing_rank_0_writes_in_the_run_dir(
     monkeypatch.setattr(rank_zero_only, "rank", 1)
     with pytest.raises(Assembled):
         kdlab.train.run(make_cfg(extra=["overwrite=true"]))
-    assert files.run_id not in read
+    assert run_dir.run_id not in read
 
 
 def _write_two_stage_experiment(conf_dir: Path) -> None:
@@ -129,9 +129,9 @@ def demo_pipeline(tmp_path):
 
         def run(stage_cfg):
             calls.append((Path(stage_cfg.run_dir).name, stage_cfg.ckpt_path, stage_cfg.overwrite))
-            files = RunDir(stage_cfg.run_dir)
-            files.path.mkdir(parents=True, exist_ok=True)
-            files.metrics.write_text("{}")
+            run_dir = RunDir(stage_cfg.run_dir)
+            run_dir.path.mkdir(parents=True, exist_ok=True)
+            run_dir.metrics.write_text("{}")
             return {}
 
         with initialize_config_dir(config_dir=kdlab.train.CONF_DIR, version_base="1.3"):
@@ -149,13 +149,13 @@ def demo_pipeline(tmp_path):
 
 def _unfinished_stage(root: Path, name: str, checkpointed: bool) -> None:
     """Replace stage ``name`` by one that stopped before (or after) its first checkpoint."""
-    files = RunDir(root / name)
-    shutil.rmtree(files.path, ignore_errors=True)
-    files.path.mkdir(parents=True)
-    files.config.write_text("seed: 42\n")
+    run_dir = RunDir(root / name)
+    shutil.rmtree(run_dir.path, ignore_errors=True)
+    run_dir.path.mkdir(parents=True)
+    run_dir.config.write_text("seed: 42\n")
     if checkpointed:
-        files.checkpoints.mkdir()
-        files.last_checkpoint.write_bytes(b"")
+        run_dir.checkpoints.mkdir()
+        run_dir.last_checkpoint.write_bytes(b"")
 
 
 def test_pipeline_skips_finished_resumes_checkpointed_restarts_other_stages(demo_pipeline):

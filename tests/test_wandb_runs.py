@@ -273,11 +273,11 @@ def test_a_resumed_run_continues_its_wandb_run(make_cfg, tmp_path):
 
 
 def test_run_id_is_new_unless_the_run_resumes(tmp_path):
-    files = RunDir(tmp_path)
-    first = choose_run_id(files, resuming=False)
+    run_dir = RunDir(tmp_path)
+    first = choose_run_id(run_dir, resuming=False)
     assert stored_id(tmp_path) == first
-    assert choose_run_id(files, resuming=True) == first
-    second = choose_run_id(files, resuming=False)  # afresh in the same directory
+    assert choose_run_id(run_dir, resuming=True) == first
+    second = choose_run_id(run_dir, resuming=False)  # afresh in the same directory
     assert second != first and stored_id(tmp_path) == second
     (tmp_path / "other").mkdir()  # resuming a checkpoint of another run: no stored id
     third = choose_run_id(RunDir(tmp_path / "other"), resuming=True)

@@ -40,14 +40,14 @@ from kdlab.rundir import RunDir
 DDP_ENVIRONMENT = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 
 
-def rank_command_line(files: RunDir) -> list[str]:
-    """The arguments after the program that make ``kdlab.train`` run ``files.config`` as is."""
-    return [f"--config-path={files.path}", f"--config-name={files.config.stem}"]
+def rank_command_line(run_dir: RunDir) -> list[str]:
+    """The arguments after the program that make ``kdlab.train`` run ``run_dir.config`` as is."""
+    return [f"--config-path={run_dir.path}", f"--config-name={run_dir.config.stem}"]
 
 
 @contextmanager
-def every_rank_runs(files: RunDir, trainer: L.Trainer) -> Iterator[None]:
-    """Within it, DDP processes that Lightning starts run the run of ``files``, and end with
+def every_rank_runs(run_dir: RunDir, trainer: L.Trainer) -> Iterator[None]:
+    """Within it, DDP processes that Lightning starts run the run of ``run_dir``, and end with
     the fit if it fails (see the module).
 
     Args:
@@ -58,10 +58,10 @@ def every_rank_runs(files: RunDir, trainer: L.Trainer) -> Iterator[None]:
         yield
         return
     hydra_cfg = HydraConfig.get()
-    argv, run_dir = sys.argv, hydra_cfg.run.dir
+    argv, hydra_run_dir = sys.argv, hydra_cfg.run.dir
     environment = {name: os.environ.get(name) for name in DDP_ENVIRONMENT}
-    sys.argv = [argv[0], *rank_command_line(files)]
-    _set_run_dir(hydra_cfg, str(files.path))
+    sys.argv = [argv[0], *rank_command_line(run_dir)]
+    _set_run_dir(hydra_cfg, str(run_dir.path))
     try:
         yield
     except BaseException:
@@ -69,7 +69,7 @@ def every_rank_runs(files: RunDir, trainer: L.Trainer) -> Iterator[None]:
         raise
     finally:
         sys.argv = argv
-        _set_run_dir(hydra_cfg, run_dir)
+        _set_run_dir(hydra_cfg, hydra_run_dir)
         for name, value in environment.items():
             if value is None:
                 os.environ.pop(name, None)

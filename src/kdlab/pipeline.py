@@ -71,14 +71,14 @@ def run_pipeline(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> list[tup
         validate(stage_cfg, check_files=False)
     results, ran = [], []
     for name, stage_cfg in configs.items():
-        files = RunDir(dirs[name])
-        if files.finished and not stage_cfg.overwrite:
-            log.info("Stage '%s' already finished (%s): skipping it.", name, files.metrics)
-            results.append((name, json.loads(files.metrics.read_text())))
+        run_dir = RunDir(dirs[name])
+        if run_dir.finished and not stage_cfg.overwrite:
+            log.info("Stage '%s' already finished (%s): skipping it.", name, run_dir.metrics)
+            results.append((name, json.loads(run_dir.metrics.read_text())))
             continue
-        _continue_or_restart(name, stage_cfg, files)
+        _continue_or_restart(name, stage_cfg, run_dir)
         log.info("Stage '%s': %s", name, " ".join(stages[name]))
-        results.append((name, run_stage(name, stage_cfg, files, run)))
+        results.append((name, run_stage(name, stage_cfg, run_dir, run)))
         ran.append(name)
     # Every rank runs the pipeline under SLURM: rank 0 alone writes the summary, from the
     # stages' metrics (a stand-in for the run that returns none leaves no summary).
@@ -89,7 +89,7 @@ def run_pipeline(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> list[tup
 
 
 def run_stage(
-    name: str, stage_cfg: DictConfig, files: RunDir, run: Callable[[DictConfig], dict]
+    name: str, stage_cfg: DictConfig, run_dir: RunDir, run: Callable[[DictConfig], dict]
 ) -> dict:
     """``run(stage_cfg)``, stage ``name`` of a pipeline, in this process's rank.
 
@@ -101,21 +101,21 @@ def run_stage(
     """
     if rank_zero_only.rank != 0:
         metrics = run(stage_cfg)
-        log.info("Stage '%s': waiting for rank 0 to write %s.", name, files.metrics)
-        while not files.finished:
-            if files.error.is_file():
+        log.info("Stage '%s': waiting for rank 0 to write %s.", name, run_dir.metrics)
+        while not run_dir.finished:
+            if run_dir.error.is_file():
                 raise RuntimeError(
-                    f"Stage '{name}' failed on rank 0 (see {files.error}); rank "
+                    f"Stage '{name}' failed on rank 0 (see {run_dir.error}); rank "
                     f"{rank_zero_only.rank} stops with it."
                 )
             time.sleep(POLL_INTERVAL_S)
         return metrics
-    files.error.unlink(missing_ok=True)  # an earlier attempt's
+    run_dir.error.unlink(missing_ok=True)  # an earlier attempt's
     try:
         return run(stage_cfg)
     except BaseException as error:
-        files.path.mkdir(parents=True, exist_ok=True)
-        files.error.write_text("".join(traceback.format_exception(error)))
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+        run_dir.error.write_text("".join(traceback.format_exception(error)))
         raise
 
 
@@ -151,11 +151,11 @@ def _flatten(overrides: list) -> Iterator[str]:
             yield item
 
 
-def _continue_or_restart(name: str, stage_cfg: DictConfig, files: RunDir) -> None:
+def _continue_or_restart(name: str, stage_cfg: DictConfig, run_dir: RunDir) -> None:
     """Set how an unfinished stage uses what an earlier attempt left in its directory."""
-    if stage_cfg.overwrite or not files.run_outputs:
+    if stage_cfg.overwrite or not run_dir.run_outputs:
         return
-    if files.last_checkpoint.is_file():
+    if run_dir.last_checkpoint.is_file():
         log.info("Stage '%s' resumes from its last checkpoint.", name)
         stage_cfg.ckpt_path = "last"
     else:

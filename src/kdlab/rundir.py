@@ -169,7 +169,7 @@ class RunDir:
         return removed
 
 
-def claim_run_dir(cfg: DictConfig, files: RunDir, *, rank_zero: bool) -> str | None:
+def claim_run_dir(cfg: DictConfig, run_dir: RunDir, *, rank_zero: bool) -> str | None:
     """Take ``run_dir`` for this run; returns the checkpoint it resumes from (None: it starts
     afresh).
 
@@ -182,7 +182,7 @@ def claim_run_dir(cfg: DictConfig, files: RunDir, *, rank_zero: bool) -> str | N
 
     Args:
         cfg: the run's validated config (``ckpt_path``, ``overwrite``; ``run_id`` is set).
-        files: the run directory.
+        run_dir: the run directory.
         rank_zero: whether this process is global rank 0.
 
     Raises:
@@ -191,53 +191,53 @@ def claim_run_dir(cfg: DictConfig, files: RunDir, *, rank_zero: bool) -> str | N
             checkpoint that does not exist.
     """
     if not rank_zero:
-        return _checkpoint_to_resume(cfg, files)
-    _refuse_or_clear(cfg, files)
-    ckpt_path = _checkpoint_to_resume(cfg, files)
-    files.path.mkdir(parents=True, exist_ok=True)
-    cfg.run_id = choose_run_id(files, resuming=ckpt_path is not None)
-    save_config(cfg, files)
+        return _checkpoint_to_resume(cfg, run_dir)
+    _refuse_or_clear(cfg, run_dir)
+    ckpt_path = _checkpoint_to_resume(cfg, run_dir)
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    cfg.run_id = choose_run_id(run_dir, resuming=ckpt_path is not None)
+    save_config(cfg, run_dir)
     return ckpt_path
 
 
-def _refuse_or_clear(cfg: DictConfig, files: RunDir) -> None:
+def _refuse_or_clear(cfg: DictConfig, run_dir: RunDir) -> None:
     """A directory that already holds a run (:attr:`RunDir.run_outputs`) is never silently
     reused. It is resumed with ``ckpt_path=last`` (or a checkpoint in its own
     ``checkpoints/``), only while that run has not finished; or, with ``overwrite=true``,
     its files are removed first (:meth:`RunDir.clear`). Anything else is refused."""
     resumes_here = cfg.ckpt_path is not None and (
-        cfg.ckpt_path == "last" or _is_within(Path(cfg.ckpt_path), files.checkpoints)
+        cfg.ckpt_path == "last" or _is_within(Path(cfg.ckpt_path), run_dir.checkpoints)
     )
     if cfg.overwrite and resumes_here:
         raise ConfigError(
             f"overwrite=true would delete the checkpoint ckpt_path={cfg.ckpt_path} resumes "
             "from: drop overwrite=true to resume, or drop ckpt_path to start afresh."
         )
-    found = files.run_outputs
-    if found and resumes_here and files.finished:
+    found = run_dir.run_outputs
+    if found and resumes_here and run_dir.finished:
         raise ConfigError(
-            f"ckpt_path={cfg.ckpt_path}: the run in {files.path} is finished ({files.metrics} "
+            f"ckpt_path={cfg.ckpt_path}: the run in {run_dir.path} is finished ({run_dir.metrics} "
             "exists), there is nothing to resume. To train it again from scratch add "
             "overwrite=true; to train on from its last checkpoint, write to another "
-            f"hydra.run.dir with ckpt_path={files.last_checkpoint}."
+            f"hydra.run.dir with ckpt_path={run_dir.last_checkpoint}."
         )
     if found and not resumes_here:
         if not cfg.overwrite:
             names = ", ".join(path.name for path in found)
             raise ConfigError(
-                f"run_dir {files.path} already holds a run ({names}). Resume it with "
+                f"run_dir {run_dir.path} already holds a run ({names}). Resume it with "
                 "ckpt_path=last (if it has not finished), or replace it with overwrite=true "
                 "(its files are removed first); or set another hydra.run.dir."
             )
-        log.info("overwrite=true: removing the earlier run in %s.", files.path)
-        files.clear()
+        log.info("overwrite=true: removing the earlier run in %s.", run_dir.path)
+        run_dir.clear()
 
 
 def _is_within(path: Path, directory: Path) -> bool:
     return path.resolve().is_relative_to(directory.resolve())
 
 
-def _checkpoint_to_resume(cfg: DictConfig, files: RunDir) -> str | None:
+def _checkpoint_to_resume(cfg: DictConfig, run_dir: RunDir) -> str | None:
     """The checkpoint ``ckpt_path`` names (``last``: the run directory's ``last.ckpt``).
 
     Raises:
@@ -246,9 +246,9 @@ def _checkpoint_to_resume(cfg: DictConfig, files: RunDir) -> str | None:
     """
     if cfg.ckpt_path is None:
         return None
-    path = files.last_checkpoint if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
+    path = run_dir.last_checkpoint if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
     if not path.is_file():
-        where = f"run directory {files.path}" if cfg.ckpt_path == "last" else "that path"
+        where = f"run directory {run_dir.path}" if cfg.ckpt_path == "last" else "that path"
         raise ConfigError(
             f"ckpt_path={cfg.ckpt_path}: there is no checkpoint {path} in the {where}. To "
             "resume, point hydra.run.dir at the run that wrote checkpoints/last.ckpt; to start "
@@ -257,23 +257,23 @@ def _checkpoint_to_resume(cfg: DictConfig, files: RunDir) -> str | None:
     return str(path)
 
 
-def choose_run_id(files: RunDir, resuming: bool) -> str:
+def choose_run_id(run_dir: RunDir, resuming: bool) -> str:
     """The run's id (``run_id``, the W&B run id): the one stored in its directory when it
     resumes, else a new one, stored there for a later resume. Rank zero's alone."""
-    stored = files.run_id.read_text().strip() if files.run_id.is_file() else None
+    stored = run_dir.run_id.read_text().strip() if run_dir.run_id.is_file() else None
     if resuming and stored:
         return stored
     run_id = secrets.token_hex(6)  # 12 characters of [0-9a-f]: W&B accepts it as a run id
-    files.run_id.write_text(run_id + "\n")
+    run_dir.run_id.write_text(run_id + "\n")
     return run_id
 
 
-def save_config(cfg: DictConfig, files: RunDir) -> None:
+def save_config(cfg: DictConfig, run_dir: RunDir) -> None:
     """Writes the resolved ``cfg`` to the run's ``config.yaml``.
 
     The file is written under another name and renamed: the other DDP processes compose their
     config from it (:mod:`kdlab.launch`) while ranks that have started write it again.
     """
-    partial = files.config.with_name(f".{files.config.name}.{os.getpid()}")
+    partial = run_dir.config.with_name(f".{run_dir.config.name}.{os.getpid()}")
     OmegaConf.save(cfg, partial, resolve=True)
-    partial.replace(files.config)
+    partial.replace(run_dir.config)

@@ -133,9 +133,9 @@ def _build(cfg: DictConfig, steps: list[Step], **given: Any) -> dict[str, Any]:
     Returns:
         The components by config key.
     """
-    run_dir = RunDir(cfg.run_dir).path
+    run_path = RunDir(cfg.run_dir).path
     given = {"teacher": None, "logger": False, "callbacks": [], "extra_callbacks": [], **given}
-    given["default_root_dir"] = str(run_dir)
+    given["default_root_dir"] = str(run_path)
     built: dict[str, Any] = {}
     for step in steps:
         if step.key == "trainer":
@@ -157,7 +157,7 @@ def _build(cfg: DictConfig, steps: list[Step], **given: Any) -> dict[str, Any]:
                     # Drawn after the models are built: a loader's iterator draws from the
                     # global RNG, which must not change their initial weights.
                     fixed_batch = next(iter(built["task"].val_dataloader()[0]))
-                    callback = PruningCallback(built["pruning"], fixed_batch, run_dir)
+                    callback = PruningCallback(built["pruning"], fixed_batch, run_path)
                     given["extra_callbacks"].append(callback)
             case "callbacks":
                 given["callbacks"].append(component)
@@ -182,23 +182,25 @@ def run(cfg: DictConfig) -> dict:
     validate(cfg)
     # Derived before config.yaml is written, so that it records what the trainer does.
     cfg.trainer.accumulate_grad_batches = accumulate_grad_batches(cfg)
-    files = RunDir(cfg.run_dir)
-    ckpt_path = claim_run_dir(cfg, files, rank_zero=rank_zero_only.rank == 0)
+    run_dir = RunDir(cfg.run_dir)
+    ckpt_path = claim_run_dir(cfg, run_dir, rank_zero=rank_zero_only.rank == 0)
     L.seed_everything(cfg.seed, workers=True)
     parts = assemble(cfg)
     trainer = parts.trainer
     # The logger's run (W&B) ends with this block, failed if it raises: a later run in the
     # same process (the next sweep job or pipeline stage) must not log into it.
     with logger_run(trainer.logger):
-        metrics = _fit_and_export(cfg, parts, files, ckpt_path)
+        metrics = _fit_and_export(cfg, parts, run_dir, ckpt_path)
     if metrics:
         metrics["wall_time_s"] = round(time.perf_counter() - start, 1)
-        files.metrics.write_text(json.dumps(metrics, indent=2))
-        log.info("Run finished in %.0f s: %s", metrics["wall_time_s"], files.path)
+        run_dir.metrics.write_text(json.dumps(metrics, indent=2))
+        log.info("Run finished in %.0f s: %s", metrics["wall_time_s"], run_dir.path)
     return metrics
 
 
-def _fit_and_export(cfg: DictConfig, parts: Assembly, files: RunDir, ckpt_path: str | None) -> dict:
+def _fit_and_export(
+    cfg: DictConfig, parts: Assembly, run_dir: RunDir, ckpt_path: str | None
+) -> dict:
     """Log the config, fit, then (rank zero) evaluate, export and log the best metrics.
 
     Returns:
@@ -213,12 +215,12 @@ def _fit_and_export(cfg: DictConfig, parts: Assembly, files: RunDir, ckpt_path: 
             {**OmegaConf.to_container(cfg, resolve=True), "params": params}
         )
     try:
-        with every_rank_runs(files, trainer):
+        with every_rank_runs(run_dir, trainer):
             trainer.fit(parts.method, datamodule=parts.datamodule, ckpt_path=ckpt_path)
     except NonFiniteLossError:
-        last = files.last_checkpoint
+        last = run_dir.last_checkpoint
         kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint yet"
-        log.error("Training stopped on a non-finite loss; %s (logs in %s).", kept, files.path)
+        log.error("Training stopped on a non-finite loss; %s (logs in %s).", kept, run_dir.path)
         raise
     finally:
         # Rank 0 evaluates alone from here on (a live group would make torchmetrics wait at
@@ -229,7 +231,7 @@ def _fit_and_export(cfg: DictConfig, parts: Assembly, files: RunDir, ckpt_path: 
             torch.distributed.destroy_process_group()
     if not trainer.is_global_zero:
         return {}
-    metrics = evaluate_and_export(cfg, parts, files)
+    metrics = evaluate_and_export(cfg, parts, run_dir)
     if trainer.logger is not None:
         # Logged last, these are the values W&B keeps in the run's summary.
         flat = {f"best/{k}": v for k, v in metrics["student"].items() if "/" in k}
@@ -239,7 +241,7 @@ def _fit_and_export(cfg: DictConfig, parts: Assembly, files: RunDir, ckpt_path: 
     return metrics
 
 
-def evaluate_and_export(cfg: DictConfig, parts: Assembly, files: RunDir) -> dict:
+def evaluate_and_export(cfg: DictConfig, parts: Assembly, run_dir: RunDir) -> dict:
     """Evaluate the trained student (and the teacher, and their speed) and export it.
 
     Returns:
@@ -256,12 +258,12 @@ def evaluate_and_export(cfg: DictConfig, parts: Assembly, files: RunDir) -> dict
     eval_trainer = evaluation_trainer(cfg.trainer, device)
     student_metrics = evaluate(eval_trainer, parts.method, datamodule, ckpt_path=best)
     for name, content in parts.method.evaluation_files().items():
-        (files.path / name).write_text(json.dumps(content, indent=1))
+        (run_dir.path / name).write_text(json.dumps(content, indent=1))
     # A pruned student is exported compacted (a smaller stock model); others as they are.
     exported = parts.student if pruner is None else compacted_copy(parts.student, pruner.masks)
     setattr(exported.config, TASK_ATTRIBUTE, cfg.task.name)
-    exported.save_pretrained(files.student)
-    parts.tokenizer.save_pretrained(files.student)
+    exported.save_pretrained(run_dir.student)
+    parts.tokenizer.save_pretrained(run_dir.student)
     metrics = {
         "task": cfg.task.name,
         "method": cfg.method.name,
@@ -269,7 +271,7 @@ def evaluate_and_export(cfg: DictConfig, parts: Assembly, files: RunDir) -> dict
         "best_checkpoint": best,
         "student": {
             "name": cfg.model.name,
-            "path": str(files.student),
+            "path": str(run_dir.student),
             "params": count_parameters(exported),
             **student_metrics,
         },

@@ -9,9 +9,9 @@ from kdlab.rundir import RunDir
 
 def write_history(history: list[dict], directory: Path) -> Path:
     """``pruning_history.json`` and ``pruning_history.png`` in ``directory``; returns the PNG."""
-    files = RunDir(directory)
+    run_dir = RunDir(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    files.pruning_history.write_text(json.dumps(history, indent=2))
+    run_dir.pruning_history.write_text(json.dumps(history, indent=2))
     # Imported here: plotting is needed once per run, and the backend must be non-interactive
     # on machines without a display.
     import matplotlib
@@ -30,7 +30,7 @@ def write_history(history: list[dict], directory: Path) -> Path:
     right.set_ylabel("remaining parameter fraction", color="C1")
     right.set_ylim(0, 1.05)
     fig.tight_layout()
-    path = files.pruning_plot
+    path = run_dir.pruning_plot
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

@@ -189,11 +189,11 @@ def collect_runs(root: str | Path) -> list[RunRecord]:
         # Hidden folders (.hydra, .git, ...) hold no runs; Hydra's .hydra/config.yaml is read
         # through the job directory that holds it.
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        files = RunDir(Path(here))
-        if files.config.is_file():
-            run_dirs.append(files.path)
-        elif files.hydra_config.is_file():
-            job_dirs.append(files.path)
+        run_dir = RunDir(Path(here))
+        if run_dir.config.is_file():
+            run_dirs.append(run_dir.path)
+        elif run_dir.hydra_config.is_file():
+            job_dirs.append(run_dir.path)
     never_started = [j for j in job_dirs if not any(r.is_relative_to(j) for r in run_dirs)]
     records = [_read_run(p) for p in run_dirs] + [
         _read_run(p, resolved=False) for p in never_started
@@ -203,9 +203,9 @@ def collect_runs(root: str | Path) -> list[RunRecord]:
 
 
 def _read_run(path: Path, resolved: bool = True) -> RunRecord:
-    files = RunDir(path)
+    run_dir = RunDir(path)
     job_dir = _job_dir(path)
-    config_file = files.config if resolved else files.hydra_config
+    config_file = run_dir.config if resolved else run_dir.hydra_config
     record = RunRecord(
         path=path,
         config=_load_yaml(config_file, dict),
@@ -216,22 +216,22 @@ def _read_run(path: Path, resolved: bool = True) -> RunRecord:
         else [],
         trial=_trial(job_dir),
     )
-    if files.finished:
+    if run_dir.finished:
         try:
-            record.metrics = json.loads(files.metrics.read_text())
+            record.metrics = json.loads(run_dir.metrics.read_text())
             return record
         except (OSError, ValueError) as err:
-            record.status, record.detail = FAILED, f"unreadable {files.metrics.name}: {err}"
+            record.status, record.detail = FAILED, f"unreadable {run_dir.metrics.name}: {err}"
             return record
     error = _error_line(path, job_dir)
     if error is not None:
         record.status, record.detail = FAILED, error
         return record
     record.status = UNFINISHED
-    record.last_step = _last_step(files.last_checkpoint)
+    record.last_step = _last_step(run_dir.last_checkpoint)
     if record.last_step is not None:
         record.detail = f"last checkpoint at step {record.last_step}"
-    elif files.last_checkpoint.is_file():
+    elif run_dir.last_checkpoint.is_file():
         record.detail = "last checkpoint unreadable"
     else:
         record.detail = "no checkpoint"
@@ -274,10 +274,10 @@ def _error_line(path: Path, job_dir: Path | None) -> str | None:
     unfinished there, so the job directory's record is the stage's.
     """
     for directory in dict.fromkeys(d for d in (path, job_dir) if d is not None):
-        files = RunDir(directory)
-        if files.error.is_file():
-            return _exception_line(files.error.read_text(errors="replace"))
-        for job_log in files.job_logs:
+        run_dir = RunDir(directory)
+        if run_dir.error.is_file():
+            return _exception_line(run_dir.error.read_text(errors="replace"))
+        for job_log in run_dir.job_logs:
             text = job_log.read_text(errors="replace")
             if _TRACEBACK in text:
                 return _exception_line(text)
