@@ -271,8 +271,9 @@ def choose_run_id(run_dir: RunDir, resuming: bool) -> str:
 def save_config(cfg: DictConfig, run_dir: RunDir) -> None:
     """Writes the resolved ``cfg`` to the run's ``config.yaml``.
 
-    The file is written under another name and renamed: the other DDP processes compose their
-    config from it (:mod:`kdlab.launch`) while ranks that have started write it again.
+    Rank 0 alone writes it, under another name that is then renamed: the DDP processes that
+    Lightning starts compose their config from it (:mod:`kdlab.launch`), and a resumed run
+    rewrites the file while a reader may be looking.
     """
     partial = run_dir.config.with_name(f".{run_dir.config.name}.{os.getpid()}")
     OmegaConf.save(cfg, partial, resolve=True)
