@@ -39,7 +39,8 @@ class StepTimer(L.Callback):
 
 
 class RestoreLoaderPosition(L.Callback):
-    """Puts the training loader back where a mid-epoch checkpoint left it.
+    """Puts the training loader back where a checkpoint left it: its position in a
+    mid-epoch checkpoint, and its sampler's epoch.
 
     Lightning saves the position of a stateful training loader in every checkpoint and
     loads it when it first sets up the training data after the restore. A method whose
@@ -49,7 +50,20 @@ class RestoreLoaderPosition(L.Callback):
     #20550, open for 2.6). This callback loads it as training starts and rebuilds the
     iterator from it; where Lightning has loaded the position itself, nothing is pending
     and it does nothing. ``kdlab.train`` adds it to every run.
+
+    Lightning sets the sampler's epoch (which draws the epoch's order) from its count of
+    processed epochs. A step-limited run (``trainer.max_steps``) restarted from a checkpoint
+    written as an epoch ended replays that epoch's end and counts it twice, one ahead of
+    ``current_epoch`` from then on, so every later epoch drew the next epoch's order. Each
+    epoch that starts afresh sets the sampler's epoch to ``current_epoch`` again (the same
+    value on any run that did not restart so); an epoch resumed mid-way keeps the epoch its
+    loader position was saved with.
     """
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        sampler = getattr(trainer.train_dataloader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(trainer.current_epoch)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         fit_loop = trainer.fit_loop
