@@ -27,6 +27,13 @@ from tests.fixtures import write_corpus, write_tiny_mlm_bert
 
 # Short runs: two training batches, no speed timing.
 SHORT = ["trainer.limit_train_batches=2", "eval.speed_batches=0"]
+# Two gloo processes on the CPU, in fp32.
+CPU_DDP = [
+    "trainer=ddp",
+    "trainer.accelerator=cpu",
+    "trainer.devices=2",
+    "trainer.precision=32-true",
+]
 
 
 def sweep_overrides(tmp_path: Path, glue_root: Path, teacher: Path, task: str = "sst2") -> list:
@@ -51,10 +58,7 @@ def test_ddp_multirun_starts_each_job_once_with_its_own_ranks(tmp_path, glue_roo
             "-m",
             *sweep_overrides(tmp_path, glue_root, teacher_dir),
             *SHORT,
-            "trainer=ddp",
-            "trainer.accelerator=cpu",
-            "trainer.devices=2",
-            "trainer.precision=32-true",
+            *CPU_DDP,
             "+callbacks.rank._target_=tests.helpers.RecordRank",
             "+callbacks.rank.seed=${seed}",
             "seed=1,2",
@@ -91,10 +95,7 @@ def test_a_failed_ddp_job_leaves_no_process_group_to_the_next(tmp_path, glue_roo
             "-m",
             *sweep_overrides(tmp_path, glue_root, teacher_dir),
             *SHORT,
-            "trainer=ddp",
-            "trainer.accelerator=cpu",
-            "trainer.devices=2",
-            "trainer.precision=32-true",
+            *CPU_DDP,
             "+callbacks.fail._target_=tests.helpers.FailWhen",
             "+callbacks.fail.value=${seed}",
             "+callbacks.fail.fail_value=1",

@@ -1,5 +1,6 @@
 """Random-generator states stored in checkpoints, so a resumed run draws what an
-uninterrupted one would (dropout masks, masking, mixup coefficients).
+uninterrupted one would (dropout masks, masked-LM masking; MixKD draws from generators of
+its own, seeded by the batch position).
 
 Every DDP rank draws from generators of its own: its CPU generators and its device's CUDA
 generator. Lightning writes checkpoints from rank 0 alone, so the states of all ranks are
