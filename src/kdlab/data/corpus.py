@@ -264,7 +264,15 @@ class CorpusDataModule(TokenizedDataModule):
 
         def encode(batch):
             lines = [t for t in batch["text"] if t.strip()]
-            return {"input_ids": tokenizer(lines, add_special_tokens=False)["input_ids"]}
+            # Only the ids: the masks and token types a tokenizer returns by default cost
+            # about a quarter of its time.
+            encoded = tokenizer(
+                lines,
+                add_special_tokens=False,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+            )
+            return {"input_ids": encoded["input_ids"]}
 
         # Each line's ids on their own first: the lines tokenise independently, so any
         # split into processes gives the same stream.
