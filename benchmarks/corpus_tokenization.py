@@ -46,7 +46,7 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mb", type=float, default=100, help="megabytes of text, at least")
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="text to replicate")
@@ -56,7 +56,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--node-cores", type=int, default=16, help="cores of the projection")
     parser.add_argument("--tokens", type=float, default=4e9, help="tokens of the projection")
     parser.add_argument("--workdir", type=Path, default=None, help="kept; default a temp dir")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def replicate(source: Path, target: Path, megabytes: float) -> tuple[list[Path], int]:
@@ -79,8 +79,8 @@ def replicate(source: Path, target: Path, megabytes: float) -> tuple[list[Path],
     return written, size
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="corpus-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     # Before datasets is imported: the text's arrow copy goes with the rest, not into ~/.cache.
@@ -134,7 +134,8 @@ def main() -> None:
             stored = manifest["rows"] * manifest["max_seq_length"]
             bytes_per_token = (folder / CHUNKS_FILE).stat().st_size / max(stored, 1)
             say(
-                f"num_proc={num_proc}: {tokens:,} tokens in {seconds:.1f} s: "
+                f"num_proc={num_proc}: {tokens:,} tokens in {seconds:.1f} s with "
+                f"{manifest['built']['processes']} processes: "
                 f"{rates[num_proc]:,.0f} tokens/s ({manifest['rows']:,} chunks; setup "
                 f"{wall:.1f} s in all)"
             )
