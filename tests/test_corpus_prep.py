@@ -146,6 +146,29 @@ def test_stored_chunks_are_reused_and_damaged_ones_rebuilt(corpus, tokenizer, tm
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]
 
 
+def test_chunks_another_node_published_meanwhile_stand(corpus, tokenizer, tmp_path):
+    """Two nodes' local rank 0 build at once into one task.cache_dir: the first published
+    stands (its readers keep their files), the second discards its own."""
+    task = corpus_task(corpus, tmp_path, "task.num_proc=1")
+    first, second = build_task(task, tokenizer), build_task(task, tokenizer)
+    build = second._build_chunks
+    published = {}
+
+    def meanwhile(raw, staging, key):
+        first.setup()  # publishes while `second` builds
+        folder, manifest = stored(first)
+        published.update(inode=(folder / CHUNKS_FILE).stat().st_ino, manifest=manifest)
+        build(raw, staging, key)
+
+    second._build_chunks = meanwhile
+    second.setup()
+    folder, manifest = stored(second)
+    assert (folder / CHUNKS_FILE).stat().st_ino == published["inode"]
+    assert manifest == published["manifest"]
+    assert second.splits["train"]["input_ids"][:] == first.splits["train"]["input_ids"][:]
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]
+
+
 def test_a_process_waiting_for_chunks_that_never_come_fails_naming_the_folder(
     corpus, tokenizer, tmp_path, monkeypatch
 ):

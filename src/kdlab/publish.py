@@ -48,18 +48,23 @@ def _rename_folder(source: Path, target: Path) -> bool:
     return True
 
 
-def publish(directory: Path, write: Callable[[Path], None]) -> None:
+def publish(
+    directory: Path, write: Callable[[Path], None], stands: Callable[[], bool] | None = None
+) -> None:
     """Build ``directory``'s files with ``write(staging)`` in a staging folder of this
     process's own, then rename that folder to ``directory``.
 
     A folder already at ``directory`` (a damaged one, or one that another builder has just
-    published) is moved aside and replaced; where yet another builder publishes meanwhile,
+    published) is moved aside and replaced, unless ``stands()`` says it is valid: then it is
+    kept and this builder's own discarded. Where yet another builder publishes meanwhile,
     its folder stands. Files that ``write`` syncs (:func:`write_synced`) are on disk when
     they are published.
 
     Args:
         directory: the folder to publish; its parent is created.
         write: writes the files into the staging folder it is given.
+        stands: whether the folder found at ``directory`` is valid and stays (other
+            processes may be reading it); without it, a folder found is replaced.
     """
     directory.parent.mkdir(parents=True, exist_ok=True)
     # Host and pid make the name unique across nodes and say whose it is; mkdtemp's
@@ -69,7 +74,7 @@ def publish(directory: Path, write: Callable[[Path], None]) -> None:
     aside = staging.with_suffix(".old")
     try:
         write(staging)
-        if not _rename_folder(staging, directory):
+        if not _rename_folder(staging, directory) and not (stands is not None and stands()):
             with contextlib.suppress(FileNotFoundError):  # another builder moved it
                 os.rename(directory, aside)
             # False: yet another builder published meanwhile; its folder stands.

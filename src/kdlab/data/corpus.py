@@ -21,7 +21,8 @@ The chunks are stored once per corpus, tokenizer and ``max_seq_length``, under
 Batches are int64 as the models expect (the collator makes the tensors). Under DDP the
 process of local rank 0 on each node builds the chunks and publishes them by renaming its
 own folder (:func:`kdlab.publish.publish`); the node's other processes poll for them. Nodes
-that share ``task.cache_dir`` each build unless one finds the other's published.
+that share ``task.cache_dir`` each build unless one finds the other's published; the first
+published stands.
 """
 
 import glob
@@ -245,7 +246,12 @@ class CorpusDataModule(TokenizedDataModule):
             )
         if problem is not None:
             log.warning("Corpus chunks %s are unusable (%s): rebuilding them.", directory, problem)
-        publish(directory, lambda staging: self._build_chunks(raw, staging, key))
+        # Chunks another node published meanwhile stand: its processes may be reading them.
+        publish(
+            directory,
+            lambda staging: self._build_chunks(raw, staging, key),
+            stands=lambda: _read_chunks(directory, key)[0] is not None,
+        )
         chunks, problem = _read_chunks(directory, key)
         if chunks is None:
             raise RuntimeError(f"The corpus chunks just published in {directory}: {problem}")
