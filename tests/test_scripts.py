@@ -91,6 +91,33 @@ def test_step_overhead_benchmark_runs_offline(tmp_path, monkeypatch, capsys):
     assert [r.split(",")[:2] for r in rows[1:]] == [[str(k), "12"] for k in range(4)]
 
 
+def test_corpus_tokenization_benchmark_runs_offline(tmp_path, monkeypatch, capsys):
+    from tests.fixtures import write_corpus, write_tokenizer
+
+    bench = load_script("benchmarks/corpus_tokenization.py")
+    # The script sets these for the process it runs in; the test's process gets them back.
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    write_tokenizer(tmp_path / "tok")
+    corpus = write_corpus(tmp_path / "corpus", n_lines=2000)
+    bench.main(
+        [
+            *("--mb", "0.05", "--corpus", str(corpus), "--tokenizer", str(tmp_path / "tok")),
+            *("--max-seq-length", "16", "--processes", "2"),
+        ]
+    )
+    printed = capsys.readouterr().out
+    runs = [line for line in printed.splitlines() if line.startswith("num_proc=")]
+    assert [line.split(":")[0] for line in runs] == ["num_proc=1", "num_proc=2"]
+    # 2,000 lines: two batches of lines, one per process.
+    assert "with 1 processes" in runs[0] and "with 2 processes" in runs[1]
+    # The same text tokens in both runs.
+    assert len({line.split(" in ")[0].split(": ")[1] for line in runs}) == 1
+    assert "speed-up, 2 processes over 1:" in printed
+    assert "stored: 2.0" in printed and "(uint16 rows" in printed
+    assert "projected: 4e+09 tokens on a 16-core node in" in printed
+
+
 def test_teacher_cache_benchmark_runs_offline(tmp_path, monkeypatch, capsys):
     bench = load_script("benchmarks/teacher_cache.py")
     monkeypatch.setattr(bench.overhead, "has_minilm", lambda: False)

@@ -2,22 +2,50 @@
 
 Text comes from local files (``task.files``: paths or globs, one document line per line)
 or, when none are given, from the hub (``task.hub``: e.g. ``wikitext`` /
-``wikitext-103-raw-v1``). It is tokenised, concatenated and cut into ``max_seq_length``
-chunks (``[CLS] … [SEP]``); a seeded fraction of the chunks is held out for validation.
-Training batches are masked on the fly by ``DataCollatorForLanguageModeling`` (15 %,
-80/10/10); validation chunks are masked once with a fixed seed so that every evaluation
-scores the same positions.
+``wikitext-103-raw-v1``). Its non-blank lines are tokenised in ``task.num_proc`` processes,
+concatenated in order and cut into ``max_seq_length`` chunks (``[CLS] … [SEP]``; the tail
+shorter than one chunk is dropped, as in BERT pre-training), the same chunks whatever the
+number of processes. A seeded fraction of the chunks is held out for validation. Training
+batches are masked on the fly by ``DataCollatorForLanguageModeling`` (15 %, 80/10/10);
+validation chunks are masked once with a fixed seed so that every evaluation scores the same
+positions.
+
+The chunks are stored once per corpus, tokenizer and ``max_seq_length``, under
+``<task.cache_dir or the datasets cache>/<task.name>/chunks-<key>/``::
+
+    chunks.arrow    one fixed-length row [max_seq_length] per chunk, uint16 token ids
+                    (int32 for vocabularies over 65,536 tokens): 2 bytes a token rather than
+                    the 8 of an int64 list; no attention mask, a full chunk attends to all
+    manifest.json   the key, the rows, the file's size, how it was built
+
+Batches are int64 as the models expect (the collator makes the tensors). Under DDP the
+process of local rank 0 on each node builds the chunks and publishes them by renaming its
+own folder (:func:`kdlab.publish.publish`); the node's other processes poll for them. Nodes
+that share ``task.cache_dir`` each build unless one finds the other's published; the first
+published stands.
 """
 
 import glob
+import json
 import logging
 import math
+import os
+import shutil
+import socket
+import time
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, TypedDict
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
+from datasets.arrow_writer import ArrowWriter
+from datasets.fingerprint import Hasher
+from datasets.table import MemoryMappedTable
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from transformers import (
@@ -31,9 +59,50 @@ from kdlab.data.base import TaskOptions, TokenizedDataModule
 from kdlab.data.textfile import check_text_file
 from kdlab.errors import ConfigError
 from kdlab.metrics import MaskedLMMetrics
+from kdlab.publish import publish, wait_for, write_synced
 from kdlab.validation import PositiveInt, Range
 
 log = logging.getLogger(__name__)
+
+# Bumped whenever what is stored, or how the key is made, changes.
+FORMAT_VERSION = 1
+CHUNKS_FILE = "chunks.arrow"
+MANIFEST_FILE = "manifest.json"
+# How long a process other than its node's local rank 0 waits for the chunks, and how often
+# it looks: long enough for billions of tokens tokenised in one process.
+WAIT_SECONDS = 6 * 3600.0
+POLL_SECONDS = 2.0
+# Lines a tokenising process takes at a time; no more processes start than there are such
+# batches.
+LINES_PER_BATCH = 1000
+# Chunks written to chunks.arrow at a time (memory: this many rows of token ids).
+CHUNKS_PER_WRITE = 100_000
+
+
+def token_dtype(vocab_size: int) -> str:
+    """The smallest integer type that holds every id of a ``vocab_size``-token vocabulary."""
+    return "uint16" if vocab_size <= 1 << 16 else "int32"
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which SLURM and taskset set)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def local_rank() -> int:
+    """This process's rank on its node, from the environment its launcher sets:
+    ``LOCAL_RANK`` (torchrun, Lightning's DDP launcher in the processes it starts) or
+    ``SLURM_LOCALID`` (SLURM tasks); 0 outside DDP and in Lightning's launching process.
+
+    Read from the environment because the chunks are made when the datamodule is set up,
+    before the trainer (and its process group) exists.
+    """
+    for variable in ("LOCAL_RANK", "SLURM_LOCALID"):
+        if variable in os.environ:
+            return int(os.environ[variable])
+    return 0
 
 
 def load_text(task: DictConfig) -> datasets.Dataset:
@@ -88,6 +157,7 @@ class CorpusOptions(TaskOptions):
     mlm_probability: Annotated[float, Range(gt=0, lt=1)]
     validation_fraction: Annotated[float, Range(gt=0, lt=1)]
     max_eval_samples: PositiveInt | None
+    num_proc: PositiveInt | None  # tokenising processes; None: the available cores
 
 
 def text_files(setting: str | Sequence[str]) -> list[str]:
@@ -155,28 +225,102 @@ class CorpusDataModule(TokenizedDataModule):
         )
 
     def _chunk(self, raw: datasets.Dataset) -> datasets.Dataset:
+        """The chunks of ``raw``: read where stored, else built (local rank 0) or waited for
+        (the node's other processes)."""
         max_len = int(self.task.max_seq_length)
-        body = max_len - 2  # room for [CLS] and [SEP]
-        cls_id, sep_id = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
+        key = Hasher.hash([FORMAT_VERSION, raw._fingerprint, self.tokenizer, max_len])
+        root = self.cache_dir or Path(datasets.config.HF_DATASETS_CACHE) / "kdlab"
+        directory = root / self.task.name / f"chunks-{key}"
+        chunks, problem = _read_chunks(directory, key)
+        if chunks is not None:
+            log.info("Corpus chunks reused: %s", directory)
+            return chunks
+        if local_rank() != 0:
+            return wait_for(
+                lambda: _read_chunks(directory, key)[0],
+                directory,
+                what=f"chunks of corpus {self.task.name}",
+                builder="Local rank 0 of this node builds them there: check that it did not fail.",
+                wait_s=WAIT_SECONDS,
+                poll_s=POLL_SECONDS,
+            )
+        if problem is not None:
+            log.warning("Corpus chunks %s are unusable (%s): rebuilding them.", directory, problem)
+        # Chunks another node published meanwhile stand: its processes may be reading them.
+        publish(
+            directory,
+            lambda staging: self._build_chunks(raw, staging, key),
+            stands=lambda: _read_chunks(directory, key)[0] is not None,
+        )
+        chunks, problem = _read_chunks(directory, key)
+        if chunks is None:
+            raise RuntimeError(f"The corpus chunks just published in {directory}: {problem}")
+        log.info("Corpus chunks built: %s", directory)
+        return chunks
+
+    def _build_chunks(self, raw: datasets.Dataset, staging: Path, key: str) -> None:
+        """Tokenise ``raw``'s non-blank lines in parallel, then cut their concatenation
+        into chunks: ``staging/chunks.arrow`` and its manifest."""
+        start = time.perf_counter()
+        max_len = int(self.task.max_seq_length)
+        dtype = token_dtype(len(self.tokenizer))
+        wanted = self.task.get("num_proc") or available_cores()
+        processes = max(1, min(int(wanted), math.ceil(len(raw) / LINES_PER_BATCH)))
+        tokenizer = self.tokenizer
 
         def encode(batch):
             lines = [t for t in batch["text"] if t.strip()]
-            ids = self.tokenizer(lines, add_special_tokens=False)["input_ids"]
-            stream = [token for line in ids for token in line]
-            # The tail shorter than one chunk is dropped, as in BERT pre-training.
-            chunks = [
-                [cls_id, *stream[i : i + body], sep_id]
-                for i in range(0, len(stream) - body + 1, body)
-            ]
-            return {"input_ids": chunks}
+            # Only the ids: the masks and token types a tokenizer returns by default cost
+            # about a quarter of its time.
+            encoded = tokenizer(
+                lines,
+                add_special_tokens=False,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+            )
+            return {"input_ids": encoded["input_ids"]}
 
-        return raw.map(
+        # Each line's ids on their own first: the lines tokenise independently, so any
+        # split into processes gives the same stream.
+        (staging / "lines").mkdir()
+        lines = raw.map(
             encode,
             batched=True,
-            batch_size=1000,
+            batch_size=LINES_PER_BATCH,
+            num_proc=processes if processes > 1 else None,
             remove_columns=raw.column_names,
-            cache_file_name=self.cache_file("chunks", raw, max_len),
-            desc=f"Tokenising {self.task.name}",
+            features=datasets.Features({"input_ids": datasets.List(datasets.Value(dtype))}),
+            cache_file_name=str(staging / "lines" / "lines.arrow"),
+            desc=f"Tokenising {self.task.name} ({processes} processes)",
+        )
+        path = staging / CHUNKS_FILE
+        rows, tokens = _write_chunks(lines, path, self.tokenizer, max_len, dtype)
+        del lines  # memory-maps the files removed next
+        shutil.rmtree(staging / "lines")
+        manifest = {
+            "key": key,
+            "format": FORMAT_VERSION,
+            "source": _describe_source(self.task),
+            "rows": rows,
+            "max_seq_length": max_len,
+            "dtype": dtype,
+            "text_tokens": tokens,
+            "file": {"name": CHUNKS_FILE, "bytes": path.stat().st_size},
+            "built": {
+                "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "seconds": round(time.perf_counter() - start, 2),
+                "processes": processes,
+                "host": socket.gethostname(),
+            },
+        }
+        write_synced(staging / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
+        log.info(
+            "Tokenised %d tokens of %s into %d chunks in %.1f s with %d processes",
+            tokens,
+            self.task.name,
+            rows,
+            time.perf_counter() - start,
+            processes,
         )
 
     def _check_enough_chunks(
@@ -246,6 +390,82 @@ class CorpusDataModule(TokenizedDataModule):
         # Validation is masked once (fixed positions), so batches only need stacking.
         validation = self.splits["validation"].with_format("torch")
         return [self.eval_loader(validation, default_data_collator, **self.process_share())]
+
+
+def _write_chunks(
+    lines: datasets.Dataset,
+    path: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    max_len: int,
+    dtype: str,
+) -> tuple[int, int]:
+    """Cut the concatenated ids of ``lines`` into ``[CLS] … [SEP]`` chunks of ``max_len``
+    and write them to ``path`` (fixed-length rows), reading the lines a slice at a time.
+
+    Returns:
+        The chunks written and the text tokens read.
+    """
+    body = max_len - 2  # room for [CLS] and [SEP]
+    features = datasets.Features(
+        {"input_ids": datasets.List(datasets.Value(dtype), length=max_len)}
+    )
+    carry = np.empty(0, dtype=dtype)  # the tokens after the last full chunk so far
+    rows = tokens = 0
+    with ArrowWriter(features=features, path=str(path)) as writer:
+        for table in lines.with_format("arrow").iter(batch_size=CHUNKS_PER_WRITE):
+            ids = pc.list_flatten(table["input_ids"]).to_numpy()
+            tokens += len(ids)
+            stream = np.concatenate([carry, ids])
+            n = len(stream) // body
+            carry = stream[n * body :]
+            chunks = np.empty((n, max_len), dtype=dtype)  # [n, max_len]
+            chunks[:, 0] = tokenizer.cls_token_id
+            chunks[:, 1:-1] = stream[: n * body].reshape(n, body)
+            chunks[:, -1] = tokenizer.sep_token_id
+            flat = pa.array(chunks.reshape(-1))
+            writer.write_table(
+                pa.table({"input_ids": pa.FixedSizeListArray.from_arrays(flat, max_len)})
+            )
+            rows += n
+        writer.finalize()
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    return rows, tokens
+
+
+def _read_chunks(directory: Path, key: str) -> tuple[datasets.Dataset | None, str | None]:
+    """The stored chunks and None, or None and what is wrong with them (None as well when
+    nothing was ever stored).
+
+    The file is checked against the manifest by size and rows, not by a hash: hashing
+    gigabytes on every start of every process costs more than it guards against, and a
+    folder is only ever published complete.
+    """
+    manifest_path = directory / MANIFEST_FILE
+    if not manifest_path.is_file():
+        if directory.is_dir() and any(directory.iterdir()):
+            return None, "no manifest: an interrupted build"
+        return None, None
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        rows, size = int(manifest["rows"]), int(manifest["file"]["bytes"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return None, f"unreadable manifest: {err}"
+    if manifest.get("key") != key:
+        return None, "the manifest describes other chunks"
+    path = directory / CHUNKS_FILE
+    if not path.is_file():
+        return None, f"{CHUNKS_FILE} is missing"
+    if path.stat().st_size != size:
+        return None, f"{CHUNKS_FILE} has {path.stat().st_size} bytes, the manifest {size}"
+    try:
+        # Memory-mapped, with the key as its fingerprint: the same chunks wherever stored.
+        chunks = datasets.Dataset(MemoryMappedTable.from_file(str(path)), fingerprint=key)
+    except Exception as err:  # pyarrow raises its own error types
+        return None, f"{CHUNKS_FILE} is unreadable: {err}"
+    if len(chunks) != rows:
+        return None, f"{CHUNKS_FILE} has {len(chunks)} chunks, the manifest {rows}"
+    return chunks, None
 
 
 def _chunks_needed(fraction: float) -> int:

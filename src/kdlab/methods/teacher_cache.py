@@ -40,16 +40,10 @@ readers never see a partial cache and concurrent runs that both build leave one.
 deletes only its own temporary folders; a killed one leaves its folder behind.
 """
 
-import contextlib
 import dataclasses
-import errno
 import hashlib
 import json
 import logging
-import os
-import shutil
-import socket
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
@@ -66,6 +60,7 @@ from transformers.utils import ModelOutput
 from kdlab.data.base import ROW_INDEX, TokenizedDataModule
 from kdlab.errors import ConfigError
 from kdlab.models.heads import HEADS, forward
+from kdlab.publish import publish, wait_for, write_synced
 
 log = logging.getLogger(__name__)
 
@@ -141,26 +136,6 @@ def key_fields(
 def cache_key(fields: dict) -> str:
     """The cache's folder name: a hash of :func:`key_fields`."""
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` and flush it to disk before it is published."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _rename_folder(source: Path, target: Path) -> bool:
-    """Rename the folder ``source`` to ``target`` (atomic); False where ``target`` is a
-    folder already, which a rename does not replace unless it is empty."""
-    try:
-        os.rename(source, target)
-    except OSError as err:
-        if err.errno in (errno.EEXIST, errno.ENOTEMPTY):
-            return False
-        raise
-    return True
 
 
 class TeacherCache:
@@ -261,19 +236,15 @@ class TeacherCache:
         return self.teacher_examples
 
     def _wait(self, wait_s: float) -> dict[str, Tensor]:
-        """The outputs once another process has published them (polling the filesystem: no
-        collective, no lock)."""
-        log.info("Waiting for global rank 0 to build the teacher-output cache %s", self.directory)
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            time.sleep(min(POLL_SECONDS, wait_s))
-            outputs, _ = self._read()
-            if outputs is not None:
-                return outputs
-        raise TimeoutError(
-            f"No valid teacher-output cache appeared in {self.directory} within {wait_s:g} s. "
-            "Global rank 0 builds it there: check that it did not fail and that task.cache_dir "
-            "is on a filesystem every node sees."
+        """The outputs once another process has published them."""
+        return wait_for(
+            lambda: self._read()[0],
+            self.directory,
+            what="teacher-output cache",
+            builder="Global rank 0 builds it there: check that it did not fail and that "
+            "task.cache_dir is on a filesystem every node sees.",
+            wait_s=wait_s,
+            poll_s=POLL_SECONDS,
         )
 
     @torch.no_grad()
@@ -301,8 +272,7 @@ class TeacherCache:
             return {name: torch.cat(chunks) for name, chunks in parts.items()}
 
     def _publish(self, outputs: dict[str, Tensor], seconds: float) -> None:
-        """Write the outputs and their manifest into a folder of this builder's own, then
-        rename it to :attr:`directory`."""
+        """Write the outputs and their manifest and publish them (:func:`kdlab.publish.publish`)."""
         data = safetensors.torch.save(outputs)
         manifest = {
             "key": self.key,
@@ -324,25 +294,12 @@ class TeacherCache:
                 **self.about,
             },
         }
-        self.root.mkdir(parents=True, exist_ok=True)
-        # Host and pid make the name unique across nodes and say whose it is; mkdtemp's
-        # random part, across processes that share both.
-        prefix = f".{self.key}.{socket.gethostname()}.{os.getpid()}."
-        staging = Path(tempfile.mkdtemp(dir=self.root, prefix=prefix, suffix=".tmp"))
-        aside = staging.with_suffix(".old")
-        try:
-            _write_synced(staging / OUTPUTS_FILE, data)
-            _write_synced(staging / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
-            if not _rename_folder(staging, self.directory):
-                # A damaged cache is in the way, or one that another builder has just
-                # published (the same outputs): move it aside under this builder's own name.
-                with contextlib.suppress(FileNotFoundError):  # another builder moved it
-                    os.rename(self.directory, aside)
-                # False: yet another builder published meanwhile; its cache stands.
-                _rename_folder(staging, self.directory)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.rmtree(aside, ignore_errors=True)
+
+        def write(staging: Path) -> None:
+            write_synced(staging / OUTPUTS_FILE, data)
+            write_synced(staging / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
+
+        publish(self.directory, write)
 
     def _read(self) -> tuple[dict[str, Tensor] | None, str | None]:
         """The stored outputs and None, or None and what is wrong with them (None as well
