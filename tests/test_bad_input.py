@@ -178,3 +178,27 @@ def test_unknown_group_option_lists_valid_ones(tmp_path):
     message = proc.stdout + proc.stderr
     assert "no_such_model" in message
     assert "Available options" in message and "bert_tiny" in message
+
+
+# --- Issue 18: bad model inputs (i18-inputs) -------------------------------------------
+
+
+def test_tokenizer_far_smaller_than_the_embeddings_is_refused(teacher_dir, tmp_path):
+    # 7 tokens for the 42 rows the fixture model embeds: under the half the rule allows.
+    from transformers import BertTokenizerFast
+
+    small = tmp_path / "small_tok"
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world"]
+    BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}).save_pretrained(small)
+    cfg = compose(
+        [
+            "model=pretrained",
+            f"model.path={teacher_dir}",
+            f"model.tokenizer={small}",
+            f"run_dir={tmp_path}",
+        ]
+    )
+    with pytest.raises(ConfigError) as err:
+        build_student(cfg)
+    assert f"model.tokenizer={small} has 7 tokens, fewer than half of the 42" in str(err.value)
+    assert "at least half of the model's embedding rows" in str(err.value)

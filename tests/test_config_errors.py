@@ -345,6 +345,56 @@ CASES: dict[str, tuple[list[str] | Setup, type, list[str]]] = {
 }
 
 
+# --- Issue 18: bad model and data inputs (i18-inputs) ----------------------------------
+
+
+def _without_tokenizer(directory: Path) -> Path:
+    """``directory`` as ``model.save_pretrained`` alone leaves it: no tokenizer files."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        (directory / name).unlink()
+    return directory
+
+
+def model_path_without_tokenizer(glue_root, tmp):
+    bare = _without_tokenizer(write_tiny_bert(tmp / "bare"))
+    return ["method=finetune", "model=pretrained", f"model.path={bare}"], [
+        f"model.tokenizer='{bare}' (from model.path)",
+        "without tokenizer files",
+        f"save_pretrained('{bare}')",
+        "or set model.tokenizer",
+    ]
+
+
+def teacher_path_without_tokenizer(glue_root, tmp):
+    bare = _without_tokenizer(write_tiny_bert(tmp / "bare"))
+    return [f"teacher.path={bare}"], [
+        f"teacher.path='{bare}'",
+        "without tokenizer files",
+        f"save_pretrained('{bare}')",
+    ]
+
+
+def squad_training_file_without_questions(glue_root, tmp):
+    def edit(paragraph):
+        pass
+
+    overrides, path = squad_task(tmp, edit)
+    path.write_text(json.dumps({"data": []}))
+    return overrides, [f"{path} (task.train_file) has no train questions"]
+
+
+INPUT_CASES: dict[str, tuple[list[str] | Setup, type, list[str]]] = {
+    "model.path without tokenizer files": (model_path_without_tokenizer, ConfigError, []),
+    "teacher.path without tokenizer files": (teacher_path_without_tokenizer, ConfigError, []),
+    "SQuAD training file without questions": (
+        squad_training_file_without_questions,
+        DataFormatError,
+        [],
+    ),
+}
+CASES.update(INPUT_CASES)
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_fails_before_any_model_loads(
     name, make_cfg, glue_root, tmp_path, no_model_loads

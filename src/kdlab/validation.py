@@ -18,6 +18,7 @@ given to a builder function by :func:`with_config_check`.
 import difflib
 import inspect
 import operator
+import re
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -200,7 +201,8 @@ def check_node(
         value = _resolved(node, name, key)
         problem = check_value(value, hints.get(name), check_files=check_files)
         if problem:
-            raise ConfigError(f"{key}.{name}={_show(value)} {problem}.")
+            source = _interpolated_from(node, name, key)
+            raise ConfigError(f"{key}.{name}={_show(value)}{source} {problem}.")
     for name, param in params.items():
         required = param.default is inspect.Parameter.empty
         if required and name not in runtime and name not in node:
@@ -331,6 +333,21 @@ def _resolved(node: DictConfig, name: str, key: str) -> Any:
         except OmegaConfBaseException as err:
             raise ConfigError(f"{key}.{name} cannot be resolved: {err}") from None
     return value
+
+
+def _interpolated_from(node: DictConfig, name: str, key: str) -> str:
+    """`` (from model.path)`` where ``node.name`` copies another key (``${.path}``): the key
+    the user set, to name in the message; else empty."""
+    if not OmegaConf.is_interpolation(node, name):
+        return ""
+    raw = str(node._get_node(name)._value())
+    match = re.fullmatch(r"\$\{(\.*)([\w.]+)\}", raw)
+    if match is None:
+        return f" (from {raw})"
+    dots, path = match.groups()
+    # ${.x} is a sibling of name; more dots go up from the node (OmegaConf's relative keys).
+    parents = key.split(".")[: len(key.split(".")) - max(len(dots) - 1, 0)] if dots else []
+    return f" (from {'.'.join([*parents, path])})"
 
 
 def _describe(annotation: Any) -> str:

@@ -16,6 +16,7 @@ one of the functions below, with the task's head and labels passed by the run:
 """
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -42,25 +43,52 @@ log = logging.getLogger(__name__)
 TASK_ATTRIBUTE = "kdlab_task"
 
 
+# Files of which a saved tokenizer has at least one (fast, WordPiece, BPE, SentencePiece).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
+
+
+@dataclass(frozen=True)
 class ModelSource:
-    """``Annotated[str, ModelSource()]``: a hub id or a local directory with a saved model.
+    """``Annotated[str, ModelSource()]``: a hub id or a local directory with a saved model
+    (``model``: its ``config.json``) and/or its tokenizer (``tokenizer``: one of
+    :data:`TOKENIZER_FILES`).
 
     The config check refuses, before anything loads, a local path that does not exist, a
-    run directory given where its exported ``student/`` is meant, and a directory that
-    holds no saved model; anything else that is not a local path is taken for a hub id.
+    run directory given where its exported ``student/`` is meant, and a directory without
+    what is asked of it: without its tokenizer files ``AutoTokenizer`` would not fail but
+    fall back to a tokenizer of the special tokens alone, reading every word as ``[UNK]``.
+    Anything else that is not a local path is taken for a hub id.
     """
 
+    model: bool = True
+    tokenizer: bool = False
     touches_files = True
 
     def violation(self, value: str) -> str | None:
         path = Path(value).expanduser()
         if path.is_dir():
-            if (path / "config.json").is_file() or (path / "tokenizer_config.json").is_file():
-                return None
+            has_model = (path / "config.json").is_file()
             export = RunDir(path).student
-            if (export / "config.json").is_file():
+            if not has_model and (export / "config.json").is_file():
                 return f"is a run directory: its exported model is {export}; point there"
-            return "is a directory without a saved model (no config.json)"
+            if self.model and not has_model:
+                return "is a directory without a saved model (no config.json)"
+            if self.tokenizer and not any((path / f).is_file() for f in TOKENIZER_FILES):
+                return (
+                    f"is a directory without tokenizer files (none of {', '.join(TOKENIZER_FILES)}"
+                    "), so every word would read as [UNK]: save the model's tokenizer there, "
+                    f"`AutoTokenizer.from_pretrained(<its source>).save_pretrained('{path}')`"
+                    + ("" if self.model else ", or set model.tokenizer to where it is saved")
+                )
+            return None
         if path.exists():
             return "is a file, not a model directory"
         if _looks_local(value):
@@ -69,6 +97,9 @@ class ModelSource:
 
 
 ModelPath = Annotated[str, ModelSource()]
+# A teacher's tokenizer is read from its directory too.
+TeacherPath = Annotated[str, ModelSource(tokenizer=True)]
+TokenizerPath = Annotated[str, ModelSource(model=False, tokenizer=True)]
 
 
 def _looks_local(value: str) -> bool:
@@ -111,13 +142,19 @@ def _load(auto_class: type, path: str, key: str, **kwargs):
         ) from err
 
 
-def _check_vocabulary(model: PreTrainedModel, tokenizer: str) -> None:
-    """Refuse a tokenizer with ids beyond the model's embedding table."""
-    size = len(load_tokenizer(tokenizer, "model.tokenizer"))
-    if size > model.config.vocab_size:
+def _check_vocabulary(model: PreTrainedModel, tokenizer: str, key: str = "model.tokenizer") -> None:
+    """Refuse a tokenizer with ids beyond the model's embedding table, or one that reaches
+    less than half of it: the rows a checkpoint pads its table with are a few, so a
+    tokenizer that small is not the one the model was trained with (e.g. the fallback of a
+    directory without tokenizer files, its special tokens alone)."""
+    size = len(load_tokenizer(tokenizer, key))
+    embedded = model.config.vocab_size
+    if size > embedded or 2 * size < embedded:
+        rule = "more than" if size > embedded else "fewer than half of"
         raise ConfigError(
-            f"model.tokenizer={tokenizer} has {size} tokens but the model embeds only "
-            f"{model.config.vocab_size}: use the tokenizer the model was trained with."
+            f"{key}={tokenizer} has {size} tokens, {rule} the {embedded} the model embeds "
+            "(a tokenizer must cover at least half of the model's embedding rows and no "
+            "more): use the tokenizer the model was trained with."
         )
 
 
@@ -125,7 +162,7 @@ def pretrained(
     *,
     name: str,
     path: ModelPath,
-    tokenizer: ModelPath,
+    tokenizer: TokenizerPath,
     attn_implementation: str | None = None,
     head: str,
     labels: list[str] | None,
@@ -150,7 +187,7 @@ def truncated(
     *,
     name: str,
     path: ModelPath,
-    tokenizer: ModelPath,
+    tokenizer: TokenizerPath,
     num_layers: PositiveInt,
     attn_implementation: str | None = None,
     head: str,
@@ -184,7 +221,7 @@ def random_bert(
     hidden_size: PositiveInt,
     head_dim: PositiveInt = 64,
     intermediate_size: PositiveInt | None = None,
-    tokenizer: ModelPath,
+    tokenizer: TokenizerPath,
     init_seed: int = 0,
     pretrained: bool = False,
     attn_implementation: str | None = None,
@@ -279,7 +316,7 @@ def teacher_copy(
     *,
     name: str,
     path: ModelPath,
-    tokenizer: ModelPath,
+    tokenizer: TokenizerPath,
     target: PruneTarget,
     random_init: bool = False,
     init_seed: int = 0,
@@ -318,7 +355,7 @@ def teacher_copy(
 def teacher(
     *,
     name: str,
-    path: ModelPath,
+    path: TeacherPath,
     attn_implementation: str | None = None,
     require_trained_head: bool = True,
     head: str,
@@ -359,6 +396,7 @@ def teacher(
     new_head = [k for k in info["missing_keys"] if not k.startswith(model.base_model_prefix)]
     if must_have_head and new_head:
         raise ConfigError(_no_head(path, head, task, f"missing {new_head[:3]}", hint))
+    _check_vocabulary(model, path, "teacher.path")
     log.info("Teacher %s: %s", name, path)
     return model.eval().requires_grad_(False)
 
