@@ -202,3 +202,37 @@ def test_tokenizer_far_smaller_than_the_embeddings_is_refused(teacher_dir, tmp_p
         build_student(cfg)
     assert f"model.tokenizer={small} has 7 tokens, fewer than half of the 42" in str(err.value)
     assert "at least half of the model's embedding rows" in str(err.value)
+
+
+def _untrained_head_warnings(teacher: Path, tmp_path: Path, caplog) -> list[str]:
+    import logging
+
+    from tests.conftest import build_teacher
+
+    cfg = compose(["teacher=local", f"teacher.path={teacher}", f"run_dir={tmp_path}"])
+    with caplog.at_level(logging.WARNING, logger="kdlab.models.build"):
+        build_teacher(cfg)
+    return [r.getMessage() for r in caplog.records if "looks untrained" in r.getMessage()]
+
+
+def test_teacher_with_a_freshly_initialised_head_is_named_in_a_warning(tmp_path, caplog):
+    from tests.fixtures import write_tiny_bert
+
+    fresh = write_tiny_bert(tmp_path / "fresh")  # save_pretrained of a new model: no training
+    (warning,) = _untrained_head_warnings(fresh, tmp_path, caplog)
+    assert f"teacher.path={fresh}" in warning
+    assert "classifier.bias, classifier.weight" in warning and "initializer_range 0.02" in warning
+
+
+def test_teacher_with_a_trained_looking_head_is_not_warned_about(tmp_path, caplog):
+    import torch
+    from transformers import BertForSequenceClassification
+
+    from tests.fixtures import write_tiny_bert
+
+    trained = write_tiny_bert(tmp_path / "trained")
+    model = BertForSequenceClassification.from_pretrained(trained)
+    with torch.no_grad():
+        model.classifier.bias.copy_(torch.tensor([0.013, -0.013]))  # as one step leaves it
+    model.save_pretrained(trained)
+    assert _untrained_head_warnings(trained, tmp_path, caplog) == []

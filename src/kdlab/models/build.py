@@ -396,9 +396,36 @@ def teacher(
     new_head = [k for k in info["missing_keys"] if not k.startswith(model.base_model_prefix)]
     if must_have_head and new_head:
         raise ConfigError(_no_head(path, head, task, f"missing {new_head[:3]}", hint))
+    if must_have_head:
+        _warn_if_head_untrained(model, path)
     _check_vocabulary(model, path, "teacher.path")
     log.info("Teacher %s: %s", name, path)
     return model.eval().requires_grad_(False)
+
+
+def _warn_if_head_untrained(model: PreTrainedModel, path: str) -> None:
+    """Warn when the teacher's head looks as ``transformers`` initialises one: every bias
+    exactly 0 and the matrices' spread that of ``initializer_range``. A saved head need not
+    be a trained one (``save_pretrained`` on a fresh model), and one trained step already
+    moves its biases off 0."""
+    prefix = model.base_model_prefix + "."
+    head = {n: p for n, p in model.named_parameters() if not n.startswith(prefix)}
+    biases = [p for n, p in head.items() if n.endswith("bias")]
+    matrices = [p for p in head.values() if p.dim() == 2]
+    init = getattr(model.config, "initializer_range", None)
+    if not biases or not matrices or init is None:
+        return  # nothing to tell a trained head by
+    std = torch.cat([p.detach().flatten().float() for p in matrices]).std().item()
+    if all(not p.any() for p in biases) and 0.5 * init < std < 1.5 * init:
+        log.warning(
+            "teacher.path=%s: its head (%s) looks untrained: every bias is 0 and its weights "
+            "spread as initialised (std %.4f, initializer_range %g). Distilling from it "
+            "teaches noise; use a teacher fine-tuned on this task.",
+            path,
+            ", ".join(sorted(head)),
+            std,
+            init,
+        )
 
 
 def _check_teacher_task(
