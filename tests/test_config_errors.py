@@ -391,6 +391,16 @@ INPUT_CASES: dict[str, tuple[list[str] | Setup, type, list[str]]] = {
         DataFormatError,
         [],
     ),
+    "trainer=gpu without a GPU": (
+        ["trainer=gpu"],
+        ConfigError,
+        ["trainer.accelerator=gpu", "Lightning cannot use them here"],
+    ),
+    "trainer.devices not a count": (
+        ["trainer.devices=abc"],
+        ConfigError,
+        ["trainer.accelerator=cpu trainer.devices=abc", "Lightning cannot use them here"],
+    ),
 }
 CASES.update(INPUT_CASES)
 
