@@ -383,6 +383,24 @@ def squad_training_file_without_questions(glue_root, tmp):
     return overrides, [f"{path} (task.train_file) has no train questions"]
 
 
+def corpus_longer_than_the_positions(glue_root, tmp):
+    overrides = corpus_task(tmp, write_corpus(tmp / "corpus") / "a.txt")
+    model = tmp / "mlm"
+    overrides = [o for o in overrides if not o.startswith("task.max_seq_length")]
+    return [*overrides, "task.max_seq_length=10000"], [
+        "task.max_seq_length=10000 exceeds the 64 positions of",
+        f"model.path={model} (max_position_embeddings 64)",
+        "task.max_seq_length=64 or less",
+    ]
+
+
+def glue_longer_than_the_teachers_positions(glue_root, tmp):
+    return ["task.max_seq_length=100"], [
+        "task.max_seq_length=100 exceeds the 64 positions of teacher.path=",
+        "(max_position_embeddings 64)",
+    ]
+
+
 INPUT_CASES: dict[str, tuple[list[str] | Setup, type, list[str]]] = {
     "model.path without tokenizer files": (model_path_without_tokenizer, ConfigError, []),
     "teacher.path without tokenizer files": (teacher_path_without_tokenizer, ConfigError, []),
@@ -400,6 +418,24 @@ INPUT_CASES: dict[str, tuple[list[str] | Setup, type, list[str]]] = {
         ["trainer.devices=abc"],
         ConfigError,
         ["trainer.accelerator=cpu trainer.devices=abc", "Lightning cannot use them here"],
+    ),
+    "max_seq_length beyond the student's positions": (
+        corpus_longer_than_the_positions,
+        ConfigError,
+        [],
+    ),
+    "max_seq_length beyond the teacher's positions": (
+        glue_longer_than_the_teachers_positions,
+        ConfigError,
+        [],
+    ),
+    "max_seq_length beyond a new BERT's positions": (
+        ["method=finetune", "task.max_seq_length=1000"],
+        ConfigError,
+        [
+            "task.max_seq_length=1000 exceeds the 512 positions of model=bert_L2_H128",
+            "max_position_embeddings 512",
+        ],
     ),
 }
 CASES.update(INPUT_CASES)

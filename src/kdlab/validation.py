@@ -74,18 +74,22 @@ NonNegativeInt = Annotated[int, Range(ge=0)]
 Builder = TypeVar("Builder", bound=Callable)
 
 
-def with_config_check(check: Callable[[DictConfig], None]) -> Callable[[Builder], Builder]:
-    """Decorator giving a builder function rules across keys: ``check`` becomes its
-    ``check_config``, where :mod:`kdlab.components` looks for every target's rules (a class
-    states them as a ``check_config`` classmethod).
+def with_config_check(*checks: Callable[[DictConfig], None]) -> Callable[[Builder], Builder]:
+    """Decorator giving a builder function rules across keys: ``checks``, in order, become
+    its ``check_config``, where :mod:`kdlab.components` looks for every target's rules (a
+    class states them as a ``check_config`` classmethod).
 
     Args:
-        check: called with the whole composed config before anything loads; raises
+        checks: each called with the whole composed config before anything loads; raise
             :class:`~kdlab.errors.ConfigError`.
     """
 
+    def check_config(cfg: DictConfig) -> None:
+        for check in checks:
+            check(cfg)
+
     def attach(builder: Builder) -> Builder:
-        builder.check_config = check
+        builder.check_config = check_config
         return builder
 
     return attach

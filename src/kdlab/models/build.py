@@ -16,6 +16,7 @@ one of the functions below, with the task's head and labels passed by the run:
 """
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -158,6 +159,47 @@ def _check_vocabulary(model: PreTrainedModel, tokenizer: str, key: str = "model.
         )
 
 
+# Families whose position ids start after the padding index: they embed
+# max_position_embeddings minus this many tokens (RoBERTa's 514 rows hold 512).
+POSITION_OFFSETS = {"roberta": 2, "xlm-roberta": 2, "camembert": 2}
+
+
+def _check_length(cfg: DictConfig, limit: int, source: str) -> None:
+    """Refuse a ``task.max_seq_length`` beyond the ``limit`` positions ``source`` embeds:
+    the data would be tokenised, the model loaded, and the first batch fail."""
+    if cfg.task.max_seq_length > limit:
+        raise ConfigError(
+            f"task.max_seq_length={cfg.task.max_seq_length} exceeds the {limit} positions of "
+            f"{source}: set task.max_seq_length={limit} or less."
+        )
+
+
+def _check_saved_length(key: str) -> Callable[[DictConfig], None]:
+    """The check of ``task.max_seq_length`` against the saved model at ``<key>.path``, read
+    from its ``config.json`` alone; a hub id, or a directory an earlier pipeline stage has
+    yet to write, is not known before it loads."""
+
+    def check(cfg: DictConfig) -> None:
+        path = cfg[key].path
+        if not (Path(str(path)).expanduser() / "config.json").is_file():
+            return
+        config = _load(AutoConfig, path, f"{key}.path")
+        offset = POSITION_OFFSETS.get(config.model_type, 0)
+        rule = f"max_position_embeddings {config.max_position_embeddings}" + (
+            f" minus the {config.model_type} offset {offset}" if offset else ""
+        )
+        _check_length(cfg, config.max_position_embeddings - offset, f"{key}.path={path} ({rule})")
+
+    return check
+
+
+def _check_new_bert_length(cfg: DictConfig) -> None:
+    # random_bert leaves BertConfig's default (the released miniatures have it too).
+    limit = BertConfig().max_position_embeddings
+    _check_length(cfg, limit, f"model={cfg.model.name} (a BERT of max_position_embeddings {limit})")
+
+
+@with_config_check(_check_saved_length("model"))
 def pretrained(
     *,
     name: str,
@@ -183,6 +225,7 @@ def pretrained(
     return model
 
 
+@with_config_check(_check_saved_length("model"))
 def truncated(
     *,
     name: str,
@@ -214,6 +257,7 @@ def truncated(
     return model
 
 
+@with_config_check(_check_new_bert_length)
 def random_bert(
     *,
     name: str,
@@ -311,7 +355,7 @@ def _check_teacher_copy(cfg: DictConfig) -> None:
         ) from None
 
 
-@with_config_check(_check_teacher_copy)
+@with_config_check(_check_teacher_copy, _check_saved_length("model"))
 def teacher_copy(
     *,
     name: str,
@@ -352,6 +396,7 @@ def teacher_copy(
     return model
 
 
+@with_config_check(_check_saved_length("teacher"))
 def teacher(
     *,
     name: str,
