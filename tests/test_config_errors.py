@@ -401,6 +401,17 @@ def glue_longer_than_the_teachers_positions(glue_root, tmp):
     ]
 
 
+def teacher_weights_truncated(glue_root, tmp):
+    teacher = write_tiny_bert(tmp / "teacher")
+    weights = teacher / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # an interrupted copy
+    return [f"teacher.path={teacher}"], [
+        f"teacher.path='{teacher}' holds a weights file that cannot be read, {weights}",
+        "truncated or damaged",
+        "save_pretrained",
+    ]
+
+
 INPUT_CASES: dict[str, tuple[list[str] | Setup, type, list[str]]] = {
     "model.path without tokenizer files": (model_path_without_tokenizer, ConfigError, []),
     "teacher.path without tokenizer files": (teacher_path_without_tokenizer, ConfigError, []),
@@ -437,6 +448,7 @@ INPUT_CASES: dict[str, tuple[list[str] | Setup, type, list[str]]] = {
             "max_position_embeddings 512",
         ],
     ),
+    "truncated teacher weights": (teacher_weights_truncated, ConfigError, []),
 }
 CASES.update(INPUT_CASES)
 

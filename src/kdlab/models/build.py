@@ -23,6 +23,7 @@ from typing import Annotated
 
 import torch
 from omegaconf import DictConfig
+from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoConfig,
     AutoTokenizer,
@@ -63,7 +64,8 @@ class ModelSource:
     :data:`TOKENIZER_FILES`).
 
     The config check refuses, before anything loads, a local path that does not exist, a
-    run directory given where its exported ``student/`` is meant, and a directory without
+    run directory given where its exported ``student/`` is meant, a model directory with a
+    truncated or damaged ``*.safetensors`` file (its header is read), and a directory without
     what is asked of it: without its tokenizer files ``AutoTokenizer`` would not fail but
     fall back to a tokenizer of the special tokens alone, reading every word as ``[UNK]``.
     Anything else that is not a local path is taken for a hub id.
@@ -82,6 +84,13 @@ class ModelSource:
                 return f"is a run directory: its exported model is {export}; point there"
             if self.model and not has_model:
                 return "is a directory without a saved model (no config.json)"
+            for weights in sorted(path.glob("*.safetensors")) if self.model else ():
+                if problem := _unreadable(weights):
+                    return (
+                        f"holds a weights file that cannot be read, {weights} ({problem}): it "
+                        "is truncated or damaged, e.g. by an interrupted copy or download; copy "
+                        "or save the model there again (`model.save_pretrained(<directory>)`)"
+                    )
             if self.tokenizer and not any((path / f).is_file() for f in TOKENIZER_FILES):
                 return (
                     f"is a directory without tokenizer files (none of {', '.join(TOKENIZER_FILES)}"
@@ -141,6 +150,16 @@ def _load(auto_class: type, path: str, key: str, **kwargs):
             f"Could not load '{path}' ({key}): {err}. If the Hugging Face hub is unreachable, "
             f"set {key}=<local directory with config.json and weights>."
         ) from err
+
+
+def _unreadable(weights: Path) -> str | None:
+    """Why the safetensors file ``weights`` cannot be read (its header, and whether the
+    file holds all it declares), or None; only the header is read."""
+    try:
+        with safe_open(weights, framework="pt"):
+            return None
+    except SafetensorError as err:
+        return str(err)
 
 
 def _check_vocabulary(model: PreTrainedModel, tokenizer: str, key: str = "model.tokenizer") -> None:
