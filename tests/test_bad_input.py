@@ -236,3 +236,14 @@ def test_teacher_with_a_trained_looking_head_is_not_warned_about(tmp_path, caplo
         model.classifier.bias.copy_(torch.tensor([0.013, -0.013]))  # as one step leaves it
     model.save_pretrained(trained)
     assert _untrained_head_warnings(trained, tmp_path, caplog) == []
+
+
+def test_an_unreachable_hub_teacher_is_one_error_naming_teacher_path(make_cfg):
+    # The test student (a random BERT) reads its tokenizer from ${teacher.path}.
+    cfg = make_cfg(extra=["teacher=bert_base", "teacher.path=bert-base-uncased"])
+    with pytest.raises(ConfigError) as err:
+        kdlab.train.run(cfg)
+    message = str(err.value)
+    assert message.startswith("Could not load 'bert-base-uncased' (teacher.path): ")
+    assert "model." not in message and "set teacher.path=<local directory" in message
+    assert err.value.__cause__ is None and err.value.__suppress_context__  # no chain

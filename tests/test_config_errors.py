@@ -449,6 +449,11 @@ INPUT_CASES: dict[str, tuple[list[str] | Setup, type, list[str]]] = {
         ],
     ),
     "truncated teacher weights": (teacher_weights_truncated, ConfigError, []),
+    "teacher=bert_base offline": (
+        ["teacher=bert_base", "teacher.path=bert-base-uncased"],
+        ConfigError,
+        ["Could not load 'bert-base-uncased' (teacher.path)", "set teacher.path=<local"],
+    ),
 }
 CASES.update(INPUT_CASES)
 

@@ -205,7 +205,8 @@ def check_node(
         value = _resolved(node, name, key)
         problem = check_value(value, hints.get(name), check_files=check_files)
         if problem:
-            source = _interpolated_from(node, name, key)
+            source = source_key(node._get_root(), f"{key}.{name}")
+            source = f" (from {source})" if source != f"{key}.{name}" else ""
             raise ConfigError(f"{key}.{name}={_show(value)}{source} {problem}.")
     for name, param in params.items():
         required = param.default is inspect.Parameter.empty
@@ -339,19 +340,27 @@ def _resolved(node: DictConfig, name: str, key: str) -> Any:
     return value
 
 
-def _interpolated_from(node: DictConfig, name: str, key: str) -> str:
-    """`` (from model.path)`` where ``node.name`` copies another key (``${.path}``): the key
-    the user set, to name in the message; else empty."""
-    if not OmegaConf.is_interpolation(node, name):
-        return ""
-    raw = str(node._get_node(name)._value())
-    match = re.fullmatch(r"\$\{(\.*)([\w.]+)\}", raw)
-    if match is None:
-        return f" (from {raw})"
-    dots, path = match.groups()
-    # ${.x} is a sibling of name; more dots go up from the node (OmegaConf's relative keys).
-    parents = key.split(".")[: len(key.split(".")) - max(len(dots) - 1, 0)] if dots else []
-    return f" (from {'.'.join([*parents, path])})"
+def source_key(cfg: DictConfig, key: str) -> str:
+    """The key the user sets for the dotted ``key`` of ``cfg``: the end of its chain of
+    plain interpolations (``model.tokenizer`` → ``${.path}`` → ``model.path`` →
+    ``${teacher.path}`` → ``teacher.path``), or ``key`` itself."""
+    seen = {key}
+    while True:
+        parent, _, name = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if not isinstance(node, DictConfig) or not OmegaConf.is_interpolation(node, name):
+            return key
+        match = re.fullmatch(r"\$\{(\.*)([\w.]+)\}", str(node._get_node(name)._value()))
+        if match is None:  # a resolver (${stage:...}) or a string around one: set here
+            return key
+        dots, target = match.groups()
+        # `${.x}` is a sibling of `name`, each further dot one level up (OmegaConf's rule).
+        parts = parent.split(".") if parent else []
+        base = parts[: len(parts) - (len(dots) - 1)] if dots else []
+        key = ".".join([*base, target])
+        if key in seen:
+            return key
+        seen.add(key)
 
 
 def _describe(annotation: Any) -> str:

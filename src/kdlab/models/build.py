@@ -146,10 +146,12 @@ def _load(auto_class: type, path: str, key: str, **kwargs):
     try:
         return auto_class.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as err:
+        # One message, not transformers' chain of hub errors: its first line says why.
+        why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(
-            f"Could not load '{path}' ({key}): {err}. If the Hugging Face hub is unreachable, "
+            f"Could not load '{path}' ({key}): {why} If the Hugging Face hub is unreachable, "
             f"set {key}=<local directory with config.json and weights>."
-        ) from err
+        ) from None
 
 
 def _unreadable(weights: Path) -> str | None:
