@@ -414,3 +414,23 @@ def test_realign_on_a_hub_split(tmp_path):
     assert (check.answers_fixed, check.answers_dropped, check.questions_dropped) == (1, 0, 0)
     assert fixed[row]["answers"]["answer_start"] == [good]
     assert fixed["id"] == questions["id"]
+
+
+# --- Issue 18: a damaged tokenised-dataset cache (i18-inputs) ---------------------------
+
+
+def test_a_truncated_tokenised_cache_is_deleted_and_rebuilt_with_a_warning(tmp_path, caplog):
+    write_glue(tmp_path / "glue", tasks=("sst2",))
+    overrides = [f"task.data_dir={tmp_path / 'glue' / 'SST-2'}", f"task.cache_dir={tmp_path}/c"]
+    task = compose(["task=sst2", *overrides, "run_dir=x"]).task
+    tokenizer = write_tokenizer(tmp_path / "tok")
+    first = build_task(task, tokenizer)
+    first.setup("fit")
+    (cached,) = (tmp_path / "c" / "sst2").glob("train-*.arrow")
+    cached.write_bytes(cached.read_bytes()[:-200])  # an interrupted write or copy
+    again = build_task(task, tokenizer)
+    with caplog.at_level(logging.WARNING, logger="kdlab.data.base"):
+        again.setup("fit")
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.startswith(f"Deleting {cached}, a damaged cache (")
+    assert again.splits["train"]["input_ids"] == first.splits["train"]["input_ids"]
