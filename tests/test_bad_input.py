@@ -247,3 +247,48 @@ def test_an_unreachable_hub_teacher_is_one_error_naming_teacher_path(make_cfg):
     assert message.startswith("Could not load 'bert-base-uncased' (teacher.path): ")
     assert "model." not in message and "set teacher.path=<local directory" in message
     assert err.value.__cause__ is None and err.value.__suppress_context__  # no chain
+
+
+def _load_messages(checkpoint: Path, head: str, caplog, monkeypatch) -> list[tuple[int, str]]:
+    import logging
+
+    from kdlab.models.build import _load_model
+
+    # transformers' loggers do not propagate to pytest's handler by default.
+    monkeypatch.setattr(logging.getLogger("transformers"), "propagate", True)
+    with caplog.at_level(logging.INFO):
+        _load_model(str(checkpoint), head, "model.path")
+    return [(r.levelno, r.getMessage()) for r in caplog.records if "Loading weights" not in r.msg]
+
+
+def test_a_new_head_on_a_base_checkpoint_is_said_once_at_info(tmp_path, caplog, monkeypatch):
+    import logging
+
+    base = tmp_path / "base"  # a checkpoint without any head, as MiniLM's package ships
+    config = BertConfig(
+        vocab_size=len(write_tokenizer(base)),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    BertModel(config).save_pretrained(base)
+    messages = _load_messages(base, "masked_lm", caplog, monkeypatch)
+    assert [m for level, m in messages if level >= logging.WARNING] == []
+    (info,) = [m for _, m in messages if "newly initialised" in m]
+    assert info.startswith(f"model.path={base} has no masked_lm head: newly initialised")
+    assert "cls.predictions.transform.dense.weight" in info
+    assert "not used by this head: pooler.dense.bias, pooler.dense.weight" in info
+
+
+def test_other_missing_or_unused_keys_keep_the_load_report(tmp_path, caplog, monkeypatch):
+    import logging
+
+    from tests.fixtures import write_tiny_bert
+
+    classifier = write_tiny_bert(tmp_path / "classifier")  # its classifier is not MLM's
+    messages = _load_messages(classifier, "masked_lm", caplog, monkeypatch)
+    # (pytest's capture sees transformers' records twice, with or without kdlab.)
+    reports = [m for level, m in messages if level >= logging.WARNING and "LOAD REPORT" in m]
+    assert reports and all("classifier.weight" in m and "UNEXPECTED" in m for m in reports)
+    assert not any("newly initialised" in m for _, m in messages)

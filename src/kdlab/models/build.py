@@ -137,8 +137,68 @@ def load_tokenizer(path: str, key: str) -> PreTrainedTokenizerBase:
 
 
 def _load_model(path: str, head: str, key: str, **kwargs) -> tuple[PreTrainedModel, dict]:
-    """The model with ``head`` at ``path``, and what loading it found missing or unused."""
-    return _load(HEADS[head].auto_class, path, key, output_loading_info=True, **kwargs)
+    """The model with ``head`` at ``path``, and what loading it found missing or unused.
+
+    ``transformers`` warns with a table of MISSING and UNEXPECTED keys (and, for a missing
+    MLM head, "This checkpoint seem corrupted") whenever a checkpoint lacks the new head,
+    which is what a new head means: that case is logged once, at INFO. Any other missing
+    or unused key keeps ``transformers``' warning.
+    """
+    held = _HeldLoadReport()
+    try:
+        model, info = _load(HEADS[head].auto_class, path, key, output_loading_info=True, **kwargs)
+    except BaseException:
+        held.release()  # the report explains a failed load: show it
+        raise
+    held.remove()
+    prefix = model.base_model_prefix + "."
+    new_head = sorted(k for k in info["missing_keys"] if not k.startswith(prefix))
+    unused = sorted(info["unexpected_keys"])
+    # The pooler is in a base checkpoint but not in every head's model (MLM, span heads).
+    expected = len(new_head) == len(info["missing_keys"]) and all(
+        "pooler" in k.removeprefix(prefix).split(".")[:1] for k in unused
+    )
+    if not expected:
+        held.release()
+    elif new_head or unused:
+        log.info(
+            "%s=%s has no %s head: newly initialised, as expected for a new head: %s%s",
+            key,
+            path,
+            head,
+            ", ".join(new_head) or "nothing",
+            f"; not used by this head: {', '.join(unused)}" if unused else "",
+        )
+    return model, info
+
+
+class _HeldLoadReport(logging.Filter):
+    """Holds back the load report of ``transformers`` (and its warning on the missing MLM
+    head) for :func:`_load_model` to show or replace."""
+
+    MARKS = ("LOAD REPORT", "This checkpoint seem corrupted")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.logger = logging.getLogger("transformers.modeling_utils")
+        self.logger.addFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if any(mark in record.getMessage() for mark in self.MARKS):
+            self.records.append(record)
+            return False
+        return True
+
+    def remove(self) -> None:
+        """Stop holding records back."""
+        self.logger.removeFilter(self)
+
+    def release(self) -> None:
+        """Stop holding records back and log those held."""
+        self.remove()
+        for record in self.records:
+            self.logger.handle(record)
 
 
 def _load(auto_class: type, path: str, key: str, **kwargs):
