@@ -81,6 +81,8 @@ def test_a_pipeline_runs_then_skips_then_reruns_only_what_is_missing(pipeline, t
     second = pipeline("three", STAGES)
     assert second.returncode == 0, second.stderr[-3000:]
     assert not any(r["ran"] for r in summary(tmp_path))
+    logged = second.stdout + second.stderr
+    assert "already finished" in logged and "other settings" not in logged  # the same command
     assert {s: os.stat(RunDir(tmp_path / "run" / s).metrics).st_mtime_ns for s in STAGES} == stamps
 
     RunDir(tmp_path / "run" / "tuned").metrics.unlink()
