@@ -178,3 +178,117 @@ def test_unknown_group_option_lists_valid_ones(tmp_path):
     message = proc.stdout + proc.stderr
     assert "no_such_model" in message
     assert "Available options" in message and "bert_tiny" in message
+
+
+# --- Issue 18: bad model inputs (i18-inputs) -------------------------------------------
+
+
+def test_tokenizer_far_smaller_than_the_embeddings_is_refused(teacher_dir, tmp_path):
+    # 7 tokens for the 42 rows the fixture model embeds: under the half the rule allows.
+    from transformers import BertTokenizerFast
+
+    small = tmp_path / "small_tok"
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world"]
+    BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}).save_pretrained(small)
+    cfg = compose(
+        [
+            "model=pretrained",
+            f"model.path={teacher_dir}",
+            f"model.tokenizer={small}",
+            f"run_dir={tmp_path}",
+        ]
+    )
+    with pytest.raises(ConfigError) as err:
+        build_student(cfg)
+    assert f"model.tokenizer={small} has 7 tokens, fewer than half of the 42" in str(err.value)
+    assert "at least half of the model's embedding rows" in str(err.value)
+
+
+def _untrained_head_warnings(teacher: Path, tmp_path: Path, caplog) -> list[str]:
+    import logging
+
+    from tests.conftest import build_teacher
+
+    cfg = compose(["teacher=local", f"teacher.path={teacher}", f"run_dir={tmp_path}"])
+    with caplog.at_level(logging.WARNING, logger="kdlab.models.build"):
+        build_teacher(cfg)
+    return [r.getMessage() for r in caplog.records if "looks untrained" in r.getMessage()]
+
+
+def test_teacher_with_a_freshly_initialised_head_is_named_in_a_warning(tmp_path, caplog):
+    from tests.fixtures import write_tiny_bert
+
+    fresh = write_tiny_bert(tmp_path / "fresh")  # save_pretrained of a new model: no training
+    (warning,) = _untrained_head_warnings(fresh, tmp_path, caplog)
+    assert f"teacher.path={fresh}" in warning
+    assert "classifier.bias, classifier.weight" in warning and "initializer_range 0.02" in warning
+
+
+def test_teacher_with_a_trained_looking_head_is_not_warned_about(tmp_path, caplog):
+    import torch
+    from transformers import BertForSequenceClassification
+
+    from tests.fixtures import write_tiny_bert
+
+    trained = write_tiny_bert(tmp_path / "trained")
+    model = BertForSequenceClassification.from_pretrained(trained)
+    with torch.no_grad():
+        model.classifier.bias.copy_(torch.tensor([0.013, -0.013]))  # as one step leaves it
+    model.save_pretrained(trained)
+    assert _untrained_head_warnings(trained, tmp_path, caplog) == []
+
+
+def test_an_unreachable_hub_teacher_is_one_error_naming_teacher_path(make_cfg):
+    # The test student (a random BERT) reads its tokenizer from ${teacher.path}.
+    cfg = make_cfg(extra=["teacher=bert_base", "teacher.path=bert-base-uncased"])
+    with pytest.raises(ConfigError) as err:
+        kdlab.train.run(cfg)
+    message = str(err.value)
+    assert message.startswith("Could not load 'bert-base-uncased' (teacher.path): ")
+    assert "model." not in message and "set teacher.path=<local directory" in message
+    assert err.value.__cause__ is None and err.value.__suppress_context__  # no chain
+
+
+def _load_messages(checkpoint: Path, head: str, caplog, monkeypatch) -> list[tuple[int, str]]:
+    import logging
+
+    from kdlab.models.build import _load_model
+
+    # transformers' loggers do not propagate to pytest's handler by default.
+    monkeypatch.setattr(logging.getLogger("transformers"), "propagate", True)
+    with caplog.at_level(logging.INFO):
+        _load_model(str(checkpoint), head, "model.path")
+    return [(r.levelno, r.getMessage()) for r in caplog.records if "Loading weights" not in r.msg]
+
+
+def test_a_new_head_on_a_base_checkpoint_is_said_once_at_info(tmp_path, caplog, monkeypatch):
+    import logging
+
+    base = tmp_path / "base"  # a checkpoint without any head, as MiniLM's package ships
+    config = BertConfig(
+        vocab_size=len(write_tokenizer(base)),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    BertModel(config).save_pretrained(base)
+    messages = _load_messages(base, "masked_lm", caplog, monkeypatch)
+    assert [m for level, m in messages if level >= logging.WARNING] == []
+    (info,) = [m for _, m in messages if "newly initialised" in m]
+    assert info.startswith(f"model.path={base} has no masked_lm head: newly initialised")
+    assert "cls.predictions.transform.dense.weight" in info
+    assert "not used by this head: pooler.dense.bias, pooler.dense.weight" in info
+
+
+def test_other_missing_or_unused_keys_keep_the_load_report(tmp_path, caplog, monkeypatch):
+    import logging
+
+    from tests.fixtures import write_tiny_bert
+
+    classifier = write_tiny_bert(tmp_path / "classifier")  # its classifier is not MLM's
+    messages = _load_messages(classifier, "masked_lm", caplog, monkeypatch)
+    # (pytest's capture sees transformers' records twice, with or without kdlab.)
+    reports = [m for level, m in messages if level >= logging.WARNING and "LOAD REPORT" in m]
+    assert reports and all("classifier.weight" in m and "UNEXPECTED" in m for m in reports)
+    assert not any("newly initialised" in m for _, m in messages)

@@ -345,6 +345,119 @@ CASES: dict[str, tuple[list[str] | Setup, type, list[str]]] = {
 }
 
 
+# --- Issue 18: bad model and data inputs (i18-inputs) ----------------------------------
+
+
+def _without_tokenizer(directory: Path) -> Path:
+    """``directory`` as ``model.save_pretrained`` alone leaves it: no tokenizer files."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        (directory / name).unlink()
+    return directory
+
+
+def model_path_without_tokenizer(glue_root, tmp):
+    bare = _without_tokenizer(write_tiny_bert(tmp / "bare"))
+    return ["method=finetune", "model=pretrained", f"model.path={bare}"], [
+        f"model.tokenizer='{bare}' (from model.path)",
+        "without tokenizer files",
+        f"save_pretrained('{bare}')",
+        "or set model.tokenizer",
+    ]
+
+
+def teacher_path_without_tokenizer(glue_root, tmp):
+    bare = _without_tokenizer(write_tiny_bert(tmp / "bare"))
+    return [f"teacher.path={bare}"], [
+        f"teacher.path='{bare}'",
+        "without tokenizer files",
+        f"save_pretrained('{bare}')",
+    ]
+
+
+def squad_training_file_without_questions(glue_root, tmp):
+    def edit(paragraph):
+        pass
+
+    overrides, path = squad_task(tmp, edit)
+    path.write_text(json.dumps({"data": []}))
+    return overrides, [f"{path} (task.train_file) has no train questions"]
+
+
+def corpus_longer_than_the_positions(glue_root, tmp):
+    overrides = corpus_task(tmp, write_corpus(tmp / "corpus") / "a.txt")
+    model = tmp / "mlm"
+    overrides = [o for o in overrides if not o.startswith("task.max_seq_length")]
+    return [*overrides, "task.max_seq_length=10000"], [
+        "task.max_seq_length=10000 exceeds the 64 positions of",
+        f"model.path={model} (max_position_embeddings 64)",
+        "task.max_seq_length=64 or less",
+    ]
+
+
+def glue_longer_than_the_teachers_positions(glue_root, tmp):
+    return ["task.max_seq_length=100"], [
+        "task.max_seq_length=100 exceeds the 64 positions of teacher.path=",
+        "(max_position_embeddings 64)",
+    ]
+
+
+def teacher_weights_truncated(glue_root, tmp):
+    teacher = write_tiny_bert(tmp / "teacher")
+    weights = teacher / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # an interrupted copy
+    return [f"teacher.path={teacher}"], [
+        f"teacher.path='{teacher}' holds a weights file that cannot be read, {weights}",
+        "truncated or damaged",
+        "save_pretrained",
+    ]
+
+
+INPUT_CASES: dict[str, tuple[list[str] | Setup, type, list[str]]] = {
+    "model.path without tokenizer files": (model_path_without_tokenizer, ConfigError, []),
+    "teacher.path without tokenizer files": (teacher_path_without_tokenizer, ConfigError, []),
+    "SQuAD training file without questions": (
+        squad_training_file_without_questions,
+        DataFormatError,
+        [],
+    ),
+    "trainer=gpu without a GPU": (
+        ["trainer=gpu"],
+        ConfigError,
+        ["trainer.accelerator=gpu", "Lightning cannot use them here"],
+    ),
+    "trainer.devices not a count": (
+        ["trainer.devices=abc"],
+        ConfigError,
+        ["trainer.accelerator=cpu trainer.devices=abc", "Lightning cannot use them here"],
+    ),
+    "max_seq_length beyond the student's positions": (
+        corpus_longer_than_the_positions,
+        ConfigError,
+        [],
+    ),
+    "max_seq_length beyond the teacher's positions": (
+        glue_longer_than_the_teachers_positions,
+        ConfigError,
+        [],
+    ),
+    "max_seq_length beyond a new BERT's positions": (
+        ["method=finetune", "task.max_seq_length=1000"],
+        ConfigError,
+        [
+            "task.max_seq_length=1000 exceeds the 512 positions of model=bert_L2_H128",
+            "max_position_embeddings 512",
+        ],
+    ),
+    "truncated teacher weights": (teacher_weights_truncated, ConfigError, []),
+    "teacher=bert_base offline": (
+        ["teacher=bert_base", "teacher.path=bert-base-uncased"],
+        ConfigError,
+        ["Could not load 'bert-base-uncased' (teacher.path)", "set teacher.path=<local"],
+    ),
+}
+CASES.update(INPUT_CASES)
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_fails_before_any_model_loads(
     name, make_cfg, glue_root, tmp_path, no_model_loads

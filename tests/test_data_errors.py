@@ -231,6 +231,56 @@ def squad_hub_span_does_not_match(tmp_path, monkeypatch) -> Case:
     return lambda: load_squad(_squad_task(None, None)), DataFormatError, [where]
 
 
+# --- Issue 18 (bad inputs): SQuAD values, ids and empty files --------------------------
+
+
+def squad_answer_start_not_a_number(tmp_path, monkeypatch) -> Case:
+    def edit(articles):
+        _qa(articles, 1, 2)["answers"][0]["answer_start"] = "abc"
+
+    train, dev, path = _squad_files(tmp_path, edit)
+    where = f"{path}: article 1 ('article 1'), question a1q2: answers[0] has answer_start='abc'"
+    return lambda: load_squad(_squad_task(train, dev)), DataFormatError, [where]
+
+
+def squad_duplicate_id_in_validation(tmp_path, monkeypatch) -> Case:
+    def edit(articles):
+        _qa(articles, 2, 1)["id"] = "a0q3"
+
+    train, dev, path = _squad_files(tmp_path, edit, in_validation=True)
+    where = f"{path}: article 2 ('article 2'), question a0q3: the question id 'a0q3'"
+    return lambda: load_squad(_squad_task(train, dev)), DataFormatError, [where, "own id"]
+
+
+def squad_hub_duplicate_id_in_validation(tmp_path, monkeypatch) -> Case:
+    columns = read_squad_json(write_squad(tmp_path / "hub.json", seed=3))
+    columns["id"][5] = columns["id"][1]
+    hub = datasets.DatasetDict(
+        {s: datasets.Dataset.from_dict(columns, features=FEATURES) for s in ("train", "validation")}
+    )
+    monkeypatch.setattr("datasets.load_dataset", lambda *args, **kwargs: hub)
+    where = "hub dataset rajpurkar/squad (split validation): article 'article 1', question a0q1"
+    return lambda: load_squad(_squad_task(None, None)), DataFormatError, [where, "own id"]
+
+
+def _squad_without_questions(tmp_path: Path, in_validation: bool) -> Case:
+    def edit(articles):
+        articles.clear()
+
+    train, dev, path = _squad_files(tmp_path, edit, in_validation)
+    key, split = ("validation_file", "validation") if in_validation else ("train_file", "train")
+    expected = f"{path} (task.{key}) has no {split} questions"
+    return lambda: load_squad(_squad_task(train, dev)), DataFormatError, [expected]
+
+
+def squad_training_file_without_questions(tmp_path, monkeypatch) -> Case:
+    return _squad_without_questions(tmp_path, in_validation=False)
+
+
+def squad_validation_file_without_questions(tmp_path, monkeypatch) -> Case:
+    return _squad_without_questions(tmp_path, in_validation=True)
+
+
 CASES = [
     tsv_not_utf8_past_first_buffer,
     tsv_not_utf8_after_bom,
@@ -249,6 +299,12 @@ CASES = [
     squad_validation_answer_not_in_context_even_realigned,
     squad_not_utf8,
     squad_hub_span_does_not_match,
+    # Issue 18 (bad inputs)
+    squad_answer_start_not_a_number,
+    squad_duplicate_id_in_validation,
+    squad_hub_duplicate_id_in_validation,
+    squad_training_file_without_questions,
+    squad_validation_file_without_questions,
 ]
 
 
@@ -358,3 +414,23 @@ def test_realign_on_a_hub_split(tmp_path):
     assert (check.answers_fixed, check.answers_dropped, check.questions_dropped) == (1, 0, 0)
     assert fixed[row]["answers"]["answer_start"] == [good]
     assert fixed["id"] == questions["id"]
+
+
+# --- Issue 18: a damaged tokenised-dataset cache (i18-inputs) ---------------------------
+
+
+def test_a_truncated_tokenised_cache_is_deleted_and_rebuilt_with_a_warning(tmp_path, caplog):
+    write_glue(tmp_path / "glue", tasks=("sst2",))
+    overrides = [f"task.data_dir={tmp_path / 'glue' / 'SST-2'}", f"task.cache_dir={tmp_path}/c"]
+    task = compose(["task=sst2", *overrides, "run_dir=x"]).task
+    tokenizer = write_tokenizer(tmp_path / "tok")
+    first = build_task(task, tokenizer)
+    first.setup("fit")
+    (cached,) = (tmp_path / "c" / "sst2").glob("train-*.arrow")
+    cached.write_bytes(cached.read_bytes()[:-200])  # an interrupted write or copy
+    again = build_task(task, tokenizer)
+    with caplog.at_level(logging.WARNING, logger="kdlab.data.base"):
+        again.setup("fit")
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.startswith(f"Deleting {cached}, a damaged cache (")
+    assert again.splits["train"]["input_ids"] == first.splits["train"]["input_ids"]

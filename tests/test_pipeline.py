@@ -81,6 +81,8 @@ def test_a_pipeline_runs_then_skips_then_reruns_only_what_is_missing(pipeline, t
     second = pipeline("three", STAGES)
     assert second.returncode == 0, second.stderr[-3000:]
     assert not any(r["ran"] for r in summary(tmp_path))
+    logged = second.stdout + second.stderr
+    assert "already finished" in logged and "other settings" not in logged  # the same command
     assert {s: os.stat(RunDir(tmp_path / "run" / s).metrics).st_mtime_ns for s in STAGES} == stamps
 
     RunDir(tmp_path / "run" / "tuned").metrics.unlink()
@@ -235,3 +237,52 @@ def test_ranks_other_than_0_go_on_with_rank_0_or_stop_with_it(tmp_path, monkeypa
     started = time.monotonic()
     assert run_stage("teacher", None, run_dir, lambda stage_cfg: {}) == {}
     assert time.monotonic() - started >= 0.5
+
+
+# --- Issue 18: a reused finished stage names the settings that differ (i18-inputs) --------
+
+
+def test_a_finished_stage_reused_with_other_overrides_names_them(
+    tmp_path, glue_root, teacher_dir, monkeypatch, caplog
+):
+    import logging
+    from types import SimpleNamespace
+
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from kdlab.rundir import save_config
+    from tests.conftest import CONF_DIR
+
+    base = [*pipeline_overrides(tmp_path, glue_root, teacher_dir), "method=finetune"]
+
+    def fake_run(stage_cfg):
+        # What a finished stage leaves: config.yaml (with its run id) and metrics.json.
+        run_dir = RunDir(stage_cfg.run_dir)
+        run_dir.path.mkdir(parents=True)
+        stage_cfg.run_id = "first"
+        stage_cfg.trainer.accumulate_grad_batches = 1
+        save_config(stage_cfg, run_dir)
+        metrics = {"main_metric": "accuracy", "method": "finetune"}
+        metrics["student"] = {"name": "tiny", "params": 1}
+        run_dir.metrics.write_text(json.dumps(metrics))
+        return metrics
+
+    def invoke(*extra: str) -> str:
+        command = OmegaConf.create([*base, *extra])
+        hydra = SimpleNamespace(overrides=SimpleNamespace(task=command))
+        monkeypatch.setattr(kdlab.pipeline.HydraConfig, "get", lambda: hydra)
+        cfg = kdlab.pipeline.stage_config([*base, *extra], str(tmp_path / "run"), {}, "", "x")
+        cfg.pipeline = {"only": ["task.max_seq_length=16"]}
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="kdlab.pipeline"):
+            kdlab.pipeline.run_pipeline(cfg, fake_run)
+        return " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        assert invoke() == ""  # the first invocation runs the stage
+        assert invoke() == ""  # the same overrides: skipped without a warning
+        warning = invoke("optim.lr=0.001", "task.batch_size=4")
+    assert "Stage 'only' already finished" in warning
+    assert "optim.lr: 5e-05 → 0.001; task.batch_size: 8 → 4" in warning
+    assert "run_id" not in warning and "overwrite=true" in warning

@@ -38,7 +38,7 @@ def device_count(trainer: DictConfig) -> int:
             devices = accelerator_cls.auto_device_count()
         parsed = accelerator_cls.parse_devices(devices)
         return len(accelerator_cls.get_parallel_devices(parsed))
-    except (KeyError, ValueError, MisconfigurationException) as err:
+    except (KeyError, TypeError, ValueError, MisconfigurationException) as err:
         raise ConfigError(
             f"trainer.accelerator={trainer.accelerator} trainer.devices={trainer.devices}: "
             f"Lightning cannot use them here ({err})."

@@ -12,7 +12,8 @@ module and one YAML file; adding a model builder is one function and one YAML fi
 (``???``) values, then every component against its target's signature
 (:func:`kdlab.validation.check_node`), then each target's ``check_config(cfg)`` rules across
 keys (a classmethod, or a builder function's :func:`kdlab.validation.with_config_check`),
-then the trainer's and the root's keys, and the global batch (:mod:`kdlab.batching`).
+then the trainer's and the root's keys, the devices (every run, not only one with a global
+batch) and the global batch (:mod:`kdlab.batching`).
 """
 
 import dataclasses
@@ -25,7 +26,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
-from kdlab.batching import accumulate_grad_batches
+from kdlab.batching import accumulate_grad_batches, device_count
 from kdlab.errors import ConfigError
 from kdlab.validation import NonNegativeInt, check_node, check_value, closest, missing_keys
 
@@ -181,6 +182,7 @@ def _validate(cfg: DictConfig, check_files: bool) -> None:
         if check is not None:
             check(cfg)
     _check_trainer(cfg.trainer)
+    device_count(cfg.trainer)  # Lightning would refuse these only after the models load
     accumulate_grad_batches(cfg)  # a global batch the devices do not divide fails here
 
 

@@ -9,7 +9,9 @@ composed and checked before the first stage starts. A stage whose ``metrics.json
 finished and skipped; one with ``checkpoints/last.ckpt`` resumes from it; one that stopped
 before its first checkpoint (its directory holds its ``config.yaml`` and logs, nothing to
 resume from) starts again from scratch, its remains removed. So re-running an interrupted
-pipeline continues at its first unfinished stage. With ``overwrite=true`` on the command
+pipeline continues at its first unfinished stage. A finished stage is reused even where this
+invocation's overrides would train it otherwise: a warning then lists the keys whose values
+differ from its ``config.yaml``. With ``overwrite=true`` on the command
 line every stage starts afresh, finished or not.
 
 The stages of one pipeline are one group of W&B runs (``run_group``: the pipeline's run
@@ -36,6 +38,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from kdlab.batching import accumulate_grad_batches
 from kdlab.components import validate
 from kdlab.rundir import RunDir
 
@@ -73,7 +76,7 @@ def run_pipeline(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> list[tup
     for name, stage_cfg in configs.items():
         run_dir = RunDir(dirs[name])
         if run_dir.finished and not stage_cfg.overwrite:
-            log.info("Stage '%s' already finished (%s): skipping it.", name, run_dir.metrics)
+            _log_reuse(name, stage_cfg, run_dir)
             results.append((name, json.loads(run_dir.metrics.read_text())))
             continue
         _continue_or_restart(name, stage_cfg, run_dir)
@@ -149,6 +152,60 @@ def _flatten(overrides: list) -> Iterator[str]:
             yield from _flatten(item)
         else:
             yield item
+
+
+# Keys of a stage's config.yaml that differ between invocations without changing what the
+# stage trains: its ids, where it and its sibling stages live, and how it was started.
+_PLACEMENT_KEYS = ("run_id", "run_dir", "run_group", "stage_dirs", "ckpt_path", "overwrite")
+
+
+def _log_reuse(name: str, stage_cfg: DictConfig, run_dir: RunDir) -> None:
+    """Say that a finished stage is skipped, and warn when it was trained with other
+    settings than this invocation's (:func:`changed_settings`): its results stay in use."""
+    changes = []
+    if run_dir.config.is_file():
+        changes = changed_settings(OmegaConf.load(run_dir.config), stage_cfg)
+    if not changes:
+        log.info("Stage '%s' already finished (%s): skipping it.", name, run_dir.metrics)
+        return
+    log.warning(
+        "Stage '%s' already finished (%s) with other settings than this run's, and its "
+        "results are reused as they are: %s. To train it with this run's settings, delete "
+        "%s or set overwrite=true (which retrains every stage).",
+        name,
+        run_dir.metrics,
+        "; ".join(changes),
+        run_dir.path,
+    )
+
+
+def changed_settings(saved: DictConfig, current: DictConfig) -> list[str]:
+    """``key: old → new`` for each dotted key whose value differs between a finished
+    stage's ``config.yaml`` (``saved``, resolved) and this invocation's config of the stage
+    (``current``), sorted; keys that say where and how a run started
+    (``_PLACEMENT_KEYS``) are left out.
+    """
+    old = _flat(OmegaConf.to_container(saved, resolve=True))
+    new = _flat(OmegaConf.to_container(current, resolve=True))
+    # config.yaml records the derived accumulation, not the configured one.
+    new["trainer.accumulate_grad_batches"] = accumulate_grad_batches(current)
+    unset = "<unset>"
+    return [
+        f"{key}: {old.get(key, unset)} → {new.get(key, unset)}"
+        for key in sorted(old.keys() | new.keys())
+        if key.split(".")[0] not in _PLACEMENT_KEYS and old.get(key, unset) != new.get(key, unset)
+    ]
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
+    """``{"a.b": value}`` for the leaves of nested dicts (lists are values)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _continue_or_restart(name: str, stage_cfg: DictConfig, run_dir: RunDir) -> None:

@@ -55,6 +55,7 @@ from kdlab.pruning import Pruner, compacted_copy
 from kdlab.pruning.callback import PruningCallback
 from kdlab.rundir import RunDir, claim_run_dir
 from kdlab.summary import pipeline_table, summary_table, table_console
+from kdlab.validation import source_key
 
 log = logging.getLogger("kdlab")
 
@@ -90,7 +91,7 @@ def assemble(cfg: DictConfig) -> Assembly:
     before any model loads: what fails cheaply fails first.
     """
     method_cls = target_of(cfg, "method")
-    tokenizer = load_tokenizer(cfg.model.tokenizer, _tokenizer_key(cfg.model))
+    tokenizer = load_tokenizer(cfg.model.tokenizer, source_key(cfg, "model.tokenizer"))
     if method_cls.traits.requires_teacher:
         check_same_tokenizer(load_tokenizer(cfg.teacher.path, "teacher.path"), tokenizer)
     built = _build(
@@ -164,11 +165,6 @@ def _build(cfg: DictConfig, steps: list[Step], **given: Any) -> dict[str, Any]:
             case _:  # optim, teacher, pruning, logger, trainer
                 given[step.group] = component
     return built
-
-
-def _tokenizer_key(model_cfg: DictConfig) -> str:
-    # Most presets read the tokenizer from model.path: name the key the user sets.
-    return "model.path" if model_cfg.tokenizer == model_cfg.get("path") else "model.tokenizer"
 
 
 def run(cfg: DictConfig) -> dict:

@@ -18,6 +18,7 @@ given to a builder function by :func:`with_config_check`.
 import difflib
 import inspect
 import operator
+import re
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -73,18 +74,22 @@ NonNegativeInt = Annotated[int, Range(ge=0)]
 Builder = TypeVar("Builder", bound=Callable)
 
 
-def with_config_check(check: Callable[[DictConfig], None]) -> Callable[[Builder], Builder]:
-    """Decorator giving a builder function rules across keys: ``check`` becomes its
-    ``check_config``, where :mod:`kdlab.components` looks for every target's rules (a class
-    states them as a ``check_config`` classmethod).
+def with_config_check(*checks: Callable[[DictConfig], None]) -> Callable[[Builder], Builder]:
+    """Decorator giving a builder function rules across keys: ``checks``, in order, become
+    its ``check_config``, where :mod:`kdlab.components` looks for every target's rules (a
+    class states them as a ``check_config`` classmethod).
 
     Args:
-        check: called with the whole composed config before anything loads; raises
+        checks: each called with the whole composed config before anything loads; raise
             :class:`~kdlab.errors.ConfigError`.
     """
 
+    def check_config(cfg: DictConfig) -> None:
+        for check in checks:
+            check(cfg)
+
     def attach(builder: Builder) -> Builder:
-        builder.check_config = check
+        builder.check_config = check_config
         return builder
 
     return attach
@@ -200,7 +205,9 @@ def check_node(
         value = _resolved(node, name, key)
         problem = check_value(value, hints.get(name), check_files=check_files)
         if problem:
-            raise ConfigError(f"{key}.{name}={_show(value)} {problem}.")
+            source = source_key(node._get_root(), f"{key}.{name}")
+            source = f" (from {source})" if source != f"{key}.{name}" else ""
+            raise ConfigError(f"{key}.{name}={_show(value)}{source} {problem}.")
     for name, param in params.items():
         required = param.default is inspect.Parameter.empty
         if required and name not in runtime and name not in node:
@@ -331,6 +338,29 @@ def _resolved(node: DictConfig, name: str, key: str) -> Any:
         except OmegaConfBaseException as err:
             raise ConfigError(f"{key}.{name} cannot be resolved: {err}") from None
     return value
+
+
+def source_key(cfg: DictConfig, key: str) -> str:
+    """The key the user sets for the dotted ``key`` of ``cfg``: the end of its chain of
+    plain interpolations (``model.tokenizer`` → ``${.path}`` → ``model.path`` →
+    ``${teacher.path}`` → ``teacher.path``), or ``key`` itself."""
+    seen = {key}
+    while True:
+        parent, _, name = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if not isinstance(node, DictConfig) or not OmegaConf.is_interpolation(node, name):
+            return key
+        match = re.fullmatch(r"\$\{(\.*)([\w.]+)\}", str(node._get_node(name)._value()))
+        if match is None:  # a resolver (${stage:...}) or a string around one: set here
+            return key
+        dots, target = match.groups()
+        # `${.x}` is a sibling of `name`, each further dot one level up (OmegaConf's rule).
+        parts = parent.split(".") if parent else []
+        base = parts[: len(parts) - (len(dots) - 1)] if dots else []
+        key = ".".join([*base, target])
+        if key in seen:
+            return key
+        seen.add(key)
 
 
 def _describe(annotation: Any) -> str:

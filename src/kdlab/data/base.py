@@ -3,6 +3,7 @@ a training order that resumes exactly (at an epoch boundary or mid-epoch) and lo
 leave the global RNG alone."""
 
 import abc
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar, Literal, TypedDict
@@ -20,6 +21,8 @@ from typing_extensions import Unpack
 
 from kdlab.errors import ConfigError
 from kdlab.validation import NonNegativeInt, PositiveInt
+
+log = logging.getLogger(__name__)
 
 # Batch key of each training example's row in ``train_split()`` (``[B]`` int64), present once
 # ``index_training_rows`` is called: outputs computed once per row (the teacher-output
@@ -207,6 +210,12 @@ class TokenizedDataModule(L.LightningDataModule, abc.ABC):
         key = Hasher.hash([split._fingerprint, self.tokenizer, *settings])
         path = self.cache_dir / self.task.name / f"{name}-{key}.arrow"
         path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_file():
+            try:  # datasets would fail on a damaged file naming neither it nor the cache
+                datasets.Dataset.from_file(str(path))
+            except (OSError, ValueError) as err:  # ArrowInvalid is a ValueError
+                log.warning("Deleting %s, a damaged cache (%s), to tokenise again.", path, err)
+                path.unlink(missing_ok=True)
         return str(path)
 
     def process_share(self) -> dict[str, int]:

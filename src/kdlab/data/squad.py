@@ -23,7 +23,7 @@ from typing_extensions import Unpack
 from kdlab.data.base import TaskOptions, TokenizedDataModule, train_subset
 from kdlab.data.squad_json import COLUMNS, AnswerCheck, read_squad_json
 from kdlab.data.transfer import TransferOptions, sized
-from kdlab.errors import ConfigError
+from kdlab.errors import ConfigError, DataFormatError
 from kdlab.qa.metrics import SquadMetrics
 from kdlab.validation import NonNegativeInt, PositiveInt, Range
 
@@ -83,6 +83,13 @@ def load_squad(task: DictConfig) -> datasets.DatasetDict:
                 read_squad_json(path, check), features=FEATURES
             )
             check.log_summary(f"task.{key}={path}")
+            if not splits[split].num_rows:
+                # Training on none would export an untrained student; scoring none, a 0.
+                raise DataFormatError(
+                    f"{path} (task.{key}) has no {split} questions"
+                    + (" left after task.realign_answers" if check.questions_dropped else "")
+                    + ": point the key at a SQuAD file with questions."
+                )
         else:
             hub_splits.append(split)
     if hub_splits:
@@ -129,6 +136,7 @@ def check_hub_answers(
     for i in range(len(questions)):
         row = {name: columns[name][i] for name in COLUMNS}
         where = _hub_where(source, row["title"], row["id"])
+        check.question_id(row["id"], where)
         row["answers"] = check.answers(row["context"], row["answers"], where)
         if row["answers"] is None:
             continue

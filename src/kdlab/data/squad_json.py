@@ -4,7 +4,7 @@ and checking their gold answers against their contexts."""
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kdlab.data.textfile import not_utf8_error
@@ -65,11 +65,29 @@ class AnswerCheck:
     answers_fixed: int = 0
     answers_dropped: int = 0
     questions_dropped: int = 0
+    _ids: set[str] = field(default_factory=set, repr=False)
 
     @property
     def changed(self) -> bool:
         """Whether any answer or question was fixed or dropped."""
         return bool(self.answers_fixed or self.answers_dropped or self.questions_dropped)
+
+    def question_id(self, qid: str, where: Callable[[], str]) -> None:
+        """Refuse a validation question id seen before in the split: predictions are keyed
+        by id, so the metrics would silently score one of the two questions only.
+
+        Raises:
+            DataFormatError: naming the source and the id.
+        """
+        if self.split == "train":
+            return
+        if qid in self._ids:
+            raise DataFormatError(
+                f"{where()}: the question id {qid!r} is used by an earlier question too; "
+                "validation predictions are matched by id, so one of them would not be "
+                "scored. Give every question its own id."
+            )
+        self._ids.add(qid)
 
     def answers(self, context: str, answers: dict, where: Callable[[], str]) -> dict | None:
         """A question's checked answers (``{"text": [...], "answer_start": [...]}``).
@@ -220,7 +238,8 @@ def read_squad_json(path: Path, check: AnswerCheck | None = None) -> dict[str, l
                 context = paragraph["context"]
                 for qa in paragraph["qas"]:
                     where = _where(path, a, title, qa["id"])
-                    answers = check.answers(context, _answers(qa), where)
+                    check.question_id(qa["id"], where)
+                    answers = check.answers(context, _answers(qa, where), where)
                     if answers is None:
                         continue
                     row = (qa["id"], title, context, qa["question"], answers)
@@ -233,12 +252,20 @@ def read_squad_json(path: Path, check: AnswerCheck | None = None) -> dict[str, l
     return columns
 
 
-def _answers(qa: dict) -> dict[str, list]:
+def _answers(qa: dict, where: Callable[[], str]) -> dict[str, list]:
     answers = [] if qa.get("is_impossible", False) else qa["answers"]
-    return {
-        "text": [x["text"] for x in answers],
-        "answer_start": [int(x["answer_start"]) for x in answers],
-    }
+    starts = []
+    for k, answer in enumerate(answers):
+        start = answer["answer_start"]
+        if isinstance(start, str) and start.strip().lstrip("-").isdigit():
+            start = int(start)  # "12": a number written as a string, still an offset
+        if isinstance(start, bool) or not isinstance(start, int):
+            raise DataFormatError(
+                f"{where()}: answers[{k}] has answer_start={start!r}, which is not a "
+                "character offset (a whole number >= 0). Fix it in the file."
+            )
+        starts.append(start)
+    return {"text": [x["text"] for x in answers], "answer_start": starts}
 
 
 def _where(path: Path, article: int, title: str, qid: str) -> Callable[[], str]:

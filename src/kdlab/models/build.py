@@ -16,11 +16,14 @@ one of the functions below, with the task's head and labels passed by the run:
 """
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 import torch
 from omegaconf import DictConfig
+from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoConfig,
     AutoTokenizer,
@@ -42,25 +45,60 @@ log = logging.getLogger(__name__)
 TASK_ATTRIBUTE = "kdlab_task"
 
 
+# Files of which a saved tokenizer has at least one (fast, WordPiece, BPE, SentencePiece).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
+
+
+@dataclass(frozen=True)
 class ModelSource:
-    """``Annotated[str, ModelSource()]``: a hub id or a local directory with a saved model.
+    """``Annotated[str, ModelSource()]``: a hub id or a local directory with a saved model
+    (``model``: its ``config.json``) and/or its tokenizer (``tokenizer``: one of
+    :data:`TOKENIZER_FILES`).
 
     The config check refuses, before anything loads, a local path that does not exist, a
-    run directory given where its exported ``student/`` is meant, and a directory that
-    holds no saved model; anything else that is not a local path is taken for a hub id.
+    run directory given where its exported ``student/`` is meant, a model directory with a
+    truncated or damaged ``*.safetensors`` file (its header is read), and a directory without
+    what is asked of it: without its tokenizer files ``AutoTokenizer`` would not fail but
+    fall back to a tokenizer of the special tokens alone, reading every word as ``[UNK]``.
+    Anything else that is not a local path is taken for a hub id.
     """
 
+    model: bool = True
+    tokenizer: bool = False
     touches_files = True
 
     def violation(self, value: str) -> str | None:
         path = Path(value).expanduser()
         if path.is_dir():
-            if (path / "config.json").is_file() or (path / "tokenizer_config.json").is_file():
-                return None
+            has_model = (path / "config.json").is_file()
             export = RunDir(path).student
-            if (export / "config.json").is_file():
+            if not has_model and (export / "config.json").is_file():
                 return f"is a run directory: its exported model is {export}; point there"
-            return "is a directory without a saved model (no config.json)"
+            if self.model and not has_model:
+                return "is a directory without a saved model (no config.json)"
+            for weights in sorted(path.glob("*.safetensors")) if self.model else ():
+                if problem := _unreadable(weights):
+                    return (
+                        f"holds a weights file that cannot be read, {weights} ({problem}): it "
+                        "is truncated or damaged, e.g. by an interrupted copy or download; copy "
+                        "or save the model there again (`model.save_pretrained(<directory>)`)"
+                    )
+            if self.tokenizer and not any((path / f).is_file() for f in TOKENIZER_FILES):
+                return (
+                    f"is a directory without tokenizer files (none of {', '.join(TOKENIZER_FILES)}"
+                    "), so every word would read as [UNK]: save the model's tokenizer there, "
+                    f"`AutoTokenizer.from_pretrained(<its source>).save_pretrained('{path}')`"
+                    + ("" if self.model else ", or set model.tokenizer to where it is saved")
+                )
+            return None
         if path.exists():
             return "is a file, not a model directory"
         if _looks_local(value):
@@ -69,6 +107,9 @@ class ModelSource:
 
 
 ModelPath = Annotated[str, ModelSource()]
+# A teacher's tokenizer is read from its directory too.
+TeacherPath = Annotated[str, ModelSource(tokenizer=True)]
+TokenizerPath = Annotated[str, ModelSource(model=False, tokenizer=True)]
 
 
 def _looks_local(value: str) -> bool:
@@ -96,8 +137,68 @@ def load_tokenizer(path: str, key: str) -> PreTrainedTokenizerBase:
 
 
 def _load_model(path: str, head: str, key: str, **kwargs) -> tuple[PreTrainedModel, dict]:
-    """The model with ``head`` at ``path``, and what loading it found missing or unused."""
-    return _load(HEADS[head].auto_class, path, key, output_loading_info=True, **kwargs)
+    """The model with ``head`` at ``path``, and what loading it found missing or unused.
+
+    ``transformers`` warns with a table of MISSING and UNEXPECTED keys (and, for a missing
+    MLM head, "This checkpoint seem corrupted") whenever a checkpoint lacks the new head,
+    which is what a new head means: that case is logged once, at INFO. Any other missing
+    or unused key keeps ``transformers``' warning.
+    """
+    held = _HeldLoadReport()
+    try:
+        model, info = _load(HEADS[head].auto_class, path, key, output_loading_info=True, **kwargs)
+    except BaseException:
+        held.release()  # the report explains a failed load: show it
+        raise
+    held.remove()
+    prefix = model.base_model_prefix + "."
+    new_head = sorted(k for k in info["missing_keys"] if not k.startswith(prefix))
+    unused = sorted(info["unexpected_keys"])
+    # The pooler is in a base checkpoint but not in every head's model (MLM, span heads).
+    expected = len(new_head) == len(info["missing_keys"]) and all(
+        "pooler" in k.removeprefix(prefix).split(".")[:1] for k in unused
+    )
+    if not expected:
+        held.release()
+    elif new_head or unused:
+        log.info(
+            "%s=%s has no %s head: newly initialised, as expected for a new head: %s%s",
+            key,
+            path,
+            head,
+            ", ".join(new_head) or "nothing",
+            f"; not used by this head: {', '.join(unused)}" if unused else "",
+        )
+    return model, info
+
+
+class _HeldLoadReport(logging.Filter):
+    """Holds back the load report of ``transformers`` (and its warning on the missing MLM
+    head) for :func:`_load_model` to show or replace."""
+
+    MARKS = ("LOAD REPORT", "This checkpoint seem corrupted")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.logger = logging.getLogger("transformers.modeling_utils")
+        self.logger.addFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if any(mark in record.getMessage() for mark in self.MARKS):
+            self.records.append(record)
+            return False
+        return True
+
+    def remove(self) -> None:
+        """Stop holding records back."""
+        self.logger.removeFilter(self)
+
+    def release(self) -> None:
+        """Stop holding records back and log those held."""
+        self.remove()
+        for record in self.records:
+            self.logger.handle(record)
 
 
 def _load(auto_class: type, path: str, key: str, **kwargs):
@@ -105,27 +206,86 @@ def _load(auto_class: type, path: str, key: str, **kwargs):
     try:
         return auto_class.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as err:
+        # One message, not transformers' chain of hub errors: its first line says why.
+        why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(
-            f"Could not load '{path}' ({key}): {err}. If the Hugging Face hub is unreachable, "
+            f"Could not load '{path}' ({key}): {why} If the Hugging Face hub is unreachable, "
             f"set {key}=<local directory with config.json and weights>."
-        ) from err
+        ) from None
 
 
-def _check_vocabulary(model: PreTrainedModel, tokenizer: str) -> None:
-    """Refuse a tokenizer with ids beyond the model's embedding table."""
-    size = len(load_tokenizer(tokenizer, "model.tokenizer"))
-    if size > model.config.vocab_size:
+def _unreadable(weights: Path) -> str | None:
+    """Why the safetensors file ``weights`` cannot be read (its header, and whether the
+    file holds all it declares), or None; only the header is read."""
+    try:
+        with safe_open(weights, framework="pt"):
+            return None
+    except SafetensorError as err:
+        return str(err)
+
+
+def _check_vocabulary(model: PreTrainedModel, tokenizer: str, key: str = "model.tokenizer") -> None:
+    """Refuse a tokenizer with ids beyond the model's embedding table, or one that reaches
+    less than half of it: the rows a checkpoint pads its table with are a few, so a
+    tokenizer that small is not the one the model was trained with (e.g. the fallback of a
+    directory without tokenizer files, its special tokens alone)."""
+    size = len(load_tokenizer(tokenizer, key))
+    embedded = model.config.vocab_size
+    if size > embedded or 2 * size < embedded:
+        rule = "more than" if size > embedded else "fewer than half of"
         raise ConfigError(
-            f"model.tokenizer={tokenizer} has {size} tokens but the model embeds only "
-            f"{model.config.vocab_size}: use the tokenizer the model was trained with."
+            f"{key}={tokenizer} has {size} tokens, {rule} the {embedded} the model embeds "
+            "(a tokenizer must cover at least half of the model's embedding rows and no "
+            "more): use the tokenizer the model was trained with."
         )
 
 
+# Families whose position ids start after the padding index: they embed
+# max_position_embeddings minus this many tokens (RoBERTa's 514 rows hold 512).
+POSITION_OFFSETS = {"roberta": 2, "xlm-roberta": 2, "camembert": 2}
+
+
+def _check_length(cfg: DictConfig, limit: int, source: str) -> None:
+    """Refuse a ``task.max_seq_length`` beyond the ``limit`` positions ``source`` embeds:
+    the data would be tokenised, the model loaded, and the first batch fail."""
+    if cfg.task.max_seq_length > limit:
+        raise ConfigError(
+            f"task.max_seq_length={cfg.task.max_seq_length} exceeds the {limit} positions of "
+            f"{source}: set task.max_seq_length={limit} or less."
+        )
+
+
+def _check_saved_length(key: str) -> Callable[[DictConfig], None]:
+    """The check of ``task.max_seq_length`` against the saved model at ``<key>.path``, read
+    from its ``config.json`` alone; a hub id, or a directory an earlier pipeline stage has
+    yet to write, is not known before it loads."""
+
+    def check(cfg: DictConfig) -> None:
+        path = cfg[key].path
+        if not (Path(str(path)).expanduser() / "config.json").is_file():
+            return
+        config = _load(AutoConfig, path, f"{key}.path")
+        offset = POSITION_OFFSETS.get(config.model_type, 0)
+        rule = f"max_position_embeddings {config.max_position_embeddings}" + (
+            f" minus the {config.model_type} offset {offset}" if offset else ""
+        )
+        _check_length(cfg, config.max_position_embeddings - offset, f"{key}.path={path} ({rule})")
+
+    return check
+
+
+def _check_new_bert_length(cfg: DictConfig) -> None:
+    # random_bert leaves BertConfig's default (the released miniatures have it too).
+    limit = BertConfig().max_position_embeddings
+    _check_length(cfg, limit, f"model={cfg.model.name} (a BERT of max_position_embeddings {limit})")
+
+
+@with_config_check(_check_saved_length("model"))
 def pretrained(
     *,
     name: str,
     path: ModelPath,
-    tokenizer: ModelPath,
+    tokenizer: TokenizerPath,
     attn_implementation: str | None = None,
     head: str,
     labels: list[str] | None,
@@ -146,11 +306,12 @@ def pretrained(
     return model
 
 
+@with_config_check(_check_saved_length("model"))
 def truncated(
     *,
     name: str,
     path: ModelPath,
-    tokenizer: ModelPath,
+    tokenizer: TokenizerPath,
     num_layers: PositiveInt,
     attn_implementation: str | None = None,
     head: str,
@@ -177,6 +338,7 @@ def truncated(
     return model
 
 
+@with_config_check(_check_new_bert_length)
 def random_bert(
     *,
     name: str,
@@ -184,7 +346,7 @@ def random_bert(
     hidden_size: PositiveInt,
     head_dim: PositiveInt = 64,
     intermediate_size: PositiveInt | None = None,
-    tokenizer: ModelPath,
+    tokenizer: TokenizerPath,
     init_seed: int = 0,
     pretrained: bool = False,
     attn_implementation: str | None = None,
@@ -274,12 +436,12 @@ def _check_teacher_copy(cfg: DictConfig) -> None:
         ) from None
 
 
-@with_config_check(_check_teacher_copy)
+@with_config_check(_check_teacher_copy, _check_saved_length("model"))
 def teacher_copy(
     *,
     name: str,
     path: ModelPath,
-    tokenizer: ModelPath,
+    tokenizer: TokenizerPath,
     target: PruneTarget,
     random_init: bool = False,
     init_seed: int = 0,
@@ -315,10 +477,11 @@ def teacher_copy(
     return model
 
 
+@with_config_check(_check_saved_length("teacher"))
 def teacher(
     *,
     name: str,
-    path: ModelPath,
+    path: TeacherPath,
     attn_implementation: str | None = None,
     require_trained_head: bool = True,
     head: str,
@@ -359,8 +522,36 @@ def teacher(
     new_head = [k for k in info["missing_keys"] if not k.startswith(model.base_model_prefix)]
     if must_have_head and new_head:
         raise ConfigError(_no_head(path, head, task, f"missing {new_head[:3]}", hint))
+    if must_have_head:
+        _warn_if_head_untrained(model, path)
+    _check_vocabulary(model, path, "teacher.path")
     log.info("Teacher %s: %s", name, path)
     return model.eval().requires_grad_(False)
+
+
+def _warn_if_head_untrained(model: PreTrainedModel, path: str) -> None:
+    """Warn when the teacher's head looks as ``transformers`` initialises one: every bias
+    exactly 0 and the matrices' spread that of ``initializer_range``. A saved head need not
+    be a trained one (``save_pretrained`` on a fresh model), and one trained step already
+    moves its biases off 0."""
+    prefix = model.base_model_prefix + "."
+    head = {n: p for n, p in model.named_parameters() if not n.startswith(prefix)}
+    biases = [p for n, p in head.items() if n.endswith("bias")]
+    matrices = [p for p in head.values() if p.dim() == 2]
+    init = getattr(model.config, "initializer_range", None)
+    if not biases or not matrices or init is None:
+        return  # nothing to tell a trained head by
+    std = torch.cat([p.detach().flatten().float() for p in matrices]).std().item()
+    if all(not p.any() for p in biases) and 0.5 * init < std < 1.5 * init:
+        log.warning(
+            "teacher.path=%s: its head (%s) looks untrained: every bias is 0 and its weights "
+            "spread as initialised (std %.4f, initializer_range %g). Distilling from it "
+            "teaches noise; use a teacher fine-tuned on this task.",
+            path,
+            ", ".join(sorted(head)),
+            std,
+            init,
+        )
 
 
 def _check_teacher_task(
