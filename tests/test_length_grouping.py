@@ -189,6 +189,24 @@ def assert_sorted_equals_unsorted(datamodule, model, key=None, tolerance=None) -
     return found
 
 
+def test_sorted_evaluation_gives_each_process_its_share_once(make_cfg):
+    datamodule = build_datamodule(make_cfg(extra=["task.eval_batch_size=4"]))
+    datamodule.setup("fit")
+    split = datamodule.splits["validation"]
+    split = split.select(range(len(split) // 2 * 2 - 1))  # odd: a padding sampler repeats one
+    split = split.add_column("row", list(range(len(split))))
+    lengths = token_lengths(split)
+    shares = []
+    for rank in (0, 1):
+        rows = [
+            r for b in datamodule.eval_loader(split, num_replicas=2, rank=rank) for r in b["row"]
+        ]
+        assert list(lengths[rows]) == sorted(lengths[rows], reverse=True)
+        shares.append(rows)
+    # Every example once over both processes, none repeated to even out the shares.
+    assert sorted(shares[0] + shares[1]) == list(range(len(split)))
+
+
 @pytest.mark.parametrize(
     ("task", "names"),
     [("sst2", {"accuracy"}), ("mrpc", {"f1", "accuracy"}), ("stsb", {"pearson", "spearman"})],
