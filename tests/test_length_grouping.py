@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 
-from kdlab.data.base import MEGA_BATCH_STEPS, EpochSeededSampler, token_lengths
+from kdlab.data.base import MEGA_BATCH_STEPS, EpochSeededSampler, ResumableLoader, token_lengths
+from kdlab.errors import ConfigError
 from kdlab.models.heads import forward
 from tests.conftest import build_datamodule, compose
 from tests.fixtures import write_squad, write_tiny_qa_bert
@@ -102,6 +103,29 @@ def test_a_grouped_step_holds_the_one_device_steps_examples(replicas, batch, acc
     for k, micro in enumerate(steps_of(padded, replicas * batch)):
         for r in range(replicas):
             assert shares[r][k * batch : (k + 1) * batch] == micro[r::replicas]
+
+
+def test_a_mid_epoch_position_loads_only_into_the_same_order():
+    lengths = synthetic_lengths(64)
+
+    def loader(step: int | None) -> ResumableLoader:
+        grouping = {} if step is None else {"lengths": lengths, "step": step}
+        return ResumableLoader(
+            range(64), batch_size=8, sampler=EpochSeededSampler(64, 5, **grouping)
+        )
+
+    source = loader(16)
+    iterator = iter(source)
+    for _ in range(3):
+        next(iterator)
+    position = source.state_dict()
+    for other, saying in [(None, "random"), (32, "grouped in steps of 32")]:
+        with pytest.raises(ConfigError, match=f"grouped in steps of 16, this run's is {saying}"):
+            loader(other).load_state_dict(position)
+    resumed = loader(16)
+    resumed.load_state_dict(position)
+    whole = [batch.tolist() for batch in loader(16)]
+    assert [batch.tolist() for batch in resumed] == whole[3:]
 
 
 # ---------------------------------------------------------------------------- datamodule

@@ -140,16 +140,26 @@ class ResumableLoader(StatefulDataLoader):
     :class:`EpochSeededSampler`.
 
     The position counts this process's examples of its share, so it is loaded only into a
-    loader with the same share (processes and batch size); another is refused before
-    anything trains. (Lightning loads it only to resume mid-epoch.)
+    loader with the same share (processes and batch size) and the same order (random, or
+    grouped by length in steps of as many examples); another is refused before anything
+    trains. (Lightning loads it only to resume mid-epoch.)
 
     Raises:
-        ConfigError: from ``load_state_dict``, for a position of another share.
+        ConfigError: from ``load_state_dict``, for a position of another share or order.
     """
 
     def state_dict(self) -> dict:
         share = [self.sampler.num_replicas, self.batch_size]
-        return {**super().state_dict(), _SAMPLER_EPOCH: self.sampler.epoch, _SHARE: share}
+        return {
+            **super().state_dict(),
+            _SAMPLER_EPOCH: self.sampler.epoch,
+            _SHARE: share,
+            _GROUPED_STEP: self._grouped_step(),
+        }
+
+    def _grouped_step(self) -> int | None:
+        """Examples per step of a length-grouped order; None for a random one."""
+        return None if self.sampler.lengths is None else self.sampler.step
 
     def load_state_dict(self, state_dict: dict) -> None:
         state = dict(state_dict)
@@ -163,6 +173,19 @@ class ResumableLoader(StatefulDataLoader):
                 f"{saved[0]} process(es) (trainer.devices x trainer.num_nodes) and "
                 f"task.batch_size={saved[1]}, or from a checkpoint written at the end of an epoch."
             )
+        # Checkpoints from before length grouping hold no step: their order was random.
+        saved_step, step = state.pop(_GROUPED_STEP, None), self._grouped_step()
+        if saved_step != step:
+            order = {
+                s: "random" if s is None else f"grouped in steps of {s}" for s in (saved_step, step)
+            }
+            raise ConfigError(
+                f"The checkpoint was written mid-epoch with the training order {order[saved_step]}, "
+                f"this run's is {order[step]} (task.group_by_length, task.batch_size x processes "
+                "x trainer.accumulate_grad_batches): the loader's position in the epoch cannot "
+                "be carried over. Resume it with the same settings, or from a checkpoint written "
+                "at the end of an epoch."
+            )
         if _SAMPLER_EPOCH in state:
             self.sampler.set_epoch(state.pop(_SAMPLER_EPOCH))
         super().load_state_dict(state)
@@ -170,6 +193,7 @@ class ResumableLoader(StatefulDataLoader):
 
 _SAMPLER_EPOCH = "kdlab_sampler_epoch"
 _SHARE = "kdlab_share"  # [processes, batch size]
+_GROUPED_STEP = "kdlab_grouped_step"  # examples per step of a length-grouped order, or None
 
 
 def train_subset(train: datasets.Dataset, task: DictConfig) -> datasets.Dataset:
