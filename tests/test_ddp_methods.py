@@ -187,6 +187,24 @@ def test_teacher_methods_train_as_on_one_device(data, tmp_path, method, task, ca
     assert_logged_validation_is_the_final_evaluation(distributed)
 
 
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_length_grouped_steps_train_as_on_one_device(data, tmp_path, accumulate):
+    # task.group_by_length groups the order in optimizer steps over all processes and
+    # micro-batches (16 or 32 examples here, on one device and on two), so each step trains
+    # on the same examples as on one device. With 2 micro-batches, 48 examples are steps of
+    # 32 and 16 an epoch, and the third step is in the second epoch.
+    extra = [
+        "trainer.max_epochs=2",
+        "task.group_by_length=true",
+        "method.cache_teacher=false",
+        f"trainer.accumulate_grad_batches={accumulate}",
+    ]
+    overrides = glue_run(data, tmp_path, "kd", "sst2", extra)
+    single, distributed = train_both(overrides, tmp_path)
+    assert_same_steps(single, distributed)
+    assert_logged_validation_is_the_final_evaluation(distributed)
+
+
 def test_mixkd_trains_as_on_one_device(data, tmp_path):
     # MixKD's own random draws, fixed by the seed and the batch's position: both processes
     # draw partners and λ for the whole batch of 16 as one device does, and mix their

@@ -34,6 +34,7 @@ def test_loaders_pin_batches_only_for_a_cuda_trainer(glue_root, tmp_path, device
     datamodule.trainer = SimpleNamespace(
         strategy=SimpleNamespace(root_device=torch.device(device, 0)),
         distributed_sampler_kwargs=None,
+        accumulate_grad_batches=1,
     )
     loaders = [datamodule.train_dataloader(), *datamodule.val_dataloader()]
     assert [loader.pin_memory for loader in loaders] == [pinned] * len(loaders)

@@ -157,7 +157,7 @@ def _build(cfg: DictConfig, steps: list[Step], **given: Any) -> dict[str, Any]:
                 if "pruning" in built:
                     # Drawn after the models are built: a loader's iterator draws from the
                     # global RNG, which must not change their initial weights.
-                    fixed_batch = next(iter(built["task"].val_dataloader()[0]))
+                    fixed_batch = next(iter(built["task"].val_dataloader(by_length=False)[0]))
                     callback = PruningCallback(built["pruning"], fixed_batch, run_path)
                     given["extra_callbacks"].append(callback)
             case "callbacks":
@@ -296,7 +296,8 @@ def evaluate_and_export(cfg: DictConfig, parts: Assembly, run_dir: RunDir) -> di
     if cfg.eval.speed_batches > 0:
         timing = time_inference(
             {"teacher": teacher, "student": exported},
-            datamodule.val_dataloader()[0],
+            # In dataset order: the first batches of a sorted one are the longest.
+            datamodule.val_dataloader(by_length=False)[0],
             cfg.eval.speed_batches,
         )
         timing["speedup"] = timing["teacher_ms_per_batch"] / timing["student_ms_per_batch"]

@@ -31,6 +31,7 @@ class ClassificationOptions(TaskOptions):
     labels: list[str] | None  # class names in label-id order; None = regression
     metrics: list[Literal[tuple(METRICS)]]  # logged as val/<name>
     train_fraction: Annotated[float, Range(gt=0, le=1)] | None
+    group_by_length: bool  # training steps of similar lengths (EpochSeededSampler)
     augment: NotRequired[BackTranslationOptions | None]  # set by augment=backtranslation
     transfer: NotRequired[TransferOptions | None]  # set by transfer=...: unlabelled training
 
@@ -142,10 +143,14 @@ class TextClassificationDataModule(TokenizedDataModule, abc.ABC):
     def train_split(self) -> datasets.Dataset:
         return self.splits["train"]
 
-    def val_dataloader(self) -> list[DataLoader]:
+    def val_dataloader(self, by_length: bool = True) -> list[DataLoader]:
+        """One loader per validation split, longest batches first unless ``by_length`` is
+        False (:meth:`eval_loader`)."""
         share = self.process_share()
         return [
-            self.eval_loader(self.splits[s], **share) for s in EVAL_PREFIXES if s in self.splits
+            self.eval_loader(self.splits[s], **share, by_length=by_length)
+            for s in EVAL_PREFIXES
+            if s in self.splits
         ]
 
     def test_dataloader(self) -> DataLoader:

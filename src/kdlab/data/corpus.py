@@ -386,10 +386,11 @@ class CorpusDataModule(TokenizedDataModule):
     def train_split(self) -> datasets.Dataset:
         return self.splits["train"]
 
-    def val_dataloader(self) -> list[DataLoader]:
+    def val_dataloader(self, by_length: bool = True) -> list[DataLoader]:
         # Validation is masked once (fixed positions), so batches only need stacking.
         validation = self.splits["validation"].with_format("torch")
-        return [self.eval_loader(validation, default_data_collator, **self.process_share())]
+        share = self.process_share()
+        return [self.eval_loader(validation, default_data_collator, **share, by_length=by_length)]
 
 
 def _write_chunks(

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Annotated, NotRequired, TypedDict
 
 import datasets
+import numpy as np
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 from typing_extensions import Unpack
 
-from kdlab.data.base import TaskOptions, TokenizedDataModule, train_subset
+from kdlab.data.base import TaskOptions, TokenizedDataModule, token_lengths, train_subset
 from kdlab.data.squad_json import COLUMNS, AnswerCheck, read_squad_json
 from kdlab.data.transfer import TransferOptions, sized
 from kdlab.errors import ConfigError, DataFormatError
@@ -255,6 +256,7 @@ class SquadOptions(TaskOptions):
     max_answer_length: PositiveInt
     null_score_diff_threshold: float
     train_fraction: Annotated[float, Range(gt=0, le=1)] | None
+    group_by_length: bool  # training steps of similar lengths (EpochSeededSampler)
     transfer: NotRequired[TransferOptions | None]  # set by transfer=...: unlabelled training
 
 
@@ -363,8 +365,20 @@ class SquadDataModule(TokenizedDataModule):
     def train_split(self) -> datasets.Dataset:
         return self._batches("train")
 
-    def val_dataloader(self) -> list[DataLoader]:
-        return [self.eval_loader(self._batches("validation"), **self.process_share())]
+    def val_dataloader(self, by_length: bool = True) -> list[DataLoader]:
+        """The validation windows, longest first unless ``by_length`` is False. A window
+        sorts by its example's longest window, so that an example's windows stay together
+        and :class:`~kdlab.qa.metrics.SquadMetrics` holds few of them at a time."""
+        lengths = None
+        if by_length:
+            windows = self.features["validation"]
+            examples = windows.with_format("arrow")["example_index"].to_numpy()
+            longest = np.zeros(examples.max(initial=-1) + 1, dtype=np.int64)
+            np.maximum.at(longest, examples, token_lengths(windows))
+            lengths = longest[examples]
+        batches = self._batches("validation")
+        share = self.process_share()
+        return [self.eval_loader(batches, **share, by_length=by_length, lengths=lengths)]
 
     def _batches(self, split: str) -> datasets.Dataset:
         """The split's windows with only the columns a batch carries."""

@@ -21,6 +21,13 @@ batch's position (epoch, batch index in the epoch), not from the global random s
 resumed run draws what an uninterrupted one did without any generator state in its
 checkpoint.
 
+Partners are drawn within the batch, so with ``task.group_by_length`` (each optimizer
+step's examples of similar length, :class:`~kdlab.data.base.EpochSeededSampler`) examples
+of similar lengths pair up: the mask ``max(m_i, m_j)`` of a mixed sequence then covers
+little more than either example, and the mixed batch pads as little as the batch does.
+Without grouping a short sentence is as likely to be mixed with a long one as with another
+short one.
+
 Under DDP they are drawn as one device draws them, for the whole batch of W processes:
 every process draws the same ``perm`` and ``λ`` over the ``W × B`` examples, in the order
 one device holds them (process ``r``'s ``k``-th example is example ``k·W + r``, see

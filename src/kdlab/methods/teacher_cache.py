@@ -147,8 +147,8 @@ class TeacherCache:
         fields: what the key is made of (:func:`key_fields`).
         rows: the training split's length ``N``.
         head: the task's head (``kdlab.models.heads.HEADS`` key).
-        batches: the training split in dataset order, batched for the teacher (called once
-            per build).
+        batches: the training split batched for the teacher, in any order, each batch with
+            its rows (``ROW_INDEX``) (called once per build).
         about: facts the manifest records for people (teacher path, task), not in the key.
     """
 
@@ -249,11 +249,14 @@ class TeacherCache:
 
     @torch.no_grad()
     def _build(self, teacher: PreTrainedModel) -> dict[str, Tensor]:
-        """One eval pass of the teacher over the split in dataset order: float16 outputs."""
+        """One eval pass of the teacher over the split (batches in any order, carrying their
+        rows): float16 outputs in row order."""
         device = next(teacher.parameters()).device
         teacher.eval()
         parts: dict[str, list[Tensor]] = {name: [] for name in self.names}
+        rows = []
         for batch in self.batches():
+            rows.append(batch[ROW_INDEX])
             batch = {k: v.to(device) for k, v in batch.items()}
             outputs = forward(teacher, batch, self.head)
             for name in self.names:
@@ -268,8 +271,9 @@ class TeacherCache:
             self.teacher_batches += 1
             self.teacher_examples += batch["input_ids"].size(0)
         # Joined outside autocast: CPU autocast's cat refuses float16 inputs (torch 2.13).
+        position = torch.cat(rows).argsort()  # [rows]: where each row's output came
         with torch.autocast("cpu", enabled=False):
-            return {name: torch.cat(chunks) for name, chunks in parts.items()}
+            return {name: torch.cat(chunks)[position] for name, chunks in parts.items()}
 
     def _publish(self, outputs: dict[str, Tensor], seconds: float) -> None:
         """Write the outputs and their manifest and publish them (:func:`kdlab.publish.publish`)."""
@@ -392,6 +396,8 @@ def teacher_cache(teacher: PreTrainedModel, datamodule: TokenizedDataModule) -> 
         fields=key_fields(teacher, datamodule.tokenizer, split._fingerprint, max_len, head),
         rows=len(split),
         head=head,
-        batches=lambda: datamodule.eval_loader(split, collate_fn=collate),
+        batches=lambda: datamodule.eval_loader(
+            split.add_column(ROW_INDEX, list(range(len(split)))), collate_fn=collate
+        ),
         about={"task": datamodule.task.name, "teacher": teacher.name_or_path},
     )

@@ -136,6 +136,10 @@ class SquadMetrics(SplitMetrics):
             self._finish(example)
         if not self._golds:
             return {}
+        # predictions.json in dataset order, whatever order the windows came in.
+        order = [qid for qid in self.examples["id"] if qid in self._predictions]
+        self._predictions = {qid: self._predictions[qid] for qid in order}
+        self._null_odds = {qid: self._null_odds[qid] for qid in order if qid in self._null_odds}
         if self.with_negative:
             metrics = squad_v2(self._golds, self._predictions, self._null_odds)
             self._files = {
