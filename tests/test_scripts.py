@@ -3,6 +3,7 @@ command the experiments run composes and passes the config check, and the KD ste
 benchmark runs end to end at smoke scale (its offline fallback: tiny teacher, random batches)."""
 
 import importlib.util
+import itertools
 import json
 
 import pytest
@@ -34,17 +35,23 @@ def test_mixkd_student_commands_validate(tmp_path, monkeypatch, teacher_dir):
     run = load_script("experiments/mixkd/run.py")
     monkeypatch.setattr(run, "OUT", tmp_path)
     for task in run.TASKS:
+        # The fixture teacher has 64 positions.
+        monkeypatch.setitem(run.TASKS[task], "seq", 64)
         teacher = RunDir(tmp_path / f"teacher-{task}").student
         teacher.parent.mkdir()
         teacher.symlink_to(teacher_dir)
     checked = 0
     for task in run.TASKS:
         for fraction in run.FRACTIONS:
-            for method in run.METHODS:
-                run_dir, overrides = run.student_command(task, fraction, method, 2, 7, 16, 1e-4)
+            for method, grouped in itertools.product(run.METHODS, (False, True)):
+                run_dir, overrides = run.student_command(
+                    task, fraction, method, 2, 7, 16, 1e-4, grouped
+                )
                 cfg = command_config(overrides)
                 validate(cfg)
                 assert cfg.run_dir == str(run_dir)
+                assert cfg.task.group_by_length is grouped
+                assert (run_dir.parts[-4] == "grouped") is grouped
                 assert cfg.teacher.path == str(RunDir(tmp_path / f"teacher-{task}").student)
                 assert (cfg.task.name, cfg.task.train_fraction) == (task, fraction)
                 assert (cfg.trainer.max_steps, cfg.seed, cfg.optim.lr) == (7, 2, 1e-4)
@@ -52,7 +59,7 @@ def test_mixkd_student_commands_validate(tmp_path, monkeypatch, teacher_dir):
                 if method == "mixkd_kd":
                     assert cfg.method.kd_alpha == 0.5
                 checked += 1
-    assert checked == len(run.TASKS) * len(run.FRACTIONS) * len(run.METHODS)
+    assert checked == len(run.TASKS) * len(run.FRACTIONS) * len(run.METHODS) * 2
 
 
 def test_mixkd_teacher_commands_validate():

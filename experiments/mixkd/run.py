@@ -93,10 +93,24 @@ def teacher_command(task: str) -> tuple[Path, list[str]]:
     ]
 
 
+def student_dir(task: str, fraction: float, method: str, seed: int, grouped: bool) -> Path:
+    """Runs on length-grouped batches (``task.group_by_length``) live under ``grouped/``."""
+    return (
+        OUT / ("grouped" if grouped else "") / task / f"frac{fraction:g}" / f"{method}-seed{seed}"
+    )
+
+
 def student_command(
-    task: str, fraction: float, method: str, seed: int, steps: int, batch: int, lr: float
+    task: str,
+    fraction: float,
+    method: str,
+    seed: int,
+    steps: int,
+    batch: int,
+    lr: float,
+    grouped: bool = False,
 ) -> tuple[Path, list[str]]:
-    run_dir = OUT / task / f"frac{fraction:g}" / f"{method}-seed{seed}"
+    run_dir = student_dir(task, fraction, method, seed, grouped)
     teacher = RunDir(OUT / f"teacher-{task}").student
     return run_dir, [
         *METHODS[method],
@@ -107,6 +121,7 @@ def student_command(
         f"task.max_seq_length={TASKS[task]['seq']}",
         f"task.batch_size={batch}",
         f"task.train_fraction={fraction}",
+        f"task.group_by_length={str(grouped).lower()}",
         f"optim.lr={lr}",
         f"seed={seed}",
         f"trainer.max_steps={steps}",
@@ -181,7 +196,7 @@ def aggregate(seeds: list[int]) -> str:
             for method in METHODS:
                 accs = []
                 for seed in seeds:
-                    run_dir = OUT / task / f"frac{fraction:g}" / f"{method}-seed{seed}"
+                    run_dir = student_dir(task, fraction, method, seed, grouped=False)
                     metrics = RunDir(run_dir).metrics
                     if not metrics.is_file():
                         continue
@@ -203,6 +218,39 @@ def aggregate(seeds: list[int]) -> str:
     return "\n\n".join(sections) + "\n"
 
 
+def aggregate_grouping(seeds: list[int], tasks: list[str], methods: list[str]) -> str:
+    """Random against length-grouped batches, full training sets: dev accuracy (mean ± std
+    over the seeds found) and the grouped/random ratios of the median step time and of the
+    mean run wall time (training, evaluation and start-up)."""
+    lines = [
+        "| task | method | random batches | grouped batches | step time grouped/random "
+        "| run time grouped/random |",
+        "|---|---|---|---|---|---|",
+    ]
+    for task, method in itertools.product(tasks, methods):
+        cells, steps, walls = [], {}, {}
+        for grouped in (False, True):
+            accs, step, wall = [], [], []
+            for seed in seeds:
+                run_dir = student_dir(task, 1.0, method, seed, grouped)
+                if not RunDir(run_dir).finished:
+                    continue
+                metrics = json.loads(RunDir(run_dir).metrics.read_text())
+                accs.append(metrics["student"]["val/accuracy"])
+                wall.append(metrics["wall_time_s"])
+                if (median := median_step_time(run_dir)) is not None:
+                    step.append(median)
+            std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            cells.append(f"{statistics.mean(accs):.3f} ± {std:.3f} ({len(accs)})" if accs else "-")
+            steps[grouped] = statistics.mean(step) if step else None
+            walls[grouped] = statistics.mean(wall) if wall else None
+        ratios = [
+            f"{d[True] / d[False]:.2f}×" if d[True] and d[False] else "-" for d in (steps, walls)
+        ]
+        lines.append(f"| {task} | {method} | {' | '.join(cells)} | {' | '.join(ratios)} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
@@ -217,7 +265,15 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each run")
     parser.add_argument("--aggregate-only", action="store_true")
+    parser.add_argument(
+        "--group-by-length",
+        choices=["off", "both"],
+        default="off",
+        help="both: every student run also on length-grouped batches (under outputs/grouped/), "
+        "and grouping.md compares the two on the full training sets",
+    )
     args = parser.parse_args()
+    arms = [False, True] if args.group_by_length == "both" else [False]
 
     if not args.aggregate_only:
         if "KDLAB_DATA_DIR" not in os.environ:
@@ -227,15 +283,19 @@ def main() -> None:
             # Seed-major order: every cell gets its first seed before any gets a second.
             runs = [
                 student_command(
-                    t, f, m, s, args.steps or TASKS[t]["student_steps"], args.batch_size, args.lr
+                    t, f, m, s, args.steps or TASKS[t]["student_steps"], args.batch_size, args.lr, g
                 )
-                for s, t, f, m in itertools.product(
-                    args.seeds, args.tasks, args.fractions, args.methods
+                for s, t, f, m, g in itertools.product(
+                    args.seeds, args.tasks, args.fractions, args.methods, arms
                 )
             ]
             list(pool.map(lambda r: launch(*r, args.threads), runs))
-    table = aggregate(args.seeds)
-    (HERE / "results.md").write_text(table)
+    if args.group_by_length == "both":
+        table = aggregate_grouping(args.seeds, args.tasks, args.methods)
+        (HERE / "grouping.md").write_text(table)
+    else:
+        table = aggregate(args.seeds)
+        (HERE / "results.md").write_text(table)
     sys.stdout.write(table)
 
 
