@@ -6,6 +6,7 @@ a run takes its directory (:func:`claim_run_dir`: refuse, clear or resume, the r
 ``kdlab.compact`` and ``kdlab.report`` read them back, and the tests check them.
 """
 
+import fnmatch
 import logging
 import os
 import secrets
@@ -42,6 +43,30 @@ HYDRA_CONFIG = "config.yaml"
 HYDRA_OVERRIDES = "overrides.yaml"
 # Hydra's job log (hydra/job_logging default): ${hydra.job.name}.log, e.g. train.log.
 JOB_LOG_GLOB = "*.log"
+# The record of a job, written for it whether or not it ever runs: Hydra's files and the
+# error of a job that failed. It neither makes a directory a run nor is foreign to one.
+JOB_RECORD = (HYDRA_DIR, JOB_LOG_GLOB, ERROR)
+# Everything a run writes (patterns): the above, the CSV logger's folder (conf/logger/csv) and
+# the evaluation files of a split (SQuAD's predictions.json, test_null_odds.json, ...).
+# overwrite=true removes these and nothing else.
+RUN_FILES = (
+    *JOB_RECORD,
+    CONFIG,
+    RUN_ID,
+    METRICS,
+    STUDENT,
+    CHECKPOINTS,
+    PRUNING_HISTORY,
+    PRUNING_PLOT,
+    PIPELINE_SUMMARY,
+    WANDB_DIR,
+    "csv",
+    "*predictions.json",
+    "*null_odds.json",
+)
+# Keys of every resolved config.yaml a run writes: a config.yaml with them is a run's, even
+# without its run_id.txt (which a user may have deleted to start its W&B run afresh).
+_RUN_CONFIG_KEYS = {"run_dir", "run_id", "method", "task", "model", "trainer"}
 
 
 @dataclass(frozen=True)
@@ -135,6 +160,29 @@ class RunDir:
         return sorted(self.path.glob(JOB_LOG_GLOB))
 
     @property
+    def is_run(self) -> bool:
+        """Whether a kdlab run has claimed the directory: it wrote ``run_id.txt`` first, then a
+        ``config.yaml`` with kdlab's root keys. A ``config.yaml`` of any other shape (a user's
+        own) is not a run's."""
+        if self.run_id.is_file():
+            return True
+        try:
+            keys = set(OmegaConf.load(self.config).keys()) if self.config.is_file() else set()
+        except Exception:  # not YAML, not a mapping: not a config kdlab wrote
+            return False
+        return keys >= _RUN_CONFIG_KEYS
+
+    def foreign_entries(self, patterns: tuple[str, ...]) -> list[Path]:
+        """The entries of the directory whose names match none of ``patterns``."""
+        if not self.path.is_dir():
+            return []
+        return [
+            entry
+            for entry in sorted(self.path.iterdir())
+            if not any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in patterns)
+        ]
+
+    @property
     def finished(self) -> bool:
         """Whether the run wrote its metrics (the last thing a run does)."""
         return self.metrics.is_file()
@@ -151,15 +199,15 @@ class RunDir:
         return [path for path in marks if path.exists()]
 
     def clear(self) -> list[Path]:
-        """Remove everything in the directory but Hydra's record of the job about to run
-        (``.hydra/`` and the job log, which Hydra has just rewritten): the earlier run's
-        config, checkpoints (no stale ``best.ckpt`` beside a new one), metrics, student,
-        logs, evaluation outputs and pruning history.
+        """Remove what an earlier run wrote (:data:`RUN_FILES`) but Hydra's record of the job
+        about to run (``.hydra/`` and the job log): its config, checkpoints (no stale
+        ``best.ckpt`` beside a new one), metrics, student, logger files, evaluation outputs
+        and pruning history. Anything else in the directory is left alone.
 
         Returns:
             The entries removed.
         """
-        kept = {self.hydra_dir, *self.job_logs}
+        kept = {self.hydra_dir, *self.job_logs, *self.foreign_entries(RUN_FILES)}
         removed = [entry for entry in sorted(self.path.iterdir()) if entry not in kept]
         for entry in removed:
             if entry.is_dir() and not entry.is_symlink():
@@ -204,7 +252,9 @@ def _refuse_or_clear(cfg: DictConfig, run_dir: RunDir) -> None:
     """A directory that already holds a run (:attr:`RunDir.run_outputs`) is never silently
     reused. It is resumed with ``ckpt_path=last`` (or a checkpoint in its own
     ``checkpoints/``), only while that run has not finished; or, with ``overwrite=true``,
-    its files are removed first (:meth:`RunDir.clear`). Anything else is refused."""
+    its files are removed first (:meth:`RunDir.clear`), provided it holds nothing else
+    (:data:`RUN_FILES`). A directory that is not a run's (:attr:`RunDir.is_run`) is used only
+    if it holds no more than a job's record (:data:`JOB_RECORD`). Anything else is refused."""
     resumes_here = cfg.ckpt_path is not None and (
         cfg.ckpt_path == "last" or _is_within(Path(cfg.ckpt_path), run_dir.checkpoints)
     )
@@ -213,6 +263,15 @@ def _refuse_or_clear(cfg: DictConfig, run_dir: RunDir) -> None:
             f"overwrite=true would delete the checkpoint ckpt_path={cfg.ckpt_path} resumes "
             "from: drop overwrite=true to resume, or drop ckpt_path to start afresh."
         )
+    if not run_dir.is_run:
+        foreign = run_dir.foreign_entries(JOB_RECORD)
+        if foreign:
+            raise ConfigError(
+                f"run_dir {run_dir.path} holds files that are not a kdlab run's "
+                f"({_names(foreign)}; a run writes {RUN_ID} first): kdlab neither writes among "
+                "nor removes them. Set another hydra.run.dir, or move them out."
+            )
+        return
     found = run_dir.run_outputs
     if found and resumes_here and run_dir.finished:
         raise ConfigError(
@@ -229,8 +288,19 @@ def _refuse_or_clear(cfg: DictConfig, run_dir: RunDir) -> None:
                 "ckpt_path=last (if it has not finished), or replace it with overwrite=true "
                 "(its files are removed first); or set another hydra.run.dir."
             )
+        foreign = run_dir.foreign_entries(RUN_FILES)
+        if foreign:
+            raise ConfigError(
+                f"overwrite=true removes only what a kdlab run wrote, and run_dir "
+                f"{run_dir.path} also holds {_names(foreign)}: move them out, or set another "
+                "hydra.run.dir."
+            )
         log.info("overwrite=true: removing the earlier run in %s.", run_dir.path)
         run_dir.clear()
+
+
+def _names(entries: list[Path]) -> str:
+    return ", ".join(entry.name + ("/" if entry.is_dir() else "") for entry in entries)
 
 
 def _is_within(path: Path, directory: Path) -> bool:
@@ -248,11 +318,10 @@ def _checkpoint_to_resume(cfg: DictConfig, run_dir: RunDir) -> str | None:
         return None
     path = run_dir.last_checkpoint if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
     if not path.is_file():
-        where = f"run directory {run_dir.path}" if cfg.ckpt_path == "last" else "that path"
         raise ConfigError(
-            f"ckpt_path={cfg.ckpt_path}: there is no checkpoint {path} in the {where}. To "
-            "resume, point hydra.run.dir at the run that wrote checkpoints/last.ckpt; to start "
-            "afresh, leave ckpt_path unset."
+            f"ckpt_path={cfg.ckpt_path}: there is no checkpoint {path}. To resume, point "
+            "hydra.run.dir at the run that wrote checkpoints/last.ckpt (or ckpt_path at a "
+            "checkpoint file); to start afresh, leave ckpt_path unset."
         )
     return str(path)
 
