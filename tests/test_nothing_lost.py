@@ -2,13 +2,19 @@
 removes only what a run wrote, and interrupted or failed writes (Ctrl-C, a full disk) leave
 the previous complete file or folder in place."""
 
+import errno
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
+import transformers
 
 import kdlab.train
+from kdlab.compact import main as compact_main
 from kdlab.errors import ConfigError
 from kdlab.rundir import RunDir
+from tests.fixtures import write_tiny_bert
 from tests.test_config_errors import no_model_loads  # noqa: F401  (a fixture)
 
 
@@ -81,3 +87,133 @@ def test_refused_before_anything_loads_and_nothing_is_touched(
     for fragment in absent:
         assert fragment not in message, f"{fragment!r} in: {message}"
     assert snapshot(tmp_path / "run") == before
+
+
+def _truncated(path: Path) -> Path:
+    """A checkpoint cut short, as a full disk or a killed write leaves it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def truncated_last_checkpoint(tmp: Path, make_cfg):
+    run_dir = RunDir(tmp / "run")
+    _truncated(run_dir.last_checkpoint)
+    run_dir.run_id.write_text("0123456789ab\n")
+    run_dir.config.write_text("seed: 1\n")
+    return lambda: kdlab.train.run(make_cfg(extra=["ckpt_path=last"])), [
+        f"ckpt_path=last: checkpoint {run_dir.last_checkpoint} cannot be read",
+        "truncated",
+        f"ckpt_path={run_dir.best_checkpoint}",
+        "leave ckpt_path unset",
+    ]
+
+
+def compact_missing_checkpoint(tmp: Path, make_cfg):
+    missing = tmp / "run" / "checkpoints" / "best.ckpt"
+    return lambda: compact_main([str(missing), str(tmp / "out")]), [
+        f"checkpoint {missing} does not exist",
+        "checkpoints/best.ckpt or last.ckpt",
+    ]
+
+
+def compact_yaml_file(tmp: Path, make_cfg):
+    config = tmp / "config.yaml"
+    config.write_text("seed: 1\nmodel:\n  name: bert3\n")
+    return lambda: compact_main([str(config), str(tmp / "out")]), [
+        f"checkpoint {config} cannot be read",
+        "not a torch checkpoint",
+    ]
+
+
+def compact_truncated_checkpoint(tmp: Path, make_cfg):
+    checkpoint = _truncated(tmp / "best.ckpt")
+    return lambda: compact_main([str(checkpoint), str(tmp / "out")]), [
+        f"checkpoint {checkpoint} cannot be read",
+        "truncated",
+    ]
+
+
+# A case: setup(tmp, make_cfg) -> (the command, fragments its ConfigError's message holds).
+CLEAR_ERRORS: dict[str, Callable] = {
+    "ckpt_path=last with a truncated last.ckpt": truncated_last_checkpoint,
+    "compact of a missing checkpoint": compact_missing_checkpoint,
+    "compact of a YAML file": compact_yaml_file,
+    "compact of a truncated checkpoint": compact_truncated_checkpoint,
+}
+
+
+@pytest.mark.parametrize("name", list(CLEAR_ERRORS))
+def test_file_problems_are_clear_errors_before_any_work(
+    name,
+    make_cfg,
+    tmp_path,
+    no_model_loads,  # noqa: F811
+):
+    command, fragments = CLEAR_ERRORS[name](tmp_path, make_cfg)
+    before = snapshot(tmp_path)
+    with pytest.raises(ConfigError) as raised:
+        command()
+    message = str(raised.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in: {message}"
+    assert snapshot(tmp_path) == before
+
+
+def _student_checkpoint(tmp: Path) -> Path:
+    """A checkpoint as a kdlab run writes it (``BaseMethod.on_save_checkpoint``), of the tiny
+    BERT, its tokenizer named by the run's config.yaml beside ``checkpoints/``."""
+    model_dir = write_tiny_bert(tmp / "tiny")
+    model = transformers.BertForSequenceClassification.from_pretrained(model_dir)
+    run_dir = RunDir(tmp / "run")
+    run_dir.checkpoints.mkdir(parents=True)
+    run_dir.config.write_text(f"model:\n  tokenizer: {model_dir}\n")
+    torch.save(
+        {
+            "state_dict": {f"student.{k}": v for k, v in model.state_dict().items()},
+            "kdlab_student": {
+                "architecture": type(model).__name__,
+                "config": model.config.to_dict(),
+            },
+        },
+        run_dir.best_checkpoint,
+    )
+    return run_dir.best_checkpoint
+
+
+@pytest.mark.parametrize("failure", ["ctrl-c after the weights", "full disk in the weights"])
+def test_an_interrupted_compact_overwrite_keeps_the_old_model(failure, tmp_path, monkeypatch):
+    checkpoint = _student_checkpoint(tmp_path)
+    out = tmp_path / "out"
+    compact_main([str(checkpoint), str(out)])
+    (out / "note.txt").write_text("the old model")
+    before = snapshot(out)
+    if failure.startswith("ctrl-c"):
+
+        def interrupted(self, *args, **kwargs):
+            raise KeyboardInterrupt
+
+        # The model (config.json, weights) is written by then: the old export was deleted
+        # first, and this left a folder with the new model's files only.
+        monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "save_pretrained", interrupted)
+        expected = KeyboardInterrupt
+    else:
+        original = transformers.PreTrainedModel.save_pretrained
+
+        def full_disk(self, directory, *args, **kwargs):
+            original(self, directory, *args, **kwargs)
+            weights = Path(directory) / "model.safetensors"
+            weights.write_bytes(weights.read_bytes()[:1000])
+            raise OSError(errno.ENOSPC, "No space left on device", str(weights))
+
+        monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", full_disk)
+        expected = OSError
+    with pytest.raises(expected) as raised:
+        compact_main([str(checkpoint), str(out), "--overwrite"])
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run", "tiny"]
+    if expected is OSError:
+        assert raised.value.errno == errno.ENOSPC
+        assert f"No space left on the device of {tmp_path} while writing out" in str(raised.value)
+        assert "is kept as it was" in str(raised.value)

@@ -6,11 +6,15 @@ a run takes its directory (:func:`claim_run_dir`: refuse, clear or resume, the r
 ``kdlab.compact`` and ``kdlab.report`` read them back, and the tests check them.
 """
 
+import errno
 import fnmatch
 import logging
 import os
 import secrets
 import shutil
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -311,8 +315,8 @@ def _checkpoint_to_resume(cfg: DictConfig, run_dir: RunDir) -> str | None:
     """The checkpoint ``ckpt_path`` names (``last``: the run directory's ``last.ckpt``).
 
     Raises:
-        ConfigError: if that checkpoint does not exist; resuming nothing must not silently
-            start a new run.
+        ConfigError: if that checkpoint does not exist (resuming nothing must not silently
+            start a new run), or is truncated (a write the run did not finish).
     """
     if cfg.ckpt_path is None:
         return None
@@ -322,6 +326,13 @@ def _checkpoint_to_resume(cfg: DictConfig, run_dir: RunDir) -> str | None:
             f"ckpt_path={cfg.ckpt_path}: there is no checkpoint {path}. To resume, point "
             "hydra.run.dir at the run that wrote checkpoints/last.ckpt (or ckpt_path at a "
             "checkpoint file); to start afresh, leave ckpt_path unset."
+        )
+    problem = unreadable_checkpoint(path)
+    if problem:
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path}: checkpoint {path} cannot be read: {problem}. Resume "
+            f"from another checkpoint (ckpt_path={run_dir.best_checkpoint}, if it reads), or "
+            "start afresh: leave ckpt_path unset (with overwrite=true in this hydra.run.dir)."
         )
     return str(path)
 
@@ -340,10 +351,86 @@ def choose_run_id(run_dir: RunDir, resuming: bool) -> str:
 def save_config(cfg: DictConfig, run_dir: RunDir) -> None:
     """Writes the resolved ``cfg`` to the run's ``config.yaml``.
 
-    Rank 0 alone writes it, under another name that is then renamed: the DDP processes that
+    Rank 0 alone writes it, whole or not at all (:func:`write_whole`): the DDP processes that
     Lightning starts compose their config from it (:mod:`kdlab.launch`), and a resumed run
     rewrites the file while a reader may be looking.
     """
-    partial = run_dir.config.with_name(f".{run_dir.config.name}.{os.getpid()}")
-    OmegaConf.save(cfg, partial, resolve=True)
-    partial.replace(run_dir.config)
+    write_whole(run_dir.config, lambda partial: OmegaConf.save(cfg, partial, resolve=True))
+
+
+def _partial(path: Path) -> Path:
+    """Where ``path`` is written before it is renamed into place: a hidden sibling (the same
+    file system, so the rename is atomic), one per process."""
+    return path.with_name(f".{path.name}.partial-{os.getpid()}")
+
+
+def write_whole(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(partial)`` writes the file, which then replaces ``path`` by a rename: an
+    interruption or a full disk leaves the previous ``path`` (or none) and no partial file.
+
+    Raises:
+        OSError: from ``write``; errno 28 (a full disk) says so, naming the directory.
+    """
+    partial = _partial(path)
+    try:
+        write(partial)
+        partial.replace(path)
+    except BaseException as error:
+        partial.unlink(missing_ok=True)
+        if _is_disk_full(error):
+            raise _disk_full(error, path) from error
+        raise
+
+
+@contextmanager
+def written_whole(directory: Path) -> Iterator[Path]:
+    """Yields a new hidden sibling folder of ``directory`` to write into; once the block ends,
+    it replaces ``directory`` (an earlier one is removed only then). If the block raises
+    (Ctrl-C, a full disk), ``directory`` is as it was and the sibling is removed.
+
+    Raises:
+        OSError: from the block; errno 28 (a full disk) says so, naming the directory.
+    """
+    partial = _partial(directory)
+    shutil.rmtree(partial, ignore_errors=True)  # left by a process killed with this pid
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+    except BaseException as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        if _is_disk_full(error):
+            raise _disk_full(error, directory) from error
+        raise
+    if directory.exists():
+        replaced = directory.with_name(f".{directory.name}.replaced-{os.getpid()}")
+        directory.rename(replaced)
+        partial.rename(directory)
+        shutil.rmtree(replaced)
+    else:
+        partial.rename(directory)
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno == errno.ENOSPC
+
+
+def _disk_full(error: OSError, path: Path) -> OSError:
+    return OSError(
+        errno.ENOSPC,
+        f"No space left on the device of {path.parent} while writing {path.name}: the previous "
+        f"{path.name} (if any) is kept as it was. Free space there, then resume or re-run.",
+        str(path),
+    )
+
+
+def unreadable_checkpoint(path: Path) -> str | None:
+    """Why ``path`` is not a complete checkpoint (None: it is). Cheap: ``torch.save`` writes
+    a zip archive whose directory is at its end, which a truncated file lacks; only that
+    directory is read."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if not any(name.endswith("data.pkl") for name in archive.namelist()):
+                return "it is a zip archive, but not one torch.save wrote"
+    except (zipfile.BadZipFile, OSError) as error:
+        return f"it is truncated or not a torch checkpoint ({error})"
+    return None
