@@ -3,17 +3,22 @@ removes only what a run wrote, and interrupted or failed writes (Ctrl-C, a full 
 the previous complete file or folder in place."""
 
 import errno
+import io
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from hydra.core.utils import JobReturn, JobStatus
+from omegaconf import OmegaConf
 
 import kdlab.train
 from kdlab.compact import main as compact_main
 from kdlab.errors import ConfigError
 from kdlab.rundir import RunDir
+from kdlab.sweep import SweepSummary
 from tests.fixtures import write_tiny_bert
 from tests.test_config_errors import no_model_loads  # noqa: F401  (a fixture)
 
@@ -217,3 +222,69 @@ def test_an_interrupted_compact_overwrite_keeps_the_old_model(failure, tmp_path,
         assert raised.value.errno == errno.ENOSPC
         assert f"No space left on the device of {tmp_path} while writing out" in str(raised.value)
         assert "is kept as it was" in str(raised.value)
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_last_good_checkpoints(
+    make_cfg, tmp_path, monkeypatch
+):
+    """The first checkpoint of epoch 2 hits a full disk halfway: epoch 1's best.ckpt and
+    last.ckpt stay whole, nothing partial is left, and the error names the folder."""
+    run_dir = RunDir(tmp_path / "run")
+    original = torch.save
+    saves, kept = [], {}
+
+    def save(obj, f, *args, **kwargs):
+        if not (isinstance(obj, dict) and "state_dict" in obj):  # not a training checkpoint
+            return original(obj, f, *args, **kwargs)
+        saves.append(f)
+        if len(saves) < 3:  # epoch 1: best.ckpt, last.ckpt
+            return original(obj, f, *args, **kwargs)
+        kept.update(snapshot(run_dir.checkpoints))
+        whole = io.BytesIO()
+        original(obj, whole)
+        half = whole.getvalue()[: len(whole.getvalue()) // 2]
+        if isinstance(f, str | Path):
+            Path(f).write_bytes(half)
+        else:
+            f.write(half)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(OSError) as raised:
+        kdlab.train.run(make_cfg(method="finetune", extra=["trainer.max_epochs=2"]))
+    assert raised.value.errno == errno.ENOSPC
+    message = str(raised.value)
+    assert f"No space left on the device of {run_dir.checkpoints}" in message
+    assert "is kept as it was" in message
+    assert sorted(kept) == ["best.ckpt", "last.ckpt"]
+    assert snapshot(run_dir.checkpoints) == kept
+    for checkpoint in (run_dir.best_checkpoint, run_dir.last_checkpoint):
+        assert torch.load(checkpoint, weights_only=False)["epoch"] == 0
+    assert not run_dir.finished
+
+
+def test_error_txt_holds_the_error_or_the_log_does_on_a_full_disk(tmp_path, monkeypatch, caplog):
+    """A job that failed on a full disk: its error.txt (kdlab.sweep.SweepSummary) cannot be
+    written either. No empty or cut error.txt is left; the log holds what it would."""
+    config = OmegaConf.create({"hydra": {"runtime": {"output_dir": str(tmp_path)}}})
+    error = OSError(errno.ENOSPC, "No space left on the device of /runs/x/checkpoints")
+    original = Path.write_text
+
+    def full_disk(path, text, *args, **kwargs):
+        original(path, text[:10], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    job_return = JobReturn(overrides=["seed=1"], status=JobStatus.FAILED)
+    job_return.return_value = error
+    with caplog.at_level(logging.ERROR, logger="kdlab"):
+        SweepSummary().on_job_end(config, job_return)
+    assert list(tmp_path.iterdir()) == []
+    logged = caplog.text
+    assert f"{RunDir(tmp_path).error} could not be written" in logged
+    assert "overrides: seed=1" in logged and "No space left on the device of /runs/x" in logged
+
+    monkeypatch.setattr(Path, "write_text", original)  # space again: the file holds it
+    SweepSummary().on_job_end(config, job_return)
+    text = RunDir(tmp_path).error.read_text()
+    assert text.startswith("overrides: seed=1") and "No space left on the device of" in text

@@ -37,7 +37,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from kdlab.components import validate
-from kdlab.rundir import RunDir
+from kdlab.rundir import RunDir, record_error
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +114,7 @@ def run_stage(
     try:
         return run(stage_cfg)
     except BaseException as error:
-        run_dir.path.mkdir(parents=True, exist_ok=True)
-        run_dir.error.write_text("".join(traceback.format_exception(error)))
+        record_error(run_dir, "".join(traceback.format_exception(error)))
         raise
 
 

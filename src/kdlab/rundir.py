@@ -67,6 +67,9 @@ RUN_FILES = (
     "csv",
     "*predictions.json",
     "*null_odds.json",
+    # A file or folder being written, left by a killed process (write_whole, written_whole).
+    ".*.partial-*",
+    ".*.replaced-*",
 )
 # Keys of every resolved config.yaml a run writes: a config.yaml with them is a run's, even
 # without its run_id.txt (which a user may have deleted to start its W&B run afresh).
@@ -408,6 +411,16 @@ def written_whole(directory: Path) -> Iterator[Path]:
         shutil.rmtree(replaced)
     else:
         partial.rename(directory)
+
+
+def record_error(run_dir: RunDir, text: str) -> None:
+    """Writes ``text`` (a traceback) to the run's ``error.txt``, whole; where it cannot be
+    written (a full disk, a read-only folder), the log gets it instead."""
+    try:
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+        write_whole(run_dir.error, lambda partial: partial.write_text(text))
+    except OSError as error:
+        log.error("%s could not be written (%s); what it records:\n%s", run_dir.error, error, text)
 
 
 def _is_disk_full(error: BaseException) -> bool:

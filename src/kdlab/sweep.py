@@ -53,7 +53,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdlab import report
 from kdlab.errors import NoObjectiveError
-from kdlab.rundir import RunDir
+from kdlab.rundir import RunDir, record_error
 from kdlab.summary import table_console
 
 log = logging.getLogger("kdlab.sweep")
@@ -100,7 +100,7 @@ class SweepSummary(Callback):
         job_dir = _job_dir(config)
         if job_dir is not None and rank_zero_only.rank == 0:
             text = "".join(traceback.format_exception(error)) if error is not None else ""
-            RunDir(job_dir).error.write_text(f"overrides: {shlex.join(overrides)}\n\n{text}")
+            record_error(RunDir(job_dir), f"overrides: {shlex.join(overrides)}\n\n{text}")
         if OmegaConf.select(config, "hydra.mode") != RunMode.MULTIRUN:
             return
         if job_dir is not None:

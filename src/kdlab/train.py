@@ -53,7 +53,7 @@ from kdlab.models.build import (
 from kdlab.pipeline import run_pipeline
 from kdlab.pruning import Pruner, compacted_copy
 from kdlab.pruning.callback import PruningCallback
-from kdlab.rundir import RunDir, claim_run_dir
+from kdlab.rundir import RunDir, claim_run_dir, write_whole, written_whole
 from kdlab.summary import pipeline_table, summary_table, table_console
 
 log = logging.getLogger("kdlab")
@@ -193,7 +193,8 @@ def run(cfg: DictConfig) -> dict:
         metrics = _fit_and_export(cfg, parts, run_dir, ckpt_path)
     if metrics:
         metrics["wall_time_s"] = round(time.perf_counter() - start, 1)
-        run_dir.metrics.write_text(json.dumps(metrics, indent=2))
+        text = json.dumps(metrics, indent=2)
+        write_whole(run_dir.metrics, lambda partial: partial.write_text(text))
         log.info("Run finished in %.0f s: %s", metrics["wall_time_s"], run_dir.path)
     return metrics
 
@@ -258,12 +259,14 @@ def evaluate_and_export(cfg: DictConfig, parts: Assembly, run_dir: RunDir) -> di
     eval_trainer = evaluation_trainer(cfg.trainer, device)
     student_metrics = evaluate(eval_trainer, parts.method, datamodule, ckpt_path=best)
     for name, content in parts.method.evaluation_files().items():
-        (run_dir.path / name).write_text(json.dumps(content, indent=1))
+        text = json.dumps(content, indent=1)
+        write_whole(run_dir.path / name, lambda partial, text=text: partial.write_text(text))
     # A pruned student is exported compacted (a smaller stock model); others as they are.
     exported = parts.student if pruner is None else compacted_copy(parts.student, pruner.masks)
     setattr(exported.config, TASK_ATTRIBUTE, cfg.task.name)
-    exported.save_pretrained(run_dir.student)
-    parts.tokenizer.save_pretrained(run_dir.student)
+    with written_whole(run_dir.student) as partial:
+        exported.save_pretrained(partial)
+        parts.tokenizer.save_pretrained(partial)
     metrics = {
         "task": cfg.task.name,
         "method": cfg.method.name,
