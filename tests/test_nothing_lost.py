@@ -19,6 +19,7 @@ from kdlab.compact import main as compact_main
 from kdlab.errors import ConfigError
 from kdlab.rundir import RunDir
 from kdlab.sweep import SweepSummary
+from tests.conftest import fast_overrides, run_cli
 from tests.fixtures import write_tiny_bert
 from tests.test_config_errors import no_model_loads  # noqa: F401  (a fixture)
 
@@ -102,7 +103,7 @@ def _truncated(path: Path) -> Path:
     return path
 
 
-def truncated_last_checkpoint(tmp: Path, make_cfg):
+def truncated_last_checkpoint(tmp: Path, make_cfg, monkeypatch):
     run_dir = RunDir(tmp / "run")
     _truncated(run_dir.last_checkpoint)
     run_dir.run_id.write_text("0123456789ab\n")
@@ -115,7 +116,7 @@ def truncated_last_checkpoint(tmp: Path, make_cfg):
     ]
 
 
-def compact_missing_checkpoint(tmp: Path, make_cfg):
+def compact_missing_checkpoint(tmp: Path, make_cfg, monkeypatch):
     missing = tmp / "run" / "checkpoints" / "best.ckpt"
     return lambda: compact_main([str(missing), str(tmp / "out")]), [
         f"checkpoint {missing} does not exist",
@@ -123,7 +124,7 @@ def compact_missing_checkpoint(tmp: Path, make_cfg):
     ]
 
 
-def compact_yaml_file(tmp: Path, make_cfg):
+def compact_yaml_file(tmp: Path, make_cfg, monkeypatch):
     config = tmp / "config.yaml"
     config.write_text("seed: 1\nmodel:\n  name: bert3\n")
     return lambda: compact_main([str(config), str(tmp / "out")]), [
@@ -132,7 +133,7 @@ def compact_yaml_file(tmp: Path, make_cfg):
     ]
 
 
-def compact_truncated_checkpoint(tmp: Path, make_cfg):
+def compact_truncated_checkpoint(tmp: Path, make_cfg, monkeypatch):
     checkpoint = _truncated(tmp / "best.ckpt")
     return lambda: compact_main([str(checkpoint), str(tmp / "out")]), [
         f"checkpoint {checkpoint} cannot be read",
@@ -140,12 +141,55 @@ def compact_truncated_checkpoint(tmp: Path, make_cfg):
     ]
 
 
-# A case: setup(tmp, make_cfg) -> (the command, fragments its ConfigError's message holds).
+def _failing(monkeypatch, method: str, name: str, error: OSError) -> None:
+    """``Path.<method>`` raises ``error`` for paths named ``name``."""
+    original = getattr(Path, method)
+
+    def fail(path, *args, **kwargs):
+        if path.name == name:
+            raise error
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, method, fail)
+
+
+def read_only_parent(tmp: Path, make_cfg, monkeypatch):
+    # (Root ignores file permissions: the refusal is simulated.)
+    _failing(monkeypatch, "mkdir", "run", PermissionError(errno.EACCES, "Permission denied"))
+    return lambda: kdlab.train.run(make_cfg()), [
+        f"run_dir {tmp / 'run'} cannot be written (Permission denied)",
+        "make it writable",
+        "hydra.run.dir",
+    ]
+
+
+def full_disk_at_the_start(tmp: Path, make_cfg, monkeypatch):
+    (tmp / "run").mkdir()  # as Hydra creates it
+    _failing(monkeypatch, "write_text", "run_id.txt", OSError(errno.ENOSPC, "No space left"))
+    return lambda: kdlab.train.run(make_cfg()), [
+        f"run_dir {tmp / 'run'} cannot be written (No space left)",
+        "free space there",
+    ]
+
+
+def run_dir_is_a_file(tmp: Path, make_cfg, monkeypatch):
+    (tmp / "run").write_text("a file\n")
+    return lambda: kdlab.train.run(make_cfg()), [
+        f"run_dir {tmp / 'run'} is a file, not a directory",
+        "hydra.run.dir",
+    ]
+
+
+# A case: setup(tmp, make_cfg, monkeypatch) -> (the command, fragments its ConfigError's
+# message holds).
 CLEAR_ERRORS: dict[str, Callable] = {
     "ckpt_path=last with a truncated last.ckpt": truncated_last_checkpoint,
     "compact of a missing checkpoint": compact_missing_checkpoint,
     "compact of a YAML file": compact_yaml_file,
     "compact of a truncated checkpoint": compact_truncated_checkpoint,
+    "read-only run directory": read_only_parent,
+    "full disk as the run starts": full_disk_at_the_start,
+    "run_dir is a file": run_dir_is_a_file,
 }
 
 
@@ -154,9 +198,10 @@ def test_file_problems_are_clear_errors_before_any_work(
     name,
     make_cfg,
     tmp_path,
+    monkeypatch,
     no_model_loads,  # noqa: F811
 ):
-    command, fragments = CLEAR_ERRORS[name](tmp_path, make_cfg)
+    command, fragments = CLEAR_ERRORS[name](tmp_path, make_cfg, monkeypatch)
     before = snapshot(tmp_path)
     with pytest.raises(ConfigError) as raised:
         command()
@@ -288,3 +333,43 @@ def test_error_txt_holds_the_error_or_the_log_does_on_a_full_disk(tmp_path, monk
     SweepSummary().on_job_end(config, job_return)
     text = RunDir(tmp_path).error.read_text()
     assert text.startswith("overrides: seed=1") and "No space left on the device of" in text
+
+
+def test_refused_commands_leave_a_finished_run_as_it_was(tmp_path, glue_root, teacher_dir):
+    """Hydra's record (.hydra/), the job log and error.txt included: they are written only
+    once a run has claimed its directory."""
+    root = tmp_path / "run"
+    base = [
+        *fast_overrides(tmp_path, glue_root, teacher_dir, method="finetune", run_dir=root),
+        f"hydra.run.dir={root}",
+    ]
+    first = run_cli(base)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = RunDir(root)
+    assert run_dir.finished and run_dir.job_logs == [root / "train.log"]
+    assert OmegaConf.load(run_dir.hydra_overrides) == base[:-1]  # Hydra keeps hydra.* apart
+    assert set(OmegaConf.load(run_dir.hydra_config)) == set(OmegaConf.load(run_dir.config))
+    assert "Run finished in" in (root / "train.log").read_text() and "Run finished in" in (
+        first.stdout + first.stderr
+    )
+    before = snapshot(root)
+    refused = {
+        "trainer.max_steps=2": "already holds a run",
+        "ckpt_path=last": "is finished",
+        "overwrite=true ckpt_path=last": "overwrite=true would delete the checkpoint",
+    }
+    for overrides, message in refused.items():
+        again = run_cli([*base, *overrides.split()])
+        assert again.returncode == 1
+        assert message in again.stdout + again.stderr
+        assert snapshot(root) == before, overrides
+
+
+def test_a_hydra_run_dir_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "run").write_text("a file\n")
+    proc = run_cli([f"hydra.run.dir={tmp_path / 'run'}"], timeout=120)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1
+    assert f"hydra.run.dir={tmp_path / 'run'} is a file, not a directory" in output
+    assert "Traceback" not in output
+    assert (tmp_path / "run").read_text() == "a file\n"

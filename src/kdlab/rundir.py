@@ -12,12 +12,15 @@ import logging
 import os
 import secrets
 import shutil
+import sys
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from kdlab.errors import ConfigError
@@ -40,10 +43,12 @@ WANDB_DIR = "wandb"
 # Written by kdlab.sweep.SweepSummary when the job raised (its overrides and traceback), and
 # by kdlab.pipeline in the directory of a stage that raised (its traceback).
 ERROR = "error.txt"
-# Hydra's own files in every job directory (hydra.output_subdir): the composed, unresolved
-# config and the command-line overrides of the job.
+# Hydra's record in every job directory, written by kdlab once the job has claimed it
+# (JobRecord; hydra.output_subdir is null): the composed, unresolved config, Hydra's config and
+# the command-line overrides of the job.
 HYDRA_DIR = ".hydra"
 HYDRA_CONFIG = "config.yaml"
+HYDRA_HYDRA = "hydra.yaml"
 HYDRA_OVERRIDES = "overrides.yaml"
 # Hydra's job log (hydra/job_logging default): ${hydra.job.name}.log, e.g. train.log.
 JOB_LOG_GLOB = "*.log"
@@ -247,11 +252,22 @@ def claim_run_dir(cfg: DictConfig, run_dir: RunDir, *, rank_zero: bool) -> str |
     """
     if not rank_zero:
         return _checkpoint_to_resume(cfg, run_dir)
+    if run_dir.path.exists() and not run_dir.path.is_dir():
+        raise ConfigError(
+            f"run_dir {run_dir.path} is a file, not a directory: set hydra.run.dir to a "
+            "directory (a new one, or a run's to resume it)."
+        )
     _refuse_or_clear(cfg, run_dir)
     ckpt_path = _checkpoint_to_resume(cfg, run_dir)
-    run_dir.path.mkdir(parents=True, exist_ok=True)
-    cfg.run_id = choose_run_id(run_dir, resuming=ckpt_path is not None)
-    save_config(cfg, run_dir)
+    try:
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+        cfg.run_id = choose_run_id(run_dir, resuming=ckpt_path is not None)
+        save_config(cfg, run_dir)
+    except OSError as error:  # read-only, a full disk, ...: before anything loads
+        raise ConfigError(
+            f"run_dir {run_dir.path} cannot be written ({error.strerror or error}): make it "
+            "writable, free space there, or set hydra.run.dir to another directory."
+        ) from error
     return ckpt_path
 
 
@@ -413,6 +429,64 @@ def written_whole(directory: Path) -> Iterator[Path]:
         partial.rename(directory)
 
 
+@dataclass(frozen=True)
+class JobRecord:
+    """Hydra's record of a job (``.hydra/config.yaml``, ``hydra.yaml``, ``overrides.yaml``),
+    which Hydra would write before the job runs (``hydra.output_subdir``). kdlab writes it
+    itself, once the job has claimed its directory: a command refused before that (a run
+    it may not replace) leaves that directory as it was.
+
+    Args:
+        config: the job's composed config, unresolved, as the job received it.
+        hydra: Hydra's config of the job (``hydra:`` at the root).
+        overrides: the job's command-line overrides.
+    """
+
+    config: str
+    hydra: str
+    overrides: str
+
+    @classmethod
+    def of_job(cls, cfg: DictConfig) -> "JobRecord":
+        """The record of the running Hydra job whose config is ``cfg``; taken before the job
+        changes ``cfg``."""
+        hydra_cfg = HydraConfig.instance().cfg
+        return cls(
+            config=OmegaConf.to_yaml(cfg),
+            hydra=OmegaConf.to_yaml(hydra_cfg),
+            overrides=OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task),
+        )
+
+    def write(self, job_dir: RunDir) -> None:
+        """Writes the three files into ``job_dir``'s ``.hydra/``, each whole."""
+        job_dir.hydra_dir.mkdir(parents=True, exist_ok=True)
+        files = {
+            HYDRA_CONFIG: self.config,
+            HYDRA_HYDRA: self.hydra,
+            HYDRA_OVERRIDES: self.overrides,
+        }
+        for name, text in files.items():
+            write_whole(
+                job_dir.hydra_dir / name, lambda partial, text=text: partial.write_text(text)
+            )
+
+
+def holds_anything(run_dir: RunDir) -> bool:
+    """Whether ``run_dir`` holds more than a job's record (:data:`JOB_RECORD`): a run, or
+    files of the user's. A job that did not claim such a directory must leave it as it was."""
+    return run_dir.is_run or bool(run_dir.foreign_entries(JOB_RECORD))
+
+
+def record_stamp(run_dir: RunDir) -> tuple[int, int] | None:
+    """Identifies the job record in ``run_dir`` (None: there is none): a job that writes its
+    record (:meth:`JobRecord.write`) changes it, one refused before that does not."""
+    try:
+        stat = (run_dir.hydra_dir / HYDRA_HYDRA).stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
 def record_error(run_dir: RunDir, text: str) -> None:
     """Writes ``text`` (a traceback) to the run's ``error.txt``, whole; where it cannot be
     written (a full disk, a read-only folder), the log gets it instead."""
@@ -447,3 +521,29 @@ def unreadable_checkpoint(path: Path) -> str | None:
     except (zipfile.BadZipFile, OSError) as error:
         return f"it is truncated or not a torch checkpoint ({error})"
     return None
+
+
+class RunDirCheck(Callback):
+    """Hydra callback (``conf/hydra/default.yaml``): a ``hydra.run.dir`` or
+    ``hydra.sweep.dir`` that is a file stops the command with a message naming it, before
+    Hydra creates the job's directory (where it failed with a bare ``FileExistsError``)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: object) -> None:
+        """Checks ``hydra.run.dir``."""
+        _exit_if_file(Path(str(config.hydra.run.dir)), "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: object) -> None:
+        """Checks ``hydra.sweep.dir``."""
+        _exit_if_file(Path(str(config.hydra.sweep.dir)), "hydra.sweep.dir")
+
+
+def _exit_if_file(path: Path, key: str) -> None:
+    if path.exists() and not path.is_dir():
+        log.error(
+            "%s=%s is a file, not a directory: set %s to a directory (a new one, or a run's "
+            "to resume it).",
+            key,
+            path,
+            key,
+        )
+        sys.exit(1)  # exceptions raised in Hydra callbacks become warnings
