@@ -81,11 +81,16 @@ class SweepSummary(Callback):
         self._found: dict[Path, tuple[int, int] | None] = {}
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """Notes whether the job's directory holds something the job must claim before it
-        writes there (the run, once it claims it, drops an earlier attempt's ``error.txt``)."""
+        """Drops the ``error.txt`` of an earlier attempt in the same directory, unless it holds
+        a run (or other files), which the job must claim before it writes there: the run
+        drops it then (:class:`kdlab.train.JobFiles`)."""
         job_dir = _job_dir(config)
-        if job_dir is not None and holds_anything(RunDir(job_dir)):
+        if job_dir is None:
+            return
+        if holds_anything(RunDir(job_dir)):
             self._found[job_dir] = record_stamp(RunDir(job_dir))
+        elif rank_zero_only.rank == 0:
+            RunDir(job_dir).error.unlink(missing_ok=True)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         """Records a failed job; in a basic sweep, logs it and lets the sweep go on. In a sweep
