@@ -373,3 +373,24 @@ def test_a_hydra_run_dir_that_is_a_file_is_named(tmp_path):
     assert f"hydra.run.dir={tmp_path / 'run'} is a file, not a directory" in output
     assert "Traceback" not in output
     assert (tmp_path / "run").read_text() == "a file\n"
+
+
+def test_a_full_disk_while_exporting_leaves_no_student_that_looks_whole(
+    make_cfg, tmp_path, monkeypatch
+):
+    """The tokenizer's files hit a full disk after the model's were written: no student/
+    (stock transformers would load the model half), no partial folder, no metrics.json."""
+
+    def full_disk(self, directory, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+
+    monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "save_pretrained", full_disk)
+    with pytest.raises(OSError) as raised:
+        kdlab.train.run(make_cfg(method="finetune"))
+    run_dir = RunDir(tmp_path / "run")
+    assert f"No space left on the device of {run_dir.path} while writing student" in str(
+        raised.value
+    )
+    assert not run_dir.student.exists() and not run_dir.finished
+    assert not [p.name for p in run_dir.path.iterdir() if p.name.startswith(".")]
+    assert run_dir.best_checkpoint.is_file()  # what a resume or kdlab.compact reads
