@@ -15,6 +15,7 @@ student's per-example outputs where the task has them (SQuAD: ``predictions.json
 ``null_odds.json`` for v2.0).
 """
 
+import contextlib
 import json
 import logging
 import time
@@ -409,7 +410,9 @@ def main(cfg: DictConfig) -> float | None:
             results = [(cfg.method.name, run(cfg, on_claim=job.write))]
     except BaseException:
         if not job.held:  # a new job directory records the failed job
-            job.write()
+            # (unless it cannot be written: the error that says so is the one to see)
+            with contextlib.suppress(OSError):
+                job.write()
         raise
     if rank_zero_only.rank != 0:
         return None  # a rank started by the cluster (SLURM): rank 0 reports the run
