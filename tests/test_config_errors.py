@@ -78,9 +78,11 @@ def checkpoint_to_resume_missing(glue_root, tmp):
 
 
 def _earlier_run(tmp: Path, *marks: str) -> RunDir:
-    """``tmp/run`` as an earlier run left it: ``config.yaml`` and the other ``marks``."""
+    """``tmp/run`` as an earlier run left it: ``run_id.txt``, ``config.yaml`` and the other
+    ``marks``."""
     run_dir = RunDir(tmp / "run")
     run_dir.path.mkdir(parents=True)
+    run_dir.run_id.write_text("0123456789ab\n")
     run_dir.config.write_text("seed: 1\n")
     if "student" in marks:
         run_dir.student.mkdir()

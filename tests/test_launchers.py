@@ -223,17 +223,20 @@ def test_slurm_preset_asks_memory_per_rank(devices, mem_gb):
 
 
 @pytest.mark.parametrize(
-    ("procid", "output_subdir", "job_name"),
-    [(None, ".hydra", "train"), ("0", ".hydra", "train"), ("3", None, "train_ddp_process_3")],
+    ("procid", "job_name"),
+    [(None, "train"), ("0", "train"), ("3", "train_ddp_process_3")],
 )
-def test_slurm_tasks_leave_the_job_record_to_rank_0(monkeypatch, procid, output_subdir, job_name):
+def test_slurm_tasks_leave_the_job_record_to_rank_0(monkeypatch, procid, job_name):
     """Every SLURM task runs the job in one directory: task 0 writes .hydra/ and train.log,
-    the others no .hydra/ and a log of their own (named as Lightning names its ranks')."""
+    the others no .hydra/ and a log of their own (named as Lightning names its ranks').
+    Hydra writes neither itself: kdlab.train.JobFiles does, once the run has claimed the
+    directory, .hydra/ on rank 0 alone (test_a_pipeline_on_slurm_keeps_its_ranks_together)."""
     if procid is not None:
         monkeypatch.setenv("SLURM_PROCID", procid)
     with initialize_config_dir(config_dir=kdlab.train.CONF_DIR, version_base="1.3"):
         cfg = hydra_compose("train", ["hydra/launcher=slurm"], return_hydra_config=True)
-    assert cfg.hydra.output_subdir == output_subdir
+    assert cfg.hydra.output_subdir is None
+    assert list(cfg.hydra.job_logging.root.handlers) == ["console"]
     assert cfg.hydra.job.name == job_name  # the job log is <job name>.log
 
 

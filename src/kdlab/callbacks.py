@@ -1,8 +1,14 @@
-"""Lightning callbacks of kdlab's own."""
+"""Lightning callbacks (and the checkpoint plugin) of kdlab's own."""
 
 import time
+from pathlib import Path
+from typing import Any
 
 import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from kdlab.rundir import write_whole
 
 
 class StepTimer(L.Callback):
@@ -72,3 +78,30 @@ class RestoreLoaderPosition(L.Callback):
         fit_loop._load_combined_loader_states()
         # The iterator built before the restore started at the epoch's first batch.
         iter(fit_loop._data_fetcher)
+
+
+class WholeCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written whole or not at all (``trainer.plugins`` in
+    ``conf/trainer/default.yaml``): into a hidden file beside the checkpoint, then renamed
+    over it (:func:`kdlab.rundir.write_whole`), so that a full disk or a killed process
+    leaves the previous ``best.ckpt`` / ``last.ckpt`` as it was.
+
+    Lightning's own ``_atomic_save`` writes into the system's temporary directory and then
+    moves the file: across file systems that move is a copy into the checkpoint's own path,
+    which a full disk leaves truncated.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
+    ) -> None:
+        """Write ``checkpoint`` to the local file ``path``.
+
+        Raises:
+            TypeError: for ``storage_options``, which local files do not take.
+            OSError: errno 28 (a full disk) names the directory and keeps the previous file.
+        """
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options.")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_whole(path, lambda partial: torch.save(checkpoint, partial))

@@ -7,13 +7,13 @@ The checkpoint carries the student's class and config (``kdlab_student``), its w
 checkpoint of an unpruned run is exported as it is.
 
 A non-empty output directory (another model, say a fine-tuned one) is refused unless
-``--overwrite`` is given; the directory is then removed before the export, so no file of
-the model it held remains.
+``--overwrite`` is given; the new model is then written into a hidden sibling folder that
+replaces the directory once it is complete, so no file of the model it held remains, and an
+interrupted export (Ctrl-C, a full disk) leaves the old model as it was.
 """
 
 import argparse
 import logging
-import shutil
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from kdlab.errors import ConfigError
 from kdlab.pruning import StructuredMasks, compacted_copy
 from kdlab.pruning.callback import PruningCallback
-from kdlab.rundir import RunDir
+from kdlab.rundir import RunDir, unreadable_checkpoint, written_whole
 
 log = logging.getLogger("kdlab")
 
@@ -31,9 +31,25 @@ _STUDENT = "student."
 
 
 def load_student(checkpoint_path: Path) -> transformers.PreTrainedModel:
-    """The (compacted, if pruned) student stored in a kdlab training checkpoint."""
+    """The (compacted, if pruned) student stored in a kdlab training checkpoint.
+
+    Raises:
+        ConfigError: for a path that is not a file, not a complete torch checkpoint, or not
+            a kdlab training checkpoint.
+    """
+    if not checkpoint_path.is_file():
+        raise ConfigError(
+            f"checkpoint {checkpoint_path} does not exist: give a .ckpt of a kdlab run "
+            "(<run dir>/checkpoints/best.ckpt or last.ckpt)."
+        )
+    problem = unreadable_checkpoint(checkpoint_path)
+    if problem:
+        raise ConfigError(
+            f"checkpoint {checkpoint_path} cannot be read: {problem}. Give a .ckpt of a kdlab "
+            "run (<run dir>/checkpoints/best.ckpt or last.ckpt)."
+        )
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    if "kdlab_student" not in checkpoint:
+    if not isinstance(checkpoint, dict) or "kdlab_student" not in checkpoint:
         raise ConfigError(f"{checkpoint_path} is not a kdlab training checkpoint.")
     info = checkpoint["kdlab_student"]
     config = transformers.AutoConfig.for_model(**info["config"])
@@ -60,15 +76,16 @@ def _run_tokenizer(checkpoint_path: Path) -> str | None:
     return model_cfg.get("tokenizer") or model_cfg.get("path")
 
 
-def check_output_dir(out_dir: Path, checkpoint: Path, overwrite: bool) -> bool:
-    """Whether ``out_dir`` holds something the export must remove first.
+def check_output_dir(out_dir: Path, checkpoint: Path, overwrite: bool) -> None:
+    """Refuses an ``out_dir`` whose content the export would replace unasked, or with the
+    checkpoint it exports.
 
     Raises:
         ConfigError: for a non-empty ``out_dir`` without ``overwrite``, or one that holds
             the checkpoint being exported.
     """
     if not out_dir.is_dir() or not any(out_dir.iterdir()):
-        return False
+        return
     if not overwrite:
         raise ConfigError(
             f"{out_dir} is not empty: pass --overwrite to replace what it holds, or choose "
@@ -79,7 +96,6 @@ def check_output_dir(out_dir: Path, checkpoint: Path, overwrite: bool) -> bool:
             f"{out_dir} holds the checkpoint {checkpoint}: --overwrite would delete it first; "
             "choose another output directory."
         )
-    return True
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -88,21 +104,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir", type=Path, help="where save_pretrained writes the model")
     parser.add_argument("--tokenizer", help="tokenizer to save alongside (default: the run's)")
     parser.add_argument(
-        "--overwrite", action="store_true", help="replace a non-empty out_dir (removed first)"
+        "--overwrite", action="store_true", help="replace a non-empty out_dir once written"
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    replace = check_output_dir(args.out_dir, args.checkpoint, args.overwrite)
+    check_output_dir(args.out_dir, args.checkpoint, args.overwrite)
     model = load_student(args.checkpoint)
-    if replace:  # only once the checkpoint has loaded: a bad one leaves out_dir as it was
-        log.info("--overwrite: removing %s", args.out_dir)
-        shutil.rmtree(args.out_dir)
-    model.save_pretrained(args.out_dir)
-    tokenizer = args.tokenizer or _run_tokenizer(args.checkpoint)
-    if tokenizer:
-        transformers.AutoTokenizer.from_pretrained(tokenizer).save_pretrained(args.out_dir)
-    else:
+    name = args.tokenizer or _run_tokenizer(args.checkpoint)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(name) if name else None
+    if tokenizer is None:
         log.warning("No tokenizer found for %s; pass --tokenizer.", args.checkpoint)
+    # out_dir (the model it held, with --overwrite) is replaced only by a complete export.
+    with written_whole(args.out_dir) as partial:
+        model.save_pretrained(partial)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(partial)
     c = model.config
     log.info(
         "Wrote %s: hidden %d, %d heads, FFN %d, %d parameters",

@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdlab.batching import accumulate_grad_batches
 from kdlab.components import validate
-from kdlab.rundir import RunDir
+from kdlab.rundir import RunDir, record_error
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,7 @@ def run_stage(
     try:
         return run(stage_cfg)
     except BaseException as error:
-        run_dir.path.mkdir(parents=True, exist_ok=True)
-        run_dir.error.write_text("".join(traceback.format_exception(error)))
+        record_error(run_dir, "".join(traceback.format_exception(error)))
         raise
 
 

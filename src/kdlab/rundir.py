@@ -6,13 +6,21 @@ a run takes its directory (:func:`claim_run_dir`: refuse, clear or resume, the r
 ``kdlab.compact`` and ``kdlab.report`` read them back, and the tests check them.
 """
 
+import errno
+import fnmatch
 import logging
 import os
 import secrets
 import shutil
+import sys
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from kdlab.errors import ConfigError
@@ -35,13 +43,42 @@ WANDB_DIR = "wandb"
 # Written by kdlab.sweep.SweepSummary when the job raised (its overrides and traceback), and
 # by kdlab.pipeline in the directory of a stage that raised (its traceback).
 ERROR = "error.txt"
-# Hydra's own files in every job directory (hydra.output_subdir): the composed, unresolved
-# config and the command-line overrides of the job.
+# Hydra's record in every job directory, written by kdlab once the job has claimed it
+# (JobRecord; hydra.output_subdir is null): the composed, unresolved config, Hydra's config and
+# the command-line overrides of the job.
 HYDRA_DIR = ".hydra"
 HYDRA_CONFIG = "config.yaml"
+HYDRA_HYDRA = "hydra.yaml"
 HYDRA_OVERRIDES = "overrides.yaml"
 # Hydra's job log (hydra/job_logging default): ${hydra.job.name}.log, e.g. train.log.
 JOB_LOG_GLOB = "*.log"
+# The record of a job, written for it whether or not it ever runs: Hydra's files and the
+# error of a job that failed. It neither makes a directory a run nor is foreign to one.
+JOB_RECORD = (HYDRA_DIR, JOB_LOG_GLOB, ERROR)
+# Everything a run writes (patterns): the above, the CSV logger's folder (conf/logger/csv) and
+# the evaluation files of a split (SQuAD's predictions.json, test_null_odds.json, ...).
+# overwrite=true removes these and nothing else.
+RUN_FILES = (
+    *JOB_RECORD,
+    CONFIG,
+    RUN_ID,
+    METRICS,
+    STUDENT,
+    CHECKPOINTS,
+    PRUNING_HISTORY,
+    PRUNING_PLOT,
+    PIPELINE_SUMMARY,
+    WANDB_DIR,
+    "csv",
+    "*predictions.json",
+    "*null_odds.json",
+    # A file or folder being written, left by a killed process (write_whole, written_whole).
+    ".*.partial-*",
+    ".*.replaced-*",
+)
+# Keys of every resolved config.yaml a run writes: a config.yaml with them is a run's, even
+# without its run_id.txt (which a user may have deleted to start its W&B run afresh).
+_RUN_CONFIG_KEYS = {"run_dir", "run_id", "method", "task", "model", "trainer"}
 
 
 @dataclass(frozen=True)
@@ -135,6 +172,29 @@ class RunDir:
         return sorted(self.path.glob(JOB_LOG_GLOB))
 
     @property
+    def is_run(self) -> bool:
+        """Whether a kdlab run has claimed the directory: it wrote ``run_id.txt`` first, then a
+        ``config.yaml`` with kdlab's root keys. A ``config.yaml`` of any other shape (a user's
+        own) is not a run's."""
+        if self.run_id.is_file():
+            return True
+        try:
+            keys = set(OmegaConf.load(self.config).keys()) if self.config.is_file() else set()
+        except Exception:  # not YAML, not a mapping: not a config kdlab wrote
+            return False
+        return keys >= _RUN_CONFIG_KEYS
+
+    def foreign_entries(self, patterns: tuple[str, ...]) -> list[Path]:
+        """The entries of the directory whose names match none of ``patterns``."""
+        if not self.path.is_dir():
+            return []
+        return [
+            entry
+            for entry in sorted(self.path.iterdir())
+            if not any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in patterns)
+        ]
+
+    @property
     def finished(self) -> bool:
         """Whether the run wrote its metrics (the last thing a run does)."""
         return self.metrics.is_file()
@@ -151,15 +211,15 @@ class RunDir:
         return [path for path in marks if path.exists()]
 
     def clear(self) -> list[Path]:
-        """Remove everything in the directory but Hydra's record of the job about to run
-        (``.hydra/`` and the job log, which Hydra has just rewritten): the earlier run's
-        config, checkpoints (no stale ``best.ckpt`` beside a new one), metrics, student,
-        logs, evaluation outputs and pruning history.
+        """Remove what an earlier run wrote (:data:`RUN_FILES`) but Hydra's record of the job
+        about to run (``.hydra/`` and the job log): its config, checkpoints (no stale
+        ``best.ckpt`` beside a new one), metrics, student, logger files, evaluation outputs
+        and pruning history. Anything else in the directory is left alone.
 
         Returns:
             The entries removed.
         """
-        kept = {self.hydra_dir, *self.job_logs}
+        kept = {self.hydra_dir, *self.job_logs, *self.foreign_entries(RUN_FILES)}
         removed = [entry for entry in sorted(self.path.iterdir()) if entry not in kept]
         for entry in removed:
             if entry.is_dir() and not entry.is_symlink():
@@ -192,11 +252,22 @@ def claim_run_dir(cfg: DictConfig, run_dir: RunDir, *, rank_zero: bool) -> str |
     """
     if not rank_zero:
         return _checkpoint_to_resume(cfg, run_dir)
+    if run_dir.path.exists() and not run_dir.path.is_dir():
+        raise ConfigError(
+            f"run_dir {run_dir.path} is a file, not a directory: set hydra.run.dir to a "
+            "directory (a new one, or a run's to resume it)."
+        )
     _refuse_or_clear(cfg, run_dir)
     ckpt_path = _checkpoint_to_resume(cfg, run_dir)
-    run_dir.path.mkdir(parents=True, exist_ok=True)
-    cfg.run_id = choose_run_id(run_dir, resuming=ckpt_path is not None)
-    save_config(cfg, run_dir)
+    try:
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+        cfg.run_id = choose_run_id(run_dir, resuming=ckpt_path is not None)
+        save_config(cfg, run_dir)
+    except OSError as error:  # read-only, a full disk, ...: before anything loads
+        raise ConfigError(
+            f"run_dir {run_dir.path} cannot be written ({error.strerror or error}): make it "
+            "writable, free space there, or set hydra.run.dir to another directory."
+        ) from error
     return ckpt_path
 
 
@@ -204,7 +275,9 @@ def _refuse_or_clear(cfg: DictConfig, run_dir: RunDir) -> None:
     """A directory that already holds a run (:attr:`RunDir.run_outputs`) is never silently
     reused. It is resumed with ``ckpt_path=last`` (or a checkpoint in its own
     ``checkpoints/``), only while that run has not finished; or, with ``overwrite=true``,
-    its files are removed first (:meth:`RunDir.clear`). Anything else is refused."""
+    its files are removed first (:meth:`RunDir.clear`), provided it holds nothing else
+    (:data:`RUN_FILES`). A directory that is not a run's (:attr:`RunDir.is_run`) is used only
+    if it holds no more than a job's record (:data:`JOB_RECORD`). Anything else is refused."""
     resumes_here = cfg.ckpt_path is not None and (
         cfg.ckpt_path == "last" or _is_within(Path(cfg.ckpt_path), run_dir.checkpoints)
     )
@@ -213,6 +286,15 @@ def _refuse_or_clear(cfg: DictConfig, run_dir: RunDir) -> None:
             f"overwrite=true would delete the checkpoint ckpt_path={cfg.ckpt_path} resumes "
             "from: drop overwrite=true to resume, or drop ckpt_path to start afresh."
         )
+    if not run_dir.is_run:
+        foreign = run_dir.foreign_entries(JOB_RECORD)
+        if foreign:
+            raise ConfigError(
+                f"run_dir {run_dir.path} holds files that are not a kdlab run's "
+                f"({_names(foreign)}; a run writes {RUN_ID} first): kdlab neither writes among "
+                "nor removes them. Set another hydra.run.dir, or move them out."
+            )
+        return
     found = run_dir.run_outputs
     if found and resumes_here and run_dir.finished:
         raise ConfigError(
@@ -229,8 +311,19 @@ def _refuse_or_clear(cfg: DictConfig, run_dir: RunDir) -> None:
                 "ckpt_path=last (if it has not finished), or replace it with overwrite=true "
                 "(its files are removed first); or set another hydra.run.dir."
             )
+        foreign = run_dir.foreign_entries(RUN_FILES)
+        if foreign:
+            raise ConfigError(
+                f"overwrite=true removes only what a kdlab run wrote, and run_dir "
+                f"{run_dir.path} also holds {_names(foreign)}: move them out, or set another "
+                "hydra.run.dir."
+            )
         log.info("overwrite=true: removing the earlier run in %s.", run_dir.path)
         run_dir.clear()
+
+
+def _names(entries: list[Path]) -> str:
+    return ", ".join(entry.name + ("/" if entry.is_dir() else "") for entry in entries)
 
 
 def _is_within(path: Path, directory: Path) -> bool:
@@ -241,18 +334,24 @@ def _checkpoint_to_resume(cfg: DictConfig, run_dir: RunDir) -> str | None:
     """The checkpoint ``ckpt_path`` names (``last``: the run directory's ``last.ckpt``).
 
     Raises:
-        ConfigError: if that checkpoint does not exist; resuming nothing must not silently
-            start a new run.
+        ConfigError: if that checkpoint does not exist (resuming nothing must not silently
+            start a new run), or is truncated (a write the run did not finish).
     """
     if cfg.ckpt_path is None:
         return None
     path = run_dir.last_checkpoint if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
     if not path.is_file():
-        where = f"run directory {run_dir.path}" if cfg.ckpt_path == "last" else "that path"
         raise ConfigError(
-            f"ckpt_path={cfg.ckpt_path}: there is no checkpoint {path} in the {where}. To "
-            "resume, point hydra.run.dir at the run that wrote checkpoints/last.ckpt; to start "
-            "afresh, leave ckpt_path unset."
+            f"ckpt_path={cfg.ckpt_path}: there is no checkpoint {path}. To resume, point "
+            "hydra.run.dir at the run that wrote checkpoints/last.ckpt (or ckpt_path at a "
+            "checkpoint file); to start afresh, leave ckpt_path unset."
+        )
+    problem = unreadable_checkpoint(path)
+    if problem:
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path}: checkpoint {path} cannot be read: {problem}. Resume "
+            f"from another checkpoint (ckpt_path={run_dir.best_checkpoint}, if it reads), or "
+            "start afresh: leave ckpt_path unset (with overwrite=true in this hydra.run.dir)."
         )
     return str(path)
 
@@ -271,10 +370,180 @@ def choose_run_id(run_dir: RunDir, resuming: bool) -> str:
 def save_config(cfg: DictConfig, run_dir: RunDir) -> None:
     """Writes the resolved ``cfg`` to the run's ``config.yaml``.
 
-    Rank 0 alone writes it, under another name that is then renamed: the DDP processes that
+    Rank 0 alone writes it, whole or not at all (:func:`write_whole`): the DDP processes that
     Lightning starts compose their config from it (:mod:`kdlab.launch`), and a resumed run
     rewrites the file while a reader may be looking.
     """
-    partial = run_dir.config.with_name(f".{run_dir.config.name}.{os.getpid()}")
-    OmegaConf.save(cfg, partial, resolve=True)
-    partial.replace(run_dir.config)
+    write_whole(run_dir.config, lambda partial: OmegaConf.save(cfg, partial, resolve=True))
+
+
+def _partial(path: Path) -> Path:
+    """Where ``path`` is written before it is renamed into place: a hidden sibling (the same
+    file system, so the rename is atomic), one per process."""
+    return path.with_name(f".{path.name}.partial-{os.getpid()}")
+
+
+def write_whole(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(partial)`` writes the file, which then replaces ``path`` by a rename: an
+    interruption or a full disk leaves the previous ``path`` (or none) and no partial file.
+
+    Raises:
+        OSError: from ``write``; errno 28 (a full disk) says so, naming the directory.
+    """
+    partial = _partial(path)
+    try:
+        write(partial)
+        partial.replace(path)
+    except BaseException as error:
+        partial.unlink(missing_ok=True)
+        if _is_disk_full(error):
+            raise _disk_full(error, path) from error
+        raise
+
+
+@contextmanager
+def written_whole(directory: Path) -> Iterator[Path]:
+    """Yields a new hidden sibling folder of ``directory`` to write into; once the block ends,
+    it replaces ``directory`` (an earlier one is removed only then). If the block raises
+    (Ctrl-C, a full disk), ``directory`` is as it was and the sibling is removed.
+
+    Raises:
+        OSError: from the block; errno 28 (a full disk) says so, naming the directory.
+    """
+    partial = _partial(directory)
+    shutil.rmtree(partial, ignore_errors=True)  # left by a process killed with this pid
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+    except BaseException as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        if _is_disk_full(error):
+            raise _disk_full(error, directory) from error
+        raise
+    if directory.exists():
+        replaced = directory.with_name(f".{directory.name}.replaced-{os.getpid()}")
+        directory.rename(replaced)
+        partial.rename(directory)
+        shutil.rmtree(replaced)
+    else:
+        partial.rename(directory)
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """Hydra's record of a job (``.hydra/config.yaml``, ``hydra.yaml``, ``overrides.yaml``),
+    which Hydra would write before the job runs (``hydra.output_subdir``). kdlab writes it
+    itself, once the job has claimed its directory: a command refused before that (a run
+    it may not replace) leaves that directory as it was.
+
+    Args:
+        config: the job's composed config, unresolved, as the job received it.
+        hydra: Hydra's config of the job (``hydra:`` at the root).
+        overrides: the job's command-line overrides.
+    """
+
+    config: str
+    hydra: str
+    overrides: str
+
+    @classmethod
+    def of_job(cls, cfg: DictConfig) -> "JobRecord":
+        """The record of the running Hydra job whose config is ``cfg``; taken before the job
+        changes ``cfg``."""
+        hydra_cfg = HydraConfig.instance().cfg
+        return cls(
+            config=OmegaConf.to_yaml(cfg),
+            hydra=OmegaConf.to_yaml(hydra_cfg),
+            overrides=OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task),
+        )
+
+    def write(self, job_dir: RunDir) -> None:
+        """Writes the three files into ``job_dir``'s ``.hydra/``, each whole."""
+        job_dir.hydra_dir.mkdir(parents=True, exist_ok=True)
+        files = {
+            HYDRA_CONFIG: self.config,
+            HYDRA_HYDRA: self.hydra,
+            HYDRA_OVERRIDES: self.overrides,
+        }
+        for name, text in files.items():
+            write_whole(
+                job_dir.hydra_dir / name, lambda partial, text=text: partial.write_text(text)
+            )
+
+
+def holds_anything(run_dir: RunDir) -> bool:
+    """Whether ``run_dir`` holds more than a job's record (:data:`JOB_RECORD`): a run, or
+    files of the user's. A job that did not claim such a directory must leave it as it was."""
+    return run_dir.is_run or bool(run_dir.foreign_entries(JOB_RECORD))
+
+
+def record_stamp(run_dir: RunDir) -> tuple[int, int] | None:
+    """Identifies the job record in ``run_dir`` (None: there is none): a job that writes its
+    record (:meth:`JobRecord.write`) changes it, one refused before that does not."""
+    try:
+        stat = (run_dir.hydra_dir / HYDRA_HYDRA).stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def record_error(run_dir: RunDir, text: str) -> None:
+    """Writes ``text`` (a traceback) to the run's ``error.txt``, whole; where it cannot be
+    written (a full disk, a read-only folder), the log gets it instead."""
+    try:
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+        write_whole(run_dir.error, lambda partial: partial.write_text(text))
+    except OSError as error:
+        log.error("%s could not be written (%s); what it records:\n%s", run_dir.error, error, text)
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno == errno.ENOSPC
+
+
+def _disk_full(error: OSError, path: Path) -> OSError:
+    return OSError(
+        errno.ENOSPC,
+        f"No space left on the device of {path.parent} while writing {path.name}: the previous "
+        f"{path.name} (if any) is kept as it was. Free space there, then resume or re-run.",
+        str(path),
+    )
+
+
+def unreadable_checkpoint(path: Path) -> str | None:
+    """Why ``path`` is not a complete checkpoint (None: it is). Cheap: ``torch.save`` writes
+    a zip archive whose directory is at its end, which a truncated file lacks; only that
+    directory is read."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if not any(name.endswith("data.pkl") for name in archive.namelist()):
+                return "it is a zip archive, but not one torch.save wrote"
+    except (zipfile.BadZipFile, OSError) as error:
+        return f"it is truncated or not a torch checkpoint ({error})"
+    return None
+
+
+class RunDirCheck(Callback):
+    """Hydra callback (``conf/hydra/default.yaml``): a ``hydra.run.dir`` or
+    ``hydra.sweep.dir`` that is a file stops the command with a message naming it, before
+    Hydra creates the job's directory (where it failed with a bare ``FileExistsError``)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: object) -> None:
+        """Checks ``hydra.run.dir``."""
+        _exit_if_file(Path(str(config.hydra.run.dir)), "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: object) -> None:
+        """Checks ``hydra.sweep.dir``."""
+        _exit_if_file(Path(str(config.hydra.sweep.dir)), "hydra.sweep.dir")
+
+
+def _exit_if_file(path: Path, key: str) -> None:
+    if path.exists() and not path.is_dir():
+        log.error(
+            "%s=%s is a file, not a directory: set %s to a directory (a new one, or a run's "
+            "to resume it).",
+            key,
+            path,
+            key,
+        )
+        sys.exit(1)  # exceptions raised in Hydra callbacks become warnings

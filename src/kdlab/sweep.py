@@ -12,7 +12,9 @@ not named. By default the whole sweep is one batch, so every job does run.
 
 * every job that raises, single run or sweep job, leaves its overrides and traceback in
   ``error.txt`` in its directory, where ``kdlab.report`` finds it (rank 0's, where SLURM runs
-  the job in every rank's task: another rank's traceback is in its own log);
+  the job in every rank's task: another rank's traceback is in its own log), unless the
+  directory held a run (or other files) that the job was refused before it claimed it: that
+  directory is left as it was, and the failure is in the log and the sweep's list;
 * in a sweep with the basic sweeper, the failure is logged (traceback included, into the
   job's log) and marked handled, so that the sweep runs to its end;
 * at the end of the sweep it prints and writes the report of the sweep directory
@@ -53,7 +55,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdlab import report
 from kdlab.errors import NoObjectiveError
-from kdlab.rundir import RunDir
+from kdlab.rundir import RunDir, holds_anything, record_error, record_stamp
 from kdlab.summary import table_console
 
 log = logging.getLogger("kdlab.sweep")
@@ -75,11 +77,19 @@ class SweepSummary(Callback):
         # Failures seen in this process; the sweep directory's error.txt files add those of
         # jobs run elsewhere (launchers that run jobs in other processes).
         self._failed: dict[Path, list[str]] = {}
+        # The job record found in a job directory that held something as the job started.
+        self._found: dict[Path, tuple[int, int] | None] = {}
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """Drops the ``error.txt`` of an earlier attempt in the same directory (a resumed run)."""
+        """Drops the ``error.txt`` of an earlier attempt in the same directory, unless it holds
+        a run (or other files), which the job must claim before it writes there: the run
+        drops it then (:class:`kdlab.train.JobFiles`)."""
         job_dir = _job_dir(config)
-        if job_dir is not None and rank_zero_only.rank == 0:
+        if job_dir is None:
+            return
+        if holds_anything(RunDir(job_dir)):
+            self._found[job_dir] = record_stamp(RunDir(job_dir))
+        elif rank_zero_only.rank == 0:
             RunDir(job_dir).error.unlink(missing_ok=True)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
@@ -98,9 +108,9 @@ class SweepSummary(Callback):
         error = getattr(job_return, "_return_value", None)
         overrides = [str(o) for o in (job_return.overrides or [])]
         job_dir = _job_dir(config)
-        if job_dir is not None and rank_zero_only.rank == 0:
+        if job_dir is not None and rank_zero_only.rank == 0 and _claimed(job_dir, self._found):
             text = "".join(traceback.format_exception(error)) if error is not None else ""
-            RunDir(job_dir).error.write_text(f"overrides: {shlex.join(overrides)}\n\n{text}")
+            record_error(RunDir(job_dir), f"overrides: {shlex.join(overrides)}\n\n{text}")
         if OmegaConf.select(config, "hydra.mode") != RunMode.MULTIRUN:
             return
         if job_dir is not None:
@@ -206,6 +216,14 @@ def _objective_missing(config: DictConfig, job_return: JobReturn) -> bool:
         return False
     value = job_return.return_value
     return not (isinstance(value, int | float) and math.isfinite(value))
+
+
+def _claimed(job_dir: Path, found: dict[Path, tuple[int, int] | None]) -> bool:
+    """Whether the job may write into ``job_dir``: it held nothing as the job started, or the
+    job claimed it (wrote its record there)."""
+    if job_dir not in found:
+        return True
+    return found.pop(job_dir) != record_stamp(RunDir(job_dir))
 
 
 def _job_dir(config: DictConfig) -> Path | None:

@@ -15,11 +15,12 @@ student's per-example outputs where the task has them (SQuAD: ``predictions.json
 ``null_odds.json`` for v2.0).
 """
 
+import contextlib
 import json
 import logging
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,14 @@ from kdlab.models.build import (
 from kdlab.pipeline import run_pipeline
 from kdlab.pruning import Pruner, compacted_copy
 from kdlab.pruning.callback import PruningCallback
-from kdlab.rundir import RunDir, claim_run_dir
+from kdlab.rundir import (
+    JobRecord,
+    RunDir,
+    claim_run_dir,
+    holds_anything,
+    write_whole,
+    written_whole,
+)
 from kdlab.summary import pipeline_table, summary_table, table_console
 from kdlab.validation import source_key
 
@@ -167,8 +175,13 @@ def _build(cfg: DictConfig, steps: list[Step], **given: Any) -> dict[str, Any]:
     return built
 
 
-def run(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig, on_claim: Callable[[], None] | None = None) -> dict:
     """Train one configuration and write its run directory; returns ``metrics.json``'s dict.
+
+    Args:
+        cfg: the run's config.
+        on_claim: called once the run has claimed its directory (:func:`claim_run_dir`),
+            before anything loads.
 
     Raises:
         ConfigError: before anything loads, for a config that cannot run.
@@ -180,6 +193,8 @@ def run(cfg: DictConfig) -> dict:
     cfg.trainer.accumulate_grad_batches = accumulate_grad_batches(cfg)
     run_dir = RunDir(cfg.run_dir)
     ckpt_path = claim_run_dir(cfg, run_dir, rank_zero=rank_zero_only.rank == 0)
+    if on_claim is not None:
+        on_claim()
     L.seed_everything(cfg.seed, workers=True)
     parts = assemble(cfg)
     trainer = parts.trainer
@@ -189,7 +204,8 @@ def run(cfg: DictConfig) -> dict:
         metrics = _fit_and_export(cfg, parts, run_dir, ckpt_path)
     if metrics:
         metrics["wall_time_s"] = round(time.perf_counter() - start, 1)
-        run_dir.metrics.write_text(json.dumps(metrics, indent=2))
+        text = json.dumps(metrics, indent=2)
+        write_whole(run_dir.metrics, lambda partial: partial.write_text(text))
         log.info("Run finished in %.0f s: %s", metrics["wall_time_s"], run_dir.path)
     return metrics
 
@@ -254,12 +270,14 @@ def evaluate_and_export(cfg: DictConfig, parts: Assembly, run_dir: RunDir) -> di
     eval_trainer = evaluation_trainer(cfg.trainer, device)
     student_metrics = evaluate(eval_trainer, parts.method, datamodule, ckpt_path=best)
     for name, content in parts.method.evaluation_files().items():
-        (run_dir.path / name).write_text(json.dumps(content, indent=1))
+        text = json.dumps(content, indent=1)
+        write_whole(run_dir.path / name, lambda partial, text=text: partial.write_text(text))
     # A pruned student is exported compacted (a smaller stock model); others as they are.
     exported = parts.student if pruner is None else compacted_copy(parts.student, pruner.masks)
     setattr(exported.config, TASK_ATTRIBUTE, cfg.task.name)
-    exported.save_pretrained(run_dir.student)
-    parts.tokenizer.save_pretrained(run_dir.student)
+    with written_whole(run_dir.student) as partial:
+        exported.save_pretrained(partial)
+        parts.tokenizer.save_pretrained(partial)
     metrics = {
         "task": cfg.task.name,
         "method": cfg.method.name,
@@ -324,18 +342,75 @@ def objective(results: list[tuple[str, dict]]) -> float | None:
     return None if value is None else float(value)
 
 
+class JobFiles:
+    """This Hydra job's record (``.hydra/``, :class:`kdlab.rundir.JobRecord`) and log
+    (``train.log``), which ``conf/hydra/default.yaml`` keeps out of the job directory until
+    the run has claimed it: a command refused before (a run it may not replace) leaves the
+    directory as it was. What is logged before goes to the console.
+
+    Args:
+        cfg: the job's config, as Hydra passed it (the record is taken before the run
+            changes it).
+        hydra_cfg: Hydra's config of the job (``HydraConfig.get()``).
+    """
+
+    def __init__(self, cfg: DictConfig, hydra_cfg: DictConfig) -> None:
+        self.hydra_cfg = hydra_cfg
+        self.record = JobRecord.of_job(cfg)
+        self.job_dir = RunDir(hydra_cfg.runtime.output_dir)
+        self.held = holds_anything(self.job_dir)  # a run, or the user's files
+        self.written = False
+
+    def write(self) -> None:
+        """Rank 0 drops an earlier attempt's ``error.txt`` and writes the record; every rank
+        opens its job log (SLURM's other ranks: ``train_ddp_process_<rank>.log``)."""
+        if self.written:
+            return
+        self.written = True
+        if rank_zero_only.rank == 0:
+            self.job_dir.error.unlink(missing_ok=True)
+            self.record.write(self.job_dir)
+        attach_job_log(self.hydra_cfg)
+
+
+def attach_job_log(hydra_cfg: DictConfig) -> None:
+    """Adds Hydra's job log file (``hydra.job_logging.handlers.file``) to the root logger,
+    unless it is open already (the DDP processes Lightning starts: their Hydra opens it)."""
+    spec = OmegaConf.select(hydra_cfg, "job_logging.handlers.file")
+    if spec is None:
+        return
+    path = Path(spec.filename).absolute()
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename) == path:
+            return
+    handler = logging.FileHandler(path, mode=spec.get("mode", "a"), encoding="utf-8")
+    formatter = hydra_cfg.job_logging.formatters[spec.formatter]
+    handler.setFormatter(logging.Formatter(formatter.format, formatter.get("datefmt")))
+    root.addHandler(handler)
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns :func:`objective` (for sweepers) on rank 0, None on the
     ranks a cluster started beside it."""
     hydra_cfg = HydraConfig.get()
+    job = JobFiles(cfg, hydra_cfg)
     if hydra_cfg.mode == RunMode.MULTIRUN and cfg.run_group is None:
         # The jobs of a sweep are one group of W&B runs.
         cfg.run_group = Path(hydra_cfg.sweep.dir).name
-    if cfg.get("pipeline"):
-        results = run_pipeline(cfg, run)
-    else:
-        results = [(cfg.method.name, run(cfg))]
+    try:
+        if cfg.get("pipeline"):
+            job.write()  # its directory holds its stages, each claimed by its own run
+            results = run_pipeline(cfg, run)
+        else:
+            results = [(cfg.method.name, run(cfg, on_claim=job.write))]
+    except BaseException:
+        if not job.held:  # a new job directory records the failed job
+            # (unless it cannot be written: the error that says so is the one to see)
+            with contextlib.suppress(OSError):
+                job.write()
+        raise
     if rank_zero_only.rank != 0:
         return None  # a rank started by the cluster (SLURM): rank 0 reports the run
     console = table_console()
