@@ -4,16 +4,16 @@ A pipeline (the root ``pipeline`` key) maps stage names to override lists (which
 lists, e.g. YAML anchors of overrides shared by stages), e.g. fine-tune a teacher, then
 distil it (``teacher.path=${stage:teacher}/student``). Values an experiment's stages share
 live under the root ``vars`` and are referred to as ``${vars.NAME}``, so that a command line
-can change them for every stage (``vars.steps=10``). Every stage's config is
-composed and checked before the first stage starts. The command line's overrides apply to
-every stage; where a stage sets a key itself, its value is the stage's: a config group
-(``task=corpus/local``) chooses what the stage is, and a value that reads an earlier stage's
-output (``${stage:teacher}/student``) wires the pipeline, while a command-line value of
-another key that a stage sets to something else is refused (a stage's overrides come last,
-so it would not reach that stage): the recipe's budgets are its ``vars``. A stage whose ``metrics.json`` exists is
-finished and skipped; one with ``checkpoints/last.ckpt`` resumes from it; one that stopped
-before its first checkpoint (its directory holds its ``config.yaml`` and logs, nothing to
-resume from) starts again from scratch, its remains removed. So re-running an interrupted
+can change them for every stage (``vars.steps=10``). The command line's overrides apply to
+every stage, before the stage's own: a config group a stage chooses (``task=corpus/local``)
+and a value that reads an earlier stage's output (``${stage:teacher}/student``) are the
+stage's, and a command-line value of any other key that a stage sets to something else is
+refused (it would not reach that stage; a recipe's budgets are its ``vars``). Every stage's
+config is composed and checked before the first stage starts. A stage whose
+``metrics.json`` exists is finished and skipped; one with ``checkpoints/last.ckpt`` resumes
+from it; one that stopped before its first checkpoint (its directory holds its
+``config.yaml`` and logs, nothing to resume from) starts again from scratch, its remains
+removed. So re-running an interrupted
 pipeline continues at its first unfinished stage. With ``overwrite=true`` on the command
 line every stage starts afresh, finished or not.
 
@@ -60,7 +60,7 @@ def run_pipeline(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> list[tup
 
     Raises:
         ConfigError: before any stage starts, where the command line sets a key (not a
-            config group) that a stage sets to another value.
+            config group) that a stage sets to another value (not a ``${stage:...}`` one).
     """
     stages = {
         name: list(_flatten(overrides))
