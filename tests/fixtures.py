@@ -253,11 +253,11 @@ def write_glue(
     return root
 
 
-def write_tiny_mlm_bert(directory: Path, seed: int = 0, heads: int = 4) -> Path:
-    """A tiny masked-LM BERT (2 layers, ``heads`` heads) with a complete MLM head, so it
-    can teach."""
+def write_tiny_mlm_bert(directory: Path, seed: int = 0, heads: int = 4, layers: int = 2) -> Path:
+    """A tiny masked-LM BERT (``layers`` layers, ``heads`` heads) with a complete MLM head,
+    so it can teach."""
     return _write_tiny(
-        directory, BertForMaskedLM, seed, num_hidden_layers=2, num_attention_heads=heads
+        directory, BertForMaskedLM, seed, num_hidden_layers=layers, num_attention_heads=heads
     )
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -330,3 +331,19 @@ class RecordDropout(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         path = Path(trainer.default_root_dir) / f"dropout_rank{trainer.global_rank}.pt"
         torch.save(self.steps, path)
+
+
+class KillOnce(L.Callback):
+    """Kill this process (SIGKILL: no exception, no Python clean-up) as soon as training is
+    set up when ``value`` is ``kill_value`` and ``marker`` does not exist yet; the marker is
+    written first, so that the re-run of the killed job trains."""
+
+    def __init__(self, value: int, kill_value: int, marker: str) -> None:
+        self.value = value
+        self.kill_value = kill_value
+        self.marker = Path(marker)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.value == self.kill_value and not self.marker.exists():
+            self.marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)

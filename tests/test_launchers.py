@@ -5,6 +5,7 @@ import json
 import math
 import os
 import pickle
+import shlex
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 import kdlab.train
 from kdlab.errors import NoObjectiveError
 from kdlab.rundir import RunDir
-from kdlab.sweep import StudyCheck, SweepSummary
+from kdlab.sweep import StudyCheck, SweepSummary, rerun_command
 from tests.conftest import REPO_ROOT, SUBPROCESS_ENV, fast_overrides, run_cli
 from tests.fixtures import write_corpus, write_tiny_mlm_bert
 
@@ -143,6 +144,83 @@ def test_local_launcher_runs_each_job_in_a_submitit_process(tmp_path, glue_root,
     for seed, job in enumerate(jobs, start=1):
         metrics = json.loads(RunDir(job).metrics.read_text())
         assert returned[f"seed={seed}"] == metrics["student"]["val/accuracy"]
+
+
+def test_a_killed_local_job_is_a_failed_job_with_a_rerun_command_that_works(
+    tmp_path, glue_root, teacher_dir
+):
+    """A submitit job killed by a signal hands back no result: the sweep still reports, names
+    it as failed and exits 1 (it ended in a raw UncompletedJobError), and its printed command
+    finishes it in the sweep's job directory."""
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        [
+            "-m",
+            *sweep_overrides(tmp_path, glue_root, teacher_dir),
+            *SHORT,
+            "hydra/launcher=local",
+            "+callbacks.kill._target_=tests.helpers.KillOnce",
+            "+callbacks.kill.value=${seed}",
+            "+callbacks.kill.kill_value=1",
+            f"+callbacks.kill.marker={tmp_path / 'killed'}",
+            "seed=1,2",
+            f"hydra.sweep.dir={sweep}",
+        ]
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output[-3000:]
+    assert "UncompletedJobError" not in output.split("jobs failed")[-1]
+    killed, good = (RunDir(job) for job in job_dirs(sweep))
+    assert good.finished and not killed.finished
+    assert "has not produced any output" in killed.error.read_text()  # submitit's words
+    assert (sweep / "report.md").is_file()
+    assert "1 of 2 jobs failed" in output
+    lines = output.splitlines()
+    command = shlex.split(lines[lines.index(f"  {killed.path}") + 1])
+    # Killed before its first checkpoint, after its config.yaml: that run is replaced.
+    assert command[-2:] == ["overwrite=true", f"hydra.run.dir={killed.path}"]
+    assert "ckpt_path=last" not in command
+    rerun = subprocess.run(
+        [sys.executable, *command[1:]],
+        cwd=REPO_ROOT,
+        env=SUBPROCESS_ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-3000:]
+    assert killed.finished
+    assert OmegaConf.load(killed.config).seed == 1
+
+
+@pytest.mark.parametrize(
+    ("left", "how"),
+    [
+        ("checkpoint", ["ckpt_path=last"]),  # resumes from what it wrote
+        ("config", ["overwrite=true"]),  # stopped before its first checkpoint
+        ("nothing", []),  # never started
+    ],
+)
+def test_a_rerun_command_resumes_only_what_the_job_wrote(tmp_path, left, how):
+    job = RunDir(tmp_path / "job")
+    job.checkpoints.mkdir(parents=True)
+    if left == "checkpoint":
+        job.last_checkpoint.write_bytes(b"")
+    if left != "nothing":
+        job.config.write_text("seed: 1\n")
+    else:
+        job.checkpoints.rmdir()
+    # The sweep was resumed (ckpt_path=last) after an interruption.
+    command = rerun_command(job.path, ["seed=1", "ckpt_path=last", "task.name='a b'"])
+    assert command == [
+        "python",
+        "-m",
+        "kdlab.train",
+        "seed=1",
+        "task.name='a b'",
+        *how,
+        f"hydra.run.dir={job.path}",
+    ]
 
 
 FAKE_SBATCH = """#!/bin/sh

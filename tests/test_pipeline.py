@@ -26,8 +26,9 @@ STAGES = {
 
 
 def write_experiment(conf_dir: Path, name: str, stages: dict[str, list[str]]) -> None:
-    """A pipeline experiment under ``conf_dir/experiment`` (passed with --config-dir)."""
-    lines = ["# @package _global_", "pipeline:"]
+    """A pipeline experiment under ``conf_dir/experiment`` (passed with --config-dir): one
+    epoch unless a stage says otherwise (a command-line value would be refused there)."""
+    lines = ["# @package _global_", "trainer:", "  max_epochs: 1", "pipeline:"]
     for stage, overrides in stages.items():
         lines.append(f"  {stage}: [{', '.join(repr(o) for o in overrides)}]")
     (conf_dir / "experiment").mkdir(parents=True, exist_ok=True)
@@ -39,7 +40,7 @@ def pipeline_overrides(tmp_path: Path, glue_root: Path, teacher_dir: Path) -> li
     return [
         o
         for o in fast_overrides(tmp_path, glue_root, teacher_dir, model="bert_tiny")
-        if not o.startswith(("run_dir=", "method="))
+        if not o.startswith(("run_dir=", "method=", "trainer.max_epochs="))
     ]
 
 

@@ -4,14 +4,19 @@ A pipeline (the root ``pipeline`` key) maps stage names to override lists (which
 lists, e.g. YAML anchors of overrides shared by stages), e.g. fine-tune a teacher, then
 distil it (``teacher.path=${stage:teacher}/student``). Values an experiment's stages share
 live under the root ``vars`` and are referred to as ``${vars.NAME}``, so that a command line
-can change them for every stage (``vars.steps=10``). Every stage's config is
-composed and checked before the first stage starts. A stage whose ``metrics.json`` exists is
-finished and skipped; one with ``checkpoints/last.ckpt`` resumes from it; one that stopped
-before its first checkpoint (its directory holds its ``config.yaml`` and logs, nothing to
-resume from) starts again from scratch, its remains removed. So re-running an interrupted
-pipeline continues at its first unfinished stage. A finished stage is reused even where this
-invocation's overrides would train it otherwise: a warning then lists the keys whose values
-differ from its ``config.yaml``. With ``overwrite=true`` on the command
+can change them for every stage (``vars.steps=10``). The command line's overrides apply to
+every stage, before the stage's own: a config group a stage chooses (``task=corpus/local``)
+and a value that reads an earlier stage's output (``${stage:teacher}/student``) are the
+stage's, and a command-line value of any other key that a stage sets to something else is
+refused (it would not reach that stage; a recipe's budgets are its ``vars``). Every stage's
+config is composed and checked before the first stage starts. A stage whose
+``metrics.json`` exists is finished and skipped; one with ``checkpoints/last.ckpt`` resumes
+from it; one that stopped before its first checkpoint (its directory holds its
+``config.yaml`` and logs, nothing to resume from) starts again from scratch, its remains
+removed. So re-running an interrupted pipeline continues at its first unfinished stage. A
+finished stage is reused even where this invocation's overrides would train it otherwise: a
+warning then lists the keys whose values differ from its ``config.yaml``. With
+``overwrite=true`` on the command
 line every stage starts afresh, finished or not.
 
 The stages of one pipeline are one group of W&B runs (``run_group``: the pipeline's run
@@ -34,12 +39,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from hydra import compose
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from kdlab.batching import accumulate_grad_batches
 from kdlab.components import validate
+from kdlab.errors import ConfigError
 from kdlab.rundir import RunDir, record_error
 
 log = logging.getLogger(__name__)
@@ -52,6 +60,10 @@ def run_pipeline(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> list[tup
     """Run the stages of ``cfg.pipeline`` in order; returns ``(stage, metrics)`` pairs.
 
     The command line's own overrides apply to every stage, under the stage's overrides.
+
+    Raises:
+        ConfigError: before any stage starts, where the command line sets a key (not a
+            config group) that a stage sets to another value (not a ``${stage:...}`` one).
     """
     stages = {
         name: list(_flatten(overrides))
@@ -63,6 +75,7 @@ def run_pipeline(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> list[tup
     # Unresolved: a pipeline given on the command line holds ${stage:...} interpolations,
     # which only resolve inside a stage.
     user_overrides = OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)
+    _refuse_shadowed(user_overrides, stages)
     group = "/".join(g for g in (cfg.run_group, root.name) if g)
     configs = {
         name: stage_config([*user_overrides, *overrides], dirs[name], dirs, group, name)
@@ -205,6 +218,37 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def _refuse_shadowed(user_overrides: list[str], stages: dict[str, list[str]]) -> None:
+    """Refuse command-line values that a stage's own override of the same key would replace.
+
+    Left to the stages, with the command line's value serving the others: their config-group
+    choices (``experiment=pd task=rte``: the pretraining stage stays on its corpus) and the
+    values that read an earlier stage's output (``teacher.path=${stage:teacher}/student``,
+    the pipeline's wiring). Equal values are no conflict.
+    """
+    parser = OverridesParser.create()
+    repository = GlobalHydra.instance().config_loader().repository
+    user = {
+        o.key_or_group: (o.value(), text)
+        for o, text in zip(parser.parse_overrides(user_overrides), user_overrides, strict=True)
+        if not repository.group_exists(o.key_or_group)
+    }
+    shadowed = []
+    for name, overrides in stages.items():
+        for override, text in zip(parser.parse_overrides(overrides), overrides, strict=True):
+            if override.key_or_group not in user or "${stage:" in text:
+                continue
+            value, user_text = user[override.key_or_group]
+            if value != override.value():
+                shadowed.append(f"{user_text} (stage '{name}' sets {text})")
+    if shadowed:
+        raise ConfigError(
+            "The command line sets keys that stages of this pipeline set themselves, after "
+            f"it: {'; '.join(shadowed)}. Leave them out, change the recipe's vars.* where it "
+            "has one for them, or give the stage's whole list (pipeline.<stage>=[...])."
+        )
 
 
 def _continue_or_restart(name: str, stage_cfg: DictConfig, run_dir: RunDir) -> None:

@@ -52,9 +52,16 @@ def product(*factors: int) -> int:
     return math.prod(int(f) for f in factors)
 
 
+def minimum(*values: float) -> float:
+    """``${min:A,B}``: the smaller value, e.g. a validation interval that a recipe's step
+    budget may undercut (``${min:500,${vars.steps}}`` validates at least once)."""
+    return min(values)
+
+
 def register() -> None:
     """Register kdlab's resolvers (idempotent)."""
     OmegaConf.register_new_resolver("package_model", package_model, replace=True)
     OmegaConf.register_new_resolver("stage", stage_dir, replace=True)
     OmegaConf.register_new_resolver("slurm_rank_zero", slurm_rank_zero, replace=True)
     OmegaConf.register_new_resolver("product", product, replace=True)
+    OmegaConf.register_new_resolver("min", minimum, replace=True)

@@ -19,7 +19,9 @@ not named. By default the whole sweep is one batch, so every job does run.
   job's log) and marked handled, so that the sweep runs to its end;
 * at the end of the sweep it prints and writes the report of the sweep directory
   (``report.md``, ``report.csv``, ``report.png``), lists the failed jobs with their
-  directory and the command that re-runs each, and exits with status 1 if any failed.
+  directory and the command that re-runs each (:func:`rerun_command`), and exits with status
+  1 if any failed. A job of the submitit launchers whose process was killed (no result came
+  back) is a failed job too: ``hydra_plugins.kdlab_launchers`` hands it to ``on_job_end``.
 
 Other sweepers (Optuna, Ax, ...) read the jobs' return values, so their failures are left to
 them (Optuna tells a failed job's trial as failed, and stops the study once a batch of trials
@@ -152,11 +154,38 @@ class SweepSummary(Callback):
         jobs = len({r.job_dir or r.path for r in records}) or len(failed)
         lines = [f"{len(failed)} of {jobs} jobs failed:"]
         for job_dir, overrides in sorted(failed.items(), key=lambda kv: str(kv[0])):
-            lines += [f"  {job_dir}", f"    python -m kdlab.train {shlex.join(overrides)}"]
+            lines += [f"  {job_dir}", f"    {shlex.join(rerun_command(job_dir, overrides))}"]
         log.error("\n".join(lines))
         # SystemExit passes through Hydra's callback wrapper, which turns exceptions into
         # warnings.
         sys.exit(1)
+
+
+def rerun_command(job_dir: Path, overrides: list[str]) -> list[str]:
+    """The command that runs a failed job of a sweep again, as a single run in its directory.
+
+    It resumes from the job's own ``checkpoints/last.ckpt`` where the job wrote one; where the
+    job left a run without one (its ``config.yaml``), that is replaced (``overwrite=true``).
+    The sweep's own ``ckpt_path=last`` (a resumed sweep) would fail in a job that never
+    checkpointed, so it is dropped; a pipeline job continues its stages by itself.
+
+    Args:
+        job_dir: the job's directory (``hydra.runtime.output_dir``).
+        overrides: the job's overrides.
+
+    Returns:
+        The command, as the argument list of ``python -m kdlab.train``.
+    """
+    run_dir = RunDir(job_dir)
+    settled = ("hydra.run.dir=", "overwrite=", "ckpt_path=")
+    kept = [o for o in overrides if not o.startswith(settled)]
+    if run_dir.last_checkpoint.is_file():
+        how = ["ckpt_path=last"]
+    else:
+        # A checkpoint of another run that the job trained on from.
+        how = [o for o in overrides if o.startswith("ckpt_path=") and o != "ckpt_path=last"]
+        how += ["overwrite=true"] if run_dir.run_outputs else []
+    return ["python", "-m", "kdlab.train", *kept, *how, f"hydra.run.dir={job_dir}"]
 
 
 class StudyCheck(Callback):
