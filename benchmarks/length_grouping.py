@@ -27,7 +27,6 @@ the teacher is a tiny random BERT with a word-level vocabulary (announced in the
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -42,26 +41,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from benchmarks import common
+from benchmarks import step_overhead as overhead
+from benchmarks import teacher_cache as cache_bench
 from kdlab.components import build, validate
 from kdlab.data.base import EpochSeededSampler, token_lengths
 from kdlab.models import load_tokenizer
 from kdlab.models.heads import forward
 from kdlab.train import CONF_DIR, assemble
-
-HERE = Path(__file__).resolve().parent
-
-
-def _sibling(name: str):
-    """A script of this folder imported as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-common = _sibling("common")
-overhead = _sibling("step_overhead")
-cache_bench = _sibling("teacher_cache")
 
 # kdlab task -> the folder of its TSVs under --data-dir (SQuAD: --squad-file).
 GLUE_TASKS = {"sst2": "SST-2", "rte": "RTE", "stsb": "STS-B"}

@@ -32,7 +32,6 @@ MiniLM), to random token sentences; both are announced in the output.
 
 import argparse
 import copy
-import importlib.util
 import json
 import os
 import statistics
@@ -48,24 +47,14 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+# The step-overhead benchmark's bare KD step, interleaved timer, fallbacks and statistics.
+from benchmarks import common
+from benchmarks import step_overhead as overhead
 from kdlab.components import validate
 from kdlab.models import load_tokenizer
 from kdlab.train import CONF_DIR, assemble
 
 HERE = Path(__file__).resolve().parent
-
-
-def _sibling(name: str):
-    """A script of this folder imported as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-# The step-overhead benchmark's bare KD step, interleaved timer, fallbacks and statistics.
-overhead = _sibling("step_overhead")
-common = _sibling("common")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
