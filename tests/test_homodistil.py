@@ -217,7 +217,7 @@ def test_homodistil_prunes_to_the_target_and_exports_a_stock_bert(data, tmp_path
 
 
 def test_kd_with_pruning_then_finetune_the_compact_student(data, tmp_path):
-    glue = [f"task.data_dir={data['glue']}/SST-2", "trainer.max_epochs=2"]
+    glue = [f"task.data_dir={data['glue']}/SST-2", "task.max_seq_length=64", "trainer.max_epochs=2"]
     teacher = write_tiny_bert(data["root"] / "sst2_teacher")  # 2 heads of 16
     metrics = run(
         [
