@@ -399,6 +399,7 @@ def compose_mixkd(teacher_dir: Path, run_dir: Path, *overrides: str, model=MINIA
                 "callbacks=quiet",
                 "eval.speed_batches=0",
                 f"task.cache_dir={run_dir / 'cache'}",
+                "task.max_seq_length=64",  # the tiny teachers' positions
                 f"run_dir={run_dir}",
                 *overrides,
             ],

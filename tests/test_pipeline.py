@@ -274,7 +274,7 @@ def test_a_finished_stage_reused_with_other_overrides_names_them(
         hydra = SimpleNamespace(overrides=SimpleNamespace(task=command))
         monkeypatch.setattr(kdlab.pipeline.HydraConfig, "get", lambda: hydra)
         cfg = kdlab.pipeline.stage_config([*base, *extra], str(tmp_path / "run"), {}, "", "x")
-        cfg.pipeline = {"only": ["task.max_seq_length=16"]}
+        cfg.pipeline = {"only": ["trainer.max_epochs=1"]}
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="kdlab.pipeline"):
             kdlab.pipeline.run_pipeline(cfg, fake_run)

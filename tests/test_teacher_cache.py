@@ -379,7 +379,11 @@ def test_a_damaged_cache_is_detected_and_rebuilt_with_a_warning(make_cfg, caplog
     again = teacher_cache(teacher, datamodule)
     with caplog.at_level(logging.WARNING, logger="kdlab.methods.teacher_cache"):
         assert again.load_or_build(teacher) == 48
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and r.name == "kdlab.methods.teacher_cache"
+    ]
     assert len(warnings) == 1
     assert str(cache.directory) in warnings[0] and "rebuilding" in warnings[0]
     assert re.search(problem, warnings[0])
