@@ -292,3 +292,23 @@ def test_other_missing_or_unused_keys_keep_the_load_report(tmp_path, caplog, mon
     reports = [m for level, m in messages if level >= logging.WARNING and "LOAD REPORT" in m]
     assert reports and all("classifier.weight" in m and "UNEXPECTED" in m for m in reports)
     assert not any("newly initialised" in m for _, m in messages)
+
+
+def test_a_layer_truncated_student_names_its_left_out_layers_once_at_info(
+    tmp_path, caplog, monkeypatch
+):
+    import logging
+
+    from kdlab.models.build import _load_model
+    from tests.fixtures import write_tiny_bert
+
+    teacher = write_tiny_bert(tmp_path / "teacher", layers=3)
+    monkeypatch.setattr(logging.getLogger("transformers"), "propagate", True)
+    with caplog.at_level(logging.INFO):
+        _load_model(str(teacher), "sequence_classification", "model.path", num_hidden_layers=1)
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert [m for level, m in messages if level >= logging.WARNING] == []
+    assert (
+        logging.INFO,
+        f"model.path={teacher}: layers 1-2 left out (a layer-truncated model).",
+    ) in messages

@@ -16,6 +16,7 @@ one of the functions below, with the task's head and labels passed by the run:
 """
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,8 +142,9 @@ def _load_model(path: str, head: str, key: str, **kwargs) -> tuple[PreTrainedMod
 
     ``transformers`` warns with a table of MISSING and UNEXPECTED keys (and, for a missing
     MLM head, "This checkpoint seem corrupted") whenever a checkpoint lacks the new head,
-    which is what a new head means: that case is logged once, at INFO. Any other missing
-    or unused key keeps ``transformers``' warning.
+    which is what a new head means, and lists a layer-truncated student's left-out layers
+    as UNEXPECTED: those cases are logged once, at INFO. Any other missing or unused key
+    keeps ``transformers``' warning.
     """
     held = _HeldLoadReport()
     try:
@@ -153,14 +155,22 @@ def _load_model(path: str, head: str, key: str, **kwargs) -> tuple[PreTrainedMod
     held.remove()
     prefix = model.base_model_prefix + "."
     new_head = sorted(k for k in info["missing_keys"] if not k.startswith(prefix))
-    unused = sorted(info["unexpected_keys"])
+    # A layer-truncated student leaves the checkpoint's deeper layers unused.
+    dropped = sorted(
+        {int(m[1]) for k in info["unexpected_keys"] if (m := _LAYER.search(k))}
+        - set(range(model.config.num_hidden_layers))
+    )
+    unused = sorted(
+        k for k in info["unexpected_keys"] if not ((m := _LAYER.search(k)) and int(m[1]) in dropped)
+    )
     # The pooler is in a base checkpoint but not in every head's model (MLM, span heads).
     expected = len(new_head) == len(info["missing_keys"]) and all(
         "pooler" in k.removeprefix(prefix).split(".")[:1] for k in unused
     )
     if not expected:
         held.release()
-    elif new_head or unused:
+        return model, info
+    if new_head or unused:
         log.info(
             "%s=%s has no %s head: newly initialised, as expected for a new head: %s%s",
             key,
@@ -169,7 +179,19 @@ def _load_model(path: str, head: str, key: str, **kwargs) -> tuple[PreTrainedMod
             ", ".join(new_head) or "nothing",
             f"; not used by this head: {', '.join(unused)}" if unused else "",
         )
+    if dropped:
+        log.info(
+            "%s=%s: layers %d-%d left out (a layer-truncated model).",
+            key,
+            path,
+            dropped[0],
+            dropped[-1],
+        )
     return model, info
+
+
+# The layer index of an encoder parameter's name (``bert.encoder.layer.3.output.dense.bias``).
+_LAYER = re.compile(r"\.layer\.(\d+)\.")
 
 
 class _HeldLoadReport(logging.Filter):
