@@ -9,16 +9,15 @@ from transformers import SchedulerType, get_scheduler
 
 from kdlab.validation import NonNegative, NonNegativeInt, Positive, Probability
 
-# Standard BERT practice: no weight decay on biases and LayerNorm weights.
-_NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight")
-
 
 class Optim:
     """AdamW with a ``transformers`` learning-rate schedule and linear warm-up.
 
     Args:
         lr: peak learning rate.
-        weight_decay: decoupled weight decay (not on biases and LayerNorm weights).
+        weight_decay: decoupled weight decay (not on biases and LayerNorm weights, i.e.
+            not on any one-dimensional parameter: the same set in every family, whatever
+            its parameter names).
         betas: Adam's ``(β1, β2)``.
         eps: Adam's ε.
         scheduler: any ``transformers.get_scheduler`` name (linear, cosine, constant, ...).
@@ -51,8 +50,8 @@ class Optim:
         """What a LightningModule's ``configure_optimizers`` returns: the optimizer over
         ``named_parameters`` and its per-step schedule over ``total_steps``."""
         decay, plain = [], []
-        for name, param in named_parameters:
-            (plain if name.endswith(_NO_DECAY) else decay).append(param)
+        for _, param in named_parameters:
+            (plain if param.dim() < 2 else decay).append(param)
         optimizer = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": self.weight_decay},

@@ -52,6 +52,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from kdlab.errors import ConfigError
+from kdlab.families import family_of
 from kdlab.losses import attention_mse, hidden_mse, matching_loss, task_loss
 from kdlab.methods.base import BaseMethod
 from kdlab.methods.traits import MethodTraits
@@ -199,7 +200,10 @@ class HomoDistil(BaseMethod):
         if alpha_attn > 0:
             # The SDPA kernels return no attention probabilities; the student's are read
             # before dropout (module docstring), the teacher runs in eval mode.
-            student.set_attn_implementation(PRE_DROPOUT_ATTENTION)
+            if family_of(student.config).attention_interface:
+                student.set_attn_implementation(PRE_DROPOUT_ATTENTION)
+            else:
+                student.set_attn_implementation("eager")
             teacher.set_attn_implementation("eager")
 
     @property

@@ -18,6 +18,7 @@ from transformers import (
 from transformers.modeling_outputs import MaskedLMOutput
 from transformers.utils import ModelOutput
 
+from kdlab.families import FAMILIES
 from kdlab.losses import IGNORE_INDEX
 
 
@@ -83,7 +84,8 @@ def forward(model: PreTrainedModel, batch: dict[str, Tensor], head: str, **optio
     small BERT: scoring the other positions would cost most of the step for nothing. So for
     ``head == "masked_lm"`` the logits are ``[N, V]``, one row per target in the batch's
     row-major order, and :func:`targets` returns the ``[N]`` targets they go with. Models
-    without a separable head (``model.cls``) are run whole and their rows selected.
+    whose family has no separable head (:meth:`kdlab.families.Family.mlm_head`) are run
+    whole and their rows selected.
 
     Args:
         model: a ``transformers`` model with the task's head.
@@ -95,7 +97,8 @@ def forward(model: PreTrainedModel, batch: dict[str, Tensor], head: str, **optio
     if head != "masked_lm":
         return model(**inputs, **options)
     rows = batch["labels"] != IGNORE_INDEX
-    mlm_head = getattr(model, "cls", None)
+    family = FAMILIES.get(model.config.model_type)
+    mlm_head = family.mlm_head(model) if family is not None else None
     if mlm_head is None:
         outputs = model(**inputs, **options)
         return MaskedLMOutput(

@@ -1,8 +1,9 @@
-"""Compaction: a masked BERT becomes a physically smaller stock ``BertConfig`` model.
+"""Compaction: a masked model becomes a physically smaller model of its family's stock config.
 
-Every parameter is sliced along its pruned axes (:data:`kdlab.pruning.masks.RULES`) to the
-kept indices; the new config has the kept hidden size, heads per layer (head size
-unchanged) and FFN size, so ``AutoModelFor*.from_pretrained`` loads the result as it is.
+Every parameter is sliced along its pruned axes (:attr:`StructuredMasks.axes`, from the
+model's family) to the kept indices; the family writes the kept hidden size, heads per
+layer (head size unchanged) and FFN size into a copy of the config, so
+``AutoModelFor*.from_pretrained`` loads the result as it is.
 """
 
 import copy
@@ -11,7 +12,7 @@ import math
 import torch
 from transformers import PreTrainedModel
 
-from kdlab.pruning.masks import StructuredMasks, pruned_axes
+from kdlab.pruning.masks import StructuredMasks
 
 
 def _kept_sizes(masks: StructuredMasks) -> dict[str, int]:
@@ -29,8 +30,8 @@ def compacted_parameter_count(model: PreTrainedModel, masks: StructuredMasks) ->
     total = 0
     for name, param in model.named_parameters():
         shape = list(param.shape)
-        for axis, kind, _ in pruned_axes(name):
-            shape[axis] = sizes[kind]
+        for axis in masks.axes.get(name, ()):
+            shape[axis.axis] = sizes[axis.kind] * axis.blocks
         total += math.prod(shape)
     return total
 
@@ -42,23 +43,21 @@ def compacted_copy(model: PreTrainedModel, masks: StructuredMasks) -> PreTrained
 
     Raises:
         ValueError: if the kept hidden size is not the kept heads times the head size
-            (the shape a stock ``BertConfig`` requires).
+            (the shape every supported family's config requires).
     """
     counts = masks.counts()
     if counts["hidden"] != counts["heads"] * masks.head_dim:
         raise ValueError(
-            f"Cannot compact to a stock BertConfig: {counts['hidden']} hidden dims but "
-            f"{counts['heads']} heads of {masks.head_dim} dims."
+            f"Cannot compact to a stock {type(model.config).__name__}: {counts['hidden']} "
+            f"hidden dims but {counts['heads']} heads of {masks.head_dim} dims."
         )
     config = copy.deepcopy(model.config)
-    config.hidden_size = counts["hidden"]
-    config.num_attention_heads = counts["heads"]
-    config.intermediate_size = counts["ffn"]
+    masks.family.compact_config(config, counts["hidden"], counts["heads"], counts["ffn"])
     state = {}
     for name, tensor in model.state_dict().items():
-        for axis, kind, layer in pruned_axes(name):
-            index = masks.kept_indices(kind, layer).to(tensor.device)
-            tensor = tensor.index_select(axis, index)
+        for axis in masks.axes.get(name, ()):
+            index = masks.kept_indices(axis.kind, axis.layer, axis.blocks).to(tensor.device)
+            tensor = tensor.index_select(axis.axis, index)
         state[name] = tensor.clone()
     compacted = type(model)(config)
     compacted.load_state_dict(state, strict=True)

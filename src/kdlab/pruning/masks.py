@@ -1,22 +1,24 @@
-"""Structured masks of a BERT encoder, applied in the forward pass.
+"""Structured masks of a transformer encoder, applied in the forward pass.
 
-Three kinds of structure, chosen so that the pruned model is again a stock ``BertConfig``:
+Three kinds of structure, chosen so that the pruned model is again its family's stock
+config (:mod:`kdlab.families`):
 
 - ``hidden``: dimensions of the residual stream, one mask shared by the embeddings, every
   layer's projections and LayerNorms, the pooler and the task heads;
 - ``heads``: whole attention heads, ``[layers, heads]``, the same count kept in every layer;
 - ``ffn``: intermediate (FFN) neurons, ``[layers, intermediate]``, same count per layer.
 
-A pruned hidden dimension is zero everywhere in the residual stream because every LayerNorm
-normalises over the kept dimensions only and writes zeros elsewhere; pruned heads and FFN
-neurons are zeroed before the projection that reads them. The masked model therefore
-computes exactly what its compacted copy (``kdlab.pruning.compaction``) computes.
+Every LayerNorm over the hidden width normalises over the kept dimensions only and writes
+zeros elsewhere; pruned heads and FFN neurons are zeroed where a projection reads them, and
+a projection's pruned hidden outputs where no LayerNorm follows (the family's mask sites).
+The masked model therefore computes exactly what its compacted copy
+(``kdlab.pruning.compaction``) computes.
 
-:data:`RULES` maps each BERT parameter name to the axes that belong to a structure; the
-importance sums, compaction and the parameter count all read it.
+Which axes of which parameters belong to a structure is the family's
+(:meth:`kdlab.families.Family.parameter_axes`); the importance sums, compaction and the
+parameter count all read it from :attr:`StructuredMasks.axes`.
 """
 
-import re
 from typing import TypedDict
 
 import torch
@@ -25,32 +27,11 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from kdlab.errors import ConfigError
+from kdlab.families import Family, MaskSite, PrunedAxis, family_of
 from kdlab.validation import PositiveInt
 
 # The mask buffers of StructuredMasks.
 _KINDS = ("hidden", "heads", "ffn")
-
-_LAYER = r"encoder\.layer\.(\d+)\."
-# (name pattern, ((axis, kind), ...)); the first match wins. Kinds "heads" and "ffn" are per
-# layer: the layer index is the pattern's first group. Unmatched parameters (output biases
-# over labels or the vocabulary) have no pruned axis.
-RULES: list[tuple[re.Pattern, tuple[tuple[int, str], ...]]] = [
-    (re.compile(p), axes)
-    for p, axes in (
-        (r"embeddings\.(word|position|token_type)_embeddings\.weight$", ((1, "hidden"),)),
-        (r"LayerNorm\.(weight|bias)$", ((0, "hidden"),)),
-        (_LAYER + r"attention\.self\.(query|key|value)\.weight$", ((0, "heads"), (1, "hidden"))),
-        (_LAYER + r"attention\.self\.(query|key|value)\.bias$", ((0, "heads"),)),
-        (_LAYER + r"attention\.output\.dense\.weight$", ((0, "hidden"), (1, "heads"))),
-        (_LAYER + r"intermediate\.dense\.weight$", ((0, "ffn"), (1, "hidden"))),
-        (_LAYER + r"intermediate\.dense\.bias$", ((0, "ffn"),)),
-        (_LAYER + r"output\.dense\.weight$", ((0, "hidden"), (1, "ffn"))),
-        (r"output\.dense\.bias$", ((0, "hidden"),)),
-        (r"(pooler|predictions\.transform)\.dense\.weight$", ((0, "hidden"), (1, "hidden"))),
-        (r"(pooler|predictions\.transform)\.dense\.bias$", ((0, "hidden"),)),
-        (r"(predictions\.decoder|classifier|qa_outputs)\.weight$", ((1, "hidden"),)),
-    )
-]
 
 
 class PruneTarget(TypedDict):
@@ -81,11 +62,9 @@ def check_target(config: PretrainedConfig, target: PruneTarget | None) -> dict[s
     hidden, heads, ffn = (
         int(target[k]) for k in ("hidden_size", "num_attention_heads", "intermediate_size")
     )
-    head_dim = config.hidden_size // config.num_attention_heads
-    shape = (
-        f"hidden {config.hidden_size}, {config.num_attention_heads} heads of {head_dim}, "
-        f"FFN {config.intermediate_size}"
-    )
+    full = family_of(config).shape(config)
+    head_dim = full["head_dim"]
+    shape = f"hidden {full['hidden']}, {full['heads']} heads of {head_dim}, FFN {full['ffn']}"
     if hidden != heads * head_dim:
         fits = (
             f"model.target.num_attention_heads={hidden // head_dim}"
@@ -94,10 +73,10 @@ def check_target(config: PretrainedConfig, target: PruneTarget | None) -> dict[s
         )
         raise ConfigError(
             f"model.target.hidden_size={hidden} must equal model.target.num_attention_heads="
-            f"{heads} × the model's head size {head_dim} (the model: {shape}; a stock BertConfig "
-            "keeps the head size)" + (f": for this model use {fits}." if fits else ".")
+            f"{heads} × the model's head size {head_dim} (the model: {shape}; a compacted "
+            "model keeps the head size)" + (f": for this model use {fits}." if fits else ".")
         )
-    if not (heads <= config.num_attention_heads and ffn <= config.intermediate_size):
+    if not (heads <= full["heads"] and ffn <= full["ffn"]):
         raise ConfigError(
             f"model.target (hidden {hidden}, {heads} heads, FFN {ffn}) must be at most the "
             f"model's shape ({shape})."
@@ -105,18 +84,8 @@ def check_target(config: PretrainedConfig, target: PruneTarget | None) -> dict[s
     return {"heads": heads, "ffn": ffn}
 
 
-def pruned_axes(name: str) -> list[tuple[int, str, int | None]]:
-    """``(axis, kind, layer)`` of every pruned axis of the parameter ``name``."""
-    for pattern, axes in RULES:
-        match = pattern.search(name)
-        if match:
-            layer = int(match.group(1)) if match.re.pattern.startswith(_LAYER) else None
-            return [(axis, kind, layer if kind != "hidden" else None) for axis, kind in axes]
-    return []
-
-
 class StructuredMasks(nn.Module):
-    """0/1 masks of one BERT encoder, kept as buffers so checkpoints carry them.
+    """0/1 masks of one encoder, kept as buffers so checkpoints carry them.
 
     The masks stay fp32 whatever the module is cast to (``bf16-true`` precision casts
     buffers): 0/1 values are exact in any dtype, but sums of them are not (2,999 ones sum
@@ -133,13 +102,25 @@ class StructuredMasks(nn.Module):
         hidden_size: width of the residual stream.
         num_heads: attention heads per layer.
         intermediate_size: FFN neurons per layer.
+        head_dim: size of each head (default hidden / heads).
+
+    Attributes:
+        family: the model's family (None for masks built from sizes alone).
+        axes: the pruned axes of every parameter of the model (empty without one).
     """
 
     def __init__(
-        self, num_layers: int, hidden_size: int, num_heads: int, intermediate_size: int
+        self,
+        num_layers: int,
+        hidden_size: int,
+        num_heads: int,
+        intermediate_size: int,
+        head_dim: int | None = None,
     ) -> None:
         super().__init__()
-        self.head_dim = hidden_size // num_heads
+        self.head_dim = head_dim or hidden_size // num_heads
+        self.family: Family | None = None
+        self.axes: dict[str, tuple[PrunedAxis, ...]] = {}
         fp32 = {"dtype": torch.float32}
         self.register_buffer("hidden", torch.ones(hidden_size, **fp32))
         self.register_buffer("heads", torch.ones(num_layers, num_heads, **fp32))
@@ -148,13 +129,19 @@ class StructuredMasks(nn.Module):
 
     @classmethod
     def for_model(cls, model: PreTrainedModel) -> "StructuredMasks":
-        """Masks sized for ``model.config`` (a BERT)."""
-        c = model.config
-        if c.model_type != "bert":
-            raise ConfigError(
-                f"Structured pruning supports BERT encoders; model.path is a '{c.model_type}'."
-            )
-        return cls(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size)
+        """Masks sized for ``model.config``, with its family's parameter axes.
+
+        Raises:
+            ConfigError: for a model of a family kdlab cannot prune.
+        """
+        family = family_of(model.config)
+        shape = family.shape(model.config)
+        masks = cls(
+            shape["layers"], shape["hidden"], shape["heads"], shape["ffn"], shape["head_dim"]
+        )
+        masks.family = family
+        masks.axes = family.parameter_axes(model)
+        return masks
 
     # ------------------------------------------------------------------------- cache
     @torch.no_grad()
@@ -196,10 +183,23 @@ class StructuredMasks(nn.Module):
         """Kept hidden dims, heads per layer and FFN neurons per layer (cached)."""
         return dict(self._counts)
 
-    def kept_indices(self, kind: str, layer: int | None = None) -> Tensor:
+    def kept_indices(self, kind: str, layer: int | None = None, blocks: int = 1) -> Tensor:
         """Indices kept along an axis of that kind (head indices expanded to their dims),
-        on the masks' device (cached)."""
-        return self._kept[kind, None if kind == "hidden" else layer]
+        on the masks' device (cached); an axis of ``blocks`` stacked copies keeps them in
+        every copy."""
+        kept = self._kept[kind, None if kind == "hidden" else layer]
+        if blocks == 1:
+            return kept
+        size = self.vector(kind, layer).numel()
+        return torch.cat([kept + b * size for b in range(blocks)])
+
+    def vector(self, kind: str, layer: int | None = None) -> Tensor:
+        """The 0/1 mask over one axis of that kind: ``[H]``, ``[A·d]`` or ``[I]``."""
+        if kind == "hidden":
+            return self.hidden
+        if kind == "heads":
+            return self.heads[layer].repeat_interleave(self.head_dim)
+        return self.ffn[layer]
 
     def _apply(self, fn, recurse: bool = True):
         # Device moves and dtype casts both come through here: follow the device, stay
@@ -216,7 +216,8 @@ class StructuredMasks(nn.Module):
         """Make ``model`` apply these masks in its forward pass.
 
         LayerNorms over the hidden size become :class:`MaskedLayerNorm` (same parameters,
-        same state-dict keys); forward hooks zero pruned heads, FFN neurons and pooler dims.
+        same state-dict keys); hooks at the family's mask sites zero pruned heads, FFN
+        neurons and hidden outputs.
         """
         _masks_ref(model, self)
         hidden = self.hidden.numel()
@@ -224,12 +225,12 @@ class StructuredMasks(nn.Module):
             for child_name, child in list(parent.named_children()):
                 if type(child) is nn.LayerNorm and tuple(child.normalized_shape) == (hidden,):
                     setattr(parent, child_name, MaskedLayerNorm.wrap(child, self))
-        bert = model.base_model
-        for i, layer in enumerate(bert.encoder.layer):
-            layer.attention.self.register_forward_hook(_HeadMask(self, i))
-            layer.intermediate.register_forward_hook(_FfnMask(self, i))
-        if getattr(bert, "pooler", None) is not None:
-            bert.pooler.register_forward_hook(_HiddenMask(self))
+        for site in family_of(model.config).mask_sites(model):
+            hook = _MaskHook(self, site)
+            if site.side == "input":
+                site.module.register_forward_pre_hook(hook)
+            else:
+                site.module.register_forward_hook(hook)
 
 
 def installed_masks(model: nn.Module) -> StructuredMasks | None:
@@ -252,7 +253,7 @@ class MaskedLayerNorm(nn.LayerNorm):
 
     @classmethod
     def wrap(cls, norm: nn.LayerNorm, masks: StructuredMasks) -> "MaskedLayerNorm":
-        masked = cls(norm.normalized_shape, eps=norm.eps, elementwise_affine=True)
+        masked = cls(norm.normalized_shape, eps=norm.eps, bias=norm.bias is not None, device="meta")
         masked.weight, masked.bias = norm.weight, norm.bias
         _masks_ref(masked, masks)
         return masked
@@ -267,7 +268,7 @@ class MaskedLayerNorm(nn.LayerNorm):
             x.index_select(-1, keep),
             (count,),
             self.weight.index_select(0, keep),
-            self.bias.index_select(0, keep),
+            None if self.bias is None else self.bias.index_select(0, keep),
             self.eps,
         )
         # The output dtype is layer_norm's, as for nn.LayerNorm: under CUDA autocast that is
@@ -275,33 +276,18 @@ class MaskedLayerNorm(nn.LayerNorm):
         return kept.new_zeros(x.shape).index_copy(-1, keep, kept)
 
 
-class _HeadMask:
-    """Forward hook of a self-attention module: zero the context of pruned heads."""
+class _MaskHook:
+    """A forward (pre-)hook multiplying a module's output (or first input) by one mask."""
 
-    def __init__(self, masks: StructuredMasks, layer: int) -> None:
-        self.masks, self.layer = masks, layer
+    def __init__(self, masks: StructuredMasks, site: MaskSite) -> None:
+        self.masks, self.kind, self.layer = masks, site.kind, site.layer
 
-    def __call__(self, module, args, output):
-        context, *rest = output
-        scale = self.masks.heads[self.layer].repeat_interleave(self.masks.head_dim)
-        return (context * scale.to(context.dtype), *rest)
+    def _masked(self, x: Tensor) -> Tensor:
+        return x * self.masks.vector(self.kind, self.layer).to(x.dtype)
 
-
-class _FfnMask:
-    """Forward hook of an intermediate (FFN up-projection) module: zero pruned neurons."""
-
-    def __init__(self, masks: StructuredMasks, layer: int) -> None:
-        self.masks, self.layer = masks, layer
-
-    def __call__(self, module, args, output):
-        return output * self.masks.ffn[self.layer].to(output.dtype)
-
-
-class _HiddenMask:
-    """Forward hook of the pooler: its output lives in the (pruned) hidden space too."""
-
-    def __init__(self, masks: StructuredMasks) -> None:
-        self.masks = masks
-
-    def __call__(self, module, args, output):
-        return output * self.masks.hidden.to(output.dtype)
+    def __call__(self, module, args, output=None):
+        if output is None:  # a pre-hook: args are the inputs
+            return (self._masked(args[0]), *args[1:])
+        if isinstance(output, tuple):
+            return (self._masked(output[0]), *output[1:])
+        return self._masked(output)

@@ -22,13 +22,7 @@ from transformers import PreTrainedModel
 from kdlab.errors import ConfigError
 from kdlab.pruning.compaction import compacted_parameter_count
 from kdlab.pruning.importance import PlatonImportance, all_finite
-from kdlab.pruning.masks import (
-    NO_TARGET,
-    PruneTarget,
-    StructuredMasks,
-    check_target,
-    pruned_axes,
-)
+from kdlab.pruning.masks import NO_TARGET, PruneTarget, StructuredMasks, check_target
 from kdlab.pruning.schedule import SCHEDULES
 from kdlab.validation import NonNegativeInt, PositiveInt, Probability
 
@@ -87,7 +81,7 @@ class Pruner(nn.Module):
         self.track_interval = track_interval
         self.importance = PlatonImportance(beta1, beta2, window=score_window)
         self.skipped_updates = 0
-        self.params = [(n, p) for n, p in model.named_parameters() if pruned_axes(n)]
+        self.params = [(n, p) for n, p in model.named_parameters() if n in self.masks.axes]
         self.full_params = sum(p.numel() for p in model.parameters())
         # (step, kl or None, remaining parameter fraction, parameters) rows for the plot.
         self.history: list[dict] = []
@@ -163,17 +157,19 @@ class Pruner(nn.Module):
             score = self.importance.score(name)
             if score is None:
                 continue
-            axes = pruned_axes(name)
-            for axis, kind, layer in axes:
-                other = [d for d in range(score.dim()) if d != axis]
+            axes = m.axes[name]
+            for a in axes:
+                other = [d for d in range(score.dim()) if d != a.axis]
                 per_index = score.sum(dim=other) if other else score
-                if kind == "hidden":
+                # [blocks · size] -> [size]: a fused axis scores each structure in every copy.
+                per_index = per_index.view(a.blocks, -1).sum(0)
+                if a.kind == "hidden":
                     scores["hidden"] += per_index
-                elif kind == "heads":
-                    scores["heads"][layer] += per_index.view(-1, m.head_dim).sum(-1)
+                elif a.kind == "heads":
+                    scores["heads"][a.layer] += per_index.view(-1, m.head_dim).sum(-1)
                 else:
-                    scores["ffn"][layer] += per_index
-            if [kind for _, kind, _ in axes] == ["hidden", "hidden"]:
+                    scores["ffn"][a.layer] += per_index
+            if [a.kind for a in axes] == ["hidden", "hidden"]:
                 scores["hidden"] -= score.diagonal()
         return scores
 
