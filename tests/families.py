@@ -5,7 +5,7 @@ A family module under ``src/kdlab/families/`` adds its config here; ``test_famil
 fails for a family without one.
 """
 
-from transformers import BertConfig, PretrainedConfig
+from transformers import BertConfig, ModernBertConfig, PretrainedConfig
 
 # hidden 32 = 4 heads of 8, FFN 64, 3 layers, 64 positions, 40 tokens (ids 0-4 special).
 SHAPE = dict(
@@ -20,6 +20,17 @@ SHAPE = dict(
 
 TINY: dict[str, PretrainedConfig] = {
     "bert": BertConfig(**SHAPE),
+    # Bias-free (the stock defaults, but the decoder's), special ids inside the vocabulary,
+    # layers global, local (8-token window, shorter than the tests' 12), global.
+    "modernbert": ModernBertConfig(
+        **SHAPE,
+        bos_token_id=1,
+        cls_token_id=1,
+        eos_token_id=2,
+        sep_token_id=2,
+        local_attention=8,
+        global_attn_every_n_layers=2,
+    ),
 }
 
 # The shape every family is pruned to in the tests: half of each structure.
