@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForMaskedLM
 
 from kdlab.errors import ConfigError
-from kdlab.families import FAMILIES, PrunedAxis
+from kdlab.families import FAMILIES, PrunedAxis, family_of
 from kdlab.pruning import StructuredMasks, compacted_copy
 from kdlab.pruning.masks import check_target
 from tests import test_families
@@ -104,6 +104,19 @@ def test_factorised_electra_is_not_pruned_to_its_embedding_size():
     masks.refresh()
     with pytest.raises(ConfigError, match="cannot be compacted to hidden size 16"):
         compacted_copy(model, masks)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        # ELECTRA's attention takes heads of int(30 / 4) = 7 dims, 28 in all, and builds.
+        ({"hidden_size": 30}, "hidden size 30 and 4 heads of 7 cannot be pruned"),
+        ({"is_decoder": True, "add_cross_attention": True}, "add_cross_attention"),
+    ],
+)
+def test_variants_the_rules_do_not_describe_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        family_of(tiny_config("electra", **overrides))
 
 
 def test_classification_head_reads_zeros_on_pruned_dims():
