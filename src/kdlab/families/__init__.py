@@ -119,7 +119,12 @@ class Family(ABC):
         }
 
     def compact_config(self, config: PretrainedConfig, hidden: int, heads: int, ffn: int) -> None:
-        """Set the compacted shape on ``config`` (a copy), in the family's own fields."""
+        """Set the compacted shape on ``config`` (a copy), in the family's own fields.
+
+        Raises:
+            ConfigError: for a shape the family's stock config cannot express
+                (:func:`kdlab.pruning.masks.check_target` asks before anything trains).
+        """
         config.hidden_size = hidden
         config.num_attention_heads = heads
         config.intermediate_size = ffn

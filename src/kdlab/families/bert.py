@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from torch import Tensor
 from transformers import PretrainedConfig, PreTrainedModel
 
+from kdlab.errors import ConfigError
 from kdlab.families import LAYER, Axis, Family, MaskSite
 
 HIDDEN_IN = (Axis(1, "hidden"),)
@@ -29,6 +30,17 @@ def encoder_rules(prefix: str = "") -> list[tuple[str, tuple[Axis, ...]]]:
         (layer + r"output\.dense\.weight$", (*HIDDEN_OUT, Axis(1, "ffn"))),
         (layer + r"(attention\.)?output\.dense\.bias$", HIDDEN_OUT),
     ]
+
+
+def check_self_attention_only(config: PretrainedConfig) -> None:
+    """Refuse a BERT-layout decoder with cross-attention layers (ConfigError): the encoder
+    rules describe self-attention only, so its ``crossattention`` projections would keep
+    their full width."""
+    if getattr(config, "add_cross_attention", False):
+        raise ConfigError(
+            f"A {config.model_type} with cross-attention (add_cross_attention=True) cannot be "
+            "pruned: kdlab prunes encoders with self-attention only."
+        )
 
 
 def encoder_sites(encoder_layers) -> Iterator[MaskSite]:

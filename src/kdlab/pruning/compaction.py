@@ -44,6 +44,8 @@ def compacted_copy(model: PreTrainedModel, masks: StructuredMasks) -> PreTrained
     Raises:
         ValueError: if the kept hidden size is not the kept heads times the head size
             (the shape every supported family's config requires).
+        ConfigError: for a shape the family's stock config cannot express
+            (:meth:`~kdlab.families.Family.compact_config`).
     """
     counts = masks.counts()
     if counts["hidden"] != counts["heads"] * masks.head_dim:

@@ -19,6 +19,7 @@ Which axes of which parameters belong to a structure is the family's
 parameter count all read it from :attr:`StructuredMasks.axes`.
 """
 
+import copy
 from typing import TypedDict
 
 import torch
@@ -55,14 +56,17 @@ def check_target(config: PretrainedConfig, target: PruneTarget | None) -> dict[s
 
     Raises:
         ConfigError: without a target, or with one that does not keep the model's head
-            size (a stock ``BertConfig`` has hidden = heads × head size) or exceeds its shape.
+            size (a stock ``BertConfig`` has hidden = heads × head size), exceeds its shape,
+            or is a shape its family's stock config cannot express
+            (:meth:`~kdlab.families.Family.compact_config` refuses it).
     """
     if target is None:
         raise ConfigError(NO_TARGET)
     hidden, heads, ffn = (
         int(target[k]) for k in ("hidden_size", "num_attention_heads", "intermediate_size")
     )
-    full = family_of(config).shape(config)
+    family = family_of(config)
+    full = family.shape(config)
     head_dim = full["head_dim"]
     shape = f"hidden {full['hidden']}, {full['heads']} heads of {head_dim}, FFN {full['ffn']}"
     if hidden != heads * head_dim:
@@ -81,6 +85,8 @@ def check_target(config: PretrainedConfig, target: PruneTarget | None) -> dict[s
             f"model.target (hidden {hidden}, {heads} heads, FFN {ffn}) must be at most the "
             f"model's shape ({shape})."
         )
+    # The family's stock config may not express every such shape (its compact_config says).
+    family.compact_config(copy.deepcopy(config), hidden, heads, ffn)
     return {"heads": heads, "ffn": ffn}
 
 
