@@ -5,7 +5,7 @@ A family module under ``src/kdlab/families/`` adds its config here; ``test_famil
 fails for a family without one.
 """
 
-from transformers import BertConfig, PretrainedConfig
+from transformers import BertConfig, DebertaV2Config, PretrainedConfig
 
 # hidden 32 = 4 heads of 8, FFN 64, 3 layers, 64 positions, 40 tokens (ids 0-4 special).
 SHAPE = dict(
@@ -20,6 +20,20 @@ SHAPE = dict(
 
 TINY: dict[str, PretrainedConfig] = {
     "bert": BertConfig(**SHAPE),
+    # DeBERTa-v3's layout: relative positions only (4 log buckets each way over 16), both
+    # disentangled terms through the shared query/key projections, normalised relative
+    # embeddings, no token types.
+    "deberta-v2": DebertaV2Config(
+        **SHAPE,
+        relative_attention=True,
+        pos_att_type=["p2c", "c2p"],
+        position_buckets=4,
+        max_relative_positions=16,
+        norm_rel_ebd="layer_norm",
+        share_att_key=True,
+        position_biased_input=False,
+        type_vocab_size=0,
+    ),
 }
 
 # The shape every family is pruned to in the tests: half of each structure.
