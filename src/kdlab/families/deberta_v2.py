@@ -100,17 +100,14 @@ class DebertaV2(Family):
     def mask_sites(self, model: PreTrainedModel) -> Iterator[MaskSite]:
         encoder = model.base_model.encoder
         yield from encoder_sites(encoder.layer)
-        if "layer_norm" not in encoder.norm_rel_ebd:
+        if encoder.relative_attention and "layer_norm" not in encoder.norm_rel_ebd:
             # The raw relative embeddings reach these projections (module docstring).
             for layer in encoder.layer:
                 attention = layer.attention.self
-                if not attention.relative_attention:
-                    continue
-                names = ("query_proj", "key_proj")
-                if not attention.share_att_key:
-                    names = ("pos_query_proj", "pos_key_proj")
-                for name in names:
-                    if hasattr(attention, name):
+                shared = ("query_proj", "key_proj")
+                readers = shared if attention.share_att_key else ("pos_query_proj", "pos_key_proj")
+                for name in readers:
+                    if hasattr(attention, name):  # only the terms pos_att_type names
                         yield MaskSite(getattr(attention, name), "hidden", side="input")
         if getattr(model, "pooler", None) is not None:
             yield MaskSite(model.pooler, "hidden")
