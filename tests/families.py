@@ -12,6 +12,7 @@ import torch
 from transformers import (
     AutoModelForMaskedLM,
     BertConfig,
+    DebertaV2Config,
     ElectraConfig,
     ModernBertConfig,
     PretrainedConfig,
@@ -61,6 +62,20 @@ TINY: dict[str, PretrainedConfig] = {
     # Factorised: 12-dim embeddings projected to hidden 32. Not a multiple of the head size,
     # so no point of the schedule compacts to hidden = embedding size (which is refused).
     "electra": ElectraConfig(**SHAPE, embedding_size=12),
+    # DeBERTa-v3's layout: relative positions only (4 log buckets each way over 16), both
+    # disentangled terms through the shared query/key projections, normalised relative
+    # embeddings, no token types.
+    "deberta-v2": DebertaV2Config(
+        **SHAPE,
+        relative_attention=True,
+        pos_att_type=["p2c", "c2p"],
+        position_buckets=4,
+        max_relative_positions=16,
+        norm_rel_ebd="layer_norm",
+        share_att_key=True,
+        position_biased_input=False,
+        type_vocab_size=0,
+    ),
 }
 
 # The shape every family is pruned to in the tests: half of each structure.
