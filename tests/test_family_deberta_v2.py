@@ -8,17 +8,15 @@ import math
 
 import pytest
 import torch
-import transformers
 from transformers import AutoModelForMaskedLM, DebertaV2Config, DebertaV2ForMaskedLM
 
 import kdlab.train
 from kdlab.errors import ConfigError
 from kdlab.families import family_of
-from kdlab.methods.homodistil import check_attention_term
 from kdlab.pruning import compacted_copy
 from tests import test_families
 from tests.conftest import QUIET_CPU_RUN, compose
-from tests.families import TINY, tiny_config
+from tests.families import TINY, check_pre_dropout_attention, tiny_config
 from tests.fixtures import write_corpus, write_tokenizer
 
 FAMILY = "deberta-v2"
@@ -92,8 +90,9 @@ def test_mlm_head_gives_the_models_logits(legacy):
 
 
 def test_returned_attentions_are_after_dropout():
-    """Why HomoDistil refuses the attention term: in train mode DeBERTa returns the dropped
-    probabilities (rows no longer sum to 1), in eval mode the softmax."""
+    """Why DeBERTa needs hooks to give HomoDistil its attention before dropout: in train
+    mode the stock model returns the dropped probabilities (rows no longer sum to 1), in
+    eval mode the softmax."""
     model = test_families.build(
         FAMILY, "masked_lm", attention_probs_dropout_prob=0.5, hidden_dropout_prob=0.0
     )
@@ -105,10 +104,8 @@ def test_returned_attentions_are_after_dropout():
     assert (rows - 1).abs().max() > 0.1
 
 
-def test_only_families_without_attention_interface_refuse_the_attention_term():
-    check_attention_term(tiny_config("bert"))
-    with pytest.raises(ConfigError, match="a deberta-v2 student.*method.alpha_attn=0"):
-        check_attention_term(tiny_config(FAMILY))
+def test_homodistil_student_attention_is_read_before_dropout():
+    check_pre_dropout_attention(TINY[FAMILY])
 
 
 @pytest.fixture(scope="module")
@@ -142,31 +139,14 @@ def homodistil_overrides(data, tmp_path) -> list[str]:
     ]
 
 
-def test_homodistil_refuses_the_attention_term_before_anything_loads(
-    deberta_teacher, tmp_path, monkeypatch
-):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the refusal")
-
-    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(refuse))
-    monkeypatch.setattr(transformers.PreTrainedModel, "_from_config", classmethod(refuse))
-    cfg = compose(homodistil_overrides(deberta_teacher, tmp_path))
-    with pytest.raises(ConfigError, match="method.alpha_attn=0"):
-        kdlab.train.run(cfg)
-    assert not (tmp_path / "run").exists()
-
-
-def test_homodistil_without_the_attention_term_prunes_and_exports_a_stock_deberta(
-    deberta_teacher, tmp_path
-):
+def test_homodistil_with_every_term_prunes_and_exports_a_stock_deberta(deberta_teacher, tmp_path):
     overrides = homodistil_overrides(deberta_teacher, tmp_path)
-    cfg = compose([*overrides, "method.alpha_attn=0", "trainer.max_epochs=1"])
+    cfg = compose([*overrides, "trainer.max_epochs=1"])
     metrics = kdlab.train.run(cfg)
     assert math.isfinite(metrics["student"]["val/loss"])
     with open(next((tmp_path / "run").glob("csv/**/metrics.csv"))) as f:
         columns = set(next(csv.reader(f)))
-    assert {f"train/{term}" for term in ("mlm", "kl", "hidden", "emb")} <= columns
-    assert "train/attn" not in columns
+    assert {f"train/{term}" for term in ("mlm", "kl", "hidden", "emb", "attn")} <= columns
     c = AutoModelForMaskedLM.from_pretrained(tmp_path / "run" / "student").config
     assert type(c) is DebertaV2Config
     assert (c.hidden_size, c.num_attention_heads, c.intermediate_size) == (16, 2, 32)

@@ -9,8 +9,7 @@ reads the student's :class:`Family`, which says
   projection that reads the heads' context or the FFN neurons, and the output of a
   projection that writes into the hidden space where no LayerNorm follows;
 - the family's stock config for a compacted shape (:meth:`Family.compact_config`);
-- its masked-LM head, and whether its attention runs through ``transformers``'
-  ``AttentionInterface``.
+- its masked-LM head, and how its attention probabilities are read before dropout.
 
 One module per family in this package defines ``FAMILY``; every module here is found at
 import, so adding a family is one file (and a tiny config in ``tests/families.py``).
@@ -85,13 +84,9 @@ class Family(ABC):
 
     Attributes:
         model_types: the ``config.model_type`` values this family covers.
-        attention_interface: whether the family's attention runs through ``transformers``'
-            ``AttentionInterface``, so that an implementation registered there (HomoDistil's
-            pre-dropout attention) replaces it.
     """
 
     model_types: ClassVar[tuple[str, ...]] = ()
-    attention_interface: ClassVar[bool] = True
 
     # ---------------------------------------------------------------- shape and config
     def check(self, config: PretrainedConfig) -> None:
@@ -171,6 +166,16 @@ class Family(ABC):
         return found
 
     # -------------------------------------------------------------------------- heads
+    def attentions_before_dropout(self, model: PreTrainedModel, implementation: str) -> None:
+        """Make ``model`` return its attention probabilities before attention dropout
+        (``output_attentions``) while still mixing the values with the dropped ones.
+
+        By default the family's attention runs through ``transformers``'
+        ``AttentionInterface``, and ``implementation`` (registered there by HomoDistil)
+        replaces it.
+        """
+        model.set_attn_implementation(implementation)
+
     def mlm_head(self, model: PreTrainedModel) -> Callable[[Tensor], Tensor] | None:
         """The masked-LM head of ``model`` as a map from final hidden states ``[N, H]`` to
         logits ``[N, V]``, or None when it cannot be run apart from the encoder."""

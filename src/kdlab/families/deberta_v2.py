@@ -34,9 +34,12 @@ absolute positions (``position_biased_input=False``): positions enter only throu
 relative attention.
 
 Attention: ``DisentangledSelfAttention`` is DeBERTa's own module, not ``transformers``'
-``AttentionInterface``, and it returns the probabilities *after* attention dropout. There
-is no pre-dropout copy to register, so HomoDistil refuses its attention term for this
-family (``method.alpha_attn=0``); its hidden-state and embedding terms work.
+``AttentionInterface``, and it returns the probabilities *after* attention dropout. Its
+dropout is a module (``attention.self.dropout``) that receives the softmax ``[B, A, T, S]``:
+a pre-hook keeps that input and a hook on the attention returns it in place of the dropped
+probabilities (:meth:`DebertaV2.attentions_before_dropout`), so HomoDistil's attention term
+reads the same probabilities as for the other families while the values are still mixed
+with the dropped ones.
 """
 
 from collections.abc import Callable, Iterator
@@ -51,7 +54,6 @@ from kdlab.families.bert import HIDDEN_BOTH, HIDDEN_IN, HIDDEN_OUT, encoder_rule
 
 class DebertaV2(Family):
     model_types = ("deberta-v2",)
-    attention_interface = False
 
     def check(self, config: PretrainedConfig) -> None:
         super().check(config)
@@ -69,6 +71,13 @@ class DebertaV2(Family):
                 "be pruned: kdlab's DeBERTa rules describe word embeddings and a pooler as wide "
                 "as the hidden size, and an ungrouped convolution (conv_groups=1)."
             )
+
+    def attentions_before_dropout(self, model: PreTrainedModel, implementation: str) -> None:
+        for layer in model.base_model.encoder.layer:
+            attention = layer.attention.self
+            kept = _SoftmaxBeforeDropout()
+            attention.dropout.register_forward_pre_hook(kept.keep)
+            attention.register_forward_hook(kept.returned)
 
     def head_dim(self, config: PretrainedConfig) -> int:
         return getattr(
@@ -117,6 +126,22 @@ class DebertaV2(Family):
             embeddings = model.base_model.embeddings.word_embeddings
             return lambda hidden: model.lm_predictions(hidden, embeddings)
         return getattr(model, "cls", None)
+
+
+class _SoftmaxBeforeDropout:
+    """Hooks of one attention layer: keep the probabilities its dropout receives, and return
+    them instead of the dropped ones."""
+
+    def __init__(self) -> None:
+        self.probabilities: Tensor | None = None
+
+    def keep(self, module, args) -> None:
+        self.probabilities = args[0]
+
+    def returned(self, module, args, output):
+        context, dropped = output
+        kept, self.probabilities = self.probabilities, None
+        return output if dropped is None else (context, kept)
 
 
 FAMILY = DebertaV2()

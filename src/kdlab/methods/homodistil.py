@@ -40,19 +40,18 @@ exactly as it was (attention dropout is part of BERT's regularisation, and switc
 off for the whole run would change what is trained, not only what is measured) at no
 extra cost. The implementation name is not serialised in ``config.json``, so exported
 students load with the stock defaults. The SDPA kernels return no probabilities at all.
-A family whose attention is its own module rather than ``AttentionInterface`` (DeBERTa's
-returns the dropped probabilities) has no such copy: the attention term is refused for it
-(:func:`check_attention_term`), from ``model.path``'s ``config.json`` before anything loads.
+A family whose attention is its own module rather than ``AttentionInterface`` reads its
+probabilities before dropout its own way
+(:meth:`kdlab.families.Family.attentions_before_dropout`; DeBERTa's hooks its dropout).
 """
 
-from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
-from transformers import AttentionInterface, AutoConfig, PretrainedConfig
+from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from kdlab.errors import ConfigError
@@ -60,7 +59,6 @@ from kdlab.families import family_of
 from kdlab.losses import attention_mse, hidden_mse, matching_loss, task_loss
 from kdlab.methods.base import BaseMethod
 from kdlab.methods.traits import MethodTraits
-from kdlab.models.build import _load
 from kdlab.models.heads import model_inputs
 from kdlab.pruning.masks import StructuredMasks, installed_masks
 from kdlab.validation import NonNegative, Positive
@@ -117,22 +115,6 @@ AttentionInterface.register(PRE_DROPOUT_ATTENTION, eager_attention_pre_dropout)
 AttentionMaskInterface.register(PRE_DROPOUT_ATTENTION, eager_mask)
 
 
-def check_attention_term(config: PretrainedConfig) -> None:
-    """Refuse the attention term for a student whose family's attention does not run
-    through ``AttentionInterface``: its probabilities cannot be read before dropout.
-
-    Raises:
-        ConfigError: naming ``method.alpha_attn=0``.
-    """
-    if not family_of(config).attention_interface:
-        raise ConfigError(
-            f"method=homodistil: a {config.model_type} student's attention is its own module, "
-            "not transformers' AttentionInterface, and returns its probabilities after "
-            "attention dropout, so the attention term cannot compare them before dropout: "
-            "set method.alpha_attn=0 (the hidden-state and embedding terms work)."
-        )
-
-
 def identity_projections(width: int, layers: list[int]) -> nn.ModuleDict:
     """One bias-free ``width × width`` linear map per hidden-state index in ``layers``
     (0 = embeddings), keyed by the index as a string, each initialised to the identity."""
@@ -187,12 +169,6 @@ class HomoDistil(BaseMethod):
                 "method=homodistil: every method.alpha_* is 0, so nothing would train; set at "
                 "least one of " + ", ".join(f"method.alpha_{t}" for t in _TERMS) + " above 0."
             )
-        # The student is a copy of model.path: its config.json says its family when local
-        # (a hub model is checked when it loads).
-        path = cfg.model.get("path")
-        saved = path is not None and (Path(str(path)).expanduser() / "config.json").is_file()
-        if cfg.method.get("alpha_attn", 1.0) > 0 and saved:
-            check_attention_term(_load(AutoConfig, path, "model.path"))
 
     def __init__(
         self,
@@ -227,8 +203,7 @@ class HomoDistil(BaseMethod):
         if alpha_attn > 0:
             # The SDPA kernels return no attention probabilities; the student's are read
             # before dropout (module docstring), the teacher runs in eval mode.
-            check_attention_term(student.config)
-            student.set_attn_implementation(PRE_DROPOUT_ATTENTION)
+            family_of(student.config).attentions_before_dropout(student, PRE_DROPOUT_ATTENTION)
             teacher.set_attn_implementation("eager")
 
     @property
