@@ -27,6 +27,7 @@ from transformers import (
 )
 
 import kdlab.train
+from kdlab.compact import load_student
 from kdlab.components import validate
 from kdlab.errors import ConfigError
 from kdlab.models.heads import model_inputs
@@ -144,9 +145,9 @@ def _losses(run_dir: Path) -> list[float]:
 
 
 def _assert_trained(run_dir: Path, source: Path, auto_class: type, family: str) -> None:
-    """Every step logged a finite loss, and the exported student (of the family) has moved
+    """Every step logged a finite loss, the exported student (of the family) has moved
     away from the weights it started from (its word embeddings, which every student shares
-    with ``source``)."""
+    with ``source``), and ``kdlab.compact`` rebuilds it from the last checkpoint."""
     losses = _losses(run_dir)
     assert len(losses) == STEPS and all(math.isfinite(x) for x in losses)
     student = auto_class.from_pretrained(RunDir(run_dir).student)
@@ -155,6 +156,15 @@ def _assert_trained(run_dir: Path, source: Path, auto_class: type, family: str) 
     moved = student.get_input_embeddings().weight
     assert moved.shape == start.get_input_embeddings().weight.shape
     assert not torch.equal(moved, start.get_input_embeddings().weight)
+    _assert_compact_rebuilds(run_dir, student)
+
+
+def _assert_compact_rebuilds(run_dir: Path, exported) -> None:
+    rebuilt = load_student(RunDir(run_dir).last_checkpoint)
+    assert type(rebuilt) is type(exported)
+    assert rebuilt.state_dict().keys() == exported.state_dict().keys()
+    for key, value in exported.state_dict().items():
+        torch.testing.assert_close(rebuilt.state_dict()[key], value, msg=key)
 
 
 # -------------------------------------------------------------------- unpruned methods
@@ -192,6 +202,7 @@ def _assert_pruned_to_target(run_dir: Path, auto_class: type, family: str) -> No
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert student.config.model_type == TINY[family].model_type
     assert {k: getattr(student.config, k) for k in TARGET} == TARGET
+    _assert_compact_rebuilds(run_dir, student)
 
 
 HALF = [f"model.target.{k}={v}" for k, v in TARGET.items()]
