@@ -2,9 +2,10 @@
 family written to disk here (``transformers`` configs, no hub) with the fixture tokenizer.
 
 Unpruned methods run over :data:`LOCAL`, this file's tiny config of every family kdlab
-supports; pruning needs the family's module under ``src/kdlab/families/``, so pruned cells
-run over ``tests/families.py``'s :data:`~tests.families.TINY` (one config per family module).
-Each run is in-process, 4 optimizer steps, with the models shared by the module.
+supports, and any other family of ``tests/families.py``'s :data:`~tests.families.TINY`;
+pruning needs the family's module under ``src/kdlab/families/``, so pruned cells run over
+TINY (one config per family module). Each run is in-process, 4 optimizer steps, with the
+models shared by the module.
 """
 
 import csv
@@ -59,6 +60,8 @@ LOCAL: dict[str, PretrainedConfig] = {
     # Alternating global/local attention (layers 0 and 2 global), fused QKV, gated FFN.
     "modernbert": ModernBertConfig(**SHAPE, global_attn_every_n_layers=2, local_attention=16),
 }
+# Families of the unpruned cells (model types).
+FAMILIES = [*LOCAL, *(f for f in TINY if f not in LOCAL)]
 STEPS = 4
 CLASSIFICATION = ["finetune", "kd", "pd", "mixkd"]
 
@@ -89,8 +92,8 @@ def data(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """``saved(source, family, head)``: the directory of a tiny random model of ``family``
-    (config from ``source``: LOCAL or TINY) with ``head`` ("cls": 2 labels; "mlm"), written
-    once per module."""
+    with ``head`` ("cls": 2 labels; "mlm"), written once per module; its config is LOCAL's
+    (``source="local"``, where LOCAL has the family) or TINY's (``"tiny"``)."""
     root = tmp_path_factory.mktemp("family_models")
     written: dict[tuple, Path] = {}
     classes = {"cls": AutoModelForSequenceClassification, "mlm": AutoModelForMaskedLM}
@@ -100,7 +103,7 @@ def saved(tmp_path_factory):
         if key not in written:
             directory = root / "-".join(key)
             tokenizer = write_tokenizer(directory)
-            config = LOCAL[family] if source == "local" else tiny_config(family)
+            config = LOCAL[family] if source == "local" and family in LOCAL else tiny_config(family)
             config = _fit(config, tokenizer)
             if head == "cls":
                 config.num_labels = 2
@@ -152,7 +155,7 @@ def _assert_trained(run_dir: Path, source: Path, auto_class: type, family: str) 
     assert len(losses) == STEPS and all(math.isfinite(x) for x in losses)
     student = auto_class.from_pretrained(RunDir(run_dir).student)
     start = auto_class.from_pretrained(source)
-    assert student.config.model_type == LOCAL[family].model_type
+    assert student.config.model_type == family
     moved = student.get_input_embeddings().weight
     assert moved.shape == start.get_input_embeddings().weight.shape
     assert not torch.equal(moved, start.get_input_embeddings().weight)
@@ -168,7 +171,7 @@ def _assert_compact_rebuilds(run_dir: Path, exported) -> None:
 
 
 # -------------------------------------------------------------------- unpruned methods
-@pytest.mark.parametrize("family", list(LOCAL))
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", CLASSIFICATION)
 def test_classification_methods_train_every_family(method, family, saved, data, tmp_path):
     teacher = saved("local", family, "cls")
@@ -182,7 +185,7 @@ def test_classification_methods_train_every_family(method, family, saved, data, 
     assert exported.num_hidden_layers == (3 if method == "finetune" else 2)
 
 
-@pytest.mark.parametrize("family", list(LOCAL))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_mlm_trains_every_family(family, saved, data, tmp_path):
     model = saved("local", family, "mlm")
     _run(tmp_path, data, model, "mlm", "model=pretrained", f"model.path={model}")
@@ -200,7 +203,7 @@ def _assert_pruned_to_target(run_dir: Path, auto_class: type, family: str) -> No
     assert (masks["ffn"].sum(1) == TARGET["intermediate_size"]).all()
     student, info = auto_class.from_pretrained(RunDir(run_dir).student, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    assert student.config.model_type == TINY[family].model_type
+    assert student.config.model_type == family
     assert {k: getattr(student.config, k) for k in TARGET} == TARGET
     _assert_compact_rebuilds(run_dir, student)
 
@@ -224,7 +227,7 @@ def test_kd_with_pruning_prunes_every_family(family, saved, data, tmp_path):
 
 
 # ------------------------------------------------------------------- models of a family
-@pytest.mark.parametrize("family", list(LOCAL))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_truncated_students_keep_the_teachers_first_layers(family, saved, tmp_path, caplog):
     teacher_dir = saved("local", family, "cls")
     cfg = compose(
@@ -251,7 +254,7 @@ def test_truncated_students_keep_the_teachers_first_layers(family, saved, tmp_pa
     assert "UNEXPECTED" not in caplog.text
 
 
-@pytest.mark.parametrize("family", list(LOCAL))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_a_truncation_beyond_the_teachers_depth_is_refused(family, saved, tmp_path):
     teacher_dir = saved("local", family, "cls")
     cfg = compose(
@@ -272,7 +275,7 @@ def _runs_at(model, length: int) -> bool:
     return True
 
 
-@pytest.mark.parametrize("family", list(LOCAL))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_max_seq_length_is_refused_exactly_beyond_the_positions_a_model_embeds(
     family, saved, data, tmp_path
 ):
@@ -299,7 +302,7 @@ def test_max_seq_length_is_refused_exactly_beyond_the_positions_a_model_embeds(
             assert accepted == runs, length
 
 
-@pytest.mark.parametrize("family", list(LOCAL))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_token_types_reach_only_a_model_that_embeds_two_segments(family, saved):
     model = AutoModelForSequenceClassification.from_pretrained(saved("local", family, "cls"))
     batch = {
@@ -309,6 +312,8 @@ def test_token_types_reach_only_a_model_that_embeds_two_segments(family, saved):
         "labels": torch.tensor([1]),
     }
     inputs = model_inputs(batch, model)
-    assert ("token_type_ids" in inputs) == (family in ("bert", "electra"))
+    two_segments = getattr(model.config, "type_vocab_size", 0) >= 2
+    expected = {"bert": True, "electra": True, "roberta": False, "deberta-v2": False}
+    assert ("token_type_ids" in inputs) == expected.get(family, two_segments)
     assert set(inputs) <= {"input_ids", "attention_mask", "token_type_ids"}
     model(**inputs)  # a second segment is embedded, or not given
