@@ -284,12 +284,12 @@ def test_max_seq_length_is_refused_exactly_beyond_the_positions_a_model_embeds(
     hold 65 positions, DeBERTa-v3 (relative positions only) takes any length."""
     path = saved("local", family, "cls")
     model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    cfg = compose(
+        ["method=finetune", "model=pretrained", f"model.path={path}", "task=rte"]
+        + [f"task.data_dir={data['glue'] / 'RTE'}", f"run_dir={tmp_path}"]
+    )
     for length in (63, 64, 65, 66, 128):
-        cfg = compose(
-            ["method=finetune", "model=pretrained", f"model.path={path}", "task=rte"]
-            + [f"task.data_dir={data['glue'] / 'RTE'}", f"task.max_seq_length={length}"]
-            + [f"run_dir={tmp_path}"]
-        )
+        cfg.task.max_seq_length = length
         try:
             validate(cfg)
             accepted = True
