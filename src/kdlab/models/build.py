@@ -361,10 +361,10 @@ def truncated(
     """The embeddings, first ``num_layers`` layers and head of a deeper saved model, of any
     family.
 
-    The first layers, not evenly spaced ones: the layer-truncated students of MixKD
-    (BERT3/BERT6) and the initialisation of Patient KD (Sun et al. 2019) and DistilBERT-style
-    students keep the bottom of the teacher, whose layers were trained to read each other's
-    output in that order. Per-layer config lists (``transformers``' ``layer_types``, e.g.
+    The first layers, not evenly spaced ones (DistilBERT's one of every two): MixKD's
+    BERT3/BERT6 students and Patient KD's (Sun et al. 2019) are the teacher's first layers,
+    which read each other's outputs as the teacher was trained; the recipes that reproduce
+    them need this default. Per-layer config lists (``transformers``' ``layer_types``, e.g.
     ModernBERT's local/global attention pattern) keep the entries of the kept layers.
 
     Args:
