@@ -173,7 +173,25 @@ def test_minilm_model_builds_offline(tmp_path):
     assert c.intermediate_size == 1536 and tokenizer.vocab_size == 30522
 
 
-@pytest.mark.parametrize("option", ["bert_base", "pretrained"])
+# Hub checkpoints of other families (the students of README's family table).
+FAMILY_PRESETS = [
+    "roberta_base",
+    "distilroberta",
+    "deberta_v3_xsmall",
+    "electra_small",
+    "modernbert_base",
+    "xlm_roberta_base",
+]
+FAMILY_TEACHERS = [
+    "roberta_base",
+    "xlm_roberta_base",
+    "deberta_v3_base",
+    "electra_base",
+    "modernbert_base",
+]
+
+
+@pytest.mark.parametrize("option", ["bert_base", "pretrained", *FAMILY_PRESETS])
 def test_hub_models_offline_name_model_path(option, tmp_path):
     extra = ["model.path=nobody/no-such-model"] if option == "pretrained" else []
     cfg = compose(
@@ -187,6 +205,7 @@ def test_every_model_option_is_covered():
     # Pruned presets: sizes in test_pruning.py, runs in test_homodistil.py and experiments.
     pruned = {"tiny", "xsmall", "small", "base", "pruned", "minilm_half"}
     covered = {*MINIATURES, "bert3", "bert6", "minilm", "bert_base", "pretrained", *pruned}
+    covered |= {*FAMILY_PRESETS, "truncated"}  # truncated: test_family_methods.py
     assert set(options("model")) == covered
 
 
@@ -200,8 +219,9 @@ def test_teacher_local_builds_frozen(teacher_dir, tmp_path):
     assert tokenizer.get_vocab() == write_tokenizer(tmp_path / "tok").get_vocab()
 
 
-def test_teacher_bert_base_offline_names_teacher_path(tmp_path):
-    cfg = compose(["teacher=bert_base", f"run_dir={tmp_path}"])
+@pytest.mark.parametrize("option", ["bert_base", *FAMILY_TEACHERS])
+def test_teacher_bert_base_offline_names_teacher_path(option, tmp_path):
+    cfg = compose([f"teacher={option}", f"run_dir={tmp_path}"])
     with pytest.raises(ConfigError, match=r"teacher\.path"):
         build_teacher(cfg)
 
@@ -218,7 +238,7 @@ def test_teacher_minilm_has_no_head_and_says_finetune(tmp_path):
 
 
 def test_every_teacher_option_is_covered():
-    assert set(options("teacher")) == {"bert_base", "local", "minilm"}
+    assert set(options("teacher")) == {"bert_base", "local", "minilm", *FAMILY_TEACHERS}
 
 
 # ----------------------------------------------------------------------------- trainer

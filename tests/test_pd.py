@@ -117,8 +117,8 @@ def test_poisoned_labels_change_nothing(make_cfg):
         assert all(torch.equal(a, b) for a, b in zip(grads, results[0][1], strict=True))
     # The value is the soft cross-entropy of the two models' outputs on the inputs alone.
     with torch.no_grad():
-        student = module.student(**model_inputs(without)).logits
-        teacher = module.teacher(**model_inputs(without)).logits
+        student = module.student(**model_inputs(without, module.student)).logits
+        teacher = module.teacher(**model_inputs(without, module.teacher)).logits
     assert label_free.item() == pytest.approx(soft_ce_by_hand(student, teacher, 1.0), rel=1e-5)
 
 

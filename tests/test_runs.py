@@ -84,7 +84,7 @@ def test_export_loads_with_stock_transformers(task, make_cfg, captured, tmp_path
     cfg.task.eval_batch_size = 8
     dm = build_datamodule(cfg, tokenizer)
     dm.setup()
-    real = model_inputs(next(iter(dm.val_dataloader()[0])))
+    real = model_inputs(next(iter(dm.val_dataloader()[0])), exported)
     with torch.no_grad():
         torch.testing.assert_close(exported(**real).logits, module.student(**real).logits)
 

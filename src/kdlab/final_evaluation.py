@@ -75,7 +75,7 @@ def time_inference(
     for i, batch in enumerate(batches):
         for name, model in models.items():
             device = next(model.parameters()).device
-            inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
+            inputs = {k: v.to(device) for k, v in model_inputs(batch, model).items()}
             was_training = model.training
             model.eval()
             _synchronize(device)

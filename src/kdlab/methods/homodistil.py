@@ -234,8 +234,8 @@ class HomoDistil(BaseMethod):
             student = self.forward_model(self.student, batch, **options)
         else:  # representations only: the MLM heads are not run at all
             with torch.no_grad():
-                teacher = self.teacher.base_model(**model_inputs(batch), **options)
-            student = self.student.base_model(**model_inputs(batch), **options)
+                teacher = self.teacher.base_model(**model_inputs(batch, self.teacher), **options)
+            student = self.student.base_model(**model_inputs(batch, self.student), **options)
         # [B, T]: 1 on real tokens (a batch without a mask has no padding).
         tokens = batch.get("attention_mask")
         if tokens is None:

@@ -134,7 +134,7 @@ class MixKD(BaseMethod):
 
     def compute_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         labels = batch["labels"]
-        student_logits = self.student(**model_inputs(batch)).logits
+        student_logits = self.student(**model_inputs(batch, self.student)).logits
         if self.kd_alpha > 0:
             teacher_logits = self.teacher_outputs(batch).logits
             losses = kd_loss(
@@ -223,12 +223,15 @@ def mixed_forward(
     Position embeddings are the same for both members and need no mixing.
 
     Args:
-        model: a BERT-style model.
+        model: a model of any family (its input embeddings mix before any projection, e.g.
+            ELECTRA's embedding-to-hidden one).
         inputs: the examples' ``input_ids`` (and ``attention_mask``, ``token_type_ids``),
-            ``[B, L]`` each; other keys are ignored.
+            ``[B, L]`` each; other keys, and token types the model does not embed
+            (:func:`model_inputs`), are ignored.
         partners: their partners' inputs, row ``i`` mixed with row ``i`` of ``inputs``.
         lam: ``[B]`` weights of ``inputs`` (``1 − λ`` goes to the partners).
     """
+    inputs, partners = model_inputs(inputs, model), model_inputs(partners, model)
     embed = model.get_input_embeddings()
     mixed = {"inputs_embeds": mixup(embed(inputs["input_ids"]), embed(partners["input_ids"]), lam)}
     if "attention_mask" in inputs:

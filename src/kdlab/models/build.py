@@ -190,8 +190,9 @@ def _load_model(path: str, head: str, key: str, **kwargs) -> tuple[PreTrainedMod
     return model, info
 
 
-# The layer index of an encoder parameter's name (``bert.encoder.layer.3.output.dense.bias``).
-_LAYER = re.compile(r"\.layer\.(\d+)\.")
+# The layer index of an encoder parameter's name: ``bert.encoder.layer.3.output.dense.bias``
+# (BERT, RoBERTa, ELECTRA, DeBERTa), ``model.layers.3.mlp.Wo.weight`` (ModernBERT).
+_LAYER = re.compile(r"\.layers?\.(\d+)\.")
 
 
 class _HeldLoadReport(logging.Filter):
@@ -262,9 +263,30 @@ def _check_vocabulary(model: PreTrainedModel, tokenizer: str, key: str = "model.
         )
 
 
-# Families whose position ids start after the padding index: they embed
-# max_position_embeddings minus this many tokens (RoBERTa's 514 rows hold 512).
-POSITION_OFFSETS = {"roberta": 2, "xlm-roberta": 2, "camembert": 2}
+# Families whose position ids count from the padding index + 1 (``transformers``'
+# ``create_position_ids_from_input_ids``): they embed max_position_embeddings minus
+# pad_token_id + 1 tokens (RoBERTa's 514 rows, padding index 1, hold 512).
+PADDING_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert")
+
+
+def position_limit(config: PretrainedConfig) -> tuple[int | None, str]:
+    """The longest sequence ``config``'s model embeds positions for, and the rule that says so.
+
+    None where it has no absolute positions: DeBERTa-v2/v3 with ``position_biased_input``
+    false embeds only relative positions, bucketed or clipped to its span at any distance.
+    ModernBERT's rotary positions are limited by its ``max_position_embeddings``, as BERT's
+    and ELECTRA's absolute ones (counted from 0).
+    """
+    if not getattr(config, "position_biased_input", True):
+        return None, f"{config.model_type} embeds relative positions only"
+    rule = f"max_position_embeddings {config.max_position_embeddings}"
+    if config.model_type not in PADDING_OFFSET_POSITIONS:
+        return config.max_position_embeddings, rule
+    offset = config.pad_token_id + 1
+    rule += (
+        f" minus the {config.model_type} offset {offset} (positions count from pad_token_id + 1)"
+    )
+    return config.max_position_embeddings - offset, rule
 
 
 def _check_length(cfg: DictConfig, limit: int, source: str) -> None:
@@ -286,12 +308,9 @@ def _check_saved_length(key: str) -> Callable[[DictConfig], None]:
         path = cfg[key].path
         if not (Path(str(path)).expanduser() / "config.json").is_file():
             return
-        config = _load(AutoConfig, path, f"{key}.path")
-        offset = POSITION_OFFSETS.get(config.model_type, 0)
-        rule = f"max_position_embeddings {config.max_position_embeddings}" + (
-            f" minus the {config.model_type} offset {offset}" if offset else ""
-        )
-        _check_length(cfg, config.max_position_embeddings - offset, f"{key}.path={path} ({rule})")
+        limit, rule = position_limit(_load(AutoConfig, path, f"{key}.path"))
+        if limit is not None:
+            _check_length(cfg, limit, f"{key}.path={path} ({rule})")
 
     return check
 
@@ -339,22 +358,30 @@ def truncated(
     head: str,
     labels: list[str] | None,
 ) -> PreTrainedModel:
-    """The embeddings, first ``num_layers`` layers and head of a deeper saved model.
+    """The embeddings, first ``num_layers`` layers and head of a deeper saved model, of any
+    family.
+
+    The first layers, not evenly spaced ones (DistilBERT's one of every two): MixKD's
+    BERT3/BERT6 students and Patient KD's (Sun et al. 2019) are the teacher's first layers,
+    which read each other's outputs as the teacher was trained; the recipes that reproduce
+    them need this default. Per-layer config lists (``transformers``' ``layer_types``, e.g.
+    ModernBERT's local/global attention pattern) keep the entries of the kept layers.
 
     Args:
         num_layers: layers kept (counted from the embeddings).
         others: as :func:`pretrained`.
     """
-    options = _options(head, labels, attn_implementation)
-    model, info = _load_model(path, head, "model.path", num_hidden_layers=num_layers, **options)
-    prefix = model.base_model_prefix + "."
-    new_body = [k for k in info["missing_keys"] if k.startswith(prefix)]
-    if new_body:
+    config = _load(AutoConfig, path, "model.path", **head_kwargs(head, labels))
+    if num_layers > config.num_hidden_layers:
         raise ConfigError(
-            f"model.num_layers={num_layers} exceeds the layers of model.path={path} "
-            f"(missing {new_body[:3]}): a truncated student keeps the first layers of a deeper "
-            "model."
+            f"model.num_layers={num_layers} exceeds the {config.num_hidden_layers} layers of "
+            f"model.path={path}: a truncated student keeps the first layers of a deeper model."
         )
+    config.num_hidden_layers = num_layers
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = config.layer_types[:num_layers]
+    implementation = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model, _ = _load_model(path, head, "model.path", config=config, **implementation)
     _check_vocabulary(model, tokenizer)
     log.info("Student %s: the first %d layers of %s", name, num_layers, path)
     return model

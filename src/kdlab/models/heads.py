@@ -71,9 +71,19 @@ HEADS: dict[str, Head] = {
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The batch without its targets and bookkeeping, ready for ``model(**inputs)``."""
-    return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+def model_inputs(batch: dict[str, Tensor], model: PreTrainedModel) -> dict[str, Tensor]:
+    """The batch's inputs that ``model`` reads, ready for ``model(**inputs)``: without its
+    targets and bookkeeping, and without ``token_type_ids`` where the model embeds fewer
+    than two segments (``config.type_vocab_size``: RoBERTa's 1, DeBERTa-v3's 0, none in
+    ModernBERT). A tokenizer of BERT's kind writes 1 for a pair's second segment, which such
+    a model cannot embed; without the ids it reads segment 0 everywhere, as it was trained.
+    """
+    segments = getattr(model.config, "type_vocab_size", 0)
+    return {
+        k: v
+        for k, v in batch.items()
+        if k in MODEL_INPUTS and (k != "token_type_ids" or segments > 1)
+    }
 
 
 def forward(model: PreTrainedModel, batch: dict[str, Tensor], head: str, **options) -> ModelOutput:
@@ -93,7 +103,7 @@ def forward(model: PreTrainedModel, batch: dict[str, Tensor], head: str, **optio
         head: the task's head (:data:`HEADS` key).
         **options: forwarded to the model (``output_hidden_states``, ``output_attentions``).
     """
-    inputs = model_inputs(batch)
+    inputs = model_inputs(batch, model)
     if head != "masked_lm":
         return model(**inputs, **options)
     rows = batch["labels"] != IGNORE_INDEX
