@@ -18,6 +18,7 @@ from transformers import (
 from transformers.modeling_outputs import MaskedLMOutput
 from transformers.utils import ModelOutput
 
+from kdlab.data.base import TEACHER_PREFIX
 from kdlab.losses import IGNORE_INDEX
 
 
@@ -34,12 +35,16 @@ class Head:
         outputs: for each gold field of a batch (the keyword the ``transformers`` model
             takes it by), the model output holding the logits trained against it. Losses
             and distillation iterate over these pairs.
+        per_token: its outputs score token positions (a span's start and end, a masked
+            token), so teacher and student outputs meet position by position and need one
+            tokenisation: a teacher with another tokenizer is refused.
     """
 
     name: str
     auto_class: type
     architecture: str
     outputs: dict[str, str]
+    per_token: bool
 
 
 HEADS: dict[str, Head] = {
@@ -50,18 +55,21 @@ HEADS: dict[str, Head] = {
             auto_class=AutoModelForSequenceClassification,
             architecture="ForSequenceClassification",
             outputs={"labels": "logits"},
+            per_token=False,
         ),
         Head(
             name="question_answering",
             auto_class=AutoModelForQuestionAnswering,
             architecture="ForQuestionAnswering",
             outputs={"start_positions": "start_logits", "end_positions": "end_logits"},
+            per_token=True,
         ),
         Head(
             name="masked_lm",
             auto_class=AutoModelForMaskedLM,
             architecture="ForMaskedLM",
             outputs={"labels": "logits"},
+            per_token=True,
         ),
     )
 }
@@ -73,6 +81,23 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """The batch without its targets and bookkeeping, ready for ``model(**inputs)``."""
     return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+
+
+def teacher_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The batch as the teacher reads it: where it carries the teacher's own tokenisation
+    (``teacher_*`` keys, a teacher with another tokenizer), those inputs under the usual
+    names in place of the student's; else the batch itself. Targets and bookkeeping stay."""
+    if not any(k.startswith(TEACHER_PREFIX) for k in batch):
+        return batch
+    view = {k: v for k, v in batch.items() if k not in MODEL_INPUTS}
+    return {
+        **{k: v for k, v in view.items() if not k.startswith(TEACHER_PREFIX)},
+        **{
+            k.removeprefix(TEACHER_PREFIX): v
+            for k, v in view.items()
+            if k.startswith(TEACHER_PREFIX)
+        },
+    }
 
 
 def forward(model: PreTrainedModel, batch: dict[str, Tensor], head: str, **options) -> ModelOutput:
