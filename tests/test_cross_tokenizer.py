@@ -8,6 +8,7 @@ heads refuse the pair before anything loads.
 
 import functools
 import json
+import math
 import random
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from kdlab.methods.teacher_cache import teacher_cache
 from kdlab.methods.traits import teacher_tokenizer_for
 from kdlab.models.build import load_tokenizer, tokenizer_difference
 from kdlab.models.heads import forward, teacher_inputs
+from kdlab.rundir import RunDir
 from tests.conftest import compose
 from tests.fixtures import WORDS, write_tokenizer
 
@@ -213,11 +215,27 @@ class TeacherInputs:
         self.calls.append(inputs.detach().cpu())
 
 
+# With pruning, the callback measures the teacher-student KL on a fixed held-out batch.
+PRUNED = [
+    "pruning=homotopic",
+    "pruning.target={hidden_size:64,num_attention_heads:1,intermediate_size:128}",
+    "pruning.track_interval=1",
+    "pruning.update_interval=1",
+]
+
+
 @pytest.mark.parametrize(
-    ("method", "task"), [("kd", "sst2"), ("kd", "stsb"), ("pd", "sst2"), ("mixkd", "sst2")]
+    ("method", "task", "extra"),
+    [
+        ("kd", "sst2", []),
+        ("kd", "stsb", []),
+        ("pd", "sst2", []),
+        ("mixkd", "sst2", []),
+        ("kd", "sst2", PRUNED),
+    ],
 )
 def test_sequence_level_methods_distil_across_tokenizers(
-    cross_cfg, monkeypatch, roberta_dirs, method, task
+    cross_cfg, monkeypatch, roberta_dirs, method, task, extra
 ):
     probe = TeacherInputs()
     original = kdlab.models.teacher
@@ -229,7 +247,7 @@ def test_sequence_level_methods_distil_across_tokenizers(
         return model
 
     monkeypatch.setattr(kdlab.models, "teacher", hooked_teacher)
-    cfg = cross_cfg(task=task, method=method, extra=["+trainer.limit_train_batches=3"])
+    cfg = cross_cfg(task=task, method=method, extra=["+trainer.limit_train_batches=3", *extra])
     metrics = kdlab.train.run(cfg)
     assert metrics["teacher"]["name"] == "tiny"
     assert all(isinstance(v, float) for k, v in metrics["teacher"].items() if "/" in k)
@@ -244,6 +262,10 @@ def test_sequence_level_methods_distil_across_tokenizers(
     assert any(int(c.max()) >= 42 for c in ids)  # beyond the student's 42 tokens
     assert (method == "mixkd") == bool(embeds)
     assert all(e.size(-1) == 32 for e in embeds)
+    if extra:
+        # The callback's KL at each step, on the fixed batch, teacher on its own ids.
+        history = json.loads(RunDir(cfg.run_dir).pruning_history.read_text())
+        assert len(history) == 4 and all(math.isfinite(row["kl"]) for row in history)
 
 
 class LiveTeacherBeside(L.Callback):
