@@ -9,26 +9,18 @@ heads refuse the pair before anything loads.
 import functools
 import json
 import math
-import random
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 from datasets.fingerprint import Hasher
-from tokenizers import ByteLevelBPETokenizer
-from tokenizers.processors import RobertaProcessing
-from transformers import (
-    PreTrainedTokenizerFast,
-    RobertaConfig,
-    RobertaForSequenceClassification,
-)
 
 import kdlab.methods.mixkd
 import kdlab.models
 import kdlab.train
 from kdlab.components import build, target_of, validate
-from kdlab.data.base import ROW_INDEX
+from kdlab.data.base import ROW_INDEX, token_lengths
 from kdlab.data.sources import load_glue
 from kdlab.errors import ConfigError
 from kdlab.methods.teacher_cache import teacher_cache
@@ -37,70 +29,17 @@ from kdlab.models.build import load_tokenizer, tokenizer_difference
 from kdlab.models.heads import forward, teacher_inputs
 from kdlab.rundir import RunDir
 from tests.conftest import compose
-from tests.fixtures import WORDS, write_tokenizer
+from tests.fixtures import write_bpe_tokenizer, write_tiny_roberta, write_tokenizer
 
 TEACHER_KEYS = {"teacher_input_ids", "teacher_attention_mask"}
-
-
-def write_bpe_tokenizer(directory: Path, vocab_size: int = 400) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (RoBERTa's special tokens and pair template) trained on
-    sentences of the fixture words, saved to ``directory``."""
-    rng = random.Random(0)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(8)) for _ in range(300)]
-    bpe = ByteLevelBPETokenizer()
-    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-    bpe.train_from_iterator(
-        lines, vocab_size=vocab_size, special_tokens=specials, show_progress=False
-    )
-    bpe.post_processor = RobertaProcessing(
-        ("</s>", bpe.token_to_id("</s>")), ("<s>", bpe.token_to_id("<s>"))
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe._tokenizer,
-        bos_token="<s>",
-        eos_token="</s>",
-        cls_token="<s>",
-        sep_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        mask_token="<mask>",
-    )
-    tokenizer.save_pretrained(directory)
-    return tokenizer
-
-
-def write_roberta_teacher(directory: Path, num_labels: int = 2) -> Path:
-    """A tiny random RoBERTa classifier on the BPE tokenizer (64 positions after RoBERTa's
-    offset of 2), its head's biases moved off 0 (a head as a fine-tuned one looks)."""
-    tokenizer = write_bpe_tokenizer(directory)
-    torch.manual_seed(0)
-    config = RobertaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=66,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        num_labels=num_labels,
-        problem_type="regression" if num_labels == 1 else "single_label_classification",
-    )
-    model = RobertaForSequenceClassification(config)
-    for name, param in model.classifier.named_parameters():
-        if name.endswith("bias"):
-            param.data.normal_(std=0.1)
-    model.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")
 def roberta_dirs(tmp_path_factory) -> dict[int, Path]:
     """Tiny RoBERTa teachers by number of labels, and the student's WordPiece tokenizer."""
     return {
-        2: write_roberta_teacher(tmp_path_factory.mktemp("roberta2")),
-        1: write_roberta_teacher(tmp_path_factory.mktemp("roberta1"), num_labels=1),
+        2: write_tiny_roberta(tmp_path_factory.mktemp("roberta2")),
+        1: write_tiny_roberta(tmp_path_factory.mktemp("roberta1"), num_labels=1),
     }
 
 
@@ -189,6 +128,11 @@ def test_each_model_gets_its_own_tokenisation_of_the_same_examples(cross_cfg, gl
         assert batch["input_ids"][:, 0].eq(student_tokenizer.cls_token_id).all()
         seen += len(own)
     assert seen == sum(len(s) for s in datamodule.splits.values())
+    # Length grouping and evaluation order sort rows by the longer of their two sequences.
+    split = datamodule.train_split()
+    own, theirs = ([len(ids) for ids in split[k]] for k in ("input_ids", "teacher_input_ids"))
+    assert any(t > o for o, t in zip(own, theirs, strict=True))
+    assert token_lengths(split).tolist() == [max(pair) for pair in zip(own, theirs, strict=True)]
 
 
 def test_same_tokenizer_batches_have_no_teacher_keys(make_cfg):
@@ -435,3 +379,32 @@ def test_a_same_vocabulary_pair_with_other_special_ids_is_refused_for_token_leve
     )
     with pytest.raises(ConfigError, match=r"they disagree on pad_token_id \(0 vs 4\)"):
         kdlab.train.assemble(cfg)
+
+
+def test_mixkd_pads_each_gathered_id_set_with_its_own_models_pad_id(cross_cfg, monkeypatch):
+    # Under DDP each process pads its student and teacher ids to the longest of each set on
+    # any process before gathering them. Stand-in for the other process: its sequences are
+    # 3 tokens longer in both sets, and it gathers this process's inputs twice.
+    cfg = cross_cfg(method="mixkd")
+    validate(cfg)
+    parts = kdlab.train.assemble(cfg)
+    method = parts.method
+    batch = next(iter(parts.datamodule.training_loader()))
+
+    def all_gather(value):
+        if isinstance(value, dict):
+            return {k: torch.stack([v, v]) for k, v in value.items()}
+        return torch.stack([value, value + 3])
+
+    monkeypatch.setattr(type(method), "distributed", property(lambda self: True))
+    monkeypatch.setattr(method, "all_gather", all_gather)
+    whole = method.whole_batch(batch)
+    pads = {"": method.student.config.pad_token_id, "teacher_": method.teacher.config.pad_token_id}
+    assert pads == {"": 0, "teacher_": 1}
+    for prefix, pad in pads.items():
+        length = batch[prefix + "input_ids"].size(1)
+        ids, mask = whole[prefix + "input_ids"], whole[prefix + "attention_mask"]
+        assert ids.shape == (2 * batch["labels"].size(0), length + 3)
+        assert torch.equal(ids[::2, :length], batch[prefix + "input_ids"])
+        assert (ids[:, length:] == pad).all() and (mask[:, length:] == 0).all()
+    assert torch.equal(whole["labels"][::2], batch["labels"])
