@@ -35,8 +35,8 @@ ROW_INDEX = "row_index"
 # Prefix of the teacher's own inputs (``teacher_input_ids``, ``teacher_attention_mask``, ...)
 # in the rows and batches of a run whose teacher tokenises differently from its student:
 # each example is tokenised by both. Runs with one tokenizer have no such keys.
-TEACHER_PREFIX = "teacher_"
-TEACHER_INPUT_IDS = TEACHER_PREFIX + "input_ids"
+TEACHER_INPUTS_PREFIX = "teacher_"
+TEACHER_INPUT_IDS = TEACHER_INPUTS_PREFIX + "input_ids"
 
 # Optimizer steps per mega-batch of ``task.group_by_length``, as the ``transformers``
 # Trainer's length-grouped sampler: 50 steps of examples hold enough of each length that a
@@ -69,17 +69,20 @@ class TwoTokenizerCollator:
     teacher: Callable[[list[dict]], dict]
 
     def __call__(self, features: list[dict]) -> dict:
-        own = [{k: v for k, v in f.items() if not k.startswith(TEACHER_PREFIX)} for f in features]
+        own = [
+            {k: v for k, v in f.items() if not k.startswith(TEACHER_INPUTS_PREFIX)}
+            for f in features
+        ]
         theirs = [
             {
-                k.removeprefix(TEACHER_PREFIX): v
+                k.removeprefix(TEACHER_INPUTS_PREFIX): v
                 for k, v in f.items()
-                if k.startswith(TEACHER_PREFIX)
+                if k.startswith(TEACHER_INPUTS_PREFIX)
             }
             for f in features
         ]
         batch = self.student(own)
-        batch.update({TEACHER_PREFIX + k: v for k, v in self.teacher(theirs).items()})
+        batch.update({TEACHER_INPUTS_PREFIX + k: v for k, v in self.teacher(theirs).items()})
         return batch
 
 

@@ -13,7 +13,7 @@ from typing_extensions import Unpack
 
 from kdlab.augment import EXAMPLE_INDEX, BackTranslationOptions, add_paraphrases
 from kdlab.data.base import (
-    TEACHER_PREFIX,
+    TEACHER_INPUTS_PREFIX,
     TaskOptions,
     TokenizedDataModule,
     TwoTokenizerCollator,
@@ -173,7 +173,7 @@ class TextClassificationDataModule(TokenizedDataModule, abc.ABC):
         def encode_for_teacher(batch):
             texts = (batch["text_a"], batch["text_b"]) if pair else (batch["text_a"],)
             encoded = teacher_tokenizer(*texts, truncation=True, max_length=max_len)
-            return {TEACHER_PREFIX + k: v for k, v in encoded.items()}
+            return {TEACHER_INPUTS_PREFIX + k: v for k, v in encoded.items()}
 
         theirs = split.map(
             encode_for_teacher,

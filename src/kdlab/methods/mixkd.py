@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from kdlab.data.base import TEACHER_PREFIX
+from kdlab.data.base import TEACHER_INPUT_IDS, TEACHER_INPUTS_PREFIX
 from kdlab.losses import distillation_loss, kd_loss, mixup, mixup_target_loss, supervised_loss
 from kdlab.methods.base import BaseMethod
 from kdlab.methods.traits import MethodTraits
@@ -213,8 +213,8 @@ class MixKD(BaseMethod):
         # The student's inputs, and the teacher's with its own tokenizer, each with the pad id
         # of the model that reads them.
         id_sets = {"": self.student}
-        if TEACHER_PREFIX + "input_ids" in batch:
-            id_sets[TEACHER_PREFIX] = self.teacher
+        if TEACHER_INPUT_IDS in batch:
+            id_sets[TEACHER_INPUTS_PREFIX] = self.teacher
         inputs = [prefix + k for prefix in id_sets for k in MODEL_INPUTS]
         local = {k: batch[k] for k in (*inputs, "labels") if k in batch}
         if not self.distributed:

@@ -18,7 +18,7 @@ from transformers import (
 from transformers.modeling_outputs import MaskedLMOutput
 from transformers.utils import ModelOutput
 
-from kdlab.data.base import TEACHER_PREFIX
+from kdlab.data.base import TEACHER_INPUTS_PREFIX
 from kdlab.losses import IGNORE_INDEX
 
 
@@ -87,17 +87,12 @@ def teacher_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """The batch as the teacher reads it: where it carries the teacher's own tokenisation
     (``teacher_*`` keys, a teacher with another tokenizer), those inputs under the usual
     names in place of the student's; else the batch itself. Targets and bookkeeping stay."""
-    if not any(k.startswith(TEACHER_PREFIX) for k in batch):
+    prefix = TEACHER_INPUTS_PREFIX
+    theirs = {k.removeprefix(prefix): v for k, v in batch.items() if k.startswith(prefix)}
+    if not theirs:
         return batch
-    view = {k: v for k, v in batch.items() if k not in MODEL_INPUTS}
-    return {
-        **{k: v for k, v in view.items() if not k.startswith(TEACHER_PREFIX)},
-        **{
-            k.removeprefix(TEACHER_PREFIX): v
-            for k, v in view.items()
-            if k.startswith(TEACHER_PREFIX)
-        },
-    }
+    rest = {k: v for k, v in batch.items() if k not in MODEL_INPUTS and not k.startswith(prefix)}
+    return {**rest, **theirs}
 
 
 def forward(model: PreTrainedModel, batch: dict[str, Tensor], head: str, **options) -> ModelOutput:
