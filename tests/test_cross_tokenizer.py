@@ -241,6 +241,10 @@ def test_cached_outputs_are_the_live_teachers_on_its_own_ids(cross_cfg):
     assert len(probe.pairs) == 6
     for cached, live in probe.pairs:
         torch.testing.assert_close(cached, live, atol=1e-3, rtol=1e-3)
+    # Another seed's run (its own load of both tokenizers) reuses it.
+    again = kdlab.train.assemble(cross_cfg(extra=["seed=1"], run_dir=cfg.run_dir + "-seed1"))
+    assert again.method.teacher_cache.load_or_build(again.teacher) == 0
+    assert again.method.teacher_cache.directory == cache.directory
 
 
 def test_cache_key_changes_with_the_teachers_tokenizer(cross_cfg, make_cfg, tmp_path):
