@@ -602,7 +602,7 @@ def compaction_check(
     student.to(device).eval()
     pruner.to(device)
     compacted = compacted_copy(student, pruner.masks).eval()
-    inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
+    inputs = {k: v.to(device) for k, v in model_inputs(batch, student).items()}
     with float32_matmuls():
         masked = student(**inputs).logits.float()
         small = compacted(**inputs).logits.float()

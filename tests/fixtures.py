@@ -4,12 +4,17 @@ import json
 import random
 from pathlib import Path
 
+from tokenizers import ByteLevelBPETokenizer
+from tokenizers.processors import RobertaProcessing
 from transformers import (
     BertConfig,
     BertForMaskedLM,
     BertForQuestionAnswering,
     BertForSequenceClassification,
     BertTokenizerFast,
+    PreTrainedTokenizerFast,
+    RobertaConfig,
+    RobertaForSequenceClassification,
 )
 
 WORDS = [
@@ -111,6 +116,61 @@ def write_tiny_bert(directory: Path, num_labels: int = 2, seed: int = 0, layers:
         num_labels=num_labels,
         problem_type="regression" if num_labels == 1 else "single_label_classification",
     )
+
+
+def write_bpe_tokenizer(directory: Path, vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (RoBERTa's special tokens and pair template) trained on
+    sentences of the fixture words, saved to ``directory``."""
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(8)) for _ in range(300)]
+    bpe = ByteLevelBPETokenizer()
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    bpe.train_from_iterator(
+        lines, vocab_size=vocab_size, special_tokens=specials, show_progress=False
+    )
+    bpe.post_processor = RobertaProcessing(
+        ("</s>", bpe.token_to_id("</s>")), ("<s>", bpe.token_to_id("<s>"))
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        cls_token="<s>",
+        sep_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+    )
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def write_tiny_roberta(directory: Path, num_labels: int = 2) -> Path:
+    """A tiny random RoBERTa classifier on the BPE tokenizer (64 positions after RoBERTa's
+    offset of 2), its head's biases moved off 0 (a head as a fine-tuned one looks)."""
+    tokenizer = write_bpe_tokenizer(directory)
+    import torch
+
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=66,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        num_labels=num_labels,
+        problem_type="regression" if num_labels == 1 else "single_label_classification",
+    )
+    model = RobertaForSequenceClassification(config)
+    for name, param in model.classifier.named_parameters():
+        if name.endswith("bias"):
+            param.data.normal_(std=0.1)
+    model.save_pretrained(directory)
+    return directory
 
 
 def write_tiny_qa_bert(directory: Path, seed: int = 0) -> Path:

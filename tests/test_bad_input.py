@@ -107,9 +107,13 @@ def test_data_dir_env_root_is_used(glue_root, tmp_path, monkeypatch):
 
 
 def test_tokenizer_mismatch_is_refused(teacher_dir, tmp_path):
+    # A teacher with another vocabulary teaches sequence-level tasks (tests/
+    # test_cross_tokenizer.py); a span task compares positions and refuses it.
     from transformers import BertTokenizerFast
 
-    from kdlab.models.build import check_same_tokenizer, load_tokenizer
+    from kdlab.methods import KnowledgeDistillation
+    from kdlab.methods.traits import teacher_tokenizer_for
+    from kdlab.models.build import load_tokenizer
 
     other = tmp_path / "other_tok"
     tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world"]
@@ -120,24 +124,33 @@ def test_tokenizer_mismatch_is_refused(teacher_dir, tmp_path):
             f"model.tokenizer={other}",
             "teacher=local",
             f"teacher.path={teacher_dir}",
+            "task=squad",
             f"run_dir={tmp_path}",
         ]
     )
     with pytest.raises(ConfigError, match="vocabularies differ"):
-        check_same_tokenizer(
-            load_tokenizer(cfg.teacher.path, "teacher.path"),
-            load_tokenizer(cfg.model.tokenizer, "model.tokenizer"),
+        teacher_tokenizer_for(
+            cfg, KnowledgeDistillation, load_tokenizer(cfg.model.tokenizer, "model.tokenizer")
         )
 
 
 def test_special_token_mismatch_is_refused(teacher_dir, tmp_path):
-    from kdlab.models.build import check_same_tokenizer
+    from kdlab.methods import KnowledgeDistillation
+    from kdlab.methods.traits import teacher_tokenizer_for
 
-    teacher_tok = write_tokenizer(tmp_path / "a")
     student_tok = write_tokenizer(tmp_path / "b")
     student_tok.add_special_tokens({"pad_token": "[MASK]"})  # same vocab, other pad id
+    cfg = compose(
+        [
+            "model=bert_tiny",
+            "teacher=local",
+            f"teacher.path={teacher_dir}",
+            "task=squad",
+            f"run_dir={tmp_path}",
+        ]
+    )
     with pytest.raises(ConfigError, match="pad_token_id"):
-        check_same_tokenizer(teacher_tok, student_tok)
+        teacher_tokenizer_for(cfg, KnowledgeDistillation, student_tok)
 
 
 def test_teacher_without_trained_head_says_finetune(make_cfg, tmp_path):

@@ -26,7 +26,14 @@ from kdlab.data.base import EpochSeededSampler, ResumableLoader
 from kdlab.errors import ConfigError
 from kdlab.methods import BaseMethod
 from tests.conftest import QUIET_CPU_RUN, compose, fast_overrides, run_cli
-from tests.fixtures import write_corpus, write_glue, write_tiny_bert, write_tiny_mlm_bert
+from tests.fixtures import (
+    write_corpus,
+    write_glue,
+    write_tiny_bert,
+    write_tiny_mlm_bert,
+    write_tiny_roberta,
+    write_tokenizer,
+)
 from tests.helpers import Interrupted
 
 BATCH = 8  # per process; the one-device reference trains on 2 × BATCH
@@ -92,6 +99,7 @@ def test_a_mid_epoch_loader_position_loads_only_into_the_same_share():
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ddp")
+    write_tokenizer(root / "wordpiece")
     return {
         "root": root,
         # 48 = STEPS × 2 × BATCH training examples; 25 dev examples do not divide by 2.
@@ -100,13 +108,22 @@ def data(tmp_path_factory) -> dict[str, Path]:
         "teacher1": write_tiny_bert(root / "teacher1", num_labels=1),
         "mlm_teacher": write_tiny_mlm_bert(root / "mlm_teacher"),
         "corpus": write_corpus(root / "corpus"),
+        # A byte-level BPE RoBERTa teacher for a student on the WordPiece tokenizer.
+        "roberta2": write_tiny_roberta(root / "roberta2"),
+        "wordpiece": root / "wordpiece",
     }
 
 
 def glue_run(
-    data, tmp: Path, method: str, task: str, extra: list[str], model: str | None = None
+    data,
+    tmp: Path,
+    method: str,
+    task: str,
+    extra: list[str],
+    model: str | None = None,
+    teacher: str | None = None,
 ) -> list[str]:
-    teacher = data["teacher1" if task == "stsb" else "teacher2"]
+    teacher = data[teacher or ("teacher1" if task == "stsb" else "teacher2")]
     base = fast_overrides(tmp, data["glue"], teacher, task, method, model=model)
     return [*base, *COMMON, *extra]
 
@@ -210,6 +227,21 @@ def test_mixkd_trains_as_on_one_device(data, tmp_path):
     # draw partners and λ for the whole batch of 16 as one device does, and mix their
     # examples with partners on either process (gathered from the other).
     overrides = glue_run(data, tmp_path, "mixkd", "sst2", ["method.kd_alpha=0.5"])
+    single, distributed = train_both(overrides, tmp_path)
+    assert_same_steps(single, distributed)
+    assert_logged_validation_is_the_final_evaluation(distributed)
+
+
+def test_mixkd_across_tokenizers_trains_as_on_one_device(data, tmp_path):
+    # A teacher with another tokenizer: each process gathers the student's ids and the
+    # teacher's, each padded to its own longest sequence with its own model's pad id, and
+    # both models mix the same partners with the same λ, as on one device.
+    extra = [
+        "method.kd_alpha=0.5",
+        "task.group_by_length=false",  # sequences of unequal lengths on the two processes
+        f"model.tokenizer={data['wordpiece']}",
+    ]
+    overrides = glue_run(data, tmp_path, "mixkd", "sst2", extra, teacher="roberta2")
     single, distributed = train_both(overrides, tmp_path)
     assert_same_steps(single, distributed)
     assert_logged_validation_is_the_final_evaluation(distributed)

@@ -58,7 +58,7 @@ class Step:
 # before the models, which the method and then the trainer take.
 PLAN: tuple[Step, ...] = (
     Step("optim"),
-    Step("task", ("tokenizer", "seed")),
+    Step("task", ("tokenizer", "teacher_tokenizer", "seed")),
     Step(
         "teacher",
         ("head", "labels", "task", "needs_head", "hint"),

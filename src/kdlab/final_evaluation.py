@@ -2,7 +2,7 @@
 
 import itertools
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import lightning as L
 import torch
@@ -10,7 +10,17 @@ from omegaconf import DictConfig
 from torch import nn
 
 from kdlab.methods.base import BaseMethod
-from kdlab.models.heads import model_inputs
+from kdlab.methods.finetune import FineTune
+from kdlab.models.heads import model_inputs, teacher_inputs
+
+
+class TeacherEvaluation(FineTune):
+    """The teacher evaluated on its own: as ``FineTune`` evaluates its student, reading the
+    teacher's own tokenisation where the batches carry one
+    (:func:`~kdlab.models.heads.teacher_inputs`)."""
+
+    def forward_model(self, model, batch, **options):
+        return super().forward_model(model, teacher_inputs(batch), **options)
 
 
 def evaluation_trainer(trainer_cfg: DictConfig, device: torch.device) -> L.Trainer:
@@ -62,20 +72,32 @@ def evaluate(
 
 @torch.no_grad()
 def time_inference(
-    models: Mapping[str, nn.Module], loader: torch.utils.data.DataLoader, n_batches: int
+    models: Mapping[str, nn.Module],
+    loader: torch.utils.data.DataLoader,
+    n_batches: int,
+    views: Mapping[str, Callable[[dict], dict]] | None = None,
 ) -> dict[str, float]:
     """Mean forward time per batch of each model on the same batches, in milliseconds.
 
     Models take turns on every batch, so drift in machine load affects them alike; the
     first batch is a warm-up and is not timed.
+
+    Args:
+        models: the models by name.
+        loader: the batches.
+        n_batches: batches timed.
+        views: for a model by name, the batch as it reads it (the teacher's:
+            :func:`~kdlab.models.heads.teacher_inputs`); by default the student's inputs.
     """
+    views = views or {}
     # Short evaluation sets are cycled so that every model is timed on n_batches batches.
     batches = list(itertools.islice(itertools.cycle(loader), n_batches + 1))
     totals = dict.fromkeys(models, 0.0)
     for i, batch in enumerate(batches):
         for name, model in models.items():
             device = next(model.parameters()).device
-            inputs = {k: v.to(device) for k, v in model_inputs(batch, model).items()}
+            view = views.get(name, lambda b: b)(batch)
+            inputs = {k: v.to(device) for k, v in model_inputs(view, model).items()}
             was_training = model.training
             model.eval()
             _synchronize(device)

@@ -40,17 +40,18 @@ from kdlab.callbacks import RestoreLoaderPosition
 from kdlab.components import Step, build, plan, target_of, validate
 from kdlab.data import TokenizedDataModule
 from kdlab.errors import NonFiniteLossError
-from kdlab.final_evaluation import evaluate, evaluation_trainer, time_inference
+from kdlab.final_evaluation import (
+    TeacherEvaluation,
+    evaluate,
+    evaluation_trainer,
+    time_inference,
+)
 from kdlab.launch import every_rank_runs
 from kdlab.loggers import logger_run
-from kdlab.methods import BaseMethod, FineTune
-from kdlab.methods.traits import teacher_cache_for
-from kdlab.models.build import (
-    TASK_ATTRIBUTE,
-    check_same_tokenizer,
-    count_parameters,
-    load_tokenizer,
-)
+from kdlab.methods import BaseMethod
+from kdlab.methods.traits import teacher_cache_for, teacher_tokenizer_for
+from kdlab.models.build import TASK_ATTRIBUTE, count_parameters, load_tokenizer
+from kdlab.models.heads import teacher_inputs
 from kdlab.pipeline import run_pipeline
 from kdlab.pruning import Pruner, compacted_copy
 from kdlab.pruning.callback import PruningCallback
@@ -95,17 +96,17 @@ def assemble(cfg: DictConfig) -> Assembly:
     """Build every component of a validated config, in the order of its plan
     (:func:`kdlab.components.plan`), each given the runtime arguments its step names.
 
-    The tokenizers load first and the data is read and checked as soon as it is built,
-    before any model loads: what fails cheaply fails first.
+    The tokenizers load first (a teacher tokenising differently is refused there where the
+    method or head needs one tokenisation) and the data is read and checked as soon as it
+    is built, before any model loads: what fails cheaply fails first.
     """
     method_cls = target_of(cfg, "method")
     tokenizer = load_tokenizer(cfg.model.tokenizer, source_key(cfg, "model.tokenizer"))
-    if method_cls.traits.requires_teacher:
-        check_same_tokenizer(load_tokenizer(cfg.teacher.path, "teacher.path"), tokenizer)
     built = _build(
         cfg,
         plan(cfg),
         tokenizer=tokenizer,
+        teacher_tokenizer=teacher_tokenizer_for(cfg, method_cls, tokenizer),
         seed=cfg.seed,
         task=cfg.task.name,
         needs_head=method_cls.needs_teacher_head(cfg.method),
@@ -298,7 +299,7 @@ def evaluate_and_export(cfg: DictConfig, parts: Assembly, run_dir: RunDir) -> di
     metrics["teacher_passes"] = parts.method.teacher_passes
     cache = parts.method.teacher_cache
     metrics["teacher_cache"] = None if cache is None else cache.summary()
-    teacher_module = FineTune(
+    teacher_module = TeacherEvaluation(
         name="teacher",
         student=teacher,
         head=datamodule.head,
@@ -317,6 +318,7 @@ def evaluate_and_export(cfg: DictConfig, parts: Assembly, run_dir: RunDir) -> di
             # In dataset order: the first batches of a sorted one are the longest.
             datamodule.val_dataloader(by_length=False)[0],
             cfg.eval.speed_batches,
+            views={"teacher": teacher_inputs},
         )
         timing["speedup"] = timing["teacher_ms_per_batch"] / timing["student_ms_per_batch"]
         timing["device"] = str(next(exported.parameters()).device)

@@ -5,6 +5,7 @@ leave the global RNG alone."""
 import abc
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal, TypedDict
 
@@ -31,6 +32,12 @@ log = logging.getLogger(__name__)
 # cache) are looked up by it, whatever order the sampler draws.
 ROW_INDEX = "row_index"
 
+# Prefix of the teacher's own inputs (``teacher_input_ids``, ``teacher_attention_mask``, ...)
+# in the rows and batches of a run whose teacher tokenises differently from its student:
+# each example is tokenised by both. Runs with one tokenizer have no such keys.
+TEACHER_INPUTS_PREFIX = "teacher_"
+TEACHER_INPUT_IDS = TEACHER_INPUTS_PREFIX + "input_ids"
+
 # Optimizer steps per mega-batch of ``task.group_by_length``, as the ``transformers``
 # Trainer's length-grouped sampler: 50 steps of examples hold enough of each length that a
 # sorted step pads little (95–96 % real tokens on SST-2 at batch 16 and 32, against 33–38 %
@@ -40,8 +47,43 @@ MEGA_BATCH_STEPS = 50
 
 def token_lengths(dataset: datasets.Dataset) -> np.ndarray:
     """``[N]`` real (non-padding) tokens of each row: the length of its ``input_ids``, read
-    from the Arrow column without building tensors."""
-    return pc.list_value_length(dataset.with_format("arrow")["input_ids"]).to_numpy()
+    from the Arrow columns without building tensors. A row tokenised for a teacher with
+    another tokenizer too counts the longer of its two tokenisations: sorting by it puts the
+    longest sequence of either model first, and the two lengths grow together."""
+    table = dataset.with_format("arrow")
+    lengths = pc.list_value_length(table["input_ids"]).to_numpy()
+    if TEACHER_INPUT_IDS in dataset.column_names:
+        lengths = np.maximum(lengths, pc.list_value_length(table[TEACHER_INPUT_IDS]).to_numpy())
+    return lengths
+
+
+@dataclass
+class TwoTokenizerCollator:
+    """Pads a batch tokenised for two tokenizers: the student's keys with ``student`` (the
+    collator of its tokenizer, which also takes the labels and bookkeeping) and the teacher's
+    (``teacher_*``) with ``teacher``, each set to its own longest sequence. Both sets hold the
+    same examples, row for row.
+    """
+
+    student: Callable[[list[dict]], dict]
+    teacher: Callable[[list[dict]], dict]
+
+    def __call__(self, features: list[dict]) -> dict:
+        own = [
+            {k: v for k, v in f.items() if not k.startswith(TEACHER_INPUTS_PREFIX)}
+            for f in features
+        ]
+        theirs = [
+            {
+                k.removeprefix(TEACHER_INPUTS_PREFIX): v
+                for k, v in f.items()
+                if k.startswith(TEACHER_INPUTS_PREFIX)
+            }
+            for f in features
+        ]
+        batch = self.student(own)
+        batch.update({TEACHER_INPUTS_PREFIX + k: v for k, v in self.teacher(theirs).items()})
+        return batch
 
 
 def length_grouped(
@@ -238,15 +280,19 @@ class TaskOptions(TypedDict):
 
 
 class TokenizedDataModule(L.LightningDataModule, abc.ABC):
-    """Base of the datamodules: a task's options and the tokenizer teacher and student share.
+    """Base of the datamodules: a task's options and the tokenizers of teacher and student.
 
     A datamodule is built from the ``task`` config by ``hydra.utils.instantiate``; its
     options (``**task``, typed by the subclass's ``TypedDict``) are the task config's keys,
     kept in ``self.task`` for the functions that read the data.
 
     Args:
-        tokenizer: the tokenizer shared by teacher and student.
+        tokenizer: the student's tokenizer, which the teacher shares unless
+            ``teacher_tokenizer`` is given.
         seed: seed of the training order.
+        teacher_tokenizer: the teacher's own tokenizer where it differs from the student's
+            (:func:`kdlab.methods.traits.teacher_tokenizer_for`); only sequence-level tasks
+            take one, and tokenise each example by both (``teacher_*`` keys).
         **task: the task's options.
     """
 
@@ -256,11 +302,17 @@ class TokenizedDataModule(L.LightningDataModule, abc.ABC):
     collator: Callable
 
     def __init__(
-        self, *, tokenizer: PreTrainedTokenizerBase, seed: int, **task: Unpack[TaskOptions]
+        self,
+        *,
+        tokenizer: PreTrainedTokenizerBase,
+        seed: int,
+        teacher_tokenizer: PreTrainedTokenizerBase | None = None,
+        **task: Unpack[TaskOptions],
     ) -> None:
         super().__init__()
         self.task = OmegaConf.create(task)
         self.tokenizer = tokenizer
+        self.teacher_tokenizer = teacher_tokenizer
         self.batch_size = int(task["batch_size"])
         self.eval_batch_size = int(task["eval_batch_size"])
         self.num_workers = int(task["num_workers"])

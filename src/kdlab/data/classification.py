@@ -12,7 +12,13 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 from typing_extensions import Unpack
 
 from kdlab.augment import EXAMPLE_INDEX, BackTranslationOptions, add_paraphrases
-from kdlab.data.base import TaskOptions, TokenizedDataModule, train_subset
+from kdlab.data.base import (
+    TEACHER_INPUTS_PREFIX,
+    TaskOptions,
+    TokenizedDataModule,
+    TwoTokenizerCollator,
+    train_subset,
+)
 from kdlab.data.sources import GlueHub, TsvLayout, load_glue, load_rotten_tomatoes
 from kdlab.data.transfer import TransferOptions, transfer_set
 from kdlab.errors import ConfigError
@@ -39,8 +45,12 @@ class ClassificationOptions(TaskOptions):
 class TextClassificationDataModule(TokenizedDataModule, abc.ABC):
     """Tokenised train / validation (/ validation_mm, test) splits of a labelled text task.
 
-    Teacher and student share the tokenizer, so both receive the same batch. A subclass
-    reads the raw splits (``read_splits``: ``text_a``, ``text_b`` for pairs, ``label``).
+    Where teacher and student share the tokenizer, both read the same ``input_ids``. With a
+    ``teacher_tokenizer`` each example is tokenised by both tokenizers (each with its own
+    special tokens, truncated at ``task.max_seq_length``): rows and batches carry the
+    student's inputs as usual and the teacher's under ``teacher_*`` keys, each padded to its
+    own longest sequence. A subclass reads the raw splits (``read_splits``: ``text_a``,
+    ``text_b`` for pairs, ``label``).
     """
 
     head = "sequence_classification"
@@ -50,10 +60,17 @@ class TextClassificationDataModule(TokenizedDataModule, abc.ABC):
         *,
         tokenizer: PreTrainedTokenizerBase,
         seed: int,
+        teacher_tokenizer: PreTrainedTokenizerBase | None = None,
         **task: Unpack[ClassificationOptions],
     ) -> None:
-        super().__init__(tokenizer=tokenizer, seed=seed, **task)
+        super().__init__(
+            tokenizer=tokenizer, seed=seed, teacher_tokenizer=teacher_tokenizer, **task
+        )
         self.collator = DataCollatorWithPadding(tokenizer)
+        if teacher_tokenizer is not None:
+            self.collator = TwoTokenizerCollator(
+                self.collator, DataCollatorWithPadding(teacher_tokenizer)
+            )
         self.splits: datasets.DatasetDict | None = None
 
     @classmethod
@@ -135,10 +152,37 @@ class TextClassificationDataModule(TokenizedDataModule, abc.ABC):
             cache_file_name=self.cache_file(name, split, max_len),
             desc=f"Tokenising {self.task.name}/{name}",
         )
+        if self.teacher_tokenizer is not None:
+            encoded = self._add_teacher_inputs(name, split, encoded)
         # A transfer set has no labels.
         return (
             encoded.rename_column("label", "labels") if "label" in encoded.column_names else encoded
         )
+
+    def _add_teacher_inputs(
+        self, name: str, split: datasets.Dataset, encoded: datasets.Dataset
+    ) -> datasets.Dataset:
+        """``encoded`` with the teacher's tokenisation of ``split`` beside it (``teacher_*``
+        columns). A map of its own: ``_tokenize``'s ``encode`` stays as it was, so that the
+        fingerprint of a split with one tokenizer, which keys the teacher-output cache, does
+        not change."""
+        pair = "text_b" in split.column_names
+        max_len = int(self.task.max_seq_length)
+        teacher_tokenizer = self.teacher_tokenizer
+
+        def encode_for_teacher(batch):
+            texts = (batch["text_a"], batch["text_b"]) if pair else (batch["text_a"],)
+            encoded = teacher_tokenizer(*texts, truncation=True, max_length=max_len)
+            return {TEACHER_INPUTS_PREFIX + k: v for k, v in encoded.items()}
+
+        theirs = split.map(
+            encode_for_teacher,
+            batched=True,
+            remove_columns=split.column_names,
+            cache_file_name=self.cache_file(f"{name}-teacher", split, max_len, teacher_tokenizer),
+            desc=f"Tokenising {self.task.name}/{name} for the teacher",
+        )
+        return datasets.concatenate_datasets([encoded, theirs], axis=1)
 
     def train_split(self) -> datasets.Dataset:
         return self.splits["train"]
@@ -179,9 +223,16 @@ class GlueDataModule(TextClassificationDataModule):
     ``task.data_dir`` or ``$KDLAB_DATA_DIR``), else from the hub."""
 
     def __init__(
-        self, *, tokenizer: PreTrainedTokenizerBase, seed: int, **task: Unpack[GlueOptions]
+        self,
+        *,
+        tokenizer: PreTrainedTokenizerBase,
+        seed: int,
+        teacher_tokenizer: PreTrainedTokenizerBase | None = None,
+        **task: Unpack[GlueOptions],
     ) -> None:
-        super().__init__(tokenizer=tokenizer, seed=seed, **task)
+        super().__init__(
+            tokenizer=tokenizer, seed=seed, teacher_tokenizer=teacher_tokenizer, **task
+        )
 
     def read_splits(self) -> datasets.DatasetDict:
         return load_glue(self.task)
@@ -204,9 +255,12 @@ class RottenTomatoesDataModule(TextClassificationDataModule):
         *,
         tokenizer: PreTrainedTokenizerBase,
         seed: int,
+        teacher_tokenizer: PreTrainedTokenizerBase | None = None,
         **task: Unpack[RottenTomatoesOptions],
     ) -> None:
-        super().__init__(tokenizer=tokenizer, seed=seed, **task)
+        super().__init__(
+            tokenizer=tokenizer, seed=seed, teacher_tokenizer=teacher_tokenizer, **task
+        )
 
     def read_splits(self) -> datasets.DatasetDict:
         return load_rotten_tomatoes(self.task)

@@ -194,9 +194,16 @@ class CorpusDataModule(TokenizedDataModule):
     head = "masked_lm"
 
     def __init__(
-        self, *, tokenizer: PreTrainedTokenizerBase, seed: int, **task: Unpack[CorpusOptions]
+        self,
+        *,
+        tokenizer: PreTrainedTokenizerBase,
+        seed: int,
+        teacher_tokenizer: PreTrainedTokenizerBase | None = None,
+        **task: Unpack[CorpusOptions],
     ) -> None:
-        super().__init__(tokenizer=tokenizer, seed=seed, **task)
+        super().__init__(
+            tokenizer=tokenizer, seed=seed, teacher_tokenizer=teacher_tokenizer, **task
+        )
         self.collator = DataCollatorForLanguageModeling(
             tokenizer, mlm_probability=float(self.task.mlm_probability)
         )

@@ -270,14 +270,21 @@ class SquadDataModule(TokenizedDataModule):
     head = "question_answering"
 
     def __init__(
-        self, *, tokenizer: PreTrainedTokenizerBase, seed: int, **task: Unpack[SquadOptions]
+        self,
+        *,
+        tokenizer: PreTrainedTokenizerBase,
+        seed: int,
+        teacher_tokenizer: PreTrainedTokenizerBase | None = None,
+        **task: Unpack[SquadOptions],
     ) -> None:
         if not tokenizer.is_fast:
             raise ConfigError(
                 f"task={task['name']} needs a fast tokenizer (character offsets); the model's "
                 f"{type(tokenizer).__name__} is not one. Use a model whose tokenizer.json exists."
             )
-        super().__init__(tokenizer=tokenizer, seed=seed, **task)
+        super().__init__(
+            tokenizer=tokenizer, seed=seed, teacher_tokenizer=teacher_tokenizer, **task
+        )
         self.collator = DataCollatorWithPadding(tokenizer)
         self.examples: datasets.DatasetDict | None = None
         self.features: dict[str, datasets.Dataset] = {}

@@ -26,7 +26,7 @@ from kdlab.losses import task_loss
 from kdlab.methods.teacher_cache import TeacherCache
 from kdlab.methods.traits import MethodTraits, check_head, check_traits
 from kdlab.metrics import SplitMetrics
-from kdlab.models.heads import HEADS, forward, targets
+from kdlab.models.heads import HEADS, forward, targets, teacher_inputs
 from kdlab.optim import Optim
 from kdlab.rng import gather_rng_states, restore_rng_states
 
@@ -275,11 +275,12 @@ class BaseMethod(L.LightningModule, abc.ABC):
         """The teacher's outputs on the same batch as the student, without gradients: from
         the teacher-output cache where one is loaded and the batch carries its rows (and no
         extra outputs are asked for; float32 then, the losses take any float dtype), else
-        from the teacher."""
+        from the teacher, on its own tokenisation where the batch carries one
+        (:func:`~kdlab.models.heads.teacher_inputs`)."""
         cache = self.teacher_cache
         if cache is not None and not options and cache.covers(batch):
             return cache.lookup(batch)
-        return self.forward_model(self.teacher, batch, **options)
+        return self.forward_model(self.teacher, teacher_inputs(batch), **options)
 
     def on_fit_start(self) -> None:
         # The teacher is on its device and in its precision now: build (or load) the cache

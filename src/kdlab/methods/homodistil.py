@@ -153,6 +153,10 @@ class HomoDistil(BaseMethod):
             "method=homodistil reads the teacher's hidden states and attention maps on "
             "batches masked at random each epoch"
         ),
+        why_one_tokenisation=(
+            "method=homodistil matches the teacher's hidden states and attention maps token "
+            "by token"
+        ),
     )
 
     @classmethod

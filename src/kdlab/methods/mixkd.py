@@ -39,6 +39,16 @@ the gradients reach every row they touch, and DDP's average of the processes' gr
 each the gradient of the mean over ``B`` examples, is the gradient of the mean over the
 ``W × B`` examples on one device.
 
+With a teacher that tokenises differently from the student (each example tokenised by
+both, the teacher's ids under ``teacher_*`` keys, :mod:`kdlab.data.classification`), the
+pairs are those of the examples, not of token sequences: example ``i`` is mixed with the
+same partner ``j = perm[i]`` and the same ``λ_i`` in both models, each of which mixes its
+own embeddings of its own tokenisation, ``ẽ_i = λ_i · E_s[x_i^s] + (1 − λ_i) · E_s[x_j^s]``
+for the student and ``λ_i · E_t[x_i^t] + (1 − λ_i) · E_t[x_j^t]`` for the teacher. The two
+sequences of an example differ in length; each set is padded to its own longest sequence
+(as the collator pads it), so position ``k`` mixes the ``k``-th tokens of ``x_i`` and
+``x_j`` in each model's own tokenisation, as it does with one tokenizer.
+
 Span tasks (``task.head`` other than sequence classification) are refused: start/end
 positions are indices into two unrelated question–passage sequences whose tokens are not
 aligned (token ``t`` of ``x_i`` and of ``x_j`` are different words), so a mix of the two
@@ -55,10 +65,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from kdlab.data.base import TEACHER_INPUT_IDS, TEACHER_INPUTS_PREFIX
 from kdlab.losses import distillation_loss, kd_loss, mixup, mixup_target_loss, supervised_loss
 from kdlab.methods.base import BaseMethod
 from kdlab.methods.traits import MethodTraits
-from kdlab.models.heads import MODEL_INPUTS, model_inputs
+from kdlab.models.heads import MODEL_INPUTS, model_inputs, teacher_inputs
 from kdlab.validation import NonNegative, NonNegativeInt, Positive, Probability
 
 
@@ -154,7 +165,9 @@ class MixKD(BaseMethod):
             total = total + self.alpha_sm * losses["sm"]
         if self.alpha_tmkd > 0:
             with torch.no_grad():
-                teacher_mixed = mixed_forward(self.teacher, own, partners, lam).logits
+                teacher_mixed = mixed_forward(
+                    self.teacher, teacher_inputs(own), teacher_inputs(partners), lam
+                ).logits
             losses["tmkd"] = distillation_loss(mixed_logits, teacher_mixed, self.temperature)
             total = total + self.alpha_tmkd * losses["tmkd"]
         losses["loss"] = total
@@ -169,8 +182,9 @@ class MixKD(BaseMethod):
 
         Returns:
             ``own`` and ``partners``: model inputs (``[B, L]``, ``L`` the longest sequence
-            of all processes) and ``labels`` of this process's examples and of their
-            partners, row for row; ``λ``: ``[B]`` fp32. All on the batch's device.
+            of all processes; the teacher's own inputs too where the batch has them, ``[B,
+            L_t]``) and ``labels`` of this process's examples and of their partners, row
+            for row; ``λ``: ``[B]`` fp32. All on the batch's device.
         """
         whole = self.whole_batch(batch)
         size = whole["labels"].size(0)
@@ -193,20 +207,30 @@ class MixKD(BaseMethod):
         Under DDP a collective: every process calls it. Sequences are padded to the longest
         of all processes, with the model's pad token as the collator pads (input ids) or 0
         (masks, token types), and gathered on the batch's device (NCCL takes nothing else).
+        The teacher's own inputs (``teacher_*``), where the batch has them, are padded alike
+        to their own longest sequence, with the teacher's pad token.
         """
-        local = {k: batch[k] for k in (*MODEL_INPUTS, "labels") if k in batch}
+        # The student's inputs, and the teacher's with its own tokenizer, each with the pad id
+        # of the model that reads them.
+        id_sets = {"": self.student}
+        if TEACHER_INPUT_IDS in batch:
+            id_sets[TEACHER_INPUTS_PREFIX] = self.teacher
+        inputs = [prefix + k for prefix in id_sets for k in MODEL_INPUTS]
+        local = {k: batch[k] for k in (*inputs, "labels") if k in batch}
         if not self.distributed:
             return local
-        ids = batch["input_ids"]
-        length = ids.size(1)
-        longest = int(self.all_gather(torch.tensor(length, device=ids.device)).max())
-        pad_id = self.student.config.pad_token_id or 0
-        padded = {
-            k: F.pad(v, (0, longest - length), value=pad_id if k == "input_ids" else 0)
-            if k in MODEL_INPUTS
-            else v
-            for k, v in local.items()
-        }
+        padded = dict(local)
+        for prefix, model in id_sets.items():
+            ids = batch[prefix + "input_ids"]
+            length = ids.size(1)
+            longest = int(self.all_gather(torch.tensor(length, device=ids.device)).max())
+            pad_id = model.config.pad_token_id or 0
+            for k in MODEL_INPUTS:
+                if prefix + k in padded:
+                    value = pad_id if k == "input_ids" else 0
+                    padded[prefix + k] = F.pad(
+                        local[prefix + k], (0, longest - length), value=value
+                    )
         # [W, B, ...] by process; process r's k-th example is example k·W + r of one device.
         gathered = self.all_gather(padded)
         return {k: v.transpose(0, 1).flatten(0, 1) for k, v in gathered.items()}

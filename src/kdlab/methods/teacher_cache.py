@@ -13,7 +13,8 @@ under a key that hashes everything they depend on:
   weights' dtype (Lightning converts them for ``bf16-true`` and ``16-true``), the autocast
   dtype it runs under (``bf16-mixed``, ``16-mixed``) and PyTorch's float32 matmul precision
   (TF32);
-- the tokenizer (``datasets``' hash of it);
+- the teacher's tokenizer (``datasets``' hash of it): the student's, which it shares, or
+  its own where it tokenises differently (the outputs are then computed on its own ids);
 - the data: the ``datasets`` fingerprint of the tokenised training split, which covers its
   content, the subset (``task.train_fraction``, ``task.max_train_samples``) and the transfer
   set;
@@ -59,7 +60,7 @@ from transformers.utils import ModelOutput
 
 from kdlab.data.base import ROW_INDEX, TokenizedDataModule
 from kdlab.errors import ConfigError
-from kdlab.models.heads import HEADS, forward
+from kdlab.models.heads import HEADS, forward, teacher_inputs
 from kdlab.publish import publish, wait_for, write_synced
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,8 @@ def key_fields(
     max_seq_length: int,
     head: str,
 ) -> dict:
-    """Everything the cached outputs depend on; :func:`cache_key` hashes it."""
+    """Everything the cached outputs depend on; :func:`cache_key` hashes it. ``tokenizer``
+    is the one whose ids the teacher reads."""
     return {
         "format": FORMAT_VERSION,
         "teacher_class": type(teacher).__name__,
@@ -258,7 +260,7 @@ class TeacherCache:
         for batch in self.batches():
             rows.append(batch[ROW_INDEX])
             batch = {k: v.to(device) for k, v in batch.items()}
-            outputs = forward(teacher, batch, self.head)
+            outputs = forward(teacher, teacher_inputs(batch), self.head)
             for name in self.names:
                 stored = outputs[name].to(torch.float16)
                 if not torch.isfinite(stored).all():
@@ -388,12 +390,16 @@ def teacher_cache(teacher: PreTrainedModel, datamodule: TokenizedDataModule) -> 
     max_len = int(datamodule.task.max_seq_length)
     head = datamodule.head
     collate = datamodule.collator
+    # The teacher's ids are what it computed its outputs on.
+    tokenizer = datamodule.teacher_tokenizer
+    if tokenizer is None:
+        tokenizer = datamodule.tokenizer
     if head in PER_POSITION_HEADS:
         collate = dataclasses.replace(collate, padding="max_length", max_length=max_len)
     datamodule.index_training_rows()
     return TeacherCache(
         root=datamodule.cache_dir / datamodule.task.name / FOLDER,
-        fields=key_fields(teacher, datamodule.tokenizer, split._fingerprint, max_len, head),
+        fields=key_fields(teacher, tokenizer, split._fingerprint, max_len, head),
         rows=len(split),
         head=head,
         batches=lambda: datamodule.eval_loader(

@@ -5,7 +5,8 @@ A method states its traits in one declaration, ``traits = MethodTraits(...)``
 meet (:func:`check_traits`: the task's head, labels, pruning, ``method.cache_teacher``) and
 whether the teacher-output cache (:mod:`kdlab.methods.teacher_cache`) serves the run: the
 one decision, :func:`teacher_cache_refusal` (why not) and :func:`teacher_cache_for` (the
-run's cache, or None).
+run's cache, or None); and whether a teacher with another tokenizer can teach the student
+(:func:`teacher_tokenizer_for`).
 """
 
 import logging
@@ -13,11 +14,12 @@ from dataclasses import dataclass
 
 from hydra.utils import get_class
 from omegaconf import DictConfig
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kdlab.data.base import TokenizedDataModule
 from kdlab.errors import ConfigError
 from kdlab.methods.teacher_cache import TeacherCache, teacher_cache
+from kdlab.models.build import load_tokenizer, tokenizer_difference
 from kdlab.models.heads import HEADS
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,10 @@ class MethodTraits:
         why_teacher_uncacheable: why the teacher's outputs cannot be computed once and
             reused (``method.cache_teacher``): the method runs the teacher on inputs made
             anew each step, or reads more than its output logits. None where they can.
+        why_one_tokenisation: why teacher and student must read the same ids whatever the
+            head: its losses compare their representations token by token. None where a
+            teacher with another tokenizer can teach on sequence-level heads, each model
+            reading its own tokenisation of the same examples.
     """
 
     requires_teacher: bool = True
@@ -50,6 +56,7 @@ class MethodTraits:
     unsupported_head_hint: str = "pick another method or task"
     teacher_head_hint: str = ""
     why_teacher_uncacheable: str | None = None
+    why_one_tokenisation: str | None = None
 
 
 def check_head(method: type, head: str, task: str = "this task") -> None:
@@ -133,3 +140,52 @@ def teacher_cache_for(
         log.info("Teacher outputs are not cached: %s.", refusal)
         return None
     return teacher_cache(teacher, datamodule)
+
+
+def teacher_tokenizer_for(
+    cfg: DictConfig, method: type, tokenizer: PreTrainedTokenizerBase
+) -> PreTrainedTokenizerBase | None:
+    """The teacher's own tokenizer (``teacher.path``) where it tokenises differently from the
+    student's (:func:`~kdlab.models.build.tokenizer_difference`): the datamodule then
+    tokenises each example by both and the teacher reads its own ids. None where they
+    tokenise alike, or the method has no teacher.
+
+    Loads the teacher's tokenizer only: called before the data or any model loads.
+
+    Args:
+        cfg: the run config.
+        method: the method's class.
+        tokenizer: the student's tokenizer (``model.tokenizer``).
+
+    Raises:
+        ConfigError: the tokenizers differ, but the method (``why_one_tokenisation``) or the
+            task's head (``per_token``) compares teacher and student position by position,
+            which needs one tokenisation.
+    """
+    if not method.traits.requires_teacher:
+        return None
+    teacher_tokenizer = load_tokenizer(cfg.teacher.path, "teacher.path")
+    difference = tokenizer_difference(teacher_tokenizer, tokenizer)
+    if difference is None:
+        return None
+    head = get_class(cfg.task._target_).head
+    why = method.traits.why_one_tokenisation
+    if why is None and HEADS[head].per_token:
+        why = (
+            f"task={cfg.task.name} is a {head} task, whose outputs score token positions that "
+            "the teacher's and student's losses compare one by one"
+        )
+    if why is not None:
+        raise ConfigError(
+            f"teacher.path={cfg.teacher.path} and model.tokenizer={cfg.model.tokenizer} "
+            f"tokenise differently ({difference}), but {why}, which needs one tokenisation: "
+            "use a student built on the teacher's tokenizer (model.tokenizer=<teacher.path>), "
+            "or a sequence-level task (classification, regression) with method=kd, pd or "
+            "mixkd, which distil across tokenizers."
+        )
+    log.info(
+        "Teacher and student tokenise differently (%s): each example is tokenised by both, "
+        "and the teacher reads its own ids.",
+        difference,
+    )
+    return teacher_tokenizer

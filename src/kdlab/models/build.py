@@ -665,29 +665,30 @@ def _options(head: str, labels: list[str] | None, attn_implementation: str | Non
     return options
 
 
-# Special tokens both models must map to the same ids.
+# Special tokens whose ids a tokenizer shared by teacher and student must agree on.
 _SPECIAL = ("cls_token_id", "sep_token_id", "pad_token_id", "mask_token_id", "unk_token_id")
 
 
-def check_same_tokenizer(
+def tokenizer_difference(
     teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase
-) -> None:
-    """Fail unless teacher and student share vocabulary and special-token ids.
+) -> str | None:
+    """How the teacher's tokenizer differs from the student's, or None where they tokenise
+    alike: the one decision of whether a run tokenises each example twice.
 
-    Both models read the same ``input_ids``, so any mismatch would silently feed the
-    student different words than the teacher saw.
+    They differ when their vocabularies do, or their special-token ids (:data:`_SPECIAL`):
+    the same ``input_ids`` would then feed the student other words, or other special
+    tokens, than the teacher saw.
+
+    Returns:
+        A phrase naming the difference (``vocabularies differ (N vs M tokens)``, or which
+        special-token id they disagree on), for messages.
     """
     if teacher.get_vocab() != student.get_vocab():
-        raise ConfigError(
-            f"Teacher and student vocabularies differ ({len(teacher)} vs {len(student)} tokens). "
-            "Use a student built on the teacher's tokenizer (model.tokenizer=${teacher.path})."
-        )
+        return f"their vocabularies differ ({len(teacher)} vs {len(student)} tokens)"
     for attr in _SPECIAL:
         if getattr(teacher, attr) != getattr(student, attr):
-            raise ConfigError(
-                f"Teacher and student disagree on {attr} ({getattr(teacher, attr)} vs "
-                f"{getattr(student, attr)})."
-            )
+            return f"they disagree on {attr} ({getattr(teacher, attr)} vs {getattr(student, attr)})"
+    return None
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -18,6 +18,7 @@ from transformers import (
 from transformers.modeling_outputs import MaskedLMOutput
 from transformers.utils import ModelOutput
 
+from kdlab.data.base import TEACHER_INPUTS_PREFIX
 from kdlab.families import FAMILIES
 from kdlab.losses import IGNORE_INDEX
 
@@ -35,12 +36,16 @@ class Head:
         outputs: for each gold field of a batch (the keyword the ``transformers`` model
             takes it by), the model output holding the logits trained against it. Losses
             and distillation iterate over these pairs.
+        per_token: its outputs score token positions (a span's start and end, a masked
+            token), so teacher and student outputs meet position by position and need one
+            tokenisation: a teacher with another tokenizer is refused.
     """
 
     name: str
     auto_class: type
     architecture: str
     outputs: dict[str, str]
+    per_token: bool
 
 
 HEADS: dict[str, Head] = {
@@ -51,18 +56,21 @@ HEADS: dict[str, Head] = {
             auto_class=AutoModelForSequenceClassification,
             architecture="ForSequenceClassification",
             outputs={"labels": "logits"},
+            per_token=False,
         ),
         Head(
             name="question_answering",
             auto_class=AutoModelForQuestionAnswering,
             architecture="ForQuestionAnswering",
             outputs={"start_positions": "start_logits", "end_positions": "end_logits"},
+            per_token=True,
         ),
         Head(
             name="masked_lm",
             auto_class=AutoModelForMaskedLM,
             architecture="ForMaskedLM",
             outputs={"labels": "logits"},
+            per_token=True,
         ),
     )
 }
@@ -84,6 +92,18 @@ def model_inputs(batch: dict[str, Tensor], model: PreTrainedModel) -> dict[str, 
         for k, v in batch.items()
         if k in MODEL_INPUTS and (k != "token_type_ids" or segments > 1)
     }
+
+
+def teacher_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The batch as the teacher reads it: where it carries the teacher's own tokenisation
+    (``teacher_*`` keys, a teacher with another tokenizer), those inputs under the usual
+    names in place of the student's; else the batch itself. Targets and bookkeeping stay."""
+    prefix = TEACHER_INPUTS_PREFIX
+    theirs = {k.removeprefix(prefix): v for k, v in batch.items() if k.startswith(prefix)}
+    if not theirs:
+        return batch
+    rest = {k: v for k, v in batch.items() if k not in MODEL_INPUTS and not k.startswith(prefix)}
+    return {**rest, **theirs}
 
 
 def forward(model: PreTrainedModel, batch: dict[str, Tensor], head: str, **options) -> ModelOutput:
