@@ -1,0 +1,122 @@
+"""Vocabulary pruning: a model and tokenizer that keep only the tokens some texts need.
+
+The kept tokens are those the tokenizer produces on the texts, plus every special token. The
+input embedding matrix (and a masked-LM decoder and its bias, where the model has one) keeps
+their rows, in the old order; the tokenizer's ``tokenizer.json`` keeps their entries,
+renumbered alike, so a word made of dropped pieces becomes the unknown token. Only the
+generic ``transformers`` APIs are used (``get_input_embeddings``, ``get_output_embeddings``,
+``config.vocab_size``), so any family prunes the same way; of the tokenizers, WordPiece ones
+(BERT, ELECTRA, the MiniLMs) can be pruned. A BPE or Unigram vocabulary would need its merges
+or scores rewritten with it, and byte-level BPE has no unknown token to fall back on: those
+are refused.
+"""
+
+import copy
+import json
+from collections.abc import Iterable
+
+import torch
+from tokenizers import Tokenizer
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from kdlab.errors import ConfigError
+
+PRUNABLE = ("WordPiece",)
+# The config attributes that hold token ids, remapped with the vocabulary.
+_TOKEN_ID_ATTRIBUTES = (
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "sep_token_id",
+    "cls_token_id",
+    "unk_token_id",
+    "mask_token_id",
+)
+
+
+def check_prunable(tokenizer: PreTrainedTokenizerBase, where: str) -> None:
+    """Refuses a tokenizer whose vocabulary this module cannot prune.
+
+    Raises:
+        ConfigError: naming the tokenizer's model type and ``where`` it comes from.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    kind = None if backend is None else json.loads(backend.to_str())["model"]["type"]
+    if kind not in PRUNABLE:
+        raise ConfigError(
+            f"--prune-vocab: the tokenizer of {where} is a {kind or 'slow (Python)'} tokenizer; "
+            f"vocabulary pruning supports {', '.join(PRUNABLE)} tokenizers (tokenizer.json)."
+        )
+
+
+def kept_ids(tokenizer: PreTrainedTokenizerBase, token_ids: Iterable[int]) -> list[int]:
+    """The sorted ids of ``token_ids`` and of every special token."""
+    return sorted(set(token_ids) | set(tokenizer.all_special_ids))
+
+
+def prune_vocabulary(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, keep: list[int]
+) -> PreTrainedTokenizerBase:
+    """Keeps the rows ``keep`` of ``model``'s vocabulary matrices (in place) and returns the
+    tokenizer that numbers them ``0 .. len(keep) - 1``.
+
+    Args:
+        model: any ``transformers`` model with input embeddings.
+        tokenizer: a fast tokenizer of :data:`PRUNABLE` type (:func:`check_prunable`).
+        keep: sorted old ids to keep (:func:`kept_ids`).
+    """
+    index = torch.tensor(keep)
+    new_id = {old: new for new, old in enumerate(keep)}
+    _keep_rows(model.get_input_embeddings(), index, new_id)
+    decoder = model.get_output_embeddings()
+    if decoder is not None:
+        _keep_rows(decoder, index, new_id)
+    config = model.config.get_text_config()
+    config.vocab_size = len(keep)
+    for name in _TOKEN_ID_ATTRIBUTES:
+        old = getattr(config, name, None)
+        if isinstance(old, int):
+            setattr(config, name, new_id.get(old))
+    model.tie_weights()
+    return _pruned_tokenizer(tokenizer, keep)
+
+
+def _keep_rows(layer: nn.Module, index: torch.Tensor, new_id: dict[int, int]) -> None:
+    """An embedding's (or vocabulary projection's) rows ``index``, in place, so that the
+    layer keeps its class (scaled or custom embeddings)."""
+    layer.weight = nn.Parameter(layer.weight.detach()[index].clone())
+    if isinstance(layer, nn.Embedding):
+        layer.num_embeddings = len(index)
+        if layer.padding_idx is not None:
+            layer.padding_idx = new_id.get(layer.padding_idx)
+    elif isinstance(layer, nn.Linear):
+        layer.out_features = len(index)
+        if layer.bias is not None:
+            layer.bias = nn.Parameter(layer.bias.detach()[index].clone())
+
+
+def _pruned_tokenizer(
+    tokenizer: PreTrainedTokenizerBase, keep: list[int]
+) -> PreTrainedTokenizerBase:
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    token_of = {i: token for token, i in spec["model"]["vocab"].items()}
+    # Added tokens (the special ones) may lie outside the model's own vocabulary.
+    token_of.update({added["id"]: added["content"] for added in spec["added_tokens"]})
+    new_id = {token_of[old]: new for new, old in enumerate(keep)}
+    spec["model"]["vocab"] = {t: i for t, i in new_id.items() if t in spec["model"]["vocab"]}
+    for added in spec["added_tokens"]:
+        added["id"] = new_id[added["content"]]
+    processor = spec.get("post_processor") or {}
+    # TemplateProcessing (BERT's [CLS] A [SEP]) names the ids of the tokens it inserts.
+    for special in processor.get("special_tokens", {}).values():
+        special["ids"] = [new_id[token] for token in special["tokens"]]
+    # BertProcessing and RobertaProcessing hold [token, id] pairs.
+    for key in ("cls", "sep"):
+        if key in processor:
+            processor[key][1] = new_id[processor[key][0]]
+    pruned = copy.deepcopy(tokenizer)
+    # The fast tokenizer's backend is the vocabulary; save_pretrained writes it as
+    # tokenizer.json, which AutoTokenizer loads.
+    pruned._tokenizer = Tokenizer.from_str(json.dumps(spec))
+    return pruned
