@@ -294,7 +294,8 @@ def _vocabulary_ids(
     if task_cfg is not None:
         datamodule = task_datamodule(task_cfg, tokenizer)
         rows = list(datamodule.train_split()["input_ids"])
-        rows += [b["input_ids"].flatten().tolist() for b in datamodule.val_dataloader(False)]
+        for loader in datamodule.val_dataloader(by_length=False):
+            rows += [batch["input_ids"].flatten().tolist() for batch in loader]
     else:
         lines = [line for f in files for line in f.read_text().splitlines() if line.strip()]
         rows = tokenizer(lines, add_special_tokens=False)["input_ids"] if lines else []

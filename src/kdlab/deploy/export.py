@@ -16,6 +16,7 @@ operators). ModernBERT is left out: its LayerNorms have no bias, on which the fu
 
 import inspect
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +48,8 @@ OPSET = 18
 
 
 def input_names(model: PreTrainedModel, tokenizer_inputs: list[str]) -> list[str]:
-    """The tokenizer's outputs that ``model.forward`` takes, in kdlab's order (ModernBERT and
-    DeBERTa-v2 take no ``token_type_ids`` whatever the tokenizer gives)."""
+    """The tokenizer's outputs that ``model.forward`` takes, in kdlab's order (ModernBERT takes
+    no ``token_type_ids`` whatever the tokenizer gives)."""
     taken = inspect.signature(model.forward).parameters
     return [name for name in MODEL_INPUTS if name in tokenizer_inputs and name in taken]
 
@@ -78,7 +79,9 @@ def export_onnx(model: PreTrainedModel, head: str, example: dict[str, Tensor], p
     """
     names = list(example)
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # Every input shares the two axes: the exporter names them once and says so.
+        warnings.filterwarnings("ignore", message=r"# The axis name: \w+ will not be used")
         torch.onnx.export(
             _Logits(model, head, names),
             tuple(example.values()),
