@@ -208,8 +208,9 @@ def test_eval_figures_equal_kdlab_evaluation_and_onnx_fp32_equals_pytorch(
     datamodule = build_datamodule(cfg)
     datamodule.setup("fit")
     seen = {i for row in datamodule.train_split()["input_ids"] for i in row}
-    for batch in datamodule.val_dataloader(by_length=False):
-        seen |= set(batch["input_ids"].flatten().tolist())
+    for loader in datamodule.val_dataloader(by_length=False):
+        for batch in loader:
+            seen |= set(batch["input_ids"].flatten().tolist())
     tokenizer = AutoTokenizer.from_pretrained(student)
     assert record["vocabulary"]["kept_tokens"] == len(seen | set(tokenizer.all_special_ids))
 
