@@ -303,6 +303,7 @@ def _bpe_model(directory: Path) -> Path:
         "vocabulary file missing",
         "BPE tokenizer pruned",
         "eval without task",
+        "eval of an unknown task",
     ],
 )
 def test_bad_input_is_refused_before_any_work_and_nothing_is_touched(
@@ -355,9 +356,12 @@ def test_bad_input_is_refused_before_any_work_and_nothing_is_touched(
         options["prune_vocab"] = [str(tmp_path / "texts.txt")]
         (tmp_path / "texts.txt").write_text("a b\n")
         expected = "is a BPE tokenizer; vocabulary pruning supports WordPiece"
-    else:
+    elif case == "eval without task":
         options["eval_overrides"] = ["sst2"]
         expected = "--eval takes task=<name>"
+    else:
+        options["eval_overrides"] = ["task=nosuch"]
+        expected = "task=nosuch: "
     before = _snapshot(tmp_path)
     # Nothing may be exported: a refused input fails before the model is loaded or exported.
     monkeypatch.setattr(kdlab.deploy.deployment, "export_onnx", _no_export)

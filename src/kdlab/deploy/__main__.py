@@ -18,7 +18,7 @@ import logging
 import sys
 
 from kdlab.deploy.deployment import ParityError, deploy
-from kdlab.errors import ConfigError
+from kdlab.errors import ConfigError, DataFormatError
 
 log = logging.getLogger("kdlab")
 
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
             warmup=args.warmup,
             overwrite=args.overwrite,
         )
-    except (ConfigError, ParityError) as error:
+    except (ConfigError, DataFormatError, ParityError) as error:
         sys.exit(f"error: {error}")
 
 

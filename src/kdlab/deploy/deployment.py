@@ -92,7 +92,8 @@ def deploy(
         reference: a second model (the teacher), deployed the same way into
             ``out_dir/reference``; both are then timed side by side.
         latency: time the model (and the reference) even without ``reference``.
-        seq_len: tokens per timed sequence (default: the task's ``max_seq_length``, else 128).
+        seq_len: tokens per timed sequence (default: the ``max_seq_length`` of the task of
+            ``eval_overrides`` or ``prune_vocab``, else 128).
         runs: timed calls per measurement (the median is kept).
         warmup: untimed calls before them.
         overwrite: replace a non-empty ``out_dir``.
@@ -115,8 +116,9 @@ def deploy(
         raise ConfigError(f"--eval takes task=<name> [overrides...], not {eval_overrides[0]!r}.")
     eval_cfg = task_config(eval_overrides) if eval_overrides else None
     prune_cfg = task_config(prune_vocab) if _is_task(prune_vocab) else None
+    task_cfg = eval_cfg or prune_cfg
     if seq_len is None:
-        seq_len = int(eval_cfg.task.max_seq_length) if eval_cfg else 128
+        seq_len = int(task_cfg.task.max_seq_length) if task_cfg else 128
 
     with written_whole(out_dir) as partial:
         record: dict = {}

@@ -11,22 +11,31 @@ figures may differ in the last digits.
 
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from kdlab.components import build
 from kdlab.data.base import TokenizedDataModule
+from kdlab.errors import ConfigError
 from kdlab.final_evaluation import evaluate, evaluation_trainer
 from kdlab.methods.finetune import FineTune
 
 
 def task_config(overrides: list[str]) -> DictConfig:
-    """``conf/train.yaml`` composed with ``overrides`` (``task=sst2 task.data_dir=...``)."""
+    """``conf/train.yaml`` composed with ``overrides`` (``task=sst2 task.data_dir=...``).
+
+    Raises:
+        ConfigError: for overrides Hydra cannot apply (an unknown task or key).
+    """
     from kdlab.train import CONF_DIR  # registers kdlab's resolvers
 
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose(config_name="train", overrides=list(overrides))
+    except HydraException as error:
+        raise ConfigError(f"{' '.join(overrides)}: {error}") from None
 
 
 def task_datamodule(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> TokenizedDataModule:
