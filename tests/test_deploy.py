@@ -67,10 +67,13 @@ def _pytorch_outputs(model, inputs: dict[str, torch.Tensor], names: list[str]) -
     return [outputs[name].numpy() for name in names]
 
 
-@pytest.mark.parametrize("kind", ["classification", "regression", "question_answering"])
-def test_bert_heads_export_with_dynamic_axes_and_parity(models, tmp_path, kind):
+@pytest.mark.parametrize(
+    ("kind", "int8"),
+    [("classification", "per tensor"), ("regression", "per channel"), ("question_answering", None)],
+)
+def test_bert_heads_export_with_dynamic_axes_and_parity(models, tmp_path, kind, int8):
     out = tmp_path / "out"
-    record = deploy(models[kind], out, int8=kind == "classification")
+    record = deploy(models[kind], out, int8=bool(int8), per_channel=int8 == "per channel")
     written = json.loads((out / "deploy.json").read_text())
     assert written == json.loads(json.dumps(record))
     model_record = record["model"]
@@ -81,9 +84,12 @@ def test_bert_heads_export_with_dynamic_axes_and_parity(models, tmp_path, kind):
     assert model_record["graph_optimisation"]["SkipLayerNormalization"] == 4  # 2 layers x 2
     assert set(record["versions"]) == {"torch", "transformers", "onnx", "onnxruntime"}
     assert {"config.json", "tokenizer.json", "model.onnx"} <= {p.name for p in out.iterdir()}
-    if kind == "classification":
+    if int8:
+        assert model_record["int8"] == {"per_channel": int8 == "per channel"}
         assert (out / "model_int8.onnx").stat().st_size < (out / "model.onnx").stat().st_size
-        assert model_record["parity"]["max_abs_diff"]["onnx_int8"] > 0
+        assert 0 < model_record["parity"]["max_abs_diff"]["onnx_int8"] < 0.05
+    else:
+        assert model_record["int8"] is None and not (out / "model_int8.onnx").exists()
     # Another batch and sequence length than the export's: the axes are dynamic.
     tokenizer = AutoTokenizer.from_pretrained(out)
     texts = ["the movie", "a boring plot and an awful actor, but i love the dog", "it"]
@@ -138,12 +144,6 @@ def test_other_families_export_with_parity(tmp_path, family):
     assert (record["graph_optimisation"] is None) == (family == "modernbert")
     # ModernBERT takes no token_type_ids, whatever the tokenizer gives.
     assert ("token_type_ids" in record["inputs"]) == (family != "modernbert")
-
-
-def test_int8_per_channel_is_recorded(models, tmp_path):
-    record = deploy(models["classification"], tmp_path / "out", int8=True, per_channel=True)
-    assert record["model"]["int8"] == {"per_channel": True}
-    assert 0 < record["model"]["parity"]["max_abs_diff"]["onnx_int8"] < 0.05
 
 
 def test_pruned_vocabulary_keeps_outputs_and_maps_unseen_words_to_unk(models, tmp_path):
@@ -257,7 +257,7 @@ def test_reference_is_deployed_and_timed_beside_the_model(models, tmp_path, teac
     keys = {(r["model"], r["runtime"], r["batch"], r["threads"]) for r in latency["rows"]}
     assert keys == {
         (m, r, b, t)
-        for m in ("student", "reference")
+        for m in ("model", "reference")
         for r in ("pytorch", "onnx_fp32", "onnx_int8")
         for b in (1, 32)
         for t in ("1", "all")

@@ -128,7 +128,7 @@ def deploy(
             target.mkdir(exist_ok=True)
             options = dict(int8=int8, per_channel=per_channel, eval_cfg=eval_cfg)
             result, runtimes = _deploy_one(
-                path, target, heads[role], prune_cfg, vocabulary_files, **options
+                role, path, target, heads[role], prune_cfg, vocabulary_files, **options
             )
             record[role] = result
             deployed.append(runtimes)
@@ -195,6 +195,7 @@ def _is_task(spec: list[str] | None) -> bool:
 
 
 def _deploy_one(
+    role: str,
     model_dir: Path,
     out_dir: Path,
     head: str,
@@ -274,7 +275,7 @@ def _deploy_one(
             **evaluate_models({"pytorch": model, **onnx_models}, datamodule, eval_cfg),
         }
     runtimes = Deployed(
-        name="student" if out_dir.name != REFERENCE_DIR else "reference",
+        name=role,
         pytorch=model,
         onnx=files,
         head=head,

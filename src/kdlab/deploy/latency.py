@@ -38,7 +38,7 @@ class Deployed:
     """One deployed model's runtimes to time.
 
     Args:
-        name: ``student``, ``reference``.
+        name: its key in ``deploy.json``: ``model``, ``reference``.
         pytorch: the PyTorch model (eval mode).
         onnx: ONNX files by runtime name (``onnx_fp32``, ``onnx_int8``).
         head: the models' head.
@@ -71,28 +71,24 @@ def measure(models: list[Deployed], seq_len: int, runs: int, warmup: int) -> lis
     try:
         for threads_label, threads in thread_counts().items():
             torch.set_num_threads(threads)
+            runtimes = {
+                deployed.name: {
+                    "pytorch": deployed.pytorch,
+                    **{
+                        name: OnnxModel(path, deployed.head, threads)
+                        for name, path in deployed.onnx.items()
+                    },
+                }
+                for deployed in models
+            }
             for batch in BATCH_SIZES:
                 for deployed in models:
                     inputs = _inputs(deployed, batch, seq_len, generator)
-                    runtimes: dict[str, nn.Module] = {"pytorch": deployed.pytorch}
-                    runtimes.update(
-                        {
-                            name: OnnxModel(path, deployed.head, threads)
-                            for name, path in deployed.onnx.items()
-                        }
-                    )
-                    for runtime, model in runtimes.items():
+                    for runtime, model in runtimes[deployed.name].items():
                         with torch.inference_mode():
                             ms = median_ms(lambda m=model, x=inputs: m(**x), runs, warmup)
-                        rows.append(
-                            {
-                                "model": deployed.name,
-                                "runtime": runtime,
-                                "batch": batch,
-                                "threads": threads_label,
-                                "ms": round(ms, 3),
-                            }
-                        )
+                        row = {"model": deployed.name, "runtime": runtime, "batch": batch}
+                        rows.append({**row, "threads": threads_label, "ms": round(ms, 3)})
     finally:
         torch.set_num_threads(previous_threads)
     return rows
