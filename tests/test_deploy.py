@@ -32,6 +32,7 @@ from kdlab.methods.finetune import FineTune
 from tests.conftest import build_datamodule
 from tests.fixtures import (
     GLUE_DIRS,
+    write_squad,
     write_tiny_bert,
     write_tiny_mlm_bert,
     write_tiny_qa_bert,
@@ -237,6 +238,24 @@ def test_kdlab_evaluation_of_the_same_model_gives_the_pytorch_figures(
         kdlab.train.evaluation_trainer(trainer_cfg, torch.device("cpu")), module, datamodule
     )
     assert record["model"]["eval"]["pytorch"] == expected
+
+
+def test_span_qa_model_is_evaluated_on_squad_alike_in_pytorch_and_onnx(models, tmp_path):
+    dev = write_squad(tmp_path / "dev.json", seed=2)
+    overrides = [
+        "task=squad",
+        f"task.train_file={write_squad(tmp_path / 'train.json', seed=1)}",
+        f"task.validation_file={dev}",
+        "task.max_seq_length=64",
+        "task.doc_stride=16",
+        f"task.cache_dir={tmp_path / 'cache'}",
+    ]
+    record = deploy(models["question_answering"], tmp_path / "out", eval_overrides=overrides)
+    evaluation = record["model"]["eval"]
+    assert {"val/exact_match", "val/f1", "val/loss"} <= set(evaluation["pytorch"])
+    for key in ("val/exact_match", "val/f1"):
+        assert evaluation["onnx_fp32"][key] == evaluation["pytorch"][key]
+    assert record["model"]["parity"]["max_abs_diff"]["onnx_fp32"] <= 1e-4
 
 
 def test_reference_is_deployed_and_timed_beside_the_model(models, tmp_path, teacher_dirs):
