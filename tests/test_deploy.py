@@ -82,6 +82,9 @@ def test_bert_heads_export_with_dynamic_axes_and_parity(models, tmp_path, kind, 
         "question_answering" if kind == "question_answering" else "sequence_classification"
     )
     assert model_record["parity"]["max_abs_diff"]["onnx_fp32"] <= 1e-4
+    assert model_record["parity"]["inputs"].startswith("fixed texts")
+    assert model_record["eval"] is None and model_record["vocabulary"] is None
+    assert "latency" not in record and "reference" not in record
     assert model_record["graph_optimisation"]["SkipLayerNormalization"] == 4  # 2 layers x 2
     assert set(record["versions"]) == {"torch", "transformers", "onnx", "onnxruntime"}
     assert {"config.json", "tokenizer.json", "model.onnx"} <= {p.name for p in out.iterdir()}

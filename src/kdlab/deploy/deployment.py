@@ -57,6 +57,9 @@ PARITY_TEXTS = (
 )
 
 
+PARITY_INPUTS = "fixed texts (kdlab.deploy.deployment.PARITY_TEXTS)"
+
+
 class ParityError(RuntimeError):
     """The fp32 ONNX model's logits differ from the PyTorch model's by more than allowed."""
 
@@ -208,8 +211,9 @@ def _deploy_one(
 ) -> tuple[dict, Deployed]:
     """Deploys one model into ``out_dir``; returns its record and its runtimes to time."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    vocabulary = None
-    if prune_cfg is not None or vocabulary_files:
+    pruning = prune_cfg is not None or bool(vocabulary_files)
+    if pruning:
+        # Before the model loads: texts that yield no token are refused first.
         check_prunable(tokenizer, str(model_dir))
         token_ids = _vocabulary_ids(tokenizer, prune_cfg, vocabulary_files)
         keep = kept_ids(tokenizer, token_ids)
@@ -220,7 +224,8 @@ def _deploy_one(
         "family": model.config.model_type,
         "parameters": _parameters(model),
     }
-    if prune_cfg is not None or vocabulary_files:
+    vocabulary = None
+    if pruning:
         before = (len(tokenizer), _parameters(model))
         tokenizer = prune_vocabulary(model, tokenizer, keep)
         model.save_pretrained(out_dir)
@@ -258,7 +263,7 @@ def _deploy_one(
         for name, onnx in onnx_models.items()
     }
     record["parity"] = {
-        "inputs": "first dev batch" if datamodule is not None else "PARITY_TEXTS",
+        "inputs": "first dev batch" if datamodule is not None else PARITY_INPUTS,
         "shape": list(parity_inputs["input_ids"].shape),
         "tolerance_fp32": PARITY_TOLERANCE,
         "max_abs_diff": differences,
@@ -269,6 +274,7 @@ def _deploy_one(
             f"{differences['onnx_fp32']:.3g} (> {PARITY_TOLERANCE:g}) on "
             f"{record['parity']['inputs']}; nothing was written."
         )
+    record["eval"] = None
     if datamodule is not None:
         record["eval"] = {
             "task": eval_cfg.task.name,
