@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
-from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers import Tokenizer, decoders, pre_tokenizers, processors, trainers
 from tokenizers import models as tokenizer_models
 from transformers import (
     AutoModelForQuestionAnswering,
@@ -32,6 +32,7 @@ from kdlab.methods.finetune import FineTune
 from tests.conftest import build_datamodule
 from tests.fixtures import (
     GLUE_DIRS,
+    WORDS,
     write_squad,
     write_tiny_bert,
     write_tiny_mlm_bert,
@@ -179,6 +180,79 @@ def test_pruned_vocabulary_keeps_outputs_and_maps_unseen_words_to_unk(models, tm
     np.testing.assert_allclose(onnx_logits, after.numpy(), atol=1e-5)
 
 
+def _roberta_with_byte_level_bpe(directory: Path) -> Path:
+    """A tiny RoBERTa with a byte-level BPE trained on the fixture's words."""
+    backend = Tokenizer(tokenizer_models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    backend.train_from_iterator(
+        [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))],
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    backend.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        **dict(
+            zip(
+                ["bos_token", "pad_token", "eos_token", "unk_token", "mask_token"],
+                specials,
+                strict=True,
+            )
+        ),
+        cls_token="<s>",
+        sep_token="</s>",
+    )
+    tokenizer.save_pretrained(directory)
+    config = RobertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=130,  # RoBERTa's positions start after the padding id
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(directory)
+    return directory
+
+
+def test_pruned_byte_level_bpe_keeps_outputs_and_spells_unseen_words_with_kept_pieces(tmp_path):
+    source = _roberta_with_byte_level_bpe(tmp_path / "roberta")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("the movie was good\nthe plot was boring\n")
+    out = tmp_path / "out"
+    record = deploy(source, out, prune_vocab=[str(texts)])["model"]
+    original = AutoTokenizer.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    # The 256 bytes, the 5 special tokens, and the pieces of the kept words.
+    assert 261 < record["vocabulary"]["kept_tokens"] == len(tokenizer) < len(original)
+    kept_texts = ["the movie was good", "the plot was boring"]
+    model = AutoModelForSequenceClassification.from_pretrained(source).eval()
+    pruned = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    before, after = (
+        dict(t(kept_texts, padding=True, return_tensors="pt")) for t in (original, tokenizer)
+    )
+    assert original.batch_decode(before["input_ids"]) == tokenizer.batch_decode(after["input_ids"])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            pruned(**after).logits, model(**before).logits, atol=1e-6, rtol=0
+        )
+    unseen = "awful dog, cat!"
+    ids = tokenizer(unseen, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == unseen  # no unknown token: kept pieces, down to bytes
+    assert len(ids) > len(original(unseen, add_special_tokens=False)["input_ids"])
+    (onnx_logits,) = _session_outputs(out / "model.onnx", after)
+    np.testing.assert_allclose(onnx_logits, pruned(**after).logits.detach().numpy(), atol=1e-5)
+
+
 def _task_overrides(glue_root: Path, tmp: Path) -> list[str]:
     return [
         "task=sst2",
@@ -297,11 +371,10 @@ def _snapshot(directory: Path) -> dict:
     }
 
 
-def _bpe_model(directory: Path) -> Path:
+def _unigram_model(directory: Path) -> Path:
     write_tiny_bert(directory)
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4, "a": 5, "b": 6}
-    backend = Tokenizer(tokenizer_models.BPE(vocab=vocab, merges=[], unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    pieces = [("[UNK]", 0.0), ("[PAD]", 0.0), ("a", -1.0), ("b", -1.0)]
+    backend = Tokenizer(tokenizer_models.Unigram(pieces, unk_id=0))
     for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json"):
         (directory / name).unlink()
     PreTrainedTokenizerFast(
@@ -323,7 +396,7 @@ def _bpe_model(directory: Path) -> Path:
         "out dir is the model dir",
         "vocabulary file without words",
         "vocabulary file missing",
-        "BPE tokenizer pruned",
+        "Unigram tokenizer pruned",
         "eval without task",
         "eval of an unknown task",
     ],
@@ -373,11 +446,11 @@ def test_bad_input_is_refused_before_any_work_and_nothing_is_touched(
     elif case == "vocabulary file missing":
         options["prune_vocab"] = [str(tmp_path / "missing.txt")]
         expected = "missing.txt is not a file"
-    elif case == "BPE tokenizer pruned":
-        model = _bpe_model(tmp_path / "bpe")
+    elif case == "Unigram tokenizer pruned":
+        model = _unigram_model(tmp_path / "unigram")
         options["prune_vocab"] = [str(tmp_path / "texts.txt")]
         (tmp_path / "texts.txt").write_text("a b\n")
-        expected = "is a BPE tokenizer; vocabulary pruning supports WordPiece"
+        expected = "is a Unigram tokenizer; vocabulary pruning supports WordPiece, BPE"
     elif case == "eval without task":
         options["eval_overrides"] = ["sst2"]
         expected = "--eval takes task=<name>"

@@ -3,12 +3,16 @@
 The kept tokens are those the tokenizer produces on the texts, plus every special token. The
 input embedding matrix (and a masked-LM decoder and its bias, where the model has one) keeps
 their rows, in the old order; the tokenizer's ``tokenizer.json`` keeps their entries,
-renumbered alike, so a word made of dropped pieces becomes the unknown token. Only the
-generic ``transformers`` APIs are used (``get_input_embeddings``, ``get_output_embeddings``,
-``config.vocab_size``), so any family prunes the same way; of the tokenizers, WordPiece ones
-(BERT, ELECTRA, the MiniLMs) can be pruned. A BPE or Unigram vocabulary would need its merges
-or scores rewritten with it, and byte-level BPE has no unknown token to fall back on: those
-are refused.
+renumbered alike. Only the generic ``transformers`` APIs are used (``get_input_embeddings``,
+``get_output_embeddings``, ``config.vocab_size``), so any family prunes the same way.
+
+Tokenizers: WordPiece (BERT, ELECTRA, the MiniLMs): a word made of dropped pieces becomes the
+unknown token. BPE (RoBERTa's byte-level BPE): the single characters (every byte, for
+byte-level BPE) are kept too, and every token a kept token is merged from, with the merges
+among kept tokens in their order; so the kept texts encode as before (each merge their
+encoding applied is kept and still the first among those that apply), and an unseen word
+encodes as kept pieces, down to single bytes, not as an unknown token. BPE with a subword
+prefix or suffix, and Unigram (SentencePiece) vocabularies are refused.
 """
 
 import copy
@@ -22,7 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kdlab.errors import ConfigError
 
-PRUNABLE = ("WordPiece",)
+PRUNABLE = ("WordPiece", "BPE")
 # The config attributes that hold token ids, remapped with the vocabulary.
 _TOKEN_ID_ATTRIBUTES = (
     "pad_token_id",
@@ -42,17 +46,48 @@ def check_prunable(tokenizer: PreTrainedTokenizerBase, where: str) -> None:
         ConfigError: naming the tokenizer's model type and ``where`` it comes from.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    kind = None if backend is None else json.loads(backend.to_str())["model"]["type"]
+    model = None if backend is None else json.loads(backend.to_str())["model"]
+    kind = None if model is None else model["type"]
     if kind not in PRUNABLE:
         raise ConfigError(
             f"--prune-vocab: the tokenizer of {where} is a {kind or 'slow (Python)'} tokenizer; "
             f"vocabulary pruning supports {', '.join(PRUNABLE)} tokenizers (tokenizer.json)."
         )
+    if kind == "BPE" and (
+        model.get("continuing_subword_prefix") or model.get("end_of_word_suffix")
+    ):
+        raise ConfigError(
+            f"--prune-vocab: the BPE tokenizer of {where} marks subwords with a prefix or suffix; "
+            "vocabulary pruning supports BPE without them (RoBERTa's byte-level BPE)."
+        )
 
 
 def kept_ids(tokenizer: PreTrainedTokenizerBase, token_ids: Iterable[int]) -> list[int]:
-    """The sorted ids of ``token_ids`` and of every special token."""
-    return sorted(set(token_ids) | set(tokenizer.all_special_ids))
+    """The sorted ids of ``token_ids`` and of every special token; for a BPE tokenizer also of
+    every single character and of every token a kept one is merged from."""
+    keep = set(token_ids) | set(tokenizer.all_special_ids)
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    if model["type"] == "BPE":
+        vocab = model["vocab"]
+        token_of = {i: token for token, i in vocab.items()}
+        made_from: dict[str, list[tuple[str, str]]] = {}
+        for first, second in map(_pair, model["merges"]):
+            made_from.setdefault(first + second, []).append((first, second))
+        kept = {token_of[i] for i in keep if i in token_of} | {t for t in vocab if len(t) == 1}
+        todo = list(kept)
+        while todo:
+            for pair in made_from.get(todo.pop(), ()):
+                new = set(pair) - kept
+                kept |= new
+                todo += new
+        keep |= {vocab[token] for token in kept}
+    return sorted(keep)
+
+
+def _pair(merge: str | list[str]) -> tuple[str, str]:
+    """A merge of ``tokenizer.json`` (``"a b"``, or ``["a", "b"]`` since tokenizers 0.20)."""
+    first, second = merge.split(" ") if isinstance(merge, str) else merge
+    return first, second
 
 
 def prune_vocabulary(
@@ -105,6 +140,12 @@ def _pruned_tokenizer(
     token_of.update({added["id"]: added["content"] for added in spec["added_tokens"]})
     new_id = {token_of[old]: new for new, old in enumerate(keep)}
     spec["model"]["vocab"] = {t: i for t, i in new_id.items() if t in spec["model"]["vocab"]}
+    if "merges" in spec["model"]:
+        spec["model"]["merges"] = [
+            merge
+            for merge in spec["model"]["merges"]
+            if all(t in new_id for t in (*_pair(merge), "".join(_pair(merge))))
+        ]
     for added in spec["added_tokens"]:
         added["id"] = new_id[added["content"]]
     processor = spec.get("post_processor") or {}
