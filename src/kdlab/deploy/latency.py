@@ -56,7 +56,8 @@ class Deployed:
 
 def thread_counts() -> dict[str, int]:
     """``1`` and ``all`` (every core this process may run on) by label."""
-    return {"1": 1, "all": len(os.sched_getaffinity(0))}
+    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None  # Linux
+    return {"1": 1, "all": len(usable) if usable else os.cpu_count() or 1}
 
 
 def measure(models: list[Deployed], seq_len: int, runs: int, warmup: int) -> list[dict]:
