@@ -4,7 +4,7 @@ quantisation, and an ONNX model that runs where a PyTorch one does.
 Why ``torch.onnx.export`` and not ``optimum-onnx``: optimum-onnx 0.1.0 requires
 ``transformers<4.58`` (and ``optimum~=2.1``), and kdlab runs on transformers 5. torch's
 exporter with ``dynamo=True`` (``torch.export`` + onnxscript) exports each family tested
-supports (bert, roberta, electra, deberta-v2, modernbert) with |Δ logit| below 1e-6; the
+(bert, roberta, electra, deberta-v2, modernbert) with |Δ logit| below 1e-6; the
 older TorchScript exporter (``dynamo=False``) gave a BERT whose logits were off by 0.02 on
 inputs of another shape than the example's.
 
