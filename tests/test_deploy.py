@@ -394,6 +394,7 @@ def _unigram_model(directory: Path) -> Path:
         "reference without tokenizer",
         "out dir holds files",
         "out dir is the model dir",
+        "out dir is a file",
         "vocabulary file without words",
         "vocabulary file missing",
         "Unigram tokenizer pruned",
@@ -436,8 +437,12 @@ def test_bad_input_is_refused_before_any_work_and_nothing_is_touched(
         (out / "model.onnx").write_text("an earlier model")
         expected = "is not empty (model.onnx): pass --overwrite"
     elif case == "out dir is the model dir":
-        out, expected = model, "which is being deployed"
+        out, expected = model, "holds the model"
         options["overwrite"] = True
+    elif case == "out dir is a file":
+        out = tmp_path / "model.onnx"
+        out.write_text("not a directory")
+        expected = "is a file, not an output directory"
     elif case == "vocabulary file without words":
         texts = tmp_path / "texts.txt"
         texts.write_text("\n[CLS] [SEP]\n  \n")

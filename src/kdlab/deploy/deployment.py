@@ -31,7 +31,7 @@ from kdlab.deploy.vocabulary import check_prunable, kept_ids, prune_vocabulary
 from kdlab.errors import ConfigError
 from kdlab.models.build import ModelSource
 from kdlab.models.heads import HEADS, model_inputs
-from kdlab.rundir import written_whole
+from kdlab.rundir import check_output_dir, written_whole
 from kdlab.summary import table_console
 
 log = logging.getLogger("kdlab")
@@ -110,7 +110,7 @@ def deploy(
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     sources = {"model": model_dir, **({"reference": Path(reference)} if reference else {})}
     heads = {role: check_model_dir(path, role) for role, path in sources.items()}
-    check_output_dir(out_dir, list(sources.values()), overwrite)
+    check_output_dir(out_dir, {f"the {role}": path for role, path in sources.items()}, overwrite)
     vocabulary_files = [] if _is_task(prune_vocab) else [Path(f) for f in prune_vocab or ()]
     for file in vocabulary_files:
         if not file.is_file():
@@ -168,29 +168,6 @@ def check_model_dir(path: Path, role: str = "model") -> str:
         f"{role} directory {path} holds a {', '.join(architectures) or 'model without a head'}"
         f" (config.json's architectures); deploy exports the heads {supported}."
     )
-
-
-def check_output_dir(out_dir: Path, sources: list[Path], overwrite: bool) -> None:
-    """Refuses an ``out_dir`` that holds files (unless ``overwrite``) or a model to deploy.
-
-    Raises:
-        ConfigError: naming what it holds.
-    """
-    for source in sources:
-        if source.resolve().is_relative_to(out_dir.resolve()):
-            raise ConfigError(
-                f"{out_dir} holds {source}, which is being deployed: choose another output "
-                "directory."
-            )
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"output directory {out_dir} is a file.")
-    held = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
-    if held and not overwrite:
-        raise ConfigError(
-            f"output directory {out_dir} is not empty ({', '.join(held[:5])}"
-            f"{', ...' if len(held) > 5 else ''}): pass --overwrite to replace it, or choose "
-            "another one."
-        )
 
 
 def _is_task(spec: list[str] | None) -> bool:
