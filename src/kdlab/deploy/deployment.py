@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 from torch import Tensor
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from kdlab.deploy.evaluation import evaluate_models, task_config, task_datamodule
 from kdlab.deploy.export import (
@@ -29,7 +29,7 @@ from kdlab.deploy.export import (
 from kdlab.deploy.latency import Deployed, latency_table, measure
 from kdlab.deploy.vocabulary import check_prunable, kept_ids, prune_vocabulary
 from kdlab.errors import ConfigError
-from kdlab.models.build import ModelSource
+from kdlab.models.build import ModelSource, count_parameters
 from kdlab.models.heads import HEADS, model_inputs
 from kdlab.rundir import check_output_dir, written_whole
 from kdlab.summary import table_console
@@ -199,11 +199,11 @@ def _deploy_one(
         "source": str(model_dir),
         "head": head,
         "family": model.config.model_type,
-        "parameters": _parameters(model),
+        "parameters": count_parameters(model),
     }
     vocabulary = None
     if pruning:
-        before = (len(tokenizer), _parameters(model))
+        before = (len(tokenizer), count_parameters(model))
         tokenizer = prune_vocabulary(model, tokenizer, keep)
         model.save_pretrained(out_dir)
         vocabulary = {
@@ -211,7 +211,9 @@ def _deploy_one(
             "kept_tokens": len(keep),
             "tokens_before": before[0],
             "parameters_before": before[1],
-            "parameters_after": _parameters(model),
+            "parameters_after": count_parameters(model),
+            "weights_bytes_before": _weights_bytes(model_dir),
+            "weights_bytes_after": _weights_bytes(out_dir),
         }
         record["parameters"] = vocabulary["parameters_after"]
     else:
@@ -312,7 +314,6 @@ def _parity_inputs(
     return {name: encoded[name] for name in names}
 
 
-def _parameters(model: PreTrainedModel) -> dict[str, int]:
-    """The model's parameter count and fp32 size in bytes (tied weights once)."""
-    count = sum(p.numel() for p in model.parameters())
-    return {"count": count, "bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+def _weights_bytes(directory: Path) -> int:
+    """The size of a ``save_pretrained`` directory's weight files."""
+    return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
