@@ -300,11 +300,22 @@ def test_eval_figures_equal_kdlab_evaluation_and_onnx_fp32_equals_pytorch(
 def test_kdlab_evaluation_of_the_same_model_gives_the_pytorch_figures(
     make_cfg, glue_root, tmp_path, teacher_dir
 ):
-    """Without a training run: kdlab's evaluation of the model, built as train.py builds it."""
-    cfg = make_cfg(extra=["task.eval_batch_size=16"])
-    record = deploy(
-        teacher_dir, tmp_path / "out", eval_overrides=_task_overrides(glue_root, tmp_path)
+    """Without a training run: kdlab's evaluation of the model, built as train.py builds it.
+    Dev batches of one example: exported from a one-row example, the file still takes any batch."""
+    cfg = make_cfg(extra=["task.eval_batch_size=1"])
+    overrides = [*_task_overrides(glue_root, tmp_path), "task.eval_batch_size=1"]
+    record = deploy(teacher_dir, tmp_path / "out", eval_overrides=overrides)
+    assert record["model"]["parity"]["shape"][0] == 1
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    rows = dict(
+        tokenizer(["the movie", "it was a boring plot", "fun"], padding=True, return_tensors="pt")
     )
+    (logits,) = _session_outputs(tmp_path / "out" / "model.onnx", rows)
+    with torch.no_grad():
+        expected_logits = AutoModelForSequenceClassification.from_pretrained(teacher_dir)(**rows)
+    np.testing.assert_allclose(logits, expected_logits.logits.numpy(), atol=1e-5)
+    evaluation = record["model"]["eval"]
+    assert evaluation["onnx_fp32"]["val/accuracy"] == evaluation["pytorch"]["val/accuracy"]
     datamodule = build_datamodule(cfg)
     model = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
     module = FineTune(
