@@ -18,6 +18,8 @@ operators). ModernBERT is left out: its LayerNorms have no bias, on which the fu
 import inspect
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +36,6 @@ from transformers.modeling_outputs import (
 from transformers.utils import ModelOutput
 
 from kdlab.models.heads import HEADS, MODEL_INPUTS
-
-log = logging.getLogger("kdlab")
 
 # The heads a deployed model may have, and the outputs of each, as transformers returns them.
 OUTPUT_TYPES: dict[str, type[ModelOutput]] = {
@@ -80,11 +80,12 @@ def export_onnx(model: PreTrainedModel, head: str, example: dict[str, Tensor], p
     """
     names = list(example)
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    with torch.no_grad(), warnings.catch_warnings():
+    # onnx_ir logs each initializer it deduplicates at INFO.
+    with torch.no_grad(), warnings.catch_warnings(), _warnings_only():
         # Every input shares the two axes: the exporter names them once and says so.
         warnings.filterwarnings("ignore", message=r"# The axis name: \w+ will not be used")
         torch.onnx.export(
-            _Logits(model, head, names),
+            _Logits(model, head, names).eval(),
             tuple(example.values()),
             str(path),
             input_names=names,
@@ -110,11 +111,12 @@ def optimise_graph(path: Path, model_type: str) -> dict[str, int] | None:
     if model_type not in GRAPH_OPTIMISED:
         return None
     # num_heads, hidden_size 0: read from the graph.
-    optimised = optimizer.optimize_model(
-        str(path), model_type="bert", num_heads=0, hidden_size=0, opt_level=0
-    )
-    optimised.save_model_to_file(str(path))
-    return {k: v for k, v in optimised.get_fused_operator_statistics().items() if v}
+    with _warnings_only():
+        optimised = optimizer.optimize_model(
+            str(path), model_type="bert", num_heads=0, hidden_size=0, opt_level=0
+        )
+        optimised.save_model_to_file(str(path))
+        return {k: v for k, v in optimised.get_fused_operator_statistics().items() if v}
 
 
 def quantise_int8(source: Path, target: Path, per_channel: bool) -> None:
@@ -123,16 +125,23 @@ def quantise_int8(source: Path, target: Path, per_channel: bool) -> None:
     Args:
         per_channel: one scale per output channel of each weight instead of one per tensor.
     """
-    # The quantiser logs a line per activation on the root logger, at INFO.
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(max(level, logging.WARNING))
-    try:
+    with _warnings_only():
         quantize_dynamic(
             str(source), str(target), per_channel=per_channel, weight_type=QuantType.QInt8
         )
+
+
+@contextmanager
+def _warnings_only() -> Iterator[None]:
+    """Within the block no logger passes INFO or below: the exporter's onnx_ir and ONNX
+    Runtime's optimiser and quantiser log each step at INFO, on loggers named after their
+    modules."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.INFO)
+    try:
+        yield
     finally:
-        root.setLevel(level)
+        logging.disable(previous)
 
 
 def session(path: Path, threads: int = 0) -> onnxruntime.InferenceSession:
