@@ -415,6 +415,8 @@ def _unigram_model(directory: Path) -> Path:
         "Unigram tokenizer pruned",
         "eval without task",
         "eval of an unknown task",
+        "eval of a task of another head",
+        "eval of a task with other labels",
     ],
 )
 def test_bad_input_is_refused_before_any_work_and_nothing_is_touched(
@@ -474,6 +476,14 @@ def test_bad_input_is_refused_before_any_work_and_nothing_is_touched(
     elif case == "eval without task":
         options["eval_overrides"] = ["sst2"]
         expected = "--eval takes task=<name>"
+    elif case == "eval of a task of another head":
+        model = models["question_answering"]
+        options["eval_overrides"] = ["task=sst2"]
+        expected = "--eval task=sst2 has a sequence_classification head with 2 outputs; the model"
+        expected += f" in {model} has a question_answering head."
+    elif case == "eval of a task with other labels":
+        options["eval_overrides"] = ["task=stsb"]
+        expected = "sequence_classification head with 1 outputs; the model"
     else:
         options["eval_overrides"] = ["task=nosuch"]
         expected = "task=nosuch: "

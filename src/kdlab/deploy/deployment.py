@@ -14,8 +14,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 from torch import Tensor
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
+from kdlab.components import target_of
 from kdlab.deploy.evaluation import evaluate_models, task_config, task_datamodule
 from kdlab.deploy.export import (
     OUTPUT_TYPES,
@@ -118,6 +119,9 @@ def deploy(
     if eval_overrides and not _is_task(eval_overrides):
         raise ConfigError(f"--eval takes task=<name> [overrides...], not {eval_overrides[0]!r}.")
     eval_cfg = task_config(eval_overrides) if eval_overrides else None
+    if eval_cfg is not None:
+        for role, path in sources.items():
+            check_task_fits(eval_cfg, path, heads[role], role)
     prune_cfg = task_config(prune_vocab) if _is_task(prune_vocab) else None
     task_cfg = eval_cfg or prune_cfg
     if seq_len is None:
@@ -168,6 +172,25 @@ def check_model_dir(path: Path, role: str = "model") -> str:
         f"{role} directory {path} holds a {', '.join(architectures) or 'model without a head'}"
         f" (config.json's architectures); deploy exports the heads {supported}."
     )
+
+
+def check_task_fits(cfg: DictConfig, model_dir: Path, head: str, role: str = "model") -> None:
+    """Refuses to evaluate a model on a task of another head or number of labels.
+
+    Raises:
+        ConfigError: naming both.
+    """
+    task_head = target_of(cfg, "task").head
+    labels = cfg.task.get("labels") if task_head == "sequence_classification" else None
+    wanted = 1 if labels is None else len(labels)
+    num_labels = AutoConfig.from_pretrained(model_dir).num_labels
+    if task_head != head or (head == "sequence_classification" and num_labels != wanted):
+        raise ConfigError(
+            f"--eval task={cfg.task.name} has a {task_head} head"
+            + (f" with {wanted} outputs" if task_head == "sequence_classification" else "")
+            + f"; the {role} in {model_dir} has a {head} head"
+            + (f" with {num_labels} outputs." if head == "sequence_classification" else ".")
+        )
 
 
 def _is_task(spec: list[str] | None) -> bool:
