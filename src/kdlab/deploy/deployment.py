@@ -116,6 +116,10 @@ def deploy(
     for file in vocabulary_files:
         if not file.is_file():
             raise ConfigError(f"--prune-vocab: {file} is not a file.")
+    if runs < 1 or warmup < 0:
+        raise ConfigError(
+            f"--runs must be at least 1 and --warmup at least 0, not {runs}, {warmup}."
+        )
     if eval_overrides and not _is_task(eval_overrides):
         raise ConfigError(f"--eval takes task=<name> [overrides...], not {eval_overrides[0]!r}.")
     eval_cfg = task_config(eval_overrides) if eval_overrides else None
@@ -133,9 +137,16 @@ def deploy(
         for role, path in sources.items():
             target = partial if role == "model" else partial / REFERENCE_DIR
             target.mkdir(exist_ok=True)
-            options = dict(int8=int8, per_channel=per_channel, eval_cfg=eval_cfg)
             result, runtimes = _deploy_one(
-                role, path, target, heads[role], prune_cfg, vocabulary_files, **options
+                role,
+                path,
+                target,
+                heads[role],
+                prune_cfg,
+                vocabulary_files,
+                int8=int8,
+                per_channel=per_channel,
+                eval_cfg=eval_cfg,
             )
             record[role] = result
             deployed.append(runtimes)
