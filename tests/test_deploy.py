@@ -13,6 +13,7 @@ import torch
 from tokenizers import Tokenizer, decoders, pre_tokenizers, processors, trainers
 from tokenizers import models as tokenizer_models
 from transformers import (
+    AutoModelForMaskedLM,
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -27,6 +28,7 @@ import kdlab.deploy.deployment
 import kdlab.train
 from kdlab.deploy import ParityError, deploy
 from kdlab.deploy.__main__ import main
+from kdlab.deploy.vocabulary import kept_ids, prune_vocabulary
 from kdlab.errors import ConfigError
 from kdlab.methods.finetune import FineTune
 from tests.conftest import build_datamodule
@@ -182,6 +184,30 @@ def test_pruned_vocabulary_keeps_outputs_and_maps_unseen_words_to_unk(models, tm
     inputs = dict(tokenizer(kept_texts, padding=True, return_tensors="pt"))
     (onnx_logits,) = _session_outputs(out / "model.onnx", inputs)
     np.testing.assert_allclose(onnx_logits, after.numpy(), atol=1e-5)
+
+
+def test_masked_lm_decoder_and_its_bias_keep_the_kept_rows(tmp_path):
+    """The vocabulary projection of a masked-LM head, tied to the embeddings, and its bias (a
+    parameter of its own in BERT's head) keep the same rows: logits of the kept tokens as
+    before, in memory and once saved and loaded."""
+    source = write_tiny_mlm_bert(tmp_path / "mlm")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForMaskedLM.from_pretrained(source).eval()
+    with torch.no_grad():
+        model.cls.predictions.bias.normal_()  # not the zeros it starts with
+    texts = ["the movie was good", "the plot"]
+    before_inputs = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        before = model(**before_inputs).logits
+    keep = kept_ids(tokenizer, before_inputs["input_ids"].flatten().tolist())
+    pruned_tokenizer = prune_vocabulary(model, tokenizer, keep)
+    model.save_pretrained(tmp_path / "out")
+    reloaded = AutoModelForMaskedLM.from_pretrained(tmp_path / "out").eval()
+    inputs = pruned_tokenizer(texts, padding=True, return_tensors="pt")
+    for pruned in (model, reloaded):
+        with torch.no_grad():
+            after = pruned(**inputs).logits
+        torch.testing.assert_close(after, before[..., keep], atol=1e-6, rtol=0)
 
 
 def _roberta_with_byte_level_bpe(directory: Path) -> Path:

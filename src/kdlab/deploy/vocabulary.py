@@ -103,10 +103,22 @@ def prune_vocabulary(
     """
     index = torch.tensor(keep)
     new_id = {old: new for new, old in enumerate(keep)}
-    _keep_rows(model.get_input_embeddings(), index, new_id)
-    decoder = model.get_output_embeddings()
-    if decoder is not None:
-        _keep_rows(decoder, index, new_id)
+    layers = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m]
+    # Each vocabulary-sized tensor once (a decoder tied to the embeddings shares its weight),
+    # then every module holding it gets the kept rows: a masked-LM head's bias is the
+    # decoder's (BERT's cls.predictions.bias), which tie_weights would not shrink.
+    kept_rows: dict[int, nn.Parameter] = {}
+    for layer in layers:
+        for name in ("weight", "bias"):
+            old = getattr(layer, name, None)
+            if old is not None and id(old) not in kept_rows:
+                kept_rows[id(old)] = nn.Parameter(old.detach()[index].clone())
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False, remove_duplicate=False)):
+            if id(param) in kept_rows:
+                setattr(module, name, kept_rows[id(param)])
+    for layer in layers:
+        _resized(layer, len(keep), new_id)
     config = model.config.get_text_config()
     config.vocab_size = len(keep)
     for name in _TOKEN_ID_ATTRIBUTES:
@@ -117,18 +129,14 @@ def prune_vocabulary(
     return _pruned_tokenizer(tokenizer, keep)
 
 
-def _keep_rows(layer: nn.Module, index: torch.Tensor, new_id: dict[int, int]) -> None:
-    """An embedding's (or vocabulary projection's) rows ``index``, in place, so that the
-    layer keeps its class (scaled or custom embeddings)."""
-    layer.weight = nn.Parameter(layer.weight.detach()[index].clone())
+def _resized(layer: nn.Module, size: int, new_id: dict[int, int]) -> None:
+    """An embedding's or vocabulary projection's size attributes, after its rows were kept."""
     if isinstance(layer, nn.Embedding):
-        layer.num_embeddings = len(index)
+        layer.num_embeddings = size
         if layer.padding_idx is not None:
             layer.padding_idx = new_id.get(layer.padding_idx)
     elif isinstance(layer, nn.Linear):
-        layer.out_features = len(index)
-        if layer.bias is not None:
-            layer.bias = nn.Parameter(layer.bias.detach()[index].clone())
+        layer.out_features = size
 
 
 def _pruned_tokenizer(
