@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from kdlab.errors import ConfigError
 from kdlab.pruning import StructuredMasks, compacted_copy
 from kdlab.pruning.callback import PruningCallback
-from kdlab.rundir import RunDir, unreadable_checkpoint, written_whole
+from kdlab.rundir import RunDir, check_output_dir, unreadable_checkpoint, written_whole
 
 log = logging.getLogger("kdlab")
 
@@ -76,28 +76,6 @@ def _run_tokenizer(checkpoint_path: Path) -> str | None:
     return model_cfg.get("tokenizer") or model_cfg.get("path")
 
 
-def check_output_dir(out_dir: Path, checkpoint: Path, overwrite: bool) -> None:
-    """Refuses an ``out_dir`` whose content the export would replace unasked, or with the
-    checkpoint it exports.
-
-    Raises:
-        ConfigError: for a non-empty ``out_dir`` without ``overwrite``, or one that holds
-            the checkpoint being exported.
-    """
-    if not out_dir.is_dir() or not any(out_dir.iterdir()):
-        return
-    if not overwrite:
-        raise ConfigError(
-            f"{out_dir} is not empty: pass --overwrite to replace what it holds, or choose "
-            "another output directory."
-        )
-    if checkpoint.resolve().is_relative_to(out_dir.resolve()):
-        raise ConfigError(
-            f"{out_dir} holds the checkpoint {checkpoint}: --overwrite would delete it first; "
-            "choose another output directory."
-        )
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m kdlab.compact", description=__doc__)
     parser.add_argument("checkpoint", type=Path, help="a .ckpt of a kdlab run")
@@ -108,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    check_output_dir(args.out_dir, args.checkpoint, args.overwrite)
+    check_output_dir(args.out_dir, {"the checkpoint": args.checkpoint}, args.overwrite)
     model = load_student(args.checkpoint)
     name = args.tokenizer or _run_tokenizer(args.checkpoint)
     tokenizer = transformers.AutoTokenizer.from_pretrained(name) if name else None

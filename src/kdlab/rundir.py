@@ -401,6 +401,37 @@ def write_whole(path: Path, write: Callable[[Path], object]) -> None:
         raise
 
 
+def check_output_dir(out_dir: Path, inputs: dict[str, Path], overwrite: bool) -> None:
+    """Refuses an ``out_dir`` whose content a command writing it whole (:func:`written_whole`)
+    would replace unasked, or one holding what the command reads.
+
+    Args:
+        out_dir: the directory the command writes.
+        inputs: what the command reads, by description (``"the checkpoint"``).
+        overwrite: the user asked to replace what ``out_dir`` holds.
+
+    Raises:
+        ConfigError: for a file, a non-empty directory without ``overwrite`` (naming what it
+            holds), or one that holds an input.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{out_dir} is a file, not an output directory.")
+    held = sorted(out_dir.iterdir()) if out_dir.is_dir() else []
+    if not held:
+        return
+    if not overwrite:
+        raise ConfigError(
+            f"{out_dir} is not empty ({_names(held)}): pass --overwrite to replace what it "
+            "holds, or choose another output directory."
+        )
+    for what, path in inputs.items():
+        if _is_within(path, out_dir):
+            raise ConfigError(
+                f"{out_dir} holds {what} {path}: --overwrite would delete it first; choose "
+                "another output directory."
+            )
+
+
 @contextmanager
 def written_whole(directory: Path) -> Iterator[Path]:
     """Yields a new hidden sibling folder of ``directory`` to write into; once the block ends,
