@@ -5,7 +5,6 @@ layer truncation."""
 
 import pytest
 import torch
-from transformers import AutoModelForMaskedLM
 
 from kdlab.errors import ConfigError
 from kdlab.families import FAMILIES, PrunedAxis, family_of
@@ -140,16 +139,3 @@ def test_mlm_head_is_the_generator_head(unfactorised, variant):
 
 def test_homodistil_student_attention_is_read_before_dropout():
     check_pre_dropout_attention(TINY["electra"])
-
-
-def test_layer_truncated_load_keeps_the_first_layers(tmp_path):
-    model = build("electra", "masked_lm")
-    model.save_pretrained(tmp_path)
-    short, info = AutoModelForMaskedLM.from_pretrained(
-        tmp_path, num_hidden_layers=2, output_loading_info=True
-    )
-    assert not info["missing_keys"]
-    assert info["unexpected_keys"] and all(".layer.2." in k for k in info["unexpected_keys"])
-    state = model.state_dict()
-    for name, tensor in short.state_dict().items():
-        assert torch.equal(tensor, state[name]), name

@@ -196,25 +196,3 @@ def test_homodistil_reads_the_students_attention_before_dropout():
     for a_s, a_t in zip(evaluated.attentions, reference.attentions, strict=True):
         torch.testing.assert_close(a_s, a_t, rtol=0, atol=0)  # stock eager attention
     assert not torch.allclose(trained.logits, evaluated.logits)  # dropout mixed the values
-
-
-def test_a_layer_truncated_load_keeps_the_first_layers_types(tmp_path):
-    # What kdlab.models.build.truncated must pass for ModernBERT: with num_hidden_layers
-    # alone, the saved layer_types keep the full depth and save_pretrained refuses the config.
-    full = common.build("modernbert", "masked_lm", num_hidden_layers=4, layer_types=None)
-    full.save_pretrained(tmp_path / "full")
-    layer_types = full.config.layer_types[:2]
-    cut = common.AUTO["masked_lm"].from_pretrained(
-        tmp_path / "full", num_hidden_layers=2, layer_types=layer_types, attn_implementation="eager"
-    )
-    cut.save_pretrained(tmp_path / "cut")
-    assert common.AUTO["masked_lm"].from_pretrained(tmp_path / "cut").config.layer_types == [
-        "full_attention",
-        "sliding_attention",
-    ]
-    batch = common.inputs()
-    with torch.no_grad():
-        states = full(**batch, output_hidden_states=True).hidden_states
-        torch.testing.assert_close(
-            cut.model(**batch, output_hidden_states=True).hidden_states[1], states[1]
-        )

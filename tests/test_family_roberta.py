@@ -4,7 +4,7 @@ separable masked-LM head, HomoDistil's undropped attention, and layer truncation
 
 import pytest
 import torch
-from transformers import AutoModel, AutoModelForMaskedLM, CamembertConfig, XLMRobertaConfig
+from transformers import AutoModel, CamembertConfig, XLMRobertaConfig
 
 from kdlab.errors import ConfigError
 from kdlab.families import FAMILIES, family_of
@@ -89,16 +89,3 @@ def test_cross_attention_is_refused():
     config = tiny_config("roberta", is_decoder=True, add_cross_attention=True)
     with pytest.raises(ConfigError, match="add_cross_attention"):
         family_of(config)
-
-
-def test_layer_truncated_load_keeps_the_first_layers(tmp_path):
-    model = build("roberta", "masked_lm")
-    model.save_pretrained(tmp_path)
-    short, info = AutoModelForMaskedLM.from_pretrained(
-        tmp_path, num_hidden_layers=2, output_loading_info=True
-    )
-    assert not info["missing_keys"]
-    assert info["unexpected_keys"] and all(".layer.2." in k for k in info["unexpected_keys"])
-    state = model.state_dict()
-    for name, tensor in short.state_dict().items():
-        assert torch.equal(tensor, state[name]), name

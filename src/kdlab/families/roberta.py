@@ -25,14 +25,14 @@ from collections.abc import Callable, Iterator
 from torch import Tensor
 from transformers import PretrainedConfig, PreTrainedModel
 
-from kdlab.families import Axis, Family, MaskSite
+from kdlab.families import Axis, MaskSite
 from kdlab.families.bert import (
     HIDDEN_BOTH,
     HIDDEN_IN,
     HIDDEN_OUT,
+    Bert,
     check_self_attention_only,
     encoder_rules,
-    encoder_sites,
 )
 
 
@@ -44,7 +44,10 @@ def classification_head_sites(model: PreTrainedModel) -> Iterator[MaskSite]:
         yield MaskSite(dense, "hidden")
 
 
-class Roberta(Family):
+class Roberta(Bert):
+    """BERT's layers and pooler under other head names, plus the classification head's
+    ``dense`` output masked."""
+
     model_types = ("roberta", "xlm-roberta", "camembert")
 
     def check(self, config: PretrainedConfig) -> None:
@@ -61,10 +64,7 @@ class Roberta(Family):
         ]
 
     def mask_sites(self, model: PreTrainedModel) -> Iterator[MaskSite]:
-        roberta = model.base_model
-        yield from encoder_sites(roberta.encoder.layer)
-        if getattr(roberta, "pooler", None) is not None:
-            yield MaskSite(roberta.pooler, "hidden")
+        yield from super().mask_sites(model)
         yield from classification_head_sites(model)
 
     def mlm_head(self, model: PreTrainedModel) -> Callable[[Tensor], Tensor] | None:
