@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 from torch import Tensor
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from kdlab.components import target_of
 from kdlab.deploy.evaluation import evaluate_models, task_config, task_datamodule
@@ -257,7 +257,7 @@ def _deploy_one(
 
     names = input_names(model, tokenizer.model_input_names)
     datamodule = task_datamodule(eval_cfg, tokenizer) if eval_cfg is not None else None
-    parity_inputs = _parity_inputs(tokenizer, names, datamodule)
+    parity_inputs = _parity_inputs(model, tokenizer, names, datamodule)
     onnx_path = out_dir / ONNX_FILE
     export_onnx(model, head, parity_inputs, onnx_path)
     record["inputs"] = names
@@ -270,7 +270,7 @@ def _deploy_one(
     record["files"] = {name: path.name for name, path in files.items()}
     record["bytes"] = {name: path.stat().st_size for name, path in files.items()}
 
-    onnx_models = {name: OnnxModel(path, head) for name, path in files.items()}
+    onnx_models = {name: OnnxModel(path, head, config=model.config) for name, path in files.items()}
     differences = {
         name: max_abs_difference(model, onnx, head, parity_inputs)
         for name, onnx in onnx_models.items()
@@ -337,13 +337,13 @@ def _describe(task_cfg: DictConfig | None, files: list[Path]) -> str:
 
 
 def _parity_inputs(
-    tokenizer: PreTrainedTokenizerBase, names: list[str], datamodule
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, names: list[str], datamodule
 ) -> dict[str, Tensor]:
     """A batch ``[B, T]`` of the model's inputs: the task's first dev batch, or
     :data:`PARITY_TEXTS`."""
     if datamodule is not None:
         batch = next(iter(datamodule.val_dataloader(by_length=False)[0]))
-        return {k: v for k, v in model_inputs(batch).items() if k in names}
+        return {k: v for k, v in model_inputs(batch, model).items() if k in names}
     encoded = tokenizer(list(PARITY_TEXTS), padding=True, truncation=True, return_tensors="pt")
     return {name: encoded[name] for name in names}
 
