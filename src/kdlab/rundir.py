@@ -36,6 +36,9 @@ BEST_CHECKPOINT = "best.ckpt"
 PRUNING_HISTORY = "pruning_history.json"
 PRUNING_PLOT = "pruning_history.png"
 PIPELINE_SUMMARY = "summary.json"
+# A deploy stage's output (kdlab.deploy: ONNX files, tokenizer, deploy.json).
+DEPLOY = "deploy"
+DEPLOY_RECORD = "deploy.json"
 # The run's id (config key run_id, the W&B run id), kept so that a resumed run continues it.
 RUN_ID = "run_id.txt"
 # W&B's own folder (wandb.init(dir=<run dir>)): offline-run-<time>-<id>/ per start of the run.
@@ -68,6 +71,7 @@ RUN_FILES = (
     PRUNING_HISTORY,
     PRUNING_PLOT,
     PIPELINE_SUMMARY,
+    DEPLOY,
     WANDB_DIR,
     "csv",
     "*predictions.json",
@@ -144,6 +148,11 @@ class RunDir:
     @property
     def pipeline_summary(self) -> Path:
         return self.path / PIPELINE_SUMMARY
+
+    @property
+    def deploy(self) -> Path:
+        """A deploy stage's output (``kdlab.deploy.stage``); ``deploy.json`` in it."""
+        return self.path / DEPLOY
 
     @property
     def error(self) -> Path:

@@ -32,18 +32,14 @@ from kdlab.deploy.vocabulary import check_prunable, kept_ids, prune_vocabulary
 from kdlab.errors import ConfigError
 from kdlab.models.build import ModelSource, count_parameters
 from kdlab.models.heads import HEADS, model_inputs
-from kdlab.rundir import check_output_dir, written_whole
+from kdlab.rundir import DEPLOY_RECORD, check_output_dir, written_whole
 from kdlab.summary import table_console
 
 log = logging.getLogger("kdlab")
 
 PARITY_TOLERANCE = 1e-4
-ONNX_FILE, INT8_FILE, RECORD_FILE, REFERENCE_DIR = (
-    "model.onnx",
-    "model_int8.onnx",
-    "deploy.json",
-    "reference",
-)
+ONNX_FILE, INT8_FILE, REFERENCE_DIR = "model.onnx", "model_int8.onnx", "reference"
+RECORD_FILE = DEPLOY_RECORD
 # Parity inputs when no task is given (--eval): sentences of different lengths, padded into
 # one batch, so that masked positions are part of the check.
 PARITY_TEXTS = (
@@ -71,8 +67,8 @@ def deploy(
     *,
     int8: bool = False,
     per_channel: bool = False,
-    prune_vocab: list[str] | None = None,
-    eval_overrides: list[str] | None = None,
+    prune_vocab: list[str] | DictConfig | None = None,
+    eval_overrides: list[str] | DictConfig | None = None,
     reference: str | Path | None = None,
     latency: bool = False,
     seq_len: int | None = None,
@@ -89,10 +85,12 @@ def deploy(
             tokenizer files (and the pruned model's weights) and ``deploy.json``.
         int8: also write the dynamically int8-quantised ``model_int8.onnx``.
         per_channel: int8 scales per output channel rather than per weight tensor.
-        prune_vocab: text files (one text a line), or ``["task=<name>", *overrides]`` for the
-            task's training and validation inputs: keep only their tokens and the special ones.
-        eval_overrides: ``["task=<name>", *overrides]``: the task's dev metrics for the PyTorch
-            model and each ONNX file, and parity on its first dev batch.
+        prune_vocab: text files (one text a line), or ``["task=<name>", *overrides]`` (or a
+            composed config: a pipeline stage's) for the task's training and validation
+            inputs: keep only their tokens and the special ones.
+        eval_overrides: ``["task=<name>", *overrides]`` (or a composed config): the task's dev
+            metrics for the PyTorch model and each ONNX file, and parity on its first dev
+            batch.
         reference: a second model (the teacher), deployed the same way into
             ``out_dir/reference``; both are then timed side by side.
         latency: time the model (and the reference) even without ``reference``.
@@ -122,11 +120,11 @@ def deploy(
         )
     if eval_overrides and not _is_task(eval_overrides):
         raise ConfigError(f"--eval takes task=<name> [overrides...], not {eval_overrides[0]!r}.")
-    eval_cfg = task_config(eval_overrides) if eval_overrides else None
+    eval_cfg = _task_cfg(eval_overrides) if eval_overrides else None
     if eval_cfg is not None:
         for role, path in sources.items():
             check_task_fits(eval_cfg, path, heads[role], role)
-    prune_cfg = task_config(prune_vocab) if _is_task(prune_vocab) else None
+    prune_cfg = _task_cfg(prune_vocab) if _is_task(prune_vocab) else None
     task_cfg = eval_cfg or prune_cfg
     if seq_len is None:
         seq_len = int(task_cfg.task.max_seq_length) if task_cfg else 128
@@ -204,8 +202,13 @@ def check_task_fits(cfg: DictConfig, model_dir: Path, head: str, role: str = "mo
         )
 
 
-def _is_task(spec: list[str] | None) -> bool:
-    return bool(spec) and spec[0].startswith("task=")
+def _is_task(spec: list[str] | DictConfig | None) -> bool:
+    return isinstance(spec, DictConfig) or bool(spec) and spec[0].startswith("task=")
+
+
+def _task_cfg(spec: list[str] | DictConfig) -> DictConfig:
+    """The composed config of ``["task=<name>", *overrides]``; a config as it is."""
+    return spec if isinstance(spec, DictConfig) else task_config(spec)
 
 
 def _deploy_one(
