@@ -316,6 +316,7 @@ def test_a_deploy_stage_ends_a_pipeline(pipeline, tmp_path):
     model = record["model"]
     assert model["source"] == str(RunDir(run / "student").student)
     assert record["reference"]["source"] == str(RunDir(run / "teacher").student)
+    assert record["reference"]["eval"] is None  # its own stage evaluated it
     assert model["vocabulary"]["kept_tokens"] < model["vocabulary"]["tokens_before"]
     student = json.loads(RunDir(run / "student").metrics.read_text())["student"]
     # The stage's task is the training stages': kdlab's evaluation gives the same figure.

@@ -70,6 +70,7 @@ def deploy(
     prune_vocab: list[str] | DictConfig | None = None,
     eval_overrides: list[str] | DictConfig | None = None,
     reference: str | Path | None = None,
+    eval_reference: bool = True,
     latency: bool = False,
     seq_len: int | None = None,
     runs: int = 20,
@@ -93,6 +94,8 @@ def deploy(
             batch.
         reference: a second model (the teacher), deployed the same way into
             ``out_dir/reference``; both are then timed side by side.
+        eval_reference: evaluate the reference too with ``eval_overrides`` (a pipeline's
+            deploy stage does not: its teacher's stage has its figures).
         latency: time the model (and the reference) even without ``reference``.
         seq_len: tokens per timed sequence (default: the ``max_seq_length`` of the task of
             ``eval_overrides`` or ``prune_vocab``, else 128).
@@ -121,9 +124,10 @@ def deploy(
     if eval_overrides and not _is_task(eval_overrides):
         raise ConfigError(f"--eval takes task=<name> [overrides...], not {eval_overrides[0]!r}.")
     eval_cfg = _task_cfg(eval_overrides) if eval_overrides else None
+    evaluated = [role for role in sources if role == "model" or eval_reference]
     if eval_cfg is not None:
-        for role, path in sources.items():
-            check_task_fits(eval_cfg, path, heads[role], role)
+        for role in evaluated:
+            check_task_fits(eval_cfg, sources[role], heads[role], role)
     prune_cfg = _task_cfg(prune_vocab) if _is_task(prune_vocab) else None
     task_cfg = eval_cfg or prune_cfg
     if seq_len is None:
@@ -144,7 +148,7 @@ def deploy(
                 vocabulary_files,
                 int8=int8,
                 per_channel=per_channel,
-                eval_cfg=eval_cfg,
+                eval_cfg=eval_cfg if role in evaluated else None,
             )
             record[role] = result
             deployed.append(runtimes)

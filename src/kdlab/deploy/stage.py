@@ -15,11 +15,8 @@ from omegaconf import DictConfig
 
 from kdlab.deploy.deployment import deploy
 from kdlab.models.build import ModelSource
-from kdlab.rundir import RunDir
+from kdlab.rundir import RunDir, deployed_figures, shown_latency
 from kdlab.validation import NonNegativeInt, PositiveInt
-
-# The latency figure a stage's tables show: a batch of this size on every core.
-SHOWN_BATCH, SHOWN_THREADS = 32, "all"
 
 
 class DeployStage:
@@ -27,7 +24,8 @@ class DeployStage:
 
     Args:
         model: the ``save_pretrained`` model to deploy (``${stage:student}/student``).
-        reference: a model deployed and timed alongside (the teacher), or None.
+        reference: a model deployed and timed alongside (the teacher), or None; not
+            evaluated (the stage that trained it was).
         int8: also write and evaluate the int8 model.
         per_channel: int8 scales per output channel.
         prune_vocab: keep only the tokens of the run's task (training and validation inputs).
@@ -64,6 +62,7 @@ class DeployStage:
             prune_vocab=cfg if self.prune_vocab else None,
             eval_overrides=cfg if self.eval else None,
             reference=self.reference,
+            eval_reference=False,
             latency=self.latency,
             runs=self.runs,
             warmup=self.warmup,
@@ -73,23 +72,18 @@ class DeployStage:
 
 def stage_metrics(cfg: DictConfig, record: dict, run_dir: RunDir) -> dict:
     """``metrics.json`` of a deploy run, shaped as a training run's so that the pipeline's and
-    the report's tables read it: the student is the deployed ONNX file (int8 where written),
-    the teacher the reference's PyTorch model, ``inference`` their latency at batch
-    :data:`SHOWN_BATCH` on every core, ``deployed`` the file, its size and latency.
+    the report's tables read it: the student is the deployed ONNX file (int8 where written,
+    :func:`kdlab.rundir.deployed_figures`), the teacher the reference's PyTorch model,
+    ``inference`` their latency at batch :data:`kdlab.rundir.SHOWN_BATCH` on every core,
+    ``deployed`` the file, its size and latency.
 
     Args:
         cfg: the run's config (its task, its ``model.name`` naming the deployed model).
         record: what :func:`kdlab.deploy.deploy` returned (``deploy.json``).
         run_dir: the run directory.
     """
-    model = record["model"]
-    runtime = "onnx_int8" if "onnx_int8" in model["files"] else "onnx_fp32"
-    latency = {
-        (row["model"], row["runtime"]): row["ms"]
-        for row in (record.get("latency") or {}).get("rows", [])
-        if row["batch"] == SHOWN_BATCH and row["threads"] == SHOWN_THREADS
-    }
-    path = run_dir.deploy / model["files"][runtime]
+    deployed = deployed_figures(record)
+    runtime = deployed["runtime"]
     metrics = {
         "task": cfg.task.name,
         "method": "deploy",
@@ -97,33 +91,27 @@ def stage_metrics(cfg: DictConfig, record: dict, run_dir: RunDir) -> dict:
         "best_checkpoint": None,
         "student": {
             "name": f"{cfg.model.name} ({runtime.replace('_', ' ')})",
-            "path": str(path),
-            "params": model["parameters"],
-            **((model["eval"] or {}).get(runtime) or {}),
+            "path": str(run_dir.deploy / deployed["file"]),
+            "params": record["model"]["parameters"],
+            **deployed.pop("metrics"),
         },
         "teacher": None,
-        "deployed": {
-            "runtime": runtime,
-            "bytes": model["bytes"][runtime],
-            "ms": latency.get(("model", runtime)),
-            "batch": SHOWN_BATCH,
-            "threads": SHOWN_THREADS,
-        },
+        "deployed": deployed,
     }
     reference = record.get("reference")
-    if reference is not None:
-        metrics["teacher"] = {
-            "name": "reference (pytorch)",
-            "path": reference["source"],
-            "params": reference["parameters"],
-            **((reference["eval"] or {}).get("pytorch") or {}),
+    if reference is None:
+        return metrics
+    metrics["teacher"] = {
+        "name": "reference (pytorch)",
+        "path": reference["source"],
+        "params": reference["parameters"],
+    }
+    teacher_ms = shown_latency(record, "reference", "pytorch")
+    if teacher_ms and deployed["ms"]:
+        metrics["inference"] = {
+            "teacher_ms_per_batch": teacher_ms,
+            "student_ms_per_batch": deployed["ms"],
+            "speedup": teacher_ms / deployed["ms"],
+            "device": "cpu",
         }
-        teacher_ms, student_ms = latency.get(("reference", "pytorch")), metrics["deployed"]["ms"]
-        if teacher_ms and student_ms:
-            metrics["inference"] = {
-                "teacher_ms_per_batch": teacher_ms,
-                "student_ms_per_batch": student_ms,
-                "speedup": teacher_ms / student_ms,
-                "device": "cpu",
-            }
     return metrics
