@@ -120,7 +120,7 @@ def test_pipeline_rerun_restarts_a_stage_that_left_no_checkpoint(tmp_path, glue_
 
 @pytest.fixture
 def demo_pipeline(tmp_path):
-    """``run_pipeline`` on ``experiment=demo`` (stages teacher, student) in ``tmp/pipeline``,
+    """``run_pipeline`` on ``experiment=demo`` (stages teacher, student, deploy) in ``tmp/pipeline``,
     with a stand-in for ``kdlab.train.run`` that records how each stage was asked to run."""
     root = tmp_path / "pipeline"
 
@@ -160,7 +160,7 @@ def _unfinished_stage(root: Path, name: str, checkpointed: bool) -> None:
 
 def test_pipeline_skips_finished_resumes_checkpointed_restarts_other_stages(demo_pipeline):
     root, start = demo_pipeline
-    assert start() == [("teacher", None, False), ("student", None, False)]
+    assert start() == [("teacher", None, False), ("student", None, False), ("deploy", None, False)]
 
     _unfinished_stage(root, "student", checkpointed=True)
     assert start() == [("student", "last", False)]  # the teacher finished: skipped
@@ -169,7 +169,8 @@ def test_pipeline_skips_finished_resumes_checkpointed_restarts_other_stages(demo
     assert start() == [("student", None, True)]  # nothing to resume: restarted afresh
 
     # overwrite=true on the command line: every stage again, finished or not.
-    assert start("overwrite=true") == [("teacher", None, True), ("student", None, True)]
+    every = [("teacher", None, True), ("student", None, True), ("deploy", None, True)]
+    assert start("overwrite=true") == every
 
 
 def test_a_deploy_run_that_stopped_is_cleared_for_its_restart(tmp_path):
