@@ -341,6 +341,12 @@ def test_a_deploy_stage_ends_a_pipeline(pipeline, tmp_path):
     assert rows[-1]["params"] == model["parameters"] < student["params"]  # pruned vocabulary
     assert rows[0]["deployed"] is None
     assert "ms / batch 32" in first.stdout and "deploy (done before)" not in first.stdout
+    # Its table: the int8 student beside the PyTorch teacher, with the teacher stage's figures.
+    metrics = json.loads(RunDir(run / "deploy").metrics.read_text())
+    teacher = json.loads(RunDir(run / "teacher").metrics.read_text())["student"]
+    assert metrics["teacher"]["val/accuracy"] == teacher["val/accuracy"]
+    assert metrics["student"]["name"] == "bert_tiny, onnx int8"
+    assert metrics["inference"]["student_ms_per_batch"] == deployed["ms"]
 
 
 def test_a_bad_deploy_stage_is_refused_before_any_stage_runs(pipeline, tmp_path):

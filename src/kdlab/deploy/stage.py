@@ -9,6 +9,8 @@ tables show the deployed model: the run's "student" is the int8 ONNX model (the 
 without ``deploy.int8``), its "teacher" the PyTorch reference, timed side by side.
 """
 
+import json
+from pathlib import Path
 from typing import Annotated
 
 from omegaconf import DictConfig
@@ -73,7 +75,8 @@ class DeployStage:
 def stage_metrics(cfg: DictConfig, record: dict, run_dir: RunDir) -> dict:
     """``metrics.json`` of a deploy run, shaped as a training run's so that the pipeline's and
     the report's tables read it: the student is the deployed ONNX file (int8 where written,
-    :func:`kdlab.rundir.deployed_figures`), the teacher the reference's PyTorch model,
+    :func:`kdlab.rundir.deployed_figures`), the teacher the reference's PyTorch model (with
+    the figures of the run that exported it, where there is one),
     ``inference`` their latency at batch :data:`kdlab.rundir.SHOWN_BATCH` on every core,
     ``deployed`` the file, its size and latency.
 
@@ -90,7 +93,7 @@ def stage_metrics(cfg: DictConfig, record: dict, run_dir: RunDir) -> dict:
         "main_metric": cfg.task.main_metric,
         "best_checkpoint": None,
         "student": {
-            "name": f"{cfg.model.name} ({runtime.replace('_', ' ')})",
+            "name": f"{cfg.model.name}, {runtime.replace('_', ' ')}",
             "path": str(run_dir.deploy / deployed["file"]),
             "params": record["model"]["parameters"],
             **deployed.pop("metrics"),
@@ -101,10 +104,15 @@ def stage_metrics(cfg: DictConfig, record: dict, run_dir: RunDir) -> dict:
     reference = record.get("reference")
     if reference is None:
         return metrics
+    # The reference is not evaluated again: where it is a run's export (a pipeline's teacher
+    # stage), that run's figures are its own.
+    trained = RunDir(Path(reference["source"]).parent)
+    figures = json.loads(trained.metrics.read_text())["student"] if trained.finished else {}
     metrics["teacher"] = {
-        "name": "reference (pytorch)",
+        "name": "pytorch",
         "path": reference["source"],
         "params": reference["parameters"],
+        **{key: value for key, value in figures.items() if "/" in key},
     }
     teacher_ms = shown_latency(record, "reference", "pytorch")
     if teacher_ms and deployed["ms"]:
