@@ -1,4 +1,5 @@
-"""Multi-stage runs: each stage is a full training run in ``run_dir/<stage>``.
+"""Multi-stage runs: each stage is a full training run in ``run_dir/<stage>`` (or a run that
+deploys an earlier stage's model instead, ``deploy=onnx``: :mod:`kdlab.deploy.stage`).
 
 A pipeline (the root ``pipeline`` key) maps stage names to override lists (which may nest
 lists, e.g. YAML anchors of overrides shared by stages), e.g. fine-tune a teacher, then
