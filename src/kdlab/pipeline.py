@@ -1,4 +1,5 @@
-"""Multi-stage runs: each stage is a full training run in ``run_dir/<stage>``.
+"""Multi-stage runs: each stage is a full training run in ``run_dir/<stage>`` (or a run that
+deploys an earlier stage's model instead, ``deploy=onnx``: :mod:`kdlab.deploy.stage`).
 
 A pipeline (the root ``pipeline`` key) maps stage names to override lists (which may nest
 lists, e.g. YAML anchors of overrides shared by stages), e.g. fine-tune a teacher, then
@@ -136,7 +137,8 @@ def run_stage(
 
 def pipeline_summary(results: list[tuple[str, dict]], ran: list[str]) -> list[dict]:
     """One row per stage: method, student, main metric on validation (and test),
-    parameters, wall time, and whether this invocation ran it or found it finished."""
+    parameters, wall time, whether this invocation ran it or found it finished, and for a
+    deploy stage (``kdlab.deploy.stage``) its ONNX file, size and latency (``deployed``)."""
     rows = []
     for name, metrics in results:
         main = metrics["main_metric"]
@@ -152,6 +154,7 @@ def pipeline_summary(results: list[tuple[str, dict]], ran: list[str]) -> list[di
                 "params": student["params"],
                 "wall_time_s": metrics.get("wall_time_s"),
                 "ran": name in ran,
+                "deployed": metrics.get("deployed"),
             }
         )
     return rows

@@ -36,6 +36,12 @@ BEST_CHECKPOINT = "best.ckpt"
 PRUNING_HISTORY = "pruning_history.json"
 PRUNING_PLOT = "pruning_history.png"
 PIPELINE_SUMMARY = "summary.json"
+# A deploy stage's output (kdlab.deploy: ONNX files, tokenizer, deploy.json).
+DEPLOY = "deploy"
+DEPLOY_RECORD = "deploy.json"
+# The latency tables show of a deployed model (deployed_figures): a batch of this size on
+# every core.
+SHOWN_BATCH, SHOWN_THREADS = 32, "all"
 # The run's id (config key run_id, the W&B run id), kept so that a resumed run continues it.
 RUN_ID = "run_id.txt"
 # W&B's own folder (wandb.init(dir=<run dir>)): offline-run-<time>-<id>/ per start of the run.
@@ -68,6 +74,7 @@ RUN_FILES = (
     PRUNING_HISTORY,
     PRUNING_PLOT,
     PIPELINE_SUMMARY,
+    DEPLOY,
     WANDB_DIR,
     "csv",
     "*predictions.json",
@@ -144,6 +151,11 @@ class RunDir:
     @property
     def pipeline_summary(self) -> Path:
         return self.path / PIPELINE_SUMMARY
+
+    @property
+    def deploy(self) -> Path:
+        """A deploy stage's output (``kdlab.deploy.stage``); ``deploy.json`` in it."""
+        return self.path / DEPLOY
 
     @property
     def error(self) -> Path:
@@ -458,6 +470,35 @@ def written_whole(directory: Path) -> Iterator[Path]:
         shutil.rmtree(replaced)
     else:
         partial.rename(directory)
+
+
+def deployed_figures(record: dict) -> dict:
+    """What tables show of a ``deploy.json`` (``record``): the deployed model's int8 ONNX file
+    (its fp32 one where there is none) as ``runtime`` and ``file``, its ``bytes``, its
+    latency ``ms`` at batch :data:`SHOWN_BATCH` on every core (None where not timed) and its
+    dev ``metrics`` (``{}`` where not evaluated). Read by the deploy stage
+    (``kdlab.deploy.stage``) and ``kdlab.report``."""
+    model = record["model"]
+    runtime = "onnx_int8" if "onnx_int8" in model["files"] else "onnx_fp32"
+    return {
+        "runtime": runtime,
+        "file": model["files"][runtime],
+        "bytes": model["bytes"][runtime],
+        "ms": shown_latency(record, "model", runtime),
+        "batch": SHOWN_BATCH,
+        "threads": SHOWN_THREADS,
+        "metrics": (model.get("eval") or {}).get(runtime) or {},
+    }
+
+
+def shown_latency(record: dict, model: str, runtime: str) -> float | None:
+    """The median latency in a ``deploy.json`` (``record``) of ``model`` (``model``,
+    ``reference``) under ``runtime`` at batch :data:`SHOWN_BATCH` on every core; None where
+    it was not timed."""
+    shown = (model, runtime, SHOWN_BATCH, SHOWN_THREADS)
+    rows = (record.get("latency") or {}).get("rows", [])
+    keys = ("model", "runtime", "batch", "threads")
+    return next((r["ms"] for r in rows if tuple(r[k] for k in keys) == shown), None)
 
 
 @dataclass(frozen=True)

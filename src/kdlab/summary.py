@@ -60,11 +60,20 @@ def summary_table(title: str, metrics: dict) -> Table:
 
 
 def pipeline_table(title: str, rows: list[dict]) -> Table:
-    """The stages of a pipeline (``kdlab.pipeline.pipeline_summary``) in one table."""
+    """The stages of a pipeline (``kdlab.pipeline.pipeline_summary``) in one table; where a
+    stage deployed its model, the file's size and latency too (other stages: ``-``)."""
     table = Table(title=title)
-    for column in ("stage", "method", "student", "metric", "val", "test", "parameters", "time"):
+    columns = ["stage", "method", "student", "metric", "val", "test", "parameters", "time"]
+    deployed = [row.get("deployed") for row in rows]
+    shown = next((d for d in deployed if d), None)
+    if shown:
+        columns += ["file", f"ms / batch {shown['batch']}"]
+    for column in columns:
         table.add_column(column, justify="left" if column in ("stage", "method") else "right")
-    for row in rows:
+    for row, deploy in zip(rows, deployed, strict=True):
+        cells = []
+        if shown:
+            cells = ["-", "-"] if not deploy else [format_bytes(deploy["bytes"]), _ms(deploy["ms"])]
         table.add_row(
             row["stage"] + ("" if row["ran"] else " (done before)"),
             row["method"],
@@ -74,8 +83,18 @@ def pipeline_table(title: str, rows: list[dict]) -> Table:
             _fmt(row["test"]),
             format_count(row["params"]),
             "-" if row["wall_time_s"] is None else f"{row['wall_time_s']:.0f} s",
+            *cells,
         )
     return table
+
+
+def format_bytes(n: float) -> str:
+    """A file size in MB (``23.0 MB``) or KB (``880.1 KB``), powers of 1000."""
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} KB"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def format_count(n: float) -> str:

@@ -177,7 +177,8 @@ def _build(cfg: DictConfig, steps: list[Step], **given: Any) -> dict[str, Any]:
 
 
 def run(cfg: DictConfig, on_claim: Callable[[], None] | None = None) -> dict:
-    """Train one configuration and write its run directory; returns ``metrics.json``'s dict.
+    """Train one configuration (or deploy a model: ``deploy=onnx``, :mod:`kdlab.deploy.stage`)
+    and write its run directory; returns ``metrics.json``'s dict.
 
     Args:
         cfg: the run's config.
@@ -197,12 +198,15 @@ def run(cfg: DictConfig, on_claim: Callable[[], None] | None = None) -> dict:
     if on_claim is not None:
         on_claim()
     L.seed_everything(cfg.seed, workers=True)
-    parts = assemble(cfg)
-    trainer = parts.trainer
-    # The logger's run (W&B) ends with this block, failed if it raises: a later run in the
-    # same process (the next sweep job or pipeline stage) must not log into it.
-    with logger_run(trainer.logger):
-        metrics = _fit_and_export(cfg, parts, run_dir, ckpt_path)
+    if cfg.get("deploy") is not None:
+        # Rank 0 alone deploys (the other ranks of a pipeline wait for its metrics.json).
+        metrics = build(cfg, "deploy").run(cfg, run_dir) if rank_zero_only.rank == 0 else {}
+    else:
+        parts = assemble(cfg)
+        # The logger's run (W&B) ends with this block, failed if it raises: a later run in
+        # the same process (the next sweep job or pipeline stage) must not log into it.
+        with logger_run(parts.trainer.logger):
+            metrics = _fit_and_export(cfg, parts, run_dir, ckpt_path)
     if metrics:
         metrics["wall_time_s"] = round(time.perf_counter() - start, 1)
         text = json.dumps(metrics, indent=2)

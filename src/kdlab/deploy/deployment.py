@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 from torch import Tensor
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from kdlab.components import target_of
 from kdlab.deploy.evaluation import evaluate_models, task_config, task_datamodule
@@ -32,18 +32,14 @@ from kdlab.deploy.vocabulary import check_prunable, kept_ids, prune_vocabulary
 from kdlab.errors import ConfigError
 from kdlab.models.build import ModelSource, count_parameters
 from kdlab.models.heads import HEADS, model_inputs
-from kdlab.rundir import check_output_dir, written_whole
+from kdlab.rundir import DEPLOY_RECORD, check_output_dir, written_whole
 from kdlab.summary import table_console
 
 log = logging.getLogger("kdlab")
 
 PARITY_TOLERANCE = 1e-4
-ONNX_FILE, INT8_FILE, RECORD_FILE, REFERENCE_DIR = (
-    "model.onnx",
-    "model_int8.onnx",
-    "deploy.json",
-    "reference",
-)
+ONNX_FILE, INT8_FILE, REFERENCE_DIR = "model.onnx", "model_int8.onnx", "reference"
+RECORD_FILE = DEPLOY_RECORD
 # Parity inputs when no task is given (--eval): sentences of different lengths, padded into
 # one batch, so that masked positions are part of the check.
 PARITY_TEXTS = (
@@ -71,9 +67,10 @@ def deploy(
     *,
     int8: bool = False,
     per_channel: bool = False,
-    prune_vocab: list[str] | None = None,
-    eval_overrides: list[str] | None = None,
+    prune_vocab: list[str] | DictConfig | None = None,
+    eval_overrides: list[str] | DictConfig | None = None,
     reference: str | Path | None = None,
+    eval_reference: bool = True,
     latency: bool = False,
     seq_len: int | None = None,
     runs: int = 20,
@@ -89,12 +86,16 @@ def deploy(
             tokenizer files (and the pruned model's weights) and ``deploy.json``.
         int8: also write the dynamically int8-quantised ``model_int8.onnx``.
         per_channel: int8 scales per output channel rather than per weight tensor.
-        prune_vocab: text files (one text a line), or ``["task=<name>", *overrides]`` for the
-            task's training and validation inputs: keep only their tokens and the special ones.
-        eval_overrides: ``["task=<name>", *overrides]``: the task's dev metrics for the PyTorch
-            model and each ONNX file, and parity on its first dev batch.
+        prune_vocab: text files (one text a line), or ``["task=<name>", *overrides]`` (or a
+            composed config: a pipeline stage's) for the task's training and validation
+            inputs: keep only their tokens and the special ones.
+        eval_overrides: ``["task=<name>", *overrides]`` (or a composed config): the task's dev
+            metrics for the PyTorch model and each ONNX file, and parity on its first dev
+            batch.
         reference: a second model (the teacher), deployed the same way into
             ``out_dir/reference``; both are then timed side by side.
+        eval_reference: evaluate the reference too with ``eval_overrides`` (a pipeline's
+            deploy stage does not: its teacher's stage has its figures).
         latency: time the model (and the reference) even without ``reference``.
         seq_len: tokens per timed sequence (default: the ``max_seq_length`` of the task of
             ``eval_overrides`` or ``prune_vocab``, else 128).
@@ -122,11 +123,12 @@ def deploy(
         )
     if eval_overrides and not _is_task(eval_overrides):
         raise ConfigError(f"--eval takes task=<name> [overrides...], not {eval_overrides[0]!r}.")
-    eval_cfg = task_config(eval_overrides) if eval_overrides else None
+    eval_cfg = _task_cfg(eval_overrides) if eval_overrides else None
+    evaluated = [role for role in sources if role == "model" or eval_reference]
     if eval_cfg is not None:
-        for role, path in sources.items():
-            check_task_fits(eval_cfg, path, heads[role], role)
-    prune_cfg = task_config(prune_vocab) if _is_task(prune_vocab) else None
+        for role in evaluated:
+            check_task_fits(eval_cfg, sources[role], heads[role], role)
+    prune_cfg = _task_cfg(prune_vocab) if _is_task(prune_vocab) else None
     task_cfg = eval_cfg or prune_cfg
     if seq_len is None:
         seq_len = int(task_cfg.task.max_seq_length) if task_cfg else 128
@@ -146,7 +148,7 @@ def deploy(
                 vocabulary_files,
                 int8=int8,
                 per_channel=per_channel,
-                eval_cfg=eval_cfg,
+                eval_cfg=eval_cfg if role in evaluated else None,
             )
             record[role] = result
             deployed.append(runtimes)
@@ -204,8 +206,13 @@ def check_task_fits(cfg: DictConfig, model_dir: Path, head: str, role: str = "mo
         )
 
 
-def _is_task(spec: list[str] | None) -> bool:
-    return bool(spec) and spec[0].startswith("task=")
+def _is_task(spec: list[str] | DictConfig | None) -> bool:
+    return isinstance(spec, DictConfig) or bool(spec) and spec[0].startswith("task=")
+
+
+def _task_cfg(spec: list[str] | DictConfig) -> DictConfig:
+    """The composed config of ``["task=<name>", *overrides]``; a config as it is."""
+    return spec if isinstance(spec, DictConfig) else task_config(spec)
 
 
 def _deploy_one(
@@ -257,7 +264,7 @@ def _deploy_one(
 
     names = input_names(model, tokenizer.model_input_names)
     datamodule = task_datamodule(eval_cfg, tokenizer) if eval_cfg is not None else None
-    parity_inputs = _parity_inputs(tokenizer, names, datamodule)
+    parity_inputs = _parity_inputs(model, tokenizer, names, datamodule)
     onnx_path = out_dir / ONNX_FILE
     export_onnx(model, head, parity_inputs, onnx_path)
     record["inputs"] = names
@@ -270,7 +277,7 @@ def _deploy_one(
     record["files"] = {name: path.name for name, path in files.items()}
     record["bytes"] = {name: path.stat().st_size for name, path in files.items()}
 
-    onnx_models = {name: OnnxModel(path, head) for name, path in files.items()}
+    onnx_models = {name: OnnxModel(path, head, config=model.config) for name, path in files.items()}
     differences = {
         name: max_abs_difference(model, onnx, head, parity_inputs)
         for name, onnx in onnx_models.items()
@@ -337,13 +344,13 @@ def _describe(task_cfg: DictConfig | None, files: list[Path]) -> str:
 
 
 def _parity_inputs(
-    tokenizer: PreTrainedTokenizerBase, names: list[str], datamodule
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, names: list[str], datamodule
 ) -> dict[str, Tensor]:
     """A batch ``[B, T]`` of the model's inputs: the task's first dev batch, or
     :data:`PARITY_TEXTS`."""
     if datamodule is not None:
         batch = next(iter(datamodule.val_dataloader(by_length=False)[0]))
-        return {k: v for k, v in model_inputs(batch).items() if k in names}
+        return {k: v for k, v in model_inputs(batch, model).items() if k in names}
     encoded = tokenizer(list(PARITY_TEXTS), padding=True, truncation=True, return_tensors="pt")
     return {name: encoded[name] for name in names}
 

@@ -28,7 +28,7 @@ import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.transformers import optimizer
 from torch import Tensor, nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import (
     QuestionAnsweringModelOutput,
     SequenceClassifierOutput,
@@ -161,10 +161,15 @@ class OnnxModel(nn.Module):
         path: the ``.onnx`` file.
         head: the model's head (:data:`OUTPUT_TYPES` key).
         threads: ONNX Runtime's intra-op threads (0: its default).
+        config: the exported model's config, which kdlab's evaluation reads as a
+            ``transformers`` model's (``kdlab.models.heads.model_inputs``: its segments).
     """
 
-    def __init__(self, path: Path, head: str, threads: int = 0) -> None:
+    def __init__(
+        self, path: Path, head: str, threads: int = 0, config: PretrainedConfig | None = None
+    ) -> None:
         super().__init__()
+        self.config = config
         self.session = session(path, threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_type = OUTPUT_TYPES[head]

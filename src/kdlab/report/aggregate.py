@@ -138,6 +138,10 @@ class Row:
         seeds: the seeds of the runs.
         selected_on_val: whether ``val`` comes (in part) from checkpoints selected on the
             validation set.
+        deployed_bytes: mean size of the deployed ONNX file (int8 where there is one) of
+            the runs with a ``deploy/deploy.json``.
+        deployed_ms: its mean latency (batch ``kdlab.rundir.SHOWN_BATCH``, every core).
+        deployed_val: its metric on validation, where the deploy evaluated it.
     """
 
     task: str
@@ -151,6 +155,9 @@ class Row:
     speedup: float | None
     seeds: list = field(default_factory=list)
     selected_on_val: bool = False
+    deployed_bytes: float | None = None
+    deployed_ms: float | None = None
+    deployed_val: Stat | None = None
 
 
 @dataclass
@@ -173,6 +180,11 @@ class Report:
     def incomplete(self) -> list[RunRecord]:
         """The failed and unfinished runs."""
         return [r for r in self.records if r.status != FINISHED]
+
+    @property
+    def deployed(self) -> bool:
+        """Whether some row has deployed figures (the report then shows their columns)."""
+        return any(r.deployed_bytes is not None for r in self.rows)
 
     @property
     def counts(self) -> Counter:
@@ -252,10 +264,21 @@ def aggregate(
                 speedup=_mean(r.speedup for r in runs),
                 seeds=sorted((r.seed for r in runs), key=natural_key),
                 selected_on_val=any(r.selected_on_val for r in runs),
+                **_deployed(runs, name),
             )
         )
     rows.sort(key=_row_order)
     return rows + _glue_rows(groups)
+
+
+def _deployed(runs: Sequence[RunRecord], metric: str) -> dict:
+    """The :class:`Row` fields of the runs' deployed models (None where no run has one)."""
+    deployed = [r.deployed for r in runs if r.deployed is not None]
+    return {
+        "deployed_bytes": _mean(d["bytes"] for d in deployed),
+        "deployed_ms": _mean(d["ms"] for d in deployed),
+        "deployed_val": Stat.of(d["metrics"].get(f"val/{metric}") for d in deployed),
+    }
 
 
 def glue_task_score(metrics: dict, task: str, split: str = "val") -> float | None:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from kdlab.rundir import RunDir
+from kdlab.rundir import DEPLOY_RECORD, RunDir, deployed_figures
 
 FINISHED = "finished"
 FAILED = "failed"
@@ -85,7 +85,10 @@ class RunRecord:
 
     @property
     def method(self) -> str:
-        """The method name (``method.name``)."""
+        """The method name (``method.name``); ``deploy`` for a run that deployed a model
+        instead of training one (``deploy=onnx``)."""
+        if self.config.get("deploy") is not None:
+            return "deploy"
         return str(_lookup(self.config, "method.name", MISSING))
 
     @property
@@ -136,6 +139,18 @@ class RunRecord:
     def speedup(self) -> float | None:
         """Teacher / student inference time per batch, for runs with a teacher."""
         return ((self.metrics or {}).get("inference") or {}).get("speedup")
+
+    @cached_property
+    def deployed(self) -> dict | None:
+        """What the run's ``deploy/deploy.json`` says of its deployed model
+        (:func:`kdlab.rundir.deployed_figures`), where it has one (a deploy stage, or
+        ``kdlab.deploy`` run into ``<run>/deploy``); None where it has none or it is
+        unreadable."""
+        path = RunDir(self.path).deploy / DEPLOY_RECORD
+        try:
+            return deployed_figures(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     @cached_property
     def flat(self) -> dict[str, str]:

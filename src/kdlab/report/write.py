@@ -15,7 +15,8 @@ from rich.table import Table
 
 from kdlab.report.aggregate import GLUE_AVERAGES, History, Report, Row, Stat, search_history
 from kdlab.report.collect import FAILED, FINISHED, MISSING, UNFINISHED, RunRecord
-from kdlab.summary import format_count
+from kdlab.rundir import SHOWN_BATCH
+from kdlab.summary import format_bytes, format_count
 
 MARKDOWN = "report.md"
 CSV = "report.csv"
@@ -35,11 +36,11 @@ def report_tables(report: Report) -> list[Table]:
         f"{counts[UNFINISHED]} unfinished",
         caption=caption,
     )
-    header = _row_header(report.keys)
+    header = _row_header(report)
     for column in header:
         main.add_column(column, justify="right" if column in _NUMERIC_COLUMNS else "left")
     for row in report.rows:
-        main.add_row(*_row_cells(row, report.keys))
+        main.add_row(*_row_cells(row, report))
     tables = [main]
     if report.incomplete:
         other = Table(title="failed and unfinished runs")
@@ -71,9 +72,7 @@ def write_markdown(report: Report, path: str | Path) -> Path:
         )
     lines += [
         "",
-        *_markdown_table(
-            _row_header(report.keys), [_row_cells(r, report.keys) for r in report.rows]
-        ),
+        *_markdown_table(_row_header(report), [_row_cells(r, report) for r in report.rows]),
     ]
     if any(r.selected_on_val for r in report.rows):
         lines += ["", f"{SELECTED_ON_VAL} {_SELECTED_NOTE}"]
@@ -110,6 +109,11 @@ def write_csv(report: Report, path: str | Path) -> Path:
                 "params",
                 "speedup",
                 "seeds",
+                *(
+                    ("deployed_bytes", "deployed_ms", "deployed_val_mean")
+                    if report.deployed
+                    else ()
+                ),
             ]
         )
         for row in report.rows:
@@ -126,6 +130,7 @@ def write_csv(report: Report, path: str | Path) -> Path:
                     "" if row.params is None else row.params,
                     "" if row.speedup is None else row.speedup,
                     " ".join(str(s) for s in row.seeds),
+                    *(_deployed_fields(row) if report.deployed else ()),
                 ]
             )
     return path
@@ -249,18 +254,25 @@ def write_report(report: Report, out: str | Path) -> dict[str, Path]:
     return written
 
 
-_NUMERIC_COLUMNS = frozenset({"val", "n", "test", "params", "speed-up"})
+# Columns of the deployed ONNX model (int8 where there is one), shown where a run has one.
+_DEPLOYED_COLUMNS = ("ONNX file", f"ONNX ms / batch {SHOWN_BATCH}", "ONNX val")
+_NUMERIC_COLUMNS = frozenset({"val", "n", "test", "params", "speed-up", *_DEPLOYED_COLUMNS})
 _SELECTED_NOTE = (
     "validation figures of checkpoints selected on that same validation set (the best by "
     "callbacks.model_checkpoint.monitor): optimistic as estimates of held-out performance."
 )
 
 
-def _row_header(keys: Sequence[str]) -> list[str]:
-    return ["task", "method", "model", *keys, "metric", "val", "n", "test", "params", "speed-up"]
+def _row_header(report: Report) -> list[str]:
+    return [
+        *("task", "method", "model", *report.keys, "metric", "val", "n", "test", "params"),
+        "speed-up",
+        *(_DEPLOYED_COLUMNS if report.deployed else ()),
+    ]
 
 
-def _row_cells(row: Row, keys: Sequence[str]) -> list[str]:
+def _row_cells(row: Row, report: Report) -> list[str]:
+    keys = report.keys
     val = "-" if row.val is None else str(row.val)
     if row.val is not None and row.selected_on_val:
         val += f" {SELECTED_ON_VAL}"
@@ -278,6 +290,23 @@ def _row_cells(row: Row, keys: Sequence[str]) -> list[str]:
         test,
         "-" if row.params is None else format_count(row.params),
         "-" if row.speedup is None else f"{row.speedup:.2f}x",
+        *(_deployed_cells(row) if report.deployed else ()),
+    ]
+
+
+def _deployed_cells(row: Row) -> list[str]:
+    return [
+        "-" if row.deployed_bytes is None else format_bytes(row.deployed_bytes),
+        "-" if row.deployed_ms is None else f"{row.deployed_ms:.1f}",
+        "-" if row.deployed_val is None else str(row.deployed_val),
+    ]
+
+
+def _deployed_fields(row: Row) -> list:
+    return [
+        "" if row.deployed_bytes is None else row.deployed_bytes,
+        "" if row.deployed_ms is None else row.deployed_ms,
+        "" if row.deployed_val is None else row.deployed_val.mean,
     ]
 
 
