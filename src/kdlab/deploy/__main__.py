@@ -34,9 +34,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="where model.onnx, the tokenizer and deploy.json go")
     p.add_argument("--int8", action="store_true", help="also write model_int8.onnx")
     p.add_argument(
-        "--per-channel",
+        "--per-tensor",
         action="store_true",
-        help="int8 scales per output channel (default: one per weight tensor)",
+        help="one int8 scale per weight tensor (default: one per output channel)",
     )
     p.add_argument(
         "--prune-vocab",
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
             args.model_dir,
             args.out_dir,
             int8=args.int8,
-            per_channel=args.per_channel,
+            per_channel=not args.per_tensor,
             prune_vocab=args.prune_vocab,
             eval_overrides=args.eval,
             reference=args.reference,

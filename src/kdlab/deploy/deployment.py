@@ -66,7 +66,7 @@ def deploy(
     out_dir: str | Path,
     *,
     int8: bool = False,
-    per_channel: bool = False,
+    per_channel: bool = True,
     prune_vocab: list[str] | DictConfig | None = None,
     eval_overrides: list[str] | DictConfig | None = None,
     reference: str | Path | None = None,

@@ -131,17 +131,37 @@ def quantise_int8(source: Path, target: Path, per_channel: bool) -> None:
         )
 
 
+class _KnownNoise(logging.Filter):
+    """Warnings that say nothing about this export: torch's exporter lists every torchvision
+    operator it skips when torchvision is absent, and the quantiser suggests its
+    pre-processing on every call."""
+
+    MARKS = ("torchvision is not installed", "consider to run pre-processing before quantization")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(mark in record.getMessage() for mark in self.MARKS)
+
+
 @contextmanager
 def _warnings_only() -> Iterator[None]:
-    """Within the block no logger passes INFO or below: the exporter's onnx_ir and ONNX
+    """Within the block no logger passes INFO or below (the exporter's onnx_ir and ONNX
     Runtime's optimiser and quantiser log each step at INFO, on loggers named after their
-    modules."""
+    modules), nor the warnings of :class:`_KnownNoise`."""
     previous = logging.root.manager.disable
     logging.disable(logging.INFO)
+    noise = _KnownNoise()
+    loggers = [
+        logging.getLogger(),
+        logging.getLogger("torch.onnx._internal.exporter._registration"),
+    ]
+    for logger in loggers:
+        logger.addFilter(noise)
     try:
         yield
     finally:
         logging.disable(previous)
+        for logger in loggers:
+            logger.removeFilter(noise)
 
 
 def session(path: Path, threads: int = 0) -> onnxruntime.InferenceSession:

@@ -42,7 +42,7 @@ class DeployStage:
         model: Annotated[str, ModelSource(tokenizer=True)],
         reference: Annotated[str, ModelSource(tokenizer=True)] | None = None,
         int8: bool = True,
-        per_channel: bool = False,
+        per_channel: bool = True,
         prune_vocab: bool = False,
         eval: bool = True,
         latency: bool = True,
