@@ -42,7 +42,7 @@ from benchmarks import common
 from benchmarks import step_overhead as overhead
 from benchmarks import teacher_cache as cache_bench
 from kdlab.deploy import deploy
-from kdlab.deploy.latency import thread_counts
+from kdlab.deploy.latency import median_ms, thread_counts
 from kdlab.train import CONF_DIR
 
 # The fallback of --quick: a tiny random teacher, and half its width as the student.
@@ -156,6 +156,7 @@ def speed_and_size(
         f"{r['model']}/{r['runtime']}/{r['batch']}/{r['threads']}": r["ms"]
         for r in timed["latency"]["rows"]
     }
+    ms |= eager_attention_teacher(args, teacher_dir)
     return {
         "seq_len": args.seq_len,
         "threads": thread_counts(),
@@ -170,6 +171,35 @@ def speed_and_size(
         },
         "vocabulary": pruned["model"]["vocabulary"],
     }
+
+
+def eager_attention_teacher(args: argparse.Namespace, teacher_dir: Path) -> dict[str, float]:
+    """The PyTorch teacher with ``attn_implementation="eager"`` (transformers' own softmax
+    attention, not the SDPA kernel it runs by default), one thread, batch 1 and 32: the
+    baseline the issue's table measured (687 ms at batch 32), timed beside the rest."""
+    teacher = AutoModelForSequenceClassification.from_pretrained(
+        teacher_dir, attn_implementation="eager"
+    ).eval()
+    generator = torch.Generator().manual_seed(0)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    figures = {}
+    try:
+        for batch in (1, 32):
+            ids = torch.randint(
+                teacher.config.vocab_size, (batch, args.seq_len), generator=generator
+            )
+            mask = torch.ones_like(ids)
+            with torch.inference_mode():
+                ms = median_ms(
+                    lambda i=ids, m=mask: teacher(input_ids=i, attention_mask=m),
+                    args.runs,
+                    args.warmup,
+                )
+            figures[f"reference/pytorch_eager_attention/{batch}/1"] = round(ms, 3)
+    finally:
+        torch.set_num_threads(previous)
+    return figures
 
 
 def accuracy(args: argparse.Namespace, workdir: Path) -> dict:
@@ -241,6 +271,11 @@ def report_lines(figures: dict) -> list[str]:
     for batch, target in INT8_SPEEDUP.items():
         ratio = ms[f"reference/pytorch/{batch}/{one}"] / ms[f"model/onnx_int8/{batch}/{one}"]
         lines.append(check(f"int8 student over eager teacher, batch {batch}", ratio, target))
+        slow = ms[f"reference/pytorch_eager_attention/{batch}/{one}"]
+        lines.append(
+            f"         (teacher with eager attention instead of SDPA, as the issue's table: "
+            f"{slow:.1f} ms, {slow / ms[f'model/onnx_int8/{batch}/{one}']:.2f}x)"
+        )
     fraction = sizes["student_int8_pruned"] / sizes["teacher_fp32"]
     lines.append(
         check("pruned int8 student file / teacher fp32 file", fraction, SIZE_FRACTION, True)
