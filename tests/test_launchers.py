@@ -50,6 +50,8 @@ def job_dirs(sweep: Path) -> list[Path]:
     return sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+# Several processes for tens of seconds: in the slow suite, as the other cluster checks.
+@pytest.mark.slow
 def test_ddp_multirun_starts_each_job_once_with_its_own_ranks(tmp_path, glue_root, teacher_dir):
     """Two jobs of two gloo processes each. Lightning starts rank 1 by re-running the command
     line: with -m that was the whole sweep again, in another directory."""
@@ -86,6 +88,8 @@ def test_ddp_multirun_starts_each_job_once_with_its_own_ranks(tmp_path, glue_roo
     assert len({ranks[1]["rank1"]["pid"], ranks[2]["rank1"]["pid"], ranks[1]["rank0"]["pid"]}) == 3
 
 
+# Several processes for tens of seconds: in the slow suite, as the other cluster checks.
+@pytest.mark.slow
 def test_a_failed_ddp_job_leaves_no_process_group_to_the_next(tmp_path, glue_root, teacher_dir):
     """Two DDP jobs in the sweep's process: the first fails once its process group is up, the
     second sets up a group of its own with a new rank 1. (A group left alive made Lightning
@@ -117,6 +121,8 @@ def test_a_failed_ddp_job_leaves_no_process_group_to_the_next(tmp_path, glue_roo
     assert all(r["world_size"] == 2 and r["seed"] == 2 for r in records.values())
 
 
+# Several processes for tens of seconds: in the slow suite, as the other cluster checks.
+@pytest.mark.slow
 def test_local_launcher_runs_each_job_in_a_submitit_process(tmp_path, glue_root, teacher_dir):
     sweep = tmp_path / "sweep"
     proc = run_cli(
@@ -146,6 +152,8 @@ def test_local_launcher_runs_each_job_in_a_submitit_process(tmp_path, glue_root,
         assert returned[f"seed={seed}"] == metrics["student"]["val/accuracy"]
 
 
+# Several processes for tens of seconds: in the slow suite, as the other cluster checks.
+@pytest.mark.slow
 def test_a_killed_local_job_is_a_failed_job_with_a_rerun_command_that_works(
     tmp_path, glue_root, teacher_dir
 ):

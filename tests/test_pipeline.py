@@ -177,6 +177,8 @@ def run_slurm_tasks(overrides: list[str], tasks: int, out: Path, timeout: float 
     return texts
 
 
+# Several processes for tens of seconds: in the slow suite, as the other cluster checks.
+@pytest.mark.slow
 def test_a_pipeline_on_slurm_keeps_its_ranks_together(tmp_path, glue_root, teacher_dir):
     """A 2-stage pipeline as the 2 tasks of a SLURM job (gloo), each running the whole
     pipeline: rank 1 waits for rank 0 to export stage 'teacher' before stage 'student' reads

@@ -117,6 +117,8 @@ def test_last_checkpoint_follows_every_epoch(make_cfg, tmp_path):
     assert _global_step(tmp_path / "run" / "checkpoints" / "best.ckpt") == 6
 
 
+# Several processes for tens of seconds: in the slow suite, as the other cluster checks.
+@pytest.mark.slow
 def test_every_ddp_rank_resumes_its_own_dropout_masks(tmp_path, glue_root, teacher_dir):
     """2 gloo processes, 3 steps an epoch, killed after epoch 0, resumed: each rank draws the
     dropout masks of the uninterrupted run. (Rank 0's states restored on every rank made rank
