@@ -347,6 +347,8 @@ def test_a_deploy_stage_ends_a_pipeline(pipeline, tmp_path):
     metrics = json.loads(RunDir(run / "deploy").metrics.read_text())
     teacher = json.loads(RunDir(run / "teacher").metrics.read_text())["student"]
     assert metrics["teacher"]["val/accuracy"] == teacher["val/accuracy"]
+    # ... and its size: the trained teacher's, not its vocabulary-pruned copy's.
+    assert metrics["teacher"]["params"] == teacher["params"] > record["reference"]["parameters"]
     assert metrics["student"]["name"] == "bert_tiny, onnx int8"
     assert metrics["inference"]["student_ms_per_batch"] == deployed["ms"]
 
