@@ -1,11 +1,9 @@
 """Every method × model family runs a few optimizer steps, on tiny random models of each
 family written to disk here (``transformers`` configs, no hub) with the fixture tokenizer.
 
-Unpruned methods run over :data:`LOCAL`, this file's tiny config of every family kdlab
-supports, and any other family of ``tests/families.py``'s :data:`~tests.families.TINY`;
-pruning needs the family's module under ``src/kdlab/families/``, so pruned cells run over
-TINY (one config per family module). Each run is in-process, 4 optimizer steps, with the
-models shared by the module.
+Every cell runs over ``tests/families.py``'s :data:`~tests.families.TINY`, one tiny config
+per family module under ``src/kdlab/families/``. Each run is in-process, 4 optimizer steps,
+with the models shared by the module.
 """
 
 import csv
@@ -19,12 +17,7 @@ from transformers import (
     AutoConfig,
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
-    BertConfig,
-    DebertaV2Config,
-    ElectraConfig,
-    ModernBertConfig,
     PretrainedConfig,
-    RobertaConfig,
 )
 
 import kdlab.train
@@ -34,34 +27,12 @@ from kdlab.errors import ConfigError
 from kdlab.models.heads import model_inputs
 from kdlab.rundir import RunDir
 from tests.conftest import QUIET_CPU_RUN, build_student, build_teacher, compose
-from tests.families import SHAPE, TARGET, TINY, tiny_config
+from tests.families import TARGET, TINY, tiny_config
 from tests.fixtures import write_corpus, write_glue, write_tokenizer
 
-# hidden 32 = 4 heads of 8, FFN 64, 3 layers, 64 positions; vocabulary and special-token ids
-# are the fixture tokenizer's ([PAD] 0, [CLS] 2, [SEP] 3, [MASK] 4), set by `_fit`.
-LOCAL: dict[str, PretrainedConfig] = {
-    "bert": BertConfig(**SHAPE),
-    # 2 more position rows, as roberta-base's 514: positions count from pad_token_id + 1.
-    "roberta": RobertaConfig(**{**SHAPE, "max_position_embeddings": 66}, type_vocab_size=1),
-    # A factorised embedding: 16 wide, projected to the hidden 32.
-    "electra": ElectraConfig(**SHAPE, embedding_size=16),
-    # DeBERTa-v3's layout: relative positions only, disentangled attention, no token types.
-    "deberta-v2": DebertaV2Config(
-        **SHAPE,
-        relative_attention=True,
-        position_biased_input=False,
-        pos_att_type=["p2c", "c2p"],
-        norm_rel_ebd="layer_norm",
-        share_att_key=True,
-        max_relative_positions=-1,
-        position_buckets=16,
-        type_vocab_size=0,
-    ),
-    # Alternating global/local attention (layers 0 and 2 global), fused QKV, gated FFN.
-    "modernbert": ModernBertConfig(**SHAPE, global_attn_every_n_layers=2, local_attention=16),
-}
-# Families of the unpruned cells (model types).
-FAMILIES = [*LOCAL, *(f for f in TINY if f not in LOCAL)]
+# tests/families.py's tiny config of every family, with the fixture tokenizer's vocabulary
+# and special-token ids ([PAD] 0, [CLS] 2, [SEP] 3, [MASK] 4), set by `_fit`.
+FAMILIES = list(TINY)
 STEPS = 4
 CLASSIFICATION = ["finetune", "kd", "pd", "mixkd"]
 
@@ -91,20 +62,18 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """``saved(source, family, head)``: the directory of a tiny random model of ``family``
-    with ``head`` ("cls": 2 labels; "mlm"), written once per module; its config is LOCAL's
-    (``source="local"``, where LOCAL has the family) or TINY's (``"tiny"``)."""
+    """``saved(family, head)``: the directory of a tiny random model of ``family`` (its TINY
+    config) with ``head`` ("cls": 2 labels; "mlm"), written once per module."""
     root = tmp_path_factory.mktemp("family_models")
     written: dict[tuple, Path] = {}
     classes = {"cls": AutoModelForSequenceClassification, "mlm": AutoModelForMaskedLM}
 
-    def get(source: str, family: str, head: str) -> Path:
-        key = (source, family, head)
+    def get(family: str, head: str) -> Path:
+        key = (family, head)
         if key not in written:
             directory = root / "-".join(key)
             tokenizer = write_tokenizer(directory)
-            config = LOCAL[family] if source == "local" and family in LOCAL else tiny_config(family)
-            config = _fit(config, tokenizer)
+            config = _fit(tiny_config(family), tokenizer)
             if head == "cls":
                 config.num_labels = 2
             torch.manual_seed(0)
@@ -174,7 +143,7 @@ def _assert_compact_rebuilds(run_dir: Path, exported) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", CLASSIFICATION)
 def test_classification_methods_train_every_family(method, family, saved, data, tmp_path):
-    teacher = saved("local", family, "cls")
+    teacher = saved(family, "cls")
     if method == "finetune":
         student = ["model=pretrained", f"model.path={teacher}"]
     else:  # the teacher's first 2 of 3 layers
@@ -187,7 +156,7 @@ def test_classification_methods_train_every_family(method, family, saved, data, 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mlm_trains_every_family(family, saved, data, tmp_path):
-    model = saved("local", family, "mlm")
+    model = saved(family, "mlm")
     _run(tmp_path, data, model, "mlm", "model=pretrained", f"model.path={model}")
     _assert_trained(tmp_path / "run", model, AutoModelForMaskedLM, family)
 
@@ -212,16 +181,16 @@ HALF = [f"model.target.{k}={v}" for k, v in TARGET.items()]
 PRUNED = ["model=pruned", *HALF, "pruning.update_interval=1"]
 
 
-@pytest.mark.parametrize("family", list(TINY))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_homodistil_prunes_every_family(family, saved, data, tmp_path):
-    _run(tmp_path, data, saved("tiny", family, "mlm"), "homodistil", *PRUNED)
+    _run(tmp_path, data, saved(family, "mlm"), "homodistil", *PRUNED)
     assert all(math.isfinite(x) for x in _losses(tmp_path / "run"))
     _assert_pruned_to_target(tmp_path / "run", AutoModelForMaskedLM, family)
 
 
-@pytest.mark.parametrize("family", list(TINY))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_kd_with_pruning_prunes_every_family(family, saved, data, tmp_path):
-    _run(tmp_path, data, saved("tiny", family, "cls"), "kd", *PRUNED, "pruning=homotopic")
+    _run(tmp_path, data, saved(family, "cls"), "kd", *PRUNED, "pruning=homotopic")
     assert all(math.isfinite(x) for x in _losses(tmp_path / "run"))
     _assert_pruned_to_target(tmp_path / "run", AutoModelForSequenceClassification, family)
 
@@ -229,7 +198,7 @@ def test_kd_with_pruning_prunes_every_family(family, saved, data, tmp_path):
 # ------------------------------------------------------------------- models of a family
 @pytest.mark.parametrize("family", FAMILIES)
 def test_truncated_students_keep_the_teachers_first_layers(family, saved, tmp_path, caplog):
-    teacher_dir = saved("local", family, "cls")
+    teacher_dir = saved(family, "cls")
     cfg = compose(
         [
             "model=truncated",
@@ -256,7 +225,7 @@ def test_truncated_students_keep_the_teachers_first_layers(family, saved, tmp_pa
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_truncation_beyond_the_teachers_depth_is_refused(family, saved, tmp_path):
-    teacher_dir = saved("local", family, "cls")
+    teacher_dir = saved(family, "cls")
     cfg = compose(
         ["model=truncated", "model.num_layers=4", "teacher=local", f"teacher.path={teacher_dir}"]
         + [f"run_dir={tmp_path}"]
@@ -282,7 +251,7 @@ def test_max_seq_length_is_refused_exactly_beyond_the_positions_a_model_embeds(
     """What the config check accepts runs; where positions are embedded rows (not
     ModernBERT's rotary ones) what runs is accepted: RoBERTa's 66 rows from padding index 0
     hold 65 positions, DeBERTa-v3 (relative positions only) takes any length."""
-    path = saved("local", family, "cls")
+    path = saved(family, "cls")
     model = AutoModelForSequenceClassification.from_pretrained(path).eval()
     cfg = compose(
         ["method=finetune", "model=pretrained", f"model.path={path}", "task=rte"]
@@ -304,7 +273,7 @@ def test_max_seq_length_is_refused_exactly_beyond_the_positions_a_model_embeds(
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_token_types_reach_only_a_model_that_embeds_two_segments(family, saved):
-    model = AutoModelForSequenceClassification.from_pretrained(saved("local", family, "cls"))
+    model = AutoModelForSequenceClassification.from_pretrained(saved(family, "cls"))
     batch = {
         "input_ids": torch.tensor([[2, 5, 3, 6, 3]]),
         "attention_mask": torch.ones(1, 5, dtype=torch.long),

@@ -39,7 +39,6 @@ log = logging.getLogger("kdlab")
 
 PARITY_TOLERANCE = 1e-4
 ONNX_FILE, INT8_FILE, REFERENCE_DIR = "model.onnx", "model_int8.onnx", "reference"
-RECORD_FILE = DEPLOY_RECORD
 # Parity inputs when no task is given (--eval): sentences of different lengths, padded into
 # one batch, so that masked positions are part of the check.
 PARITY_TEXTS = (
@@ -159,7 +158,7 @@ def deploy(
         record["versions"] = {
             name: version(name) for name in ("torch", "transformers", "onnx", "onnxruntime")
         }
-        (partial / RECORD_FILE).write_text(json.dumps(record, indent=2))
+        (partial / DEPLOY_RECORD).write_text(json.dumps(record, indent=2))
     log.info("Deployed %s to %s", model_dir, out_dir)
     return record
 

@@ -219,11 +219,15 @@ class MixKD(BaseMethod):
         local = {k: batch[k] for k in (*inputs, "labels") if k in batch}
         if not self.distributed:
             return local
+        # One collective for the lengths of every id set: [W, sets].
+        lengths = [batch[prefix + "input_ids"].size(1) for prefix in id_sets]
+        device = batch["input_ids"].device
+        gathered_lengths = self.all_gather(torch.tensor(lengths, device=device))
+        longest_of = gathered_lengths.view(-1, len(lengths)).max(0).values.tolist()
         padded = dict(local)
-        for prefix, model in id_sets.items():
-            ids = batch[prefix + "input_ids"]
-            length = ids.size(1)
-            longest = int(self.all_gather(torch.tensor(length, device=ids.device)).max())
+        for (prefix, model), length, longest in zip(
+            id_sets.items(), lengths, longest_of, strict=True
+        ):
             pad_id = model.config.pad_token_id or 0
             for k in MODEL_INPUTS:
                 if prefix + k in padded:

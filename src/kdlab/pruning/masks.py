@@ -56,7 +56,7 @@ def check_target(config: PretrainedConfig, target: PruneTarget | None) -> dict[s
 
     Raises:
         ConfigError: without a target, or with one that does not keep the model's head
-            size (a stock ``BertConfig`` has hidden = heads × head size), exceeds its shape,
+            size (a compacted model has hidden = heads × head size), exceeds its shape,
             or is a shape its family's stock config cannot express
             (:meth:`~kdlab.families.Family.compact_config` refuses it).
     """
@@ -231,7 +231,7 @@ class StructuredMasks(nn.Module):
             for child_name, child in list(parent.named_children()):
                 if type(child) is nn.LayerNorm and tuple(child.normalized_shape) == (hidden,):
                     setattr(parent, child_name, MaskedLayerNorm.wrap(child, self))
-        for site in family_of(model.config).mask_sites(model):
+        for site in (self.family or family_of(model.config)).mask_sites(model):
             hook = _MaskHook(self, site)
             if site.side == "input":
                 site.module.register_forward_pre_hook(hook)
