@@ -88,6 +88,23 @@ def tiny_config(family: str, **overrides) -> PretrainedConfig:
     return config
 
 
+def fitted_to(tokenizer, config: PretrainedConfig) -> PretrainedConfig:
+    """``config`` with the tokenizer's vocabulary size and special-token ids (those the
+    config has: BERT's cls/sep/mask, RoBERTa's bos/eos, ModernBERT's all of them)."""
+    ids = {
+        "pad": tokenizer.pad_token_id,
+        "cls": tokenizer.cls_token_id,
+        "sep": tokenizer.sep_token_id,
+        "mask": tokenizer.mask_token_id,
+        "bos": tokenizer.cls_token_id,
+        "eos": tokenizer.sep_token_id,
+    }
+    overrides = {f"{k}_token_id": v for k, v in ids.items() if hasattr(config, f"{k}_token_id")}
+    fitted = config.__class__.from_dict({**config.to_dict(), **overrides})
+    fitted.vocab_size = len(tokenizer)
+    return fitted
+
+
 def check_pre_dropout_attention(config: PretrainedConfig) -> None:
     """HomoDistil's student of a family returns its attention probabilities before dropout.
 

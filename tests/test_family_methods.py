@@ -17,7 +17,6 @@ from transformers import (
     AutoConfig,
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
-    PretrainedConfig,
 )
 
 import kdlab.train
@@ -27,31 +26,14 @@ from kdlab.errors import ConfigError
 from kdlab.models.heads import model_inputs
 from kdlab.rundir import RunDir
 from tests.conftest import QUIET_CPU_RUN, build_student, build_teacher, compose
-from tests.families import TARGET, TINY, tiny_config
+from tests.families import TARGET, TINY, fitted_to, tiny_config
 from tests.fixtures import write_corpus, write_glue, write_tokenizer
 
 # tests/families.py's tiny config of every family, with the fixture tokenizer's vocabulary
-# and special-token ids ([PAD] 0, [CLS] 2, [SEP] 3, [MASK] 4), set by `_fit`.
+# and special-token ids ([PAD] 0, [CLS] 2, [SEP] 3, [MASK] 4), set by `fitted_to`.
 FAMILIES = list(TINY)
 STEPS = 4
 CLASSIFICATION = ["finetune", "kd", "pd", "mixkd"]
-
-
-def _fit(config: PretrainedConfig, tokenizer) -> PretrainedConfig:
-    """``config`` with the tokenizer's vocabulary size and special-token ids (those the
-    config has: BERT's cls/sep/mask, RoBERTa's bos/eos, ModernBERT's all of them)."""
-    ids = {
-        "pad": tokenizer.pad_token_id,
-        "cls": tokenizer.cls_token_id,
-        "sep": tokenizer.sep_token_id,
-        "mask": tokenizer.mask_token_id,
-        "bos": tokenizer.cls_token_id,
-        "eos": tokenizer.sep_token_id,
-    }
-    overrides = {f"{k}_token_id": v for k, v in ids.items() if hasattr(config, f"{k}_token_id")}
-    fitted = config.__class__.from_dict({**config.to_dict(), **overrides})
-    fitted.vocab_size = len(tokenizer)
-    return fitted
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +55,7 @@ def saved(tmp_path_factory):
         if key not in written:
             directory = root / "-".join(key)
             tokenizer = write_tokenizer(directory)
-            config = _fit(tiny_config(family), tokenizer)
+            config = fitted_to(tokenizer, tiny_config(family))
             if head == "cls":
                 config.num_labels = 2
             torch.manual_seed(0)
