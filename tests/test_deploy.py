@@ -10,18 +10,14 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer
 from tokenizers import models as tokenizer_models
 from transformers import (
     AutoModelForMaskedLM,
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    DebertaV2Config,
-    ElectraConfig,
-    ModernBertConfig,
     PreTrainedTokenizerFast,
-    RobertaConfig,
 )
 
 import kdlab.deploy.deployment
@@ -32,13 +28,14 @@ from kdlab.deploy.vocabulary import kept_ids, prune_vocabulary
 from kdlab.errors import ConfigError
 from kdlab.methods.finetune import FineTune
 from tests.conftest import build_datamodule
+from tests.families import fitted_to, tiny_config
 from tests.fixtures import (
     GLUE_DIRS,
-    WORDS,
     write_squad,
     write_tiny_bert,
     write_tiny_mlm_bert,
     write_tiny_qa_bert,
+    write_tiny_roberta,
     write_tokenizer,
 )
 
@@ -118,24 +115,11 @@ def test_bert_heads_export_with_dynamic_axes_and_parity(models, tmp_path, kind, 
 
 
 def _family_model(family: str, directory: Path) -> Path:
-    """A tiny random model of ``family`` with the fixture's WordPiece tokenizer."""
+    """A tiny random classifier of ``family`` (its ``tests/families.py`` config, 3 labels)
+    with the fixture's WordPiece tokenizer."""
     tokenizer = write_tokenizer(directory)
-    shape = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=3,
-    )
-    ids = dict(pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    config = {
-        "roberta": lambda: RobertaConfig(**shape, **ids),
-        "electra": lambda: ElectraConfig(**shape, embedding_size=32),
-        "deberta-v2": lambda: DebertaV2Config(**shape),
-        "modernbert": lambda: ModernBertConfig(**shape, **ids, cls_token_id=2, sep_token_id=3),
-    }[family]()
+    config = fitted_to(tokenizer, tiny_config(family))
+    config.num_labels = 3
     torch.manual_seed(0)
     AutoModelForSequenceClassification.from_config(config).save_pretrained(directory)
     return directory
@@ -210,52 +194,8 @@ def test_masked_lm_decoder_and_its_bias_keep_the_kept_rows(tmp_path):
         torch.testing.assert_close(after, before[..., keep], atol=1e-6, rtol=0)
 
 
-def _roberta_with_byte_level_bpe(directory: Path) -> Path:
-    """A tiny RoBERTa with a byte-level BPE trained on the fixture's words."""
-    backend = Tokenizer(tokenizer_models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-    backend.train_from_iterator(
-        [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))],
-        trainers.BpeTrainer(
-            vocab_size=400,
-            special_tokens=specials,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
-    backend.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        **dict(
-            zip(
-                ["bos_token", "pad_token", "eos_token", "unk_token", "mask_token"],
-                specials,
-                strict=True,
-            )
-        ),
-        cls_token="<s>",
-        sep_token="</s>",
-    )
-    tokenizer.save_pretrained(directory)
-    config = RobertaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=130,  # RoBERTa's positions start after the padding id
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(directory)
-    return directory
-
-
 def test_pruned_byte_level_bpe_keeps_outputs_and_spells_unseen_words_with_kept_pieces(tmp_path):
-    source = _roberta_with_byte_level_bpe(tmp_path / "roberta")
+    source = write_tiny_roberta(tmp_path / "roberta")  # byte-level BPE
     texts = tmp_path / "texts.txt"
     texts.write_text("the movie was good\nthe plot was boring\n")
     out = tmp_path / "out"

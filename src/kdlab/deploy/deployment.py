@@ -30,7 +30,7 @@ from kdlab.deploy.export import (
 from kdlab.deploy.latency import Deployed, latency_table, measure
 from kdlab.deploy.vocabulary import check_prunable, kept_ids, prune_vocabulary
 from kdlab.errors import ConfigError
-from kdlab.models.build import ModelSource, count_parameters
+from kdlab.models.build import ModelSource, count_parameters, position_limit
 from kdlab.models.heads import HEADS, model_inputs
 from kdlab.rundir import DEPLOY_RECORD, check_output_dir, written_whole
 from kdlab.summary import table_console
@@ -350,7 +350,13 @@ def _parity_inputs(
     if datamodule is not None:
         batch = next(iter(datamodule.val_dataloader(by_length=False)[0]))
         return {k: v for k, v in model_inputs(batch, model).items() if k in names}
-    encoded = tokenizer(list(PARITY_TEXTS), padding=True, truncation=True, return_tensors="pt")
+    # At most the positions the model embeds: a saved tokenizer need not know them.
+    limit, _ = position_limit(model.config)
+    if limit is not None:
+        limit = min(limit, tokenizer.model_max_length)
+    encoded = tokenizer(
+        list(PARITY_TEXTS), padding=True, truncation=True, max_length=limit, return_tensors="pt"
+    )
     return {name: encoded[name] for name in names}
 
 
